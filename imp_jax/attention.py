@@ -1,0 +1,36 @@
+"""The one attention entry point the model calls: paged, ragged, causal, GQA.
+
+`impl="auto"` picks the Pallas kernels on a GPU and the pure-jnp reference elsewhere (CPU, or
+when a kernel does not cover a case). The reference is also the oracle the kernel tests use.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from imp_jax.cache import AttentionMetadata
+
+IMPLS = ("auto", "reference", "pallas")
+
+
+def resolve_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return impl
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
+                    *, scale: float, sliding_window: int | None = None,
+                    impl: str = "auto") -> jax.Array:
+    """q [T, H, D] against the paged K/V of each token's sequence -> [T, H, D]."""
+    kwargs = dict(max_query_len=meta.max_query_len, scale=scale, sliding_window=sliding_window)
+    args = (q, k_pages, v_pages, meta.page_table, meta.seq_lens, meta.query_start)
+    if resolve_impl(impl) == "pallas":
+        from pallas_kernels import ragged_paged_attention
+
+        return ragged_paged_attention(*args, **kwargs)
+    from pallas_kernels.reference import ragged_paged_attention_ref
+
+    return ragged_paged_attention_ref(*args, **kwargs)

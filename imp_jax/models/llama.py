@@ -1,0 +1,176 @@
+"""The Llama-family decoder as pure Flax modules.
+
+One implementation serves Llama 2/3.x, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k RMSNorm) and
+SmolLM2 (tied embeddings); `ModelConfig` flags choose. Parameter shapes come from `spec.py`, so
+the module tree and the params pytree can never disagree. The forward pass is a pure function:
+
+    logits, cache = Transformer(cfg).apply({"params": params}, tokens, positions, cache, meta)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imp_jax.attention import paged_attention
+from imp_jax.cache import AttentionMetadata, KVCache, write_kv
+from imp_jax.config import ModelConfig, rope_inv_freq
+from imp_jax.spec import param_specs
+
+
+def _spec_param(module: nn.Module, cfg: ModelConfig, name: str):
+    """Declare the parameter `name` of `module` with the shape spec.py gives its path."""
+    spec = _spec_of(module, cfg)[name]
+    return module.param(name, lambda key: spec.initializer(key, jnp.float32))
+
+
+def dense(x: jax.Array, w, dims: int = 1) -> jax.Array:
+    """x[..., in...] @ w[in..., out...], contracting the last `dims` axes of x.
+
+    Every matmul goes through here, so a quantized weight type only has to teach this function.
+    """
+    if hasattr(w, "quantized_dot"):  # quantized weights carry their own matmul
+        return w.quantized_dot(x, dims)
+    contract = (tuple(range(x.ndim - dims, x.ndim)), tuple(range(dims)))
+    return jax.lax.dot_general(x, w.astype(x.dtype), (contract, ((), ())),
+                               preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _spec_param(self, self.cfg, "scale")
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _spec_of(module: nn.Module, cfg: ModelConfig) -> dict:
+    spec = param_specs(cfg)
+    for key in module.scope.path:
+        spec = spec[key]
+    return spec
+
+
+class Dense(nn.Module):
+    """A matmul with the optional bias spec.py declares for it (Qwen2's q/k/v)."""
+
+    cfg: ModelConfig
+    dims: int = 1  # how many trailing input axes are contracted
+
+    @nn.compact
+    def __call__(self, x):
+        y = dense(x, _spec_param(self, self.cfg, "kernel"), self.dims)
+        if "bias" in _spec_of(self, self.cfg):
+            y = y + _spec_param(self, self.cfg, "bias").astype(y.dtype)
+        return y
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding, HF `rotate_half` layout: x [T, heads, head_dim], positions [T]."""
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    attn_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, positions, k_pages, v_pages, meta: AttentionMetadata):
+        cfg = self.cfg
+        q = Dense(cfg, name="q")(x)  # [T, heads, head_dim]
+        k = Dense(cfg, name="k")(x)  # [T, kv_heads, head_dim]
+        v = Dense(cfg, name="v")(x)
+        if cfg.qk_norm:  # Qwen3 normalises each head before the rotation
+            q = RMSNorm(cfg, name="q_norm")(q)
+            k = RMSNorm(cfg, name="k_norm")(k)
+        inv_freq = rope_inv_freq(cfg)
+        q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
+        out = paged_attention(q, k_pages, v_pages, meta, scale=cfg.head_dim ** -0.5,
+                              sliding_window=cfg.sliding_window, impl=self.attn_impl)
+        return Dense(cfg, dims=2, name="o")(out), k_pages, v_pages
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        gate = Dense(self.cfg, name="gate")(x)
+        up = Dense(self.cfg, name="up")(x)
+        return Dense(self.cfg, name="down")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    attn_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, positions, k_pages, v_pages, meta):
+        with jax.named_scope("attention"):
+            h, k_pages, v_pages = Attention(self.cfg, self.attn_impl, name="attn")(
+                RMSNorm(self.cfg, name="attn_norm")(x), positions, k_pages, v_pages, meta)
+        x = x + h
+        with jax.named_scope("mlp"):
+            x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+        return x, k_pages, v_pages
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32  # activation dtype
+    attn_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+                 meta: AttentionMetadata) -> tuple[jax.Array, KVCache]:
+        """tokens/positions int32[T] -> (float32 logits [N, vocab] at meta.logits_indices, cache)."""
+        cfg = self.cfg
+        embed = Embed(cfg, name="embed")
+        x = embed(tokens).astype(self.dtype)
+        new_k, new_v = [], []
+        for i in range(cfg.num_layers):
+            with jax.named_scope(f"layer_{i}"):
+                x, k, v = Block(cfg, self.attn_impl, name=f"layers_{i}")(
+                    x, positions, cache.k[i], cache.v[i], meta)
+            new_k.append(k)
+            new_v.append(v)
+        x = RMSNorm(cfg, name="final_norm")(x[meta.logits_indices])
+        with jax.named_scope("lm_head"):
+            if cfg.tie_word_embeddings:
+                logits = embed.attend(x)
+            else:
+                logits = Dense(cfg, name="lm_head")(x)
+        return logits.astype(jnp.float32), KVCache(new_k, new_v)
+
+
+class Embed(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        self.embedding = _spec_param(self, self.cfg, "embedding")
+
+    def __call__(self, tokens):
+        table = self.embedding
+        if hasattr(table, "quantized_take"):
+            return table.quantized_take(tokens)
+        return jnp.take(table, tokens, axis=0)
+
+    def attend(self, x):
+        """Tied head: logits = x @ embedding.T."""
+        table = self.embedding
+        if hasattr(table, "quantized_dot_t"):
+            return table.quantized_dot_t(x)
+        return jax.lax.dot_general(x, table.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)

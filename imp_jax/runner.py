@@ -1,0 +1,151 @@
+"""The compiled step: one jitted forward (+ on-device sampling) over the paged cache.
+
+The host describes a step as a list of `StepSeq` (which tokens of which sequence, at which
+position, in which pages); `ModelRunner.step` pads it to shape buckets, builds the attention
+metadata and runs one compiled program with the cache donated, so XLA updates the page pools in
+place. Buckets are powers of two, so the set of programs is small and fixed after warm-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imp_jax.cache import AttentionMetadata, KVCache
+from imp_jax.config import ModelConfig
+from imp_jax.models.llama import Transformer
+from imp_jax.sampling import SampleOutput, SamplingTensors, sample, token_counts
+
+
+@dataclasses.dataclass
+class StepSeq:
+    token_ids: Sequence[int]  # the tokens this step processes (a prompt chunk, or one decode token)
+    start_pos: int  # how many tokens of this sequence are already in the cache
+    pages: Sequence[int]  # the sequence's pages, covering start_pos + len(token_ids) tokens
+    all_logits: bool = False  # return logits of every token (scoring, prompt logprobs)
+    history: Sequence[int] | None = None  # prompt + output ids, for penalties
+    prompt_len: int = 0  # how much of history is prompt (repetition penalty covers it)
+    banned: Sequence[int] = ()  # token ids that must not be sampled (EOS before min_tokens)
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """Device arrays; reading them (np.asarray) is the host sync, so callers choose when."""
+
+    sample: SampleOutput | None  # one row per StepSeq (padded rows beyond)
+    logits: jax.Array | None  # [T_bucket, vocab] f32 when any StepSeq asked for all_logits
+    token_offsets: np.ndarray  # flat index of each StepSeq's first token in `logits`
+
+
+def bucket(n: int, lo: int = 1, hi: int | None = None) -> int:
+    """Smallest power of two >= max(n, lo), capped at hi."""
+    b = max(lo, 1 << max(0, int(n) - 1).bit_length())
+    return min(b, hi) if hi is not None else b
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, params: dict[str, Any], *, num_pages: int,
+                 page_size: int, max_model_len: int, dtype=jnp.float32, cache_dtype=None,
+                 attn_impl: str = "auto"):
+        if num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {num_pages}")
+        self.cfg, self.params = cfg, params
+        self.page_size, self.max_model_len = page_size, max_model_len
+        self.max_pages_per_seq = -(-max_model_len // page_size)
+        self.model = Transformer(cfg, dtype, attn_impl)
+        self.cache = KVCache.create(cfg, num_pages, page_size, cache_dtype or dtype)
+        self.num_compiles = 0  # traced programs; a test asserts it stops growing after warm-up
+        self._step = jax.jit(self._forward, donate_argnums=(1,),
+                             static_argnames=("num_logprobs", "return_logits"))
+
+    # ------------------------------------------------------------------ device side
+    def _forward(self, params, cache, tokens, positions, meta, sample_rows, sampling, banned,
+                 history, *, num_logprobs: int, return_logits: bool):
+        self.num_compiles += 1  # runs at trace time only
+        logits, cache = self.model.apply({"params": params}, tokens, positions, cache, meta)
+        out = None
+        if sampling is not None:
+            rows = logits[sample_rows]
+            prompt_mask = output_counts = None
+            if history is not None:
+                ids, prompt_lens, total_lens = history
+                prompt_counts = token_counts(ids, prompt_lens, self.cfg.vocab_size)
+                prompt_mask = prompt_counts > 0
+                output_counts = token_counts(ids, total_lens, self.cfg.vocab_size) - prompt_counts
+            out = sample(rows, sampling, prompt_mask=prompt_mask, output_counts=output_counts,
+                         banned_ids=banned, num_logprobs=num_logprobs)
+        return out, (logits if return_logits else None), cache
+
+    # ------------------------------------------------------------------ host side
+    def step(self, seqs: Sequence[StepSeq], sampling: SamplingTensors | None = None,
+             num_logprobs: int = 0) -> StepOutput:
+        if not seqs:
+            raise ValueError("step needs at least one sequence")
+        n = len(seqs)
+        qlens = [len(s.token_ids) for s in seqs]
+        total = sum(qlens)
+        S = bucket(n)
+        T = bucket(total, lo=8)
+        Q = 1 if max(qlens) == 1 else bucket(max(qlens), lo=8, hi=T)
+        P = bucket(max(len(s.pages) for s in seqs), lo=4, hi=self.max_pages_per_seq)
+
+        tokens = np.zeros(T, np.int32)
+        positions = np.zeros(T, np.int32)
+        slots = np.full(T, -1, np.int32)
+        page_table = np.zeros((S, P), np.int32)
+        seq_lens = np.zeros(S, np.int32)
+        query_start = np.full(S + 1, total, np.int32)
+        last = np.zeros(S, np.int32)
+        offset = 0
+        for i, s in enumerate(seqs):
+            end_pos = s.start_pos + qlens[i]
+            if end_pos > self.max_model_len:
+                raise ValueError(f"sequence {i} reaches {end_pos} tokens, over max_model_len "
+                                 f"{self.max_model_len}")
+            needed = -(-end_pos // self.page_size)
+            if len(s.pages) < needed:
+                raise ValueError(f"sequence {i} needs {needed} pages for {end_pos} tokens, "
+                                 f"got {len(s.pages)}")
+            pages = np.asarray(s.pages, np.int32)
+            pos = np.arange(s.start_pos, end_pos, dtype=np.int32)
+            tokens[offset:offset + qlens[i]] = s.token_ids
+            positions[offset:offset + qlens[i]] = pos
+            slots[offset:offset + qlens[i]] = pages[pos // self.page_size] * self.page_size \
+                + pos % self.page_size
+            page_table[i, :len(pages)] = pages
+            seq_lens[i] = end_pos
+            query_start[i] = offset
+            offset += qlens[i]
+            last[i] = offset - 1
+
+        return_logits = any(s.all_logits for s in seqs)
+        logits_indices = np.arange(T, dtype=np.int32) if return_logits else last
+        sample_rows = last if return_logits else np.arange(S, dtype=np.int32)
+        meta = AttentionMetadata(slots, page_table, seq_lens, query_start, logits_indices, Q)
+
+        banned = history = None
+        if sampling is not None:
+            if any(s.banned for s in seqs):
+                width = bucket(max(len(s.banned) for s in seqs))
+                banned = np.full((S, width), -1, np.int32)
+                for i, s in enumerate(seqs):
+                    banned[i, :len(s.banned)] = s.banned
+            if any(s.history is not None for s in seqs):
+                width = bucket(max(len(s.history or ()) for s in seqs), lo=16)
+                ids = np.zeros((S, width), np.int32)
+                prompt_lens = np.zeros(S, np.int32)
+                total_lens = np.zeros(S, np.int32)
+                for i, s in enumerate(seqs):
+                    h = s.history or ()
+                    ids[i, :len(h)] = h
+                    prompt_lens[i], total_lens[i] = s.prompt_len, len(h)
+                history = (ids, prompt_lens, total_lens)
+
+        out, logits, self.cache = self._step(
+            self.params, self.cache, tokens, positions, meta, sample_rows, sampling, banned,
+            history, num_logprobs=num_logprobs, return_logits=return_logits)
+        return StepOutput(out, logits, np.asarray(query_start[:n]))
