@@ -1,0 +1,295 @@
+"""Continuous-batching scheduler: which sequences run this step, and how many tokens each.
+
+Each `schedule()` builds one flat, ragged step under a token budget (max_num_batched_tokens):
+
+  1. running sequences with exactly one uncomputed token (decodes), oldest first, 1 token each;
+  2. running sequences still prefilling (chunked prefill), oldest first;
+  3. waiting sequences (FCFS), after attaching their cached prefix pages.
+
+Prefills are chunked: a prompt longer than the remaining budget (or than
+long_prefill_token_threshold) is split across steps, so decodes keep flowing while a long prompt
+is being prefilled. Decodes go first because each costs one token and stalls a user if skipped.
+
+Memory pressure is resolved by preemption-by-recompute: when a running sequence needs a page and
+none is free, the newest running sequence loses its pages and goes back to the FRONT of the
+waiting queue (its generated tokens are kept, its next prefill recomputes prompt + output). The
+oldest request therefore always makes progress, and since `add` rejects any request that could
+not fit the pool on its own, scheduling never fails and never deadlocks.
+
+The scheduler never decides that a sequence is finished (stop ids, stop strings, max_tokens are
+the engine's call); it provides `finish(seq, reason)` to release it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from imp_jax.engine.block_manager import BlockManager
+from imp_jax.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step: all_token_ids[start_pos:start_pos+n]
+    start_pos: int  # == seq.num_computed_tokens when scheduled
+    is_last_chunk: bool  # this step computes the seq's last token: sample from its logits
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + self.num_new_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)  # sent back to waiting this step
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    def __len__(self) -> int:
+        return len(self.scheduled)
+
+    def __iter__(self):
+        return iter(self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        long_prefill_token_threshold: int = 0,
+        max_model_len: int | None = None,
+    ) -> None:
+        """long_prefill_token_threshold: cap on one sequence's prefill chunk per step
+        (0 = only the step budget caps it). max_model_len: longest allowed sequence
+        (prompt + generated); None = only the page pool limits it."""
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < max_num_seqs:
+            # Otherwise a full batch of decodes could not fit one step, and some running
+            # sequence would starve.
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({max_num_seqs})"
+            )
+        if long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {long_prefill_token_threshold}")
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: index 0 oldest
+        self._live: dict[str, Sequence] = {}  # request_id -> unfinished sequence
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ requests
+    def max_total_tokens(self, seq: Sequence) -> int:
+        """Most tokens (prompt + output) seq may reach: the engine must finish it by then.
+
+        max_tokens=None means "until the context is full": the context is max_model_len,
+        and never more than the page pool can hold for one sequence.
+        """
+        limit = self.bm.capacity_tokens
+        if self.max_model_len is not None:
+            limit = min(limit, self.max_model_len)
+        if seq.max_tokens is not None:
+            limit = min(limit, seq.num_prompt_tokens + seq.max_tokens)
+        return limit
+
+    def _check_fits(self, seq: Sequence) -> None:
+        n_prompt = seq.num_prompt_tokens
+        need = n_prompt + (seq.max_tokens if seq.max_tokens is not None else 1)
+        what = (
+            f"prompt ({n_prompt} tokens) + max_tokens ({seq.max_tokens})"
+            if seq.max_tokens is not None
+            else f"prompt ({n_prompt} tokens) + 1 generated token"
+        )
+        if self.max_model_len is not None and need > self.max_model_len:
+            raise ValueError(
+                f"request {seq.request_id!r}: {what} = {need} exceeds max_model_len ({self.max_model_len})"
+            )
+        cap = self.bm.capacity_tokens
+        if need > cap:
+            raise ValueError(
+                f"request {seq.request_id!r}: {what} = {need} exceeds the KV cache capacity "
+                f"({cap} tokens = {self.bm.num_usable_pages} pages x {self.bm.page_size})"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request. ValueError if it could never be served."""
+        if seq.request_id in self._live:
+            raise ValueError(f"request id {seq.request_id!r} is already in flight")
+        if seq.status is not SequenceStatus.WAITING or seq.page_ids:
+            raise ValueError(f"can only add a fresh WAITING sequence: {seq!r}")
+        self._check_fits(seq)
+        self._live[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Start child (from `parent.fork(id)`) sharing parent's KV pages; for n>1 samples.
+
+        Returns the (src, dst) page copy the engine must do before the next step, or None.
+        If the batch is full or no page is free for the copy, the child is queued at the front
+        of waiting instead (it will be prefilled, mostly from the prefix cache) and None is
+        returned.
+        """
+        if parent.status is not SequenceStatus.RUNNING:
+            raise ValueError(f"fork parent must be running: {parent!r}")
+        if child.request_id in self._live:
+            raise ValueError(f"request id {child.request_id!r} is already in flight")
+        if child.status is not SequenceStatus.WAITING or child.page_ids:
+            raise ValueError(f"fork child must be a fresh sequence: {child!r}")
+        self._check_fits(child)
+        copy = None
+        if len(self.running) < self.max_num_seqs and self.bm.can_fork(parent):
+            copy = self.bm.fork(parent, child)  # validates child's tokens; raises before any change
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+        else:
+            self.waiting.appendleft(child)
+        self._live[child.request_id] = child
+        return copy
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is; False if unknown or already finished."""
+        seq = self._live.get(request_id)
+        if seq is None:
+            return False
+        self.finish(seq, "abort")
+        return True
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark seq finished (reason: "stop", "length", "abort", ...) and free its pages."""
+        if self._live.pop(seq.request_id, None) is not seq:
+            raise ValueError(f"{seq.request_id!r} is not an unfinished request of this scheduler")
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def has_unfinished(self) -> bool:
+        return bool(self._live)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._live)
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._live.get(request_id)
+
+    # ------------------------------------------------------------------ scheduling
+    def _preempt(self, victim: Sequence, out: SchedulerOutput, scheduled: dict[str, ScheduledSeq]) -> None:
+        self.running.remove(victim)
+        ss = scheduled.pop(victim.request_id, None)
+        if ss is not None:  # it was scheduled earlier this step: take it back
+            out.scheduled.remove(ss)
+        self.bm.free(victim)
+        victim.reset_for_recompute()
+        self.waiting.appendleft(victim)
+        out.preempted.append(victim)
+        self.num_preemptions += 1
+
+    def _schedule_running(
+        self, decode_pass: bool, budget: int, out: SchedulerOutput, scheduled: dict[str, ScheduledSeq]
+    ) -> int:
+        """One pass over running (decodes or prefills); returns the budget left."""
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            remaining = seq.num_uncomputed_tokens
+            assert remaining >= 1, f"running sequence with nothing to compute: {seq!r}"
+            if (remaining == 1) != decode_pass or seq.request_id in scheduled:
+                i += 1
+                continue
+            n = min(remaining, budget)
+            if not decode_pass and self.long_prefill_token_threshold:
+                n = min(n, self.long_prefill_token_threshold)
+            if n <= 0:
+                break
+            while not self.bm.can_allocate(seq, n):
+                # A prefill chunk first shrinks to what fits in its pages plus the free ones.
+                # (Decodes need 1 token, so for them fit is 0 here and they go on to preempt.)
+                pages = len(seq.page_ids) + self.bm.num_free_pages
+                fit = pages * self.bm.page_size - seq.num_computed_tokens
+                if fit > 0:
+                    n = min(n, fit)
+                    continue
+                victim = self.running[-1]  # newest; seq itself when seq is the newest
+                if ss := scheduled.get(victim.request_id):
+                    budget += ss.num_new_tokens
+                self._preempt(victim, out, scheduled)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted itself; running[i] moved on
+                continue
+            self.bm.allocate(seq, n)
+            ss = ScheduledSeq(seq, n, seq.num_computed_tokens, seq.num_computed_tokens + n == seq.num_tokens)
+            out.scheduled.append(ss)
+            scheduled[seq.request_id] = ss
+            budget -= n
+            i += 1
+        return budget
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        scheduled: dict[str, ScheduledSeq] = {}
+        budget = self.max_num_batched_tokens
+        budget = self._schedule_running(True, budget, out, scheduled)
+        budget = self._schedule_running(False, budget, out, scheduled)
+
+        # Admit waiting requests only if nothing was preempted this step: memory is tight, and
+        # admitting would just preempt again next step (thrashing).
+        while not out.preempted and self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            cached = self.bm.match_prefix(seq, record_stats=False)
+            n = min(seq.num_uncomputed_tokens, budget)
+            if self.long_prefill_token_threshold:
+                n = min(n, self.long_prefill_token_threshold)
+            if not self.bm.can_allocate(seq, n):
+                self.bm.free(seq)  # undo the prefix attach; FCFS: nobody jumps the queue
+                seq.num_cached_tokens = 0
+                break
+            self.bm.record_prefix_query(seq.num_tokens, cached)
+            self.bm.allocate(seq, n)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            ss = ScheduledSeq(seq, n, seq.num_computed_tokens, seq.num_computed_tokens + n == seq.num_tokens)
+            out.scheduled.append(ss)
+            scheduled[seq.request_id] = ss
+            budget -= n
+        return out
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Apply a computed step: advance computed tokens, append sampled tokens.
+
+        `sampled` maps request_id -> token for every scheduled seq with is_last_chunk (extra
+        entries are ignored). Returns the sequences that got a new token, in batch order; the
+        caller checks each for stop conditions and calls `finish`.
+        """
+        grew = []
+        for ss in output.scheduled:
+            seq = ss.seq
+            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != ss.start_pos:
+                continue  # aborted (or otherwise released) after schedule(); its work is moot
+            seq.num_computed_tokens += ss.num_new_tokens
+            self.bm.commit_computed(seq)
+            if ss.is_last_chunk:
+                seq.output_token_ids.append(int(sampled[seq.request_id]))
+                grew.append(seq)
+        return grew
