@@ -176,7 +176,10 @@ class BlockManager:
         hashes: list[int] = []
         if self.enable_prefix_caching:
             parent = None
-            for i in range((seq.num_tokens - 1) // ps):
+            limit = seq.num_tokens - 1
+            if seq.max_cached_tokens is not None:
+                limit = min(limit, seq.max_cached_tokens)
+            for i in range(limit // ps):
                 hit = self._lookup((parent, tuple(seq.token_ids_slice(i * ps, (i + 1) * ps))))
                 if hit is None:
                     break

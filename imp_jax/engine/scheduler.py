@@ -108,7 +108,7 @@ class Scheduler:
             limit = min(limit, seq.num_prompt_tokens + seq.max_tokens)
         return limit
 
-    def _check_fits(self, seq: Sequence) -> None:
+    def check_fits(self, seq: Sequence) -> None:
         n_prompt = seq.num_prompt_tokens
         need = n_prompt + (seq.max_tokens if seq.max_tokens is not None else 1)
         what = (
@@ -133,7 +133,7 @@ class Scheduler:
             raise ValueError(f"request id {seq.request_id!r} is already in flight")
         if seq.status is not SequenceStatus.WAITING or seq.page_ids:
             raise ValueError(f"can only add a fresh WAITING sequence: {seq!r}")
-        self._check_fits(seq)
+        self.check_fits(seq)
         self._live[seq.request_id] = seq
         self.waiting.append(seq)
 
@@ -151,7 +151,7 @@ class Scheduler:
             raise ValueError(f"request id {child.request_id!r} is already in flight")
         if child.status is not SequenceStatus.WAITING or child.page_ids:
             raise ValueError(f"fork child must be a fresh sequence: {child!r}")
-        self._check_fits(child)
+        self.check_fits(child)
         copy = None
         if len(self.running) < self.max_num_seqs and self.bm.can_fork(parent):
             copy = self.bm.fork(parent, child)  # validates child's tokens; raises before any change

@@ -43,6 +43,7 @@ class Sequence:
         "arrival",
         "finish_reason",
         "num_preemptions",
+        "max_cached_tokens",
     )
 
     def __init__(
@@ -58,6 +59,9 @@ class Sequence:
         self.request_id = request_id
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
+        # Prefix-cache hits may cover at most this many tokens (None: no limit). Prompt logprobs
+        # and scoring need logits at positions a cache hit would skip.
+        self.max_cached_tokens: int | None = None
         self.status = SequenceStatus.WAITING
         # Tokens (prefix of all_token_ids) whose K/V is written in this sequence's pages.
         self.num_computed_tokens = 0

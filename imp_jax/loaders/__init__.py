@@ -44,8 +44,8 @@ def load_model(model: str, dtype=None) -> LoadedModel:
     if os.path.isfile(model) and model.endswith(".gguf"):
         from imp_jax.loaders.gguf_file import load_gguf
 
-        cfg, params, reader = load_gguf(model, dtype)
-        return LoadedModel(cfg, params, Tokenizer.from_gguf(reader), {}, model)
+        cfg, params, meta = load_gguf(model, dtype)
+        return LoadedModel(cfg, params, Tokenizer.from_gguf(meta), {}, model)
     if os.path.isdir(model):
         from imp_jax.loaders import orbax_ckpt
 

@@ -43,28 +43,12 @@ def to_hf_name(name: str) -> str | None:
 
 
 def open_gguf(path: str):
-    import gguf
+    """Metadata and tensor directory of a GGUF file (a clear error for anything else)."""
+    from imp_jax.loaders.gguf_reader import read_gguf
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/IndexError/... on bad files
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
-                         "expected GGUF v2/v3 with magic 'GGUF'") from e
-
-
-def metadata(reader) -> dict[str, Any]:
-    meta = {}
-    for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
-            meta[key] = range(len(field.data))  # only the count is needed for the config
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # exotic field types we never read
-            continue
-    return meta
+    return read_gguf(path)
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -79,13 +63,13 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def load_gguf(path: str, dtype) -> tuple[ModelConfig, dict[str, Any], Any]:
-    """(config, params, reader) from a GGUF file."""
-    from gguf import quants
+def load_gguf(path: str, dtype) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+    """(config, params, metadata) from a GGUF file."""
+    from gguf import GGMLQuantizationType, quants
 
-    reader = open_gguf(path)
-    tensors = {t.name: t for t in reader.tensors}
-    cfg = ModelConfig.from_gguf(metadata(reader), set(tensors), source=path)
+    contents = open_gguf(path)
+    meta, tensors = contents.metadata, contents.tensors
+    cfg = ModelConfig.from_gguf(meta, set(tensors), source=path)
     by_hf = {}
     for name, t in tensors.items():
         hf = to_hf_name(name)
@@ -94,23 +78,22 @@ def load_gguf(path: str, dtype) -> tuple[ModelConfig, dict[str, Any], Any]:
 
     # llama.cpp permutes q/k only for the llama architecture (Mistral GGUFs use it too);
     # Qwen GGUFs keep HF's layout.
-    permuted = reader.fields["general.architecture"].contents() == "llama"
+    permuted = meta.get("general.architecture") == "llama"
 
     def get(hf_name: str) -> np.ndarray:
         t = by_hf[hf_name]
-        kind = t.tensor_type.name
-        if kind not in SUPPORTED_TYPES:
-            raise ValueError(f"{path}: tensor {t.name} has quantization type {kind}, "
+        if t.type_name not in SUPPORTED_TYPES:
+            raise ValueError(f"{path}: tensor {t.name} has quantization type {t.type_name}, "
                              f"supported: {', '.join(SUPPORTED_TYPES)}")
         try:
-            w = quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            w = quants.dequantize(t.data, GGMLQuantizationType[t.type_name]).astype(np.float32)
         except Exception as e:
-            raise ValueError(f"{path}: cannot read tensor {t.name} ({kind}, shape "
-                             f"{list(t.shape)}): {e}; is the file truncated?") from e
+            raise ValueError(f"{path}: cannot read tensor {t.name} ({t.type_name}, shape "
+                             f"{list(t.shape)}): {e}") from e
         if permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads
             w = unpermute_rope(w, heads)
         return w
 
     params = build_params(cfg, get, lambda n: n in by_hf, path, dtype)
-    return cfg, params, reader
+    return cfg, params, meta

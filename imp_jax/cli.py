@@ -1,0 +1,223 @@
+"""`imp-jax` command line: generate, chat, convert, info, bench, batch, serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _llm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="preset name, .gguf file, HF dir, orbax dir or random:<shape>")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--quantization", default=None, choices=["fp8", "fp8-weight-only", "int8"])
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    # Greedy by default on the command line: a first run should answer the same way every time.
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _make_llm(args):
+    from imp_jax import LLM
+
+    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+               quantization=args.quantization)
+
+
+def _params(args):
+    from imp_jax import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def _timed_stream(llm, prompt_ids, params, echo: bool):
+    """Stream one request, printing deltas if `echo`; return (text, n_tokens, ttft, total)."""
+    engine = llm.engine
+    rid = engine.add_request(prompt_ids, params)
+    start = time.perf_counter()
+    first = None
+    text, n = "", 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id != rid:
+                continue
+            if first is None and out.token_ids:
+                first = time.perf_counter()
+            if echo and len(out.text) > len(text):
+                sys.stdout.write(out.text[len(text):])
+                sys.stdout.flush()
+            text, n = out.text, len(out.token_ids)
+    end = time.perf_counter()
+    return text, n, (first or end) - start, end - start
+
+
+def _report(n: int, ttft: float, total: float) -> None:
+    decode = (n - 1) / (total - ttft) if n > 1 and total > ttft else float("nan")
+    print(f"\n[{n} tokens | time to first token {ttft * 1e3:.0f} ms | decode "
+          f"{decode:.1f} tokens/s | total {total:.2f} s]", file=sys.stderr)
+
+
+def cmd_generate(args) -> int:
+    llm = _make_llm(args)
+    params = _params(args)
+    ids = llm._encode(args.prompt)
+    if args.stream:
+        sys.stdout.write(args.prompt)
+    text, n, ttft, total = _timed_stream(llm, ids, params, echo=args.stream)
+    if not args.stream:
+        print(args.prompt + text)
+    _report(n, ttft, total)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = _make_llm(args)
+    params = _params(args)
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("imp-jax chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        text, n, ttft, total = _timed_stream(llm, llm.chat_prompt(messages), params, echo=True)
+        messages.append({"role": "assistant", "content": text})
+        _report(n, ttft, total)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from imp_jax.loaders import load_model
+    from imp_jax.loaders import orbax_ckpt
+
+    start = time.perf_counter()
+    model = load_model(args.src, args.dtype)
+    params = model.params
+    if args.quantization:
+        from imp_jax.quant import quantize_params
+
+        params = quantize_params(params, model.cfg, args.quantization)
+    orbax_ckpt.save(args.dst, model.cfg, params,
+                    {"generation_config": model.generation_config, "source": args.src,
+                     "quantization": args.quantization})
+    if model.tokenizer is not None:
+        model.tokenizer.save(args.dst)
+    print(f"wrote {args.dst} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import numpy as np
+
+    from imp_jax.loaders import default_dtype
+    from imp_jax.spec import param_bytes
+
+    cfg = _config_only(args.model)
+    dtype = np.dtype(args.dtype or default_dtype())
+    print(f"model       {args.model}")
+    print(f"family      {cfg.family}")
+    print(f"params      {cfg.num_params / 1e6:.1f} M")
+    print(f"layers      {cfg.num_layers}, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, "
+          f"heads {cfg.num_heads}/{cfg.num_kv_heads} x {cfg.head_dim}")
+    print(f"vocab       {cfg.vocab_size}, context {cfg.max_position_embeddings}")
+    print(f"dtype       {dtype.name}")
+    print(f"weights     {param_bytes(cfg, dtype.itemsize) / 2**20:.1f} MiB")
+    print(f"kv/token    {cfg.kv_bytes_per_token(dtype.itemsize) / 1024:.1f} KiB")
+    if args.mesh:
+        from imp_jax.sharding import make_mesh, memory_plan, parse_mesh
+
+        mesh = make_mesh(**parse_mesh(args.mesh))
+        print(memory_plan(cfg, mesh, dtype=dtype))
+    return 0
+
+
+def _config_only(model: str):
+    """The ModelConfig without loading weights (what `info` needs)."""
+    import os
+
+    from checkpoints.presets import PRESETS, SHAPES, resolve_preset
+    from imp_jax.config import ModelConfig
+
+    if model.startswith("random:"):
+        return SHAPES[model[len("random:"):]]
+    if model in PRESETS:
+        model = resolve_preset(model)
+    if model.endswith(".gguf"):
+        from imp_jax.loaders.gguf_file import open_gguf
+
+        contents = open_gguf(model)
+        return ModelConfig.from_gguf(contents.metadata, set(contents.tensors), model)
+    from imp_jax.loaders import orbax_ckpt
+
+    if orbax_ckpt.is_orbax_dir(model):
+        import json
+
+        with open(os.path.join(model, orbax_ckpt.CONFIG)) as f:
+            return ModelConfig.from_dict(json.load(f)["config"])
+    return ModelConfig.from_hf_file(os.path.join(model, "config.json"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imp-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text for one prompt")
+    p.add_argument("prompt")
+    _llm_args(p)
+    _sampling_args(p)
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's template")
+    _llm_args(p)
+    _sampling_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(fn=cmd_chat, max_tokens=256)
+
+    p = sub.add_parser("convert", help="write an orbax checkpoint that reloads fast")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--quantization", default=None, choices=["fp8", "fp8-weight-only", "int8"])
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("info", help="family, size, dtype and memory of a model")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--mesh", default=None, help="e.g. tp=4 or tp=2,dp=4: per-device memory plan")
+    p.set_defaults(fn=cmd_info)
+
+    for name, module, help_ in (("bench", "imp_jax.bench", "latency / throughput benchmarks"),
+                                ("batch", "imp_jax.batch", "OpenAI batch-file jobs"),
+                                ("serve", "imp_jax.server", "OpenAI-compatible HTTP server")):
+        p = sub.add_parser(name, help=help_, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(fn=None, module=module)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.fn is None:  # delegate to the subcommand's own parser
+        import importlib
+
+        return importlib.import_module(args.module).main(args.rest + rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

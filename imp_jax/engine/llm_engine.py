@@ -1,0 +1,327 @@
+"""The engine loop: requests in, scheduler -> runner -> sampler, text out.
+
+`LLMEngine.step()` asks the scheduler for this step's work (decodes, prefill chunks, newly
+admitted requests), runs it as one compiled forward over the paged cache, applies the sampled
+tokens, and checks every request's stop conditions. Requests join and leave between any two
+steps (continuous batching); a request whose pages run out is preempted and recomputed later
+by the scheduler, never dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import time
+from typing import Iterable
+
+import numpy as np
+
+from imp_jax.engine.block_manager import BlockManager
+from imp_jax.engine.scheduler import Scheduler, SchedulerOutput
+from imp_jax.engine.sequence import Sequence
+from imp_jax.runner import ModelRunner, StepSeq, bucket
+from imp_jax.sampling import SamplingParams, SamplingTensors
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[dict[int, float]] | None = None  # per token: {sampled id and top-N: logprob}
+    cumulative_logprob: float = 0.0
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    # The first sample's fields, so `outs[0].text` reads naturally when n == 1.
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[dict[int, float]] | None:
+        return self.outputs[0].logprobs
+
+
+class _Sample:
+    """One of a request's n samples: its scheduler Sequence plus text and stop state."""
+
+    def __init__(self, index, seq, detok, seed):
+        self.index, self.seq, self.detok, self.seed = index, seq, detok, seed
+        self.out = CompletionOutput(index, "", [])
+        self.text = ""  # full decoded text (stop strings are searched here)
+
+
+class _Request:
+    def __init__(self, request_id, prompt, prompt_ids, params):
+        self.request_id, self.prompt, self.prompt_ids, self.params = (
+            request_id, prompt, prompt_ids, params)
+        self.samples: list[_Sample] = []
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+        self.metrics = {"arrival_time": time.monotonic()}
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            self.request_id, self.prompt, self.prompt_ids,
+            [dataclasses.replace(s.out, token_ids=list(s.out.token_ids),
+                                 logprobs=None if s.out.logprobs is None else list(s.out.logprobs))
+             for s in self.samples],
+            all(s.out.finish_reason is not None for s in self.samples),
+            None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+            dict(self.metrics))
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, tokenizer, *, eos_token_ids: Iterable[int] = (),
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
+                 enable_prefix_caching: bool = True, long_prefill_token_threshold: int = 0):
+        self.runner, self.tokenizer = runner, tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.block_manager = BlockManager(runner.cache.num_pages, runner.page_size,
+                                          enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
+                                   long_prefill_token_threshold, runner.max_model_len)
+        self._requests: dict[str, _Request] = {}
+        self._by_seq: dict[str, tuple[_Request, _Sample]] = {}
+        self._ids = itertools.count()
+        self.stats = {"steps": 0, "host_time": 0.0, "prompt_tokens": 0, "generation_tokens": 0,
+                      "preemptions": 0}
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, *, score_from: int | None = None) -> str:
+        """Queue a request; returns its id. `prompt` is text or token ids.
+
+        `score_from` (token index) asks for prompt logprobs from that position on, bypassing
+        the prefix cache only where it would skip them (used by `LLM.score`).
+        """
+        params = params or SamplingParams()
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        vocab = self.runner.cfg.vocab_size
+        if not ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        req = _Request(request_id, text, ids, params)
+        if score_from is None and params.prompt_logprobs is not None:
+            score_from = 1
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(f"{request_id}#{i}" if params.n > 1 else request_id, ids, params)
+            if score_from is not None:
+                seq.max_cached_tokens = max(0, score_from - 1)
+            seqs.append(seq)
+        for seq in seqs:  # check every sample fits before queueing any of them
+            self.scheduler.check_fits(seq)
+        base_seed = params.seed if params.seed is not None else random.getrandbits(31)
+        from imp_jax.tokenizer import IncrementalDetokenizer
+
+        for i, seq in enumerate(seqs):
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+            sample = _Sample(i, seq, detok, base_seed + i)
+            if params.logprobs is not None:
+                sample.out.logprobs = []
+            req.samples.append(sample)
+            self.scheduler.add(seq)
+            self._by_seq[seq.request_id] = (req, sample)
+        self._requests[request_id] = req
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        for s in req.samples:
+            if s.out.finish_reason is None:
+                self.scheduler.abort(s.seq.request_id)
+                s.out.finish_reason = "abort"
+            self._by_seq.pop(s.seq.request_id, None)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return a snapshot of every request that progressed."""
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        self.stats["preemptions"] += len(sched.preempted)
+        if sched.is_empty:
+            return []
+        seqs, tensors, num_logprobs = self._prepare(sched)
+        t1 = time.perf_counter()
+        result = self.runner.step(seqs, tensors, num_logprobs)
+        # The one host sync of the step: the sampled tokens decide what runs next.
+        tokens = np.asarray(result.sample.tokens)
+        t2 = time.perf_counter()
+        lps = np.asarray(result.sample.logprobs) if num_logprobs >= 0 else None
+        top_ids = np.asarray(result.sample.top_ids)
+        top_lps = np.asarray(result.sample.top_logprobs)
+        if result.logits is not None:
+            self._prompt_logprobs(sched, seqs, result)
+        sampled = {ss.seq.request_id: int(tokens[i]) for i, ss in enumerate(sched.scheduled)
+                   if ss.is_last_chunk}
+        grew = {s.request_id for s in self.scheduler.update(sched, sampled)}
+        touched: dict[str, _Request] = {}
+        for i, ss in enumerate(sched.scheduled):
+            req, sample = self._by_seq.get(ss.seq.request_id, (None, None))
+            if req is None:
+                continue
+            touched[req.request_id] = req
+            self.stats["prompt_tokens"] += max(0, min(ss.end_pos, len(req.prompt_ids))
+                                               - ss.start_pos)
+            if ss.seq.request_id in grew:
+                self.stats["generation_tokens"] += 1
+                req.metrics.setdefault("first_token_time", time.monotonic())
+                self._append(req, sample, int(tokens[i]), lps[i], top_ids[i], top_lps[i])
+        outputs = []
+        for req in touched.values():
+            out = req.output()
+            if out.finished:
+                out.metrics["finished_time"] = time.monotonic()
+                self._requests.pop(req.request_id, None)
+                for s in req.samples:
+                    self._by_seq.pop(s.seq.request_id, None)
+            outputs.append(out)
+        self.stats["steps"] += 1
+        self.stats["host_time"] += (t1 - t0) + (time.perf_counter() - t2)
+        return outputs
+
+    def _prepare(self, sched: SchedulerOutput):
+        seqs, params, seeds, steps = [], [], [], []
+        num_logprobs = 0
+        for ss in sched.scheduled:
+            seq = ss.seq
+            p: SamplingParams = seq.sampling_params
+            _, sample = self._by_seq[seq.request_id]
+            banned = ()
+            if seq.num_output_tokens < p.min_tokens:
+                banned = tuple(self.eos_token_ids | set(p.stop_token_ids or ()))
+            penalties = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                         or p.frequency_penalty != 0.0)
+            wants_logits = (seq.max_cached_tokens is not None
+                            and ss.start_pos < seq.num_prompt_tokens)
+            seqs.append(StepSeq(seq.token_ids_slice(ss.start_pos, ss.end_pos), ss.start_pos,
+                                seq.page_ids, all_logits=wants_logits,
+                                history=seq.all_token_ids if penalties else None,
+                                prompt_len=seq.num_prompt_tokens, banned=banned))
+            params.append(p)
+            seeds.append(sample.seed)
+            steps.append(seq.num_output_tokens)
+            num_logprobs = max(num_logprobs, p.logprobs or 0)
+        tensors = SamplingTensors.from_params(params, seeds, steps, pad_to=bucket(len(seqs)))
+        # One program per power of two of top-N, so a request asking for 3 reuses the 4 one.
+        return seqs, tensors, bucket(num_logprobs) if num_logprobs else 0
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, seqs: list[StepSeq], result) -> None:
+        """Log-probabilities of prompt tokens from this step's logits (prompt chunks only)."""
+        import jax
+
+        logits = result.logits
+        for i, ss in enumerate(sched.scheduled):
+            if not seqs[i].all_logits:
+                continue
+            req, sample = self._by_seq[ss.seq.request_id]
+            if sample.index != 0 or req.prompt_logprobs is None:
+                continue
+            prompt = req.prompt_ids
+            # row j predicts token start_pos + j + 1; keep the rows whose target is a prompt token
+            n = min(ss.end_pos, len(prompt) - 1) - ss.start_pos
+            if n <= 0:
+                continue
+            off = int(result.token_offsets[i])
+            rows = jax.nn.log_softmax(logits[off:off + n], axis=-1)
+            targets = np.asarray(prompt[ss.start_pos + 1:ss.start_pos + 1 + n])
+            k = req.params.prompt_logprobs or 0
+            lp = np.asarray(rows[np.arange(n), targets])
+            if k:
+                top_v, top_i = jax.lax.top_k(rows, k)
+                top_v, top_i = np.asarray(top_v), np.asarray(top_i)
+            # positions a prefix hit skipped (only possible before score_from) stay None
+            while len(req.prompt_logprobs) < ss.start_pos + 1:
+                req.prompt_logprobs.append(None)
+            for j in range(n):
+                entry = {int(targets[j]): float(lp[j])}
+                if k:
+                    entry.update({int(a): float(b) for a, b in zip(top_i[j], top_v[j])})
+                req.prompt_logprobs.append(entry)
+
+    def _append(self, req: _Request, sample: _Sample, token: int, lp, top_ids, top_lps) -> None:
+        p: SamplingParams = req.params
+        out, seq = sample.out, sample.seq
+        out.token_ids.append(token)
+        out.cumulative_logprob += float(lp)
+        if out.logprobs is not None:
+            entry = {token: float(lp)}
+            entry.update({int(a): float(b) for a, b in zip(top_ids[:p.logprobs], top_lps)})
+            out.logprobs.append(entry)
+        delta = sample.detok.add(token) if sample.detok is not None else ""
+        sample.text += delta
+        out.text = sample.text
+        reason, stop = None, None
+        n_out = len(out.token_ids)
+        if n_out >= p.min_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                reason = "stop"
+            elif p.stop_token_ids and token in p.stop_token_ids:
+                reason, stop = "stop", token
+            elif p.stop and delta:
+                reason, stop = self._check_stop_strings(sample, p, len(delta))
+        if reason is None and (
+                (p.max_tokens is not None and n_out >= p.max_tokens)
+                or seq.num_tokens >= self.scheduler.max_total_tokens(seq)):
+            reason = "length"
+        if reason is not None:
+            out.finish_reason, out.stop_reason = reason, stop
+            if sample.detok is not None and not isinstance(stop, str):
+                # emit a held-back partial character; a stop string already cut the text
+                out.text = sample.text = sample.text + sample.detok.flush()
+            self.scheduler.finish(seq, reason)
+
+    @staticmethod
+    def _check_stop_strings(sample: _Sample, p: SamplingParams, delta_len: int):
+        text = sample.text
+        for stop in p.stop:
+            # only the new text (and what a stop string could straddle) needs searching
+            start = max(0, len(text) - delta_len - len(stop) + 1)
+            idx = text.find(stop, start)
+            if idx >= 0:
+                end = idx + len(stop) if p.include_stop_str_in_output else idx
+                sample.out.text = sample.text = text[:end]
+                return "stop", stop
+        return None, None

@@ -1,0 +1,286 @@
+"""`LLM`: load a model once, then generate, chat, stream, score and inspect logits.
+
+    >>> import imp_jax
+    >>> llm = imp_jax.LLM("smollm2-135m")
+    >>> out = llm.generate(["The capital of France is"], imp_jax.SamplingParams(temperature=0, max_tokens=8))
+    >>> out[0].text  # doctest: +SKIP
+    ' Paris...'
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from imp_jax.engine.llm_engine import LLMEngine, RequestOutput
+from imp_jax.engine.sequence import Sequence as EngineSequence
+from imp_jax.loaders import LoadedModel, load_model
+from imp_jax.runner import ModelRunner, StepSeq
+from imp_jax.sampling import SamplingParams
+
+Prompt = str | Sequence[int]
+
+# Sampling defaults a model's generation_config.json may set (vLLM reads the same keys).
+_GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _pool_pages(cfg, page_size: int, itemsize: int, utilization: float, max_model_len: int,
+                max_num_seqs: int) -> int:
+    """Size the page pool from free device memory, like vLLM's gpu_memory_utilization."""
+    page_bytes = cfg.kv_bytes_per_token(itemsize) * page_size
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:  # accelerators: a fraction of what is free after the weights
+        free = stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0)
+        return max(2, int(free // page_bytes))
+    # CPU: enough for every sequence at full length, capped at 2 GiB of host memory.
+    want = max_num_seqs * -(-max_model_len // page_size) + 1
+    return max(2, min(want, int(2 * 2**30 // page_bytes)))
+
+
+class LLM:
+    """A loaded model with a continuous-batching engine.
+
+    Args:
+      model: preset name ("smollm2-135m"), a .gguf file, a Hugging Face directory, an orbax
+        directory written by `imp-jax convert`, or "random:<shape>" (e.g. "random:llama3-8b").
+      dtype: weights and activations; default bf16 on GPU, float32 on CPU.
+      max_model_len: longest sequence (prompt + output); default the model's context length.
+      page_size / num_pages: KV-cache pages; num_pages defaults to what
+        `gpu_memory_utilization` of free device memory holds.
+      max_num_seqs / max_num_batched_tokens: per-step batch limits of the scheduler.
+      quantization: None, "fp8", "fp8-weight-only" or "int8" (weights quantized at load time).
+    """
+
+    def __init__(self, model: str = "smollm2-135m", *, dtype=None, max_model_len: int | None = None,
+                 page_size: int = 16, num_pages: int | None = None,
+                 gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 1024, enable_prefix_caching: bool = True,
+                 long_prefill_token_threshold: int = 0, attn_impl: str = "auto",
+                 quantization: str | None = None, loaded: LoadedModel | None = None):
+        if page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{gpu_memory_utilization}")
+        self.model = loaded or load_model(model, dtype)
+        cfg = self.model.cfg
+        params = self.model.params
+        if quantization is not None:
+            from imp_jax.quant import quantize_params
+
+            params = quantize_params(params, cfg, quantization)
+        limit = cfg.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = limit
+        elif not 1 <= max_model_len <= limit:
+            raise ValueError(f"max_model_len must be in [1, {limit}] for this model, got "
+                             f"{max_model_len}")
+        dtype = jax.tree.leaves(self.model.params)[0].dtype
+        if num_pages is None:
+            num_pages = _pool_pages(cfg, page_size, np.dtype(dtype).itemsize,
+                                    gpu_memory_utilization, max_model_len, max_num_seqs)
+        self.runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=page_size,
+                                  max_model_len=max_model_len, dtype=dtype, attn_impl=attn_impl)
+        self.tokenizer = self.model.tokenizer
+        eos = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set()
+        gen_eos = self.model.generation_config.get("eos_token_id")
+        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None
+                   else [])
+        self.engine = LLMEngine(self.runner, self.tokenizer, eos_token_ids=eos,
+                                max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
+                                enable_prefix_caching=enable_prefix_caching,
+                                long_prefill_token_threshold=long_prefill_token_threshold)
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+    def default_sampling_params(self, **overrides: Any) -> SamplingParams:
+        """SamplingParams with the model's generation_config defaults, then `overrides`."""
+        gen = self.model.generation_config
+        base = {k: gen[k] for k in _GENERATION_KEYS if gen.get(k) is not None}
+        return SamplingParams(**{**base, **overrides})
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True, **kwargs: Any) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); results in input order.
+
+        `sampling_params` is one SamplingParams for all prompts or one per prompt; keyword
+        arguments (max_tokens=..., temperature=...) build one when it is None.
+        """
+        prompts = self._as_prompt_list(prompts)
+        params = self._params_list(sampling_params, len(prompts), kwargs)
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | None = None, *, use_tqdm: bool = False,
+             add_generation_prompt: bool = True, **kwargs: Any) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list) and generate."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (random weights): chat needs one")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.chat_prompt(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, **kwargs)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages,
+                                                  add_generation_prompt=add_generation_prompt)
+        # The template writes BOS itself where the model wants one.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               **kwargs: Any) -> Iterator[str]:
+        """Yield text deltas of one request as they are generated (other requests keep going)."""
+        params = self._params_list(sampling_params, 1, kwargs)[0]
+        rid = self.engine.add_request(self._as_prompt_list([prompt])[0], params)
+        sent = 0
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    if len(out.text) > sent:
+                        yield out.text[sent:]
+                        sent = len(out.text)
+                    if out.finished:
+                        return
+                if not self.engine.has_unfinished_requests():
+                    return
+        finally:
+            self.engine.abort_request(rid)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(request_ids)
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(request_ids), desc="Generating", unit="req", dynamic_ncols=True)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        results[out.request_id] = out
+                        pending.discard(out.request_id)
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in pending:  # leave the engine clean for the next call
+                self.engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[r] for r in request_ids]
+
+    # ------------------------------------------------------------------ research helpers
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits float32 [len(token_ids), vocab]: row i predicts token i+1."""
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise ValueError("token_ids is empty")
+        if len(ids) > self.runner.max_model_len:
+            raise ValueError(f"{len(ids)} tokens exceed max_model_len {self.runner.max_model_len}")
+        vocab = self.config.vocab_size
+        if not all(0 <= t < vocab for t in ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        # Borrow pages from the engine's pool for the duration of the call.
+        seq, bm = EngineSequence("logits", ids), self.engine.block_manager
+        if not bm.can_allocate(seq, len(ids)):
+            raise RuntimeError(f"not enough free KV pages for {len(ids)} tokens right now")
+        bm.allocate(seq, len(ids))
+        out = []
+        chunk = self.engine.scheduler.max_num_batched_tokens
+        try:
+            for start in range(0, len(ids), chunk):
+                part = ids[start:start + chunk]
+                res = self.runner.step([StepSeq(part, start, seq.page_ids, all_logits=True)])
+                out.append(np.asarray(res.logits)[:len(part)])
+        finally:
+            bm.free(seq)
+        return np.concatenate(out)
+
+    def score(self, contexts: Sequence[Prompt], continuations: Sequence[Prompt], *,
+              use_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """Summed log-probability of each continuation given its context, and whether it is the
+        greedy continuation (lm-evaluation-harness's `loglikelihood`). Shared contexts reuse
+        cached prefix pages."""
+        if len(contexts) != len(continuations):
+            raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+        ids = []
+        for ctx, cont in zip(contexts, continuations):
+            c_ids = self._encode(ctx)
+            k_ids = self._encode(cont, add_special_tokens=False)
+            if not c_ids or not k_ids:
+                raise ValueError("score needs a non-empty context and continuation")
+            rid = self.engine.add_request(c_ids + k_ids,
+                                          SamplingParams(max_tokens=1, temperature=0,
+                                                         prompt_logprobs=1),
+                                          score_from=len(c_ids))
+            ids.append((rid, len(c_ids), k_ids))
+        outs = self._run([r for r, _, _ in ids], use_tqdm)
+        results = []
+        for out, (_, n_ctx, k_ids) in zip(outs, ids):
+            entries = out.prompt_logprobs[n_ctx:n_ctx + len(k_ids)]
+            total = sum(e[t] for e, t in zip(entries, k_ids))
+            greedy = all(max(e.values()) <= e[t] + 1e-6 for e, t in zip(entries, k_ids))
+            results.append((float(total), bool(greedy)))
+        return results
+
+    # ------------------------------------------------------------------ helpers
+    def _encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return [int(t) for t in prompt]
+
+    def _as_prompt_list(self, prompts) -> list[Prompt]:
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(p, (int, np.integer)) for p in prompts):
+            return [[int(p) for p in prompts]]  # one prompt given as token ids
+        for i, p in enumerate(prompts):
+            if not isinstance(p, (str, list, tuple, np.ndarray)):
+                raise TypeError(f"prompt {i} must be a string or a list of token ids, got "
+                                f"{type(p).__name__}")
+            if isinstance(p, str) and self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids")
+        return prompts
+
+    def _params_list(self, sampling_params, n: int, kwargs) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [self.default_sampling_params(**kwargs)] * n
+        if kwargs:
+            raise TypeError(f"pass either sampling_params or keyword arguments, not both "
+                            f"(got {sorted(kwargs)})")
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        sampling_params = list(sampling_params)
+        if len(sampling_params) != n:
+            raise ValueError(f"{len(sampling_params)} sampling params for {n} prompts")
+        return sampling_params
+
+
+_loaded: dict[str, LLM] = {}
+
+
+def generate(prompts: Prompt | Sequence[Prompt], sampling_params=None, *,
+             model: str = "smollm2-135m", use_tqdm: bool = False,
+             **kwargs: Any) -> list[RequestOutput]:
+    """One-call generation; the model (default SmolLM2-135M-Instruct) loads once per process.
+
+    >>> imp_jax.generate(["The capital of France is"], max_tokens=32)[0].text  # doctest: +SKIP
+    """
+    if model not in _loaded:
+        _loaded.clear()  # keep at most one model resident
+        _loaded[model] = LLM(model)
+    return _loaded[model].generate(prompts, sampling_params, use_tqdm=use_tqdm, **kwargs)
