@@ -26,6 +26,17 @@ Prompt = str | Sequence[int]
 _GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled programs on disk (XLA's persistent cache): a second run skips compiling."""
+    import os
+
+    if jax.config.jax_compilation_cache_dir is None and os.environ.get("IMP_JAX_NO_CACHE") != "1":
+        path = os.environ.get("IMP_JAX_CACHE_DIR",
+                              os.path.join(os.path.expanduser("~"), ".cache", "imp_jax", "xla"))
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def _pool_pages(cfg, page_size: int, itemsize: int, utilization: float, max_model_len: int,
                 max_num_seqs: int) -> int:
     """Size the page pool from free device memory, like vLLM's gpu_memory_utilization."""
@@ -64,6 +75,7 @@ class LLM:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{gpu_memory_utilization}")
+        enable_compilation_cache()
         self.model = loaded or load_model(model, dtype)
         cfg = self.model.cfg
         params = self.model.params

@@ -8,7 +8,9 @@ place. Buckets are powers of two, so the set of programs is small and fixed afte
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -47,6 +49,11 @@ def bucket(n: int, lo: int = 1, hi: int | None = None) -> int:
     return min(b, hi) if hi is not None else b
 
 
+def seq_bucket(n: int) -> int:
+    """Rows of a step's per-sequence arrays (SamplingTensors are padded to this)."""
+    return bucket(n, lo=4)
+
+
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: dict[str, Any], *, num_pages: int,
                  page_size: int, max_model_len: int, dtype=jnp.float32, cache_dtype=None,
@@ -56,29 +63,13 @@ class ModelRunner:
         self.cfg, self.params = cfg, params
         self.page_size, self.max_model_len = page_size, max_model_len
         self.max_pages_per_seq = -(-max_model_len // page_size)
-        self.model = Transformer(cfg, dtype, attn_impl)
+        self.model = Transformer(cfg, jnp.dtype(dtype).name, attn_impl)
         self.cache = KVCache.create(cfg, num_pages, page_size, cache_dtype or dtype)
-        self.num_compiles = 0  # traced programs; a test asserts it stops growing after warm-up
-        self._step = jax.jit(self._forward, donate_argnums=(1,),
-                             static_argnames=("num_logprobs", "return_logits"))
 
-    # ------------------------------------------------------------------ device side
-    def _forward(self, params, cache, tokens, positions, meta, sample_rows, sampling, banned,
-                 history, *, num_logprobs: int, return_logits: bool):
-        self.num_compiles += 1  # runs at trace time only
-        logits, cache = self.model.apply({"params": params}, tokens, positions, cache, meta)
-        out = None
-        if sampling is not None:
-            rows = logits[sample_rows]
-            prompt_mask = output_counts = None
-            if history is not None:
-                ids, prompt_lens, total_lens = history
-                prompt_counts = token_counts(ids, prompt_lens, self.cfg.vocab_size)
-                prompt_mask = prompt_counts > 0
-                output_counts = token_counts(ids, total_lens, self.cfg.vocab_size) - prompt_counts
-            out = sample(rows, sampling, prompt_mask=prompt_mask, output_counts=output_counts,
-                         banned_ids=banned, num_logprobs=num_logprobs)
-        return out, (logits if return_logits else None), cache
+    @property
+    def num_compiles(self) -> int:
+        """Programs traced for this model so far; a test asserts it stops growing after warm-up."""
+        return _TRACES[self.model]
 
     # ------------------------------------------------------------------ host side
     def step(self, seqs: Sequence[StepSeq], sampling: SamplingTensors | None = None,
@@ -88,10 +79,12 @@ class ModelRunner:
         n = len(seqs)
         qlens = [len(s.token_ids) for s in seqs]
         total = sum(qlens)
-        S = bucket(n)
-        T = bucket(total, lo=8)
-        Q = 1 if max(qlens) == 1 else bucket(max(qlens), lo=8, hi=T)
-        P = bucket(max(len(s.pages) for s in seqs), lo=4, hi=self.max_pages_per_seq)
+        # Few, coarse buckets: every distinct shape is a compile (seconds on a CPU). A step
+        # with any prompt chunk uses max_query_len = T, so (S, T, P) fixes the program.
+        S = seq_bucket(n)
+        T = bucket(total, lo=16)
+        Q = 1 if max(qlens) == 1 else T
+        P = bucket(max(len(s.pages) for s in seqs), lo=16, hi=self.max_pages_per_seq)
 
         tokens = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
@@ -145,7 +138,32 @@ class ModelRunner:
                     prompt_lens[i], total_lens[i] = s.prompt_len, len(h)
                 history = (ids, prompt_lens, total_lens)
 
-        out, logits, self.cache = self._step(
-            self.params, self.cache, tokens, positions, meta, sample_rows, sampling, banned,
-            history, num_logprobs=num_logprobs, return_logits=return_logits)
+        out, logits, self.cache = _forward(
+            self.model, self.params, self.cache, tokens, positions, meta, sample_rows, sampling,
+            banned, history, num_logprobs=num_logprobs, return_logits=return_logits)
         return StepOutput(out, logits, np.asarray(query_start[:n]))
+
+
+_TRACES: collections.Counter = collections.Counter()
+
+
+# Module level (not a method) so runners of the same model share compiled programs.
+@functools.partial(jax.jit, donate_argnums=(2,),
+                   static_argnames=("model", "num_logprobs", "return_logits"))
+def _forward(model: Transformer, params, cache, tokens, positions, meta, sample_rows, sampling,
+             banned, history, *, num_logprobs: int, return_logits: bool):
+    _TRACES[model] += 1  # runs at trace time only
+    logits, cache = model.apply({"params": params}, tokens, positions, cache, meta)
+    out = None
+    if sampling is not None:
+        rows = logits[sample_rows]
+        prompt_mask = output_counts = None
+        if history is not None:
+            ids, prompt_lens, total_lens = history
+            vocab = model.cfg.vocab_size
+            prompt_counts = token_counts(ids, prompt_lens, vocab)
+            prompt_mask = prompt_counts > 0
+            output_counts = token_counts(ids, total_lens, vocab) - prompt_counts
+        out = sample(rows, sampling, prompt_mask=prompt_mask, output_counts=output_counts,
+                     banned_ids=banned, num_logprobs=num_logprobs)
+    return out, (logits if return_logits else None), cache

@@ -92,7 +92,8 @@ def load_gguf(path: str, dtype) -> tuple[ModelConfig, dict[str, Any], dict[str, 
                              f"{list(t.shape)}): {e}") from e
         if permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads
-            w = unpermute_rope(w, heads)
+            if w.shape[0] == heads * cfg.head_dim:  # else build_params reports the bad shape
+                w = unpermute_rope(w, heads)
         return w
 
     params = build_params(cfg, get, lambda n: n in by_hf, path, dtype)

@@ -102,6 +102,9 @@ def read_gguf(path: str) -> GGUFContents:
         except ValueError:
             raise ValueError(f"{path}: tensor {name} has unknown GGML type {kind}") from None
         block, type_size = GGML_QUANT_SIZES[qtype]
+        if dims and dims[0] % block:
+            raise ValueError(f"{path}: tensor {name} ({qtype.name}, shape {list(dims)}): row "
+                             f"length {dims[0]} is not a multiple of the block size {block}")
         row_bytes = dims[0] // block * type_size
         rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
         start = data_start + offset

@@ -1,0 +1,38 @@
+"""Pallas attention kernels for Hopper, each beside its pure-jnp reference.
+
+`ragged_paged_attention` is the one entry point (the contract of docs/architecture.md):
+
+    ragged_paged_attention(q[T,H,D], k_pages[P,page,KVH,D], v_pages, page_table i32[S,max_pages],
+                           seq_lens i32[S], query_start i32[S+1], *, max_query_len (static),
+                           scale, soft_cap=None, sliding_window=None, interpret=False) -> [T,H,D]
+
+Dispatch: on a GPU (or with interpret=True) the Pallas kernel of `paged_decode.py` runs, in its
+decode form (one query block holding all max_query_len tokens, split-K over pages) when
+max_query_len * (H // KVH) <= 64, else in its prefill form (query blocks of ~64 rows, causal block
+skipping). Shapes the kernel does not cover (non power-of-two head_dim / group / page size) and
+non-GPU backends without interpret use `reference.ragged_paged_attention_ref`.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.paged_decode import (KernelConfig, choose_config, paged_attention_kernel,
+                                         paged_decode_attention, supported)
+from pallas_kernels.reference import ragged_paged_attention_ref
+
+__all__ = ["ragged_paged_attention", "ragged_paged_attention_ref", "paged_attention_kernel",
+           "paged_decode_attention", "KernelConfig", "choose_config", "supported"]
+
+
+def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_start, *,
+                           max_query_len: int, scale: float, soft_cap: float | None = None,
+                           sliding_window: int | None = None, interpret: bool = False):
+    kwargs = dict(max_query_len=int(max_query_len), scale=float(scale), soft_cap=soft_cap,
+                  sliding_window=sliding_window)
+    use_kernel = (interpret or jax.default_backend() == "gpu") and supported(q.shape, k_pages.shape)
+    if not use_kernel:
+        return ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_start,
+                                          **kwargs)
+    return paged_attention_kernel(q, k_pages, v_pages, page_table, seq_lens, query_start,
+                                  interpret=interpret, **kwargs)

@@ -1,0 +1,156 @@
+"""The engine under continuous batching gives what each request gets alone."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+import imp_jax
+from imp_jax import SamplingParams
+from imp_jax.loaders import load_model
+
+TINY = os.path.join(os.path.dirname(__file__), "data", "tiny", "llama3")
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(TINY)
+
+
+def make_llm(model, **kw):
+    kw = {"max_model_len": 128, "page_size": 4, "num_pages": 128, "max_num_seqs": 8, **kw}
+    return imp_jax.LLM(TINY, loaded=model, **kw)
+
+
+def prompts(n, seed=0, shared_prefix=()):
+    rng = random.Random(seed)
+    return [list(shared_prefix) + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 40))]
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def alone(model):
+    """Each request on its own: a fresh engine with no prefix cache, one request at a time."""
+    llm = make_llm(model, enable_prefix_caching=False)
+    cache = {}
+
+    def run(ids, params=GREEDY):
+        key = (tuple(ids), params.max_tokens, params.seed, params.temperature)
+        if key not in cache:
+            cache[key] = llm.generate([ids], params, use_tqdm=False)[0].token_ids
+        return cache[key]
+
+    return run
+
+
+def test_staggered_arrivals_mixed_lengths_and_chunked_prefill(model, alone):
+    # A small token budget forces prompts to be split across steps while others decode.
+    llm = make_llm(model, max_num_batched_tokens=16, long_prefill_token_threshold=8)
+    ps = prompts(10, seed=1)
+    engine = llm.engine
+    done, chunked = {}, False
+    pending = list(enumerate(ps))
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % 2 == 0:  # a new request arrives every other step
+            i, ids = pending.pop(0)
+            engine.add_request(ids, GREEDY, request_id=str(i))
+        sched_before = len(engine.scheduler.running)
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out.token_ids
+        chunked |= any(0 < s.num_computed_tokens < s.num_prompt_tokens
+                       for s in engine.scheduler.running)
+        step += 1
+        assert step < 2000
+        del sched_before
+    assert chunked, "the token budget should have split some prompt"
+    assert sorted(done) == list(range(10))
+    for i, ids in enumerate(ps):
+        assert done[i] == alone(ids), f"request {i}"
+
+
+def test_preemption_under_a_tiny_pool_changes_nothing(model, alone):
+    # 13 usable pages of 4 tokens: the 6 requests cannot all hold their KV at once.
+    llm = make_llm(model, num_pages=14, max_num_seqs=6)
+    ps = prompts(6, seed=2)
+    outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    assert llm.engine.stats["preemptions"] > 0
+    for ids, out in zip(ps, outs):
+        assert out.token_ids == alone(ids)
+    bm = llm.engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages
+
+
+def test_prefix_cache_hits_give_the_same_tokens(model, alone):
+    llm = make_llm(model)
+    system = list(range(100, 133))  # 33 shared tokens: 8 full pages
+    ps = prompts(6, seed=3, shared_prefix=system)
+    first = llm.generate(ps[:1], GREEDY, use_tqdm=False)
+    outs = llm.generate(ps[1:], GREEDY, use_tqdm=False)
+    bm = llm.engine.block_manager
+    assert bm.prefix_cache_hits >= 5 * 32
+    for ids, out in zip(ps, first + outs):
+        assert out.token_ids == alone(ids)
+
+
+def test_seeded_sampling_is_independent_of_batch_composition(model, alone):
+    llm = make_llm(model)
+    ps = prompts(5, seed=4)
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i, max_tokens=10,
+                             ignore_eos=True) for i in range(5)]
+    together = llm.generate(ps, params, use_tqdm=False)
+    for ids, p, out in zip(ps, params, together):
+        assert out.token_ids == alone(ids, p)
+
+
+def test_thousand_requests_none_lost_or_duplicated(model):
+    llm = make_llm(model, num_pages=64, max_num_seqs=32, max_num_batched_tokens=256)
+    rng = random.Random(5)
+    ps = [[rng.randrange(3, 500) for _ in range(rng.randrange(1, 12))] for _ in range(1000)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randrange(1, 4), ignore_eos=True)
+              for _ in ps]
+    engine = llm.engine
+    ids = [engine.add_request(p, sp) for p, sp in zip(ps, params)]
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step() if o.finished]
+    assert sorted(o.request_id for o in finished) == sorted(ids)  # each exactly once
+    for o in finished:
+        assert len(o.token_ids) == params[int(o.request_id)].max_tokens
+    bm = engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages
+    bm.check_invariants()
+
+
+def test_abort_frees_pages_at_once(model):
+    llm = make_llm(model)
+    engine = llm.engine
+    rid = engine.add_request(list(range(3, 40)), SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    bm = engine.block_manager
+    assert bm.num_free_pages < bm.num_usable_pages
+    assert engine.abort_request(rid)
+    assert bm.num_free_pages == bm.num_usable_pages
+    assert not engine.has_unfinished_requests()
+    assert not engine.abort_request(rid)
+
+
+def test_request_that_can_never_fit_is_rejected(model):
+    llm = make_llm(model, num_pages=8)  # 7 usable pages = 28 tokens
+    with pytest.raises(ValueError, match="28|capacity|fit"):
+        llm.generate([list(range(3, 23))], SamplingParams(max_tokens=20), use_tqdm=False)
+    with pytest.raises(ValueError, match="128|max_model_len|context"):
+        make_llm(model).generate([list(range(3, 130))], GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_host_overhead_is_measured(model):
+    llm = make_llm(model)
+    llm.generate(prompts(4, seed=6), GREEDY, use_tqdm=False)
+    stats = llm.engine.stats
+    assert stats["steps"] > 0 and 0 < stats["host_time"]
+    assert stats["generation_tokens"] == 4 * GREEDY.max_tokens
+    assert np.isfinite(stats["host_time"] / stats["steps"])
