@@ -94,7 +94,8 @@ class LLM:
             num_pages = _pool_pages(cfg, page_size, np.dtype(dtype).itemsize,
                                     gpu_memory_utilization, max_model_len, max_num_seqs)
         self.runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=page_size,
-                                  max_model_len=max_model_len, dtype=dtype, attn_impl=attn_impl)
+                                  max_model_len=max_model_len, dtype=dtype, attn_impl=attn_impl,
+                                  max_num_seqs=max_num_seqs)
         self.tokenizer = self.model.tokenizer
         eos = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set()
         gen_eos = self.model.generation_config.get("eos_token_id")
@@ -105,6 +106,12 @@ class LLM:
                                 max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
                                 enable_prefix_caching=enable_prefix_caching,
                                 long_prefill_token_threshold=long_prefill_token_threshold)
+
+    def warmup(self) -> int:
+        """Compile every decode and prompt-chunk program up front (servers and benchmarks call
+        this so no request pays for a compile); returns the number of programs compiled."""
+        sched = self.engine.scheduler
+        return self.runner.warmup(sched.max_num_seqs, sched.max_num_batched_tokens)
 
     @property
     def config(self):

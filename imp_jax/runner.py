@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imp_jax.attention import resolve_impl
 from imp_jax.cache import AttentionMetadata, KVCache
 from imp_jax.config import ModelConfig
 from imp_jax.models.llama import Transformer
@@ -49,27 +50,56 @@ def bucket(n: int, lo: int = 1, hi: int | None = None) -> int:
     return min(b, hi) if hi is not None else b
 
 
-def seq_bucket(n: int) -> int:
-    """Rows of a step's per-sequence arrays (SamplingTensors are padded to this)."""
-    return bucket(n, lo=4)
+def _pad_rows(tree, rows: int):
+    """Pad every per-sequence array to `rows` by repeating its last row (valid, discarded)."""
+    def pad(a):
+        a = np.asarray(a)
+        return a if a.shape[0] == rows else np.pad(
+            a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1), mode="edge")
+    return jax.tree.map(pad, tree)
 
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: dict[str, Any], *, num_pages: int,
                  page_size: int, max_model_len: int, dtype=jnp.float32, cache_dtype=None,
-                 attn_impl: str = "auto"):
+                 attn_impl: str = "auto", max_num_seqs: int = 256):
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {num_pages}")
         self.cfg, self.params = cfg, params
         self.page_size, self.max_model_len = page_size, max_model_len
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.model = Transformer(cfg, jnp.dtype(dtype).name, attn_impl)
+        # With the Pallas kernel, attention cost follows the real lengths, not the padded
+        # shapes: prompt steps then always use max_num_seqs rows and the full page table, so
+        # only the token bucket varies and warm-up compiles a handful of programs. The jnp
+        # reference pays for padding, so on CPU rows and page-table width are bucketed too.
+        self.fixed_shapes = resolve_impl(attn_impl) == "pallas"
+        self.max_num_seqs = max_num_seqs
         self.cache = KVCache.create(cfg, num_pages, page_size, cache_dtype or dtype)
 
     @property
     def num_compiles(self) -> int:
         """Programs traced for this model so far; a test asserts it stops growing after warm-up."""
         return _TRACES[self.model]
+
+    def warmup(self, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+        """Compile every decode and prompt program the engine can ask for; returns how many.
+
+        Dummy steps write their K/V into page 0, which no sequence ever owns.
+        """
+        from imp_jax.sampling import SamplingParams
+
+        before = self.num_compiles
+        greedy = SamplingParams(temperature=0)
+        for n in _powers(4, bucket(max_num_seqs, lo=4)):
+            n = min(n, max_num_seqs)
+            seqs = [StepSeq([0], 0, [0]) for _ in range(n)]
+            self.step(seqs, SamplingTensors.from_params([greedy] * n, [0] * n, [0] * n))
+        for t in _powers(16, bucket(max_num_batched_tokens, lo=16)):
+            t = min(t, max_num_batched_tokens, self.max_model_len)
+            seqs = [StepSeq([0] * t, 0, [0] * -(-t // self.page_size))]
+            self.step(seqs, SamplingTensors.from_params([greedy], [0], [0]))
+        return self.num_compiles - before
 
     # ------------------------------------------------------------------ host side
     def step(self, seqs: Sequence[StepSeq], sampling: SamplingTensors | None = None,
@@ -81,10 +111,14 @@ class ModelRunner:
         total = sum(qlens)
         # Few, coarse buckets: every distinct shape is a compile (seconds on a CPU). A step
         # with any prompt chunk uses max_query_len = T, so (S, T, P) fixes the program.
-        S = seq_bucket(n)
+        decode = max(qlens) == 1
+        S = bucket(n, lo=4)
+        if self.fixed_shapes and not decode:
+            S = max(S, bucket(self.max_num_seqs, lo=4))
         T = bucket(total, lo=16)
-        Q = 1 if max(qlens) == 1 else T
-        P = bucket(max(len(s.pages) for s in seqs), lo=16, hi=self.max_pages_per_seq)
+        Q = 1 if decode else T
+        P = self.max_pages_per_seq if self.fixed_shapes else bucket(
+            max(len(s.pages) for s in seqs), lo=16, hi=self.max_pages_per_seq)
 
         tokens = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
@@ -122,6 +156,7 @@ class ModelRunner:
 
         banned = history = None
         if sampling is not None:
+            sampling = _pad_rows(sampling, S)
             if any(s.banned for s in seqs):
                 width = bucket(max(len(s.banned) for s in seqs))
                 banned = np.full((S, width), -1, np.int32)
@@ -167,3 +202,10 @@ def _forward(model: Transformer, params, cache, tokens, positions, meta, sample_
         out = sample(rows, sampling, prompt_mask=prompt_mask, output_counts=output_counts,
                      banned_ids=banned, num_logprobs=num_logprobs)
     return out, (logits if return_logits else None), cache
+
+
+def _powers(lo: int, hi: int) -> list[int]:
+    out = [lo]
+    while out[-1] < hi:
+        out.append(out[-1] * 2)
+    return out

@@ -20,7 +20,7 @@ import numpy as np
 from imp_jax.engine.block_manager import BlockManager
 from imp_jax.engine.scheduler import Scheduler, SchedulerOutput
 from imp_jax.engine.sequence import Sequence
-from imp_jax.runner import ModelRunner, StepSeq, bucket, seq_bucket
+from imp_jax.runner import ModelRunner, StepSeq, bucket
 from imp_jax.sampling import SamplingParams, SamplingTensors
 
 
@@ -244,7 +244,7 @@ class LLMEngine:
             seeds.append(sample.seed)
             steps.append(seq.num_output_tokens)
             num_logprobs = max(num_logprobs, p.logprobs or 0)
-        tensors = SamplingTensors.from_params(params, seeds, steps, pad_to=seq_bucket(len(seqs)))
+        tensors = SamplingTensors.from_params(params, seeds, steps)
         # One program per power of two of top-N, so a request asking for 3 reuses the 4 one.
         return seqs, tensors, bucket(num_logprobs) if num_logprobs else 0
 

@@ -1,0 +1,298 @@
+"""`imp-jax bench latency|throughput`: the figures that matter, beside the hardware ceiling.
+
+    imp-jax bench latency --model random:llama3-8b --batch 1,64 --input-len 128 --output-len 128
+    imp-jax bench throughput --model random:llama3-8b --num-prompts 1000 --input-len 128 --output-len 128
+    imp-jax bench latency ... --peer hf      # HF transformers (eager and static cache + torch.compile)
+
+Random weights of a named shape need no download. Every run prints a table and can save JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+
+class PowerMeter:
+    """Average board power from nvidia-smi, sampled every 100 ms in the background."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self._proc = None
+
+    def __enter__(self):
+        try:
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=power.draw", "--format=csv,noheader,nounits",
+                 "-lms", "100", "-i", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                text=True)
+        except FileNotFoundError:
+            return self
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self):
+        for line in self._proc.stdout:
+            try:
+                self.samples.append(float(line.strip()))
+            except ValueError:
+                pass
+
+    def __exit__(self, *exc):
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+
+    @property
+    def watts(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def measure_bandwidth_ceiling() -> float:
+    """Device read+write bandwidth (bytes/s) of a large elementwise op: the ceiling we report
+    against, measured in the same run rather than taken from a datasheet."""
+    import jax
+    import jax.numpy as jnp
+
+    n = (1 << 30) // 4 if jax.default_backend() == "gpu" else (1 << 24)
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001 + 1)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * x.nbytes / float(np.median(times))
+
+
+def _random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(10, vocab - 10, size=(n, length)).tolist()
+
+
+def _make_llm(args, max_num_seqs: int):
+    from imp_jax import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.input_len + args.output_len + 16,
+              max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              quantization=args.quantization, num_pages=args.num_pages,
+              gpu_memory_utilization=args.gpu_memory_utilization)
+    start = time.perf_counter()
+    n = llm.warmup()
+    print(f"warm-up: compiled {n} programs in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
+    return llm
+
+
+def _timed_batch(llm, prompts, output_len):
+    """Run prompts as one batch; return (ttft, decode_time) from first/last token times."""
+    from imp_jax import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    for p in prompts:
+        engine.add_request(p, params)
+    first = None
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        if first is None and outs and all(o.token_ids for o in outs) and \
+                len(outs) == len(prompts):
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return (first or end) - start, end - (first or end)
+
+
+def bench_latency(args) -> list[dict]:
+    from imp_jax.spec import param_bytes
+
+    batches = [int(b) for b in args.batch.split(",")]
+    llm = _make_llm(args, max(batches))
+    cfg = llm.config
+    itemsize = np.dtype(llm.runner.cache.k[0].dtype).itemsize
+    weight_bytes = param_bytes(cfg, np.dtype(jax_dtype(llm)).itemsize)
+    ceiling = measure_bandwidth_ceiling()
+    rows = []
+    for b in batches:
+        prompts = _random_prompts(b, args.input_len, cfg.vocab_size, seed=b)
+        _timed_batch(llm, prompts, args.output_len)  # warm-up: compiles every bucket used
+        steps0, host0 = llm.engine.stats["steps"], llm.engine.stats["host_time"]
+        with PowerMeter() as power:
+            ctx = _profile(args.profile)
+            with ctx:
+                ttft, decode = _timed_batch(llm, prompts, args.output_len)
+        steps = llm.engine.stats["steps"] - steps0
+        host = llm.engine.stats["host_time"] - host0
+        n_dec = args.output_len - 1
+        step_time = decode / max(n_dec, 1)
+        avg_ctx = args.input_len + args.output_len / 2
+        kv_bytes = b * avg_ctx * cfg.kv_bytes_per_token(itemsize)
+        bw = (weight_bytes + kv_bytes) / step_time
+        tokens = b * args.output_len
+        row = dict(mode="latency", model=args.model, batch=b, input_len=args.input_len,
+                   output_len=args.output_len, ttft_ms=ttft * 1e3, itl_ms=step_time * 1e3,
+                   decode_tok_s=b * n_dec / decode if decode else float("nan"),
+                   tok_s_per_seq=n_dec / decode if decode else float("nan"),
+                   bandwidth_tb_s=bw / 1e12, ceiling_tb_s=ceiling / 1e12,
+                   fraction_of_ceiling=bw / ceiling, host_ms_per_step=1e3 * host / max(steps, 1),
+                   watts=power.watts,
+                   tokens_per_joule=tokens / (power.watts * (ttft + decode))
+                   if power.watts else None)
+        rows.append(row)
+        if args.peer == "hf":
+            rows.extend(hf_peer(cfg, b, args.input_len, args.output_len))
+    return rows
+
+
+def bench_throughput(args) -> list[dict]:
+    from imp_jax import SamplingParams
+
+    llm = _make_llm(args, args.max_num_seqs)
+    cfg = llm.config
+    rng = np.random.default_rng(0)
+    in_lens = _lengths(rng, args.input_len, args.num_prompts, args.random_range)
+    out_lens = _lengths(rng, args.output_len, args.num_prompts, args.random_range)
+    prompts = [rng.integers(10, cfg.vocab_size - 10, size=n).tolist() for n in in_lens]
+    params = [SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True) for n in out_lens]
+    with PowerMeter() as power:
+        with _profile(args.profile):
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+            elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.token_ids) for o in outs)
+    stats = llm.engine.stats
+    return [dict(mode="throughput", model=args.model, num_prompts=len(prompts),
+                 input_len=args.input_len, output_len=args.output_len, elapsed_s=elapsed,
+                 output_tok_s=out_tokens / elapsed, total_tok_s=(out_tokens + sum(in_lens))
+                 / elapsed, requests_s=len(prompts) / elapsed,
+                 preemptions=stats["preemptions"], watts=power.watts,
+                 tokens_per_joule=out_tokens / (power.watts * elapsed) if power.watts else None)]
+
+
+def _lengths(rng, mean: int, n: int, spread: float) -> np.ndarray:
+    if spread <= 0:
+        return np.full(n, mean)
+    lo, hi = max(1, int(mean * (1 - spread))), int(mean * (1 + spread))
+    return rng.integers(lo, hi + 1, size=n)
+
+
+def jax_dtype(llm):
+    import jax
+
+    return jax.tree.leaves(llm.model.params)[0].dtype
+
+
+class _NoProfile:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _profile(path):
+    if not path:
+        return _NoProfile()
+    import jax
+
+    return jax.profiler.trace(path)
+
+
+def hf_peer(cfg, batch: int, input_len: int, output_len: int) -> list[dict]:
+    """HF transformers on the same shape: eager and static cache + torch.compile."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return [dict(mode="hf", error="torch/transformers not installed")]
+    if not torch.cuda.is_available():
+        return [dict(mode="hf", error="no CUDA device for torch")]
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(10, cfg.vocab_size - 10, (batch, input_len), device="cuda")
+    rows = []
+    for name, kwargs in (("hf-eager", {}),
+                         ("hf-static-compile", {"cache_implementation": "static"})):
+        if name == "hf-static-compile":
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        gen = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+                   **kwargs)
+        with torch.no_grad():
+            model.generate(ids, **gen)  # warm-up (compiles)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.generate(ids, **gen)
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t
+        rows.append(dict(mode=name, batch=batch, input_len=input_len, output_len=output_len,
+                         decode_tok_s=batch * output_len / elapsed))
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys and k not in ("model",)]
+    print(" | ".join(keys))
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append(f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v))
+        print(" | ".join(cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="imp-jax bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["latency", "throughput"])
+    ap.add_argument("--model", default="random:llama3-8b")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--batch", default="1", help="latency: comma-separated batch sizes")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--random-range", type=float, default=0.0,
+                    help="throughput: lengths uniform in mean*(1±r)")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--num-pages", type=int, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--peer", choices=["hf"], default=None)
+    ap.add_argument("--profile", default=None, help="write a jax.profiler trace here")
+    ap.add_argument("--json", default=None, help="save results as JSON")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    import jax
+
+    rows = bench_latency(args) if args.mode == "latency" else bench_throughput(args)
+    device = jax.devices()[0].device_kind
+    for r in rows:
+        r.setdefault("device", device)
+        r.setdefault("date", time.strftime("%Y-%m-%d"))
+    _print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"argv": sys.argv, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
