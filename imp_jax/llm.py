@@ -62,6 +62,8 @@ class LLM:
         `gpu_memory_utilization` of free device memory holds.
       max_num_seqs / max_num_batched_tokens: per-step batch limits of the scheduler.
       quantization: None, "fp8", "fp8-weight-only" or "int8" (weights quantized at load time).
+      decode_steps: decode steps per compiled call when only decodes run (one host sync per
+        block instead of per token; tokens past a stop inside a block are dropped).
     """
 
     def __init__(self, model: str = "smollm2-135m", *, dtype=None, max_model_len: int | None = None,
@@ -69,7 +71,8 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 1024, enable_prefix_caching: bool = True,
                  long_prefill_token_threshold: int = 0, attn_impl: str = "auto",
-                 quantization: str | None = None, loaded: LoadedModel | None = None):
+                 quantization: str | None = None, decode_steps: int = 1,
+                 loaded: LoadedModel | None = None):
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -105,13 +108,15 @@ class LLM:
                                 max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
                                 enable_prefix_caching=enable_prefix_caching,
-                                long_prefill_token_threshold=long_prefill_token_threshold)
+                                long_prefill_token_threshold=long_prefill_token_threshold,
+                                decode_steps=decode_steps)
 
     def warmup(self) -> int:
         """Compile every decode and prompt-chunk program up front (servers and benchmarks call
         this so no request pays for a compile); returns the number of programs compiled."""
         sched = self.engine.scheduler
-        return self.runner.warmup(sched.max_num_seqs, sched.max_num_batched_tokens)
+        return self.runner.warmup(sched.max_num_seqs, sched.max_num_batched_tokens,
+                                  self.engine.decode_steps)
 
     @property
     def config(self):

@@ -82,7 +82,37 @@ class ModelRunner:
         """Programs traced for this model so far; a test asserts it stops growing after warm-up."""
         return _TRACES[self.model]
 
-    def warmup(self, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+    def decode_steps(self, seqs: Sequence[StepSeq], sampling: SamplingTensors, num_steps: int,
+                     num_logprobs: int = 0) -> SampleOutput:
+        """`num_steps` decode steps in one compiled call; each seq's pages must cover them.
+
+        Each step feeds the sampled token straight back on the device, so the host neither
+        syncs nor dispatches per token. Returns a SampleOutput with a leading [num_steps] axis.
+        """
+        n = len(seqs)
+        S = bucket(n, lo=4)
+        P = self.max_pages_per_seq if self.fixed_shapes else bucket(
+            max(len(s.pages) for s in seqs), lo=16, hi=self.max_pages_per_seq)
+        tokens = np.zeros(S, np.int32)
+        positions = np.zeros(S, np.int32)
+        page_table = np.zeros((S, P), np.int32)
+        valid = np.zeros(S, bool)
+        for i, s in enumerate(seqs):
+            end = s.start_pos + num_steps
+            if end > self.max_model_len or len(s.pages) * self.page_size < end:
+                raise ValueError(f"sequence {i}: {num_steps} steps from position {s.start_pos} "
+                                 f"need pages for {end} tokens (max_model_len "
+                                 f"{self.max_model_len}), got {len(s.pages)} pages")
+            tokens[i], positions[i], valid[i] = s.token_ids[0], s.start_pos, True
+            page_table[i, :len(s.pages)] = s.pages
+        sampling = _pad_rows(sampling, S)
+        out, self.cache = _decode_loop(self.model, self.params, self.cache, tokens, positions,
+                                       page_table, valid, sampling, num_steps=num_steps,
+                                       num_logprobs=num_logprobs)
+        return out
+
+    def warmup(self, max_num_seqs: int, max_num_batched_tokens: int,
+               decode_steps: int = 0) -> int:
         """Compile every decode and prompt program the engine can ask for; returns how many.
 
         Dummy steps write their K/V into page 0, which no sequence ever owns.
@@ -94,7 +124,11 @@ class ModelRunner:
         for n in _powers(4, bucket(max_num_seqs, lo=4)):
             n = min(n, max_num_seqs)
             seqs = [StepSeq([0], 0, [0]) for _ in range(n)]
-            self.step(seqs, SamplingTensors.from_params([greedy] * n, [0] * n, [0] * n))
+            tensors = SamplingTensors.from_params([greedy] * n, [0] * n, [0] * n)
+            self.step(seqs, tensors)
+            if decode_steps > 1:
+                pages = [0] * -(-decode_steps // self.page_size)
+                self.decode_steps([StepSeq([0], 0, pages)] * n, tensors, decode_steps)
         for t in _powers(16, bucket(max_num_batched_tokens, lo=16)):
             t = min(t, max_num_batched_tokens, self.max_model_len)
             seqs = [StepSeq([0] * t, 0, [0] * -(-t // self.page_size))]
@@ -209,3 +243,35 @@ def _powers(lo: int, hi: int) -> list[int]:
     while out[-1] < hi:
         out.append(out[-1] * 2)
     return out
+
+
+@functools.partial(jax.jit, donate_argnums=(2,),
+                   static_argnames=("model", "num_steps", "num_logprobs"))
+def _decode_loop(model: Transformer, params, cache, tokens, positions, page_table, valid,
+                 sampling, *, num_steps: int, num_logprobs: int):
+    _TRACES[model] += 1
+    S = tokens.shape[0]
+    page_size = cache.page_size
+    query_start = jnp.arange(S + 1, dtype=jnp.int32)  # one token per sequence
+    rows = jnp.arange(S, dtype=jnp.int32)
+
+    def body(i, carry):
+        cache, tokens, positions, outs = carry
+        page = jnp.take_along_axis(page_table, (positions // page_size)[:, None], axis=1)[:, 0]
+        slots = jnp.where(valid, page * page_size + positions % page_size, -1)
+        # padding rows see one (garbage, never written) key so no row divides by zero
+        seq_lens = jnp.where(valid, positions + 1, 1)
+        meta = AttentionMetadata(slots, page_table, seq_lens, query_start, rows, 1)
+        logits, cache = model.apply({"params": params}, tokens, positions, cache, meta)
+        step_sampling = dataclasses.replace(sampling, step=sampling.step + i)
+        out = sample(logits, step_sampling, num_logprobs=num_logprobs)
+        outs = jax.tree.map(lambda acc, x: acc.at[i].set(x), outs, out)
+        return cache, out.tokens, positions + 1, outs
+
+    empty = SampleOutput(jnp.zeros((num_steps, S), jnp.int32),
+                         jnp.zeros((num_steps, S), jnp.float32),
+                         jnp.zeros((num_steps, S, num_logprobs), jnp.int32),
+                         jnp.zeros((num_steps, S, num_logprobs), jnp.float32))
+    cache, _, _, outs = jax.lax.fori_loop(0, num_steps, body,
+                                          (cache, tokens, positions, empty))
+    return outs, cache

@@ -154,3 +154,23 @@ def test_host_overhead_is_measured(model):
     assert stats["steps"] > 0 and 0 < stats["host_time"]
     assert stats["generation_tokens"] == 4 * GREEDY.max_tokens
     assert np.isfinite(stats["host_time"] / stats["steps"])
+
+
+def test_multi_step_decode_blocks_match_single_steps(model, alone):
+    llm = make_llm(model, decode_steps=4)
+    ps = prompts(5, seed=7)
+    params = [SamplingParams(temperature=0, max_tokens=9 + 3 * i, ignore_eos=True)
+              for i in range(5)]  # lengths that end inside and at the edge of blocks
+    outs = llm.generate(ps, params, use_tqdm=False)
+    for ids, p, out in zip(ps, params, outs):
+        assert out.token_ids == alone(ids, p)
+    assert llm.engine.stats["decode_blocks"] > 0
+    sampled = SamplingParams(temperature=0.8, seed=11, max_tokens=9, ignore_eos=True)
+    assert llm.generate([ps[0]], sampled, use_tqdm=False)[0].token_ids == alone(ps[0], sampled)
+    # a stop token inside a block is honoured and the extra tokens are dropped
+    stop = alone(ps[1], GREEDY)[5]
+    out = llm.generate([ps[1]], GREEDY.clone(stop_token_ids=[stop]), use_tqdm=False)[0]
+    first = alone(ps[1], GREEDY).index(stop)
+    assert out.token_ids == alone(ps[1], GREEDY)[:first + 1]
+    bm = llm.engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages

@@ -15,10 +15,11 @@ import random
 import time
 from typing import Iterable
 
+import jax
 import numpy as np
 
 from imp_jax.engine.block_manager import BlockManager
-from imp_jax.engine.scheduler import Scheduler, SchedulerOutput
+from imp_jax.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from imp_jax.engine.sequence import Sequence
 from imp_jax.runner import ModelRunner, StepSeq, bucket
 from imp_jax.sampling import SamplingParams, SamplingTensors
@@ -95,18 +96,20 @@ class _Request:
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer, *, eos_token_ids: Iterable[int] = (),
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
-                 enable_prefix_caching: bool = True, long_prefill_token_threshold: int = 0):
+                 enable_prefix_caching: bool = True, long_prefill_token_threshold: int = 0,
+                 decode_steps: int = 1):
         self.runner, self.tokenizer = runner, tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(runner.cache.num_pages, runner.page_size,
                                           enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
                                    long_prefill_token_threshold, runner.max_model_len)
+        self.decode_steps = decode_steps  # decode steps per compiled call (see _decode_block)
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[str, tuple[_Request, _Sample]] = {}
         self._ids = itertools.count()
         self.stats = {"steps": 0, "host_time": 0.0, "prompt_tokens": 0, "generation_tokens": 0,
-                      "preemptions": 0}
+                      "preemptions": 0, "decode_blocks": 0}
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -177,38 +180,52 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; return a snapshot of every request that progressed."""
+        """Run one scheduled step (or a block of decode steps); return a snapshot of every
+        request that progressed."""
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         self.stats["preemptions"] += len(sched.preempted)
         if sched.is_empty:
             return []
+        n_steps = self._decode_block(sched)
         seqs, tensors, num_logprobs = self._prepare(sched)
         t1 = time.perf_counter()
-        result = self.runner.step(seqs, tensors, num_logprobs)
-        # The one host sync of the step: the sampled tokens decide what runs next.
-        tokens = np.asarray(result.sample.tokens)
+        if n_steps > 1:
+            self.stats["decode_blocks"] += 1
+            out = self.runner.decode_steps(seqs, tensors, n_steps, num_logprobs)
+            logits = None
+        else:
+            result = self.runner.step(seqs, tensors, num_logprobs)
+            out, logits = jax.tree.map(lambda a: a[None], result.sample), result.logits
+        # The one host sync: the sampled tokens decide what runs next.
+        tokens = np.asarray(out.tokens)  # [n_steps, rows]
         t2 = time.perf_counter()
-        lps = np.asarray(result.sample.logprobs) if num_logprobs >= 0 else None
-        top_ids = np.asarray(result.sample.top_ids)
-        top_lps = np.asarray(result.sample.top_logprobs)
-        if result.logits is not None:
+        lps, top_ids, top_lps = (np.asarray(a) for a in (out.logprobs, out.top_ids,
+                                                          out.top_logprobs))
+        if logits is not None:
             self._prompt_logprobs(sched, seqs, result)
-        sampled = {ss.seq.request_id: int(tokens[i]) for i, ss in enumerate(sched.scheduled)
-                   if ss.is_last_chunk}
-        grew = {s.request_id for s in self.scheduler.update(sched, sampled)}
         touched: dict[str, _Request] = {}
-        for i, ss in enumerate(sched.scheduled):
-            req, sample = self._by_seq.get(ss.seq.request_id, (None, None))
-            if req is None:
-                continue
-            touched[req.request_id] = req
-            self.stats["prompt_tokens"] += max(0, min(ss.end_pos, len(req.prompt_ids))
-                                               - ss.start_pos)
-            if ss.seq.request_id in grew:
+        for ss in sched.scheduled:
+            req, _ = self._by_seq.get(ss.seq.request_id, (None, None))
+            if req is not None:
+                touched[req.request_id] = req
+                self.stats["prompt_tokens"] += max(0, min(ss.end_pos, len(req.prompt_ids))
+                                                   - ss.start_pos)
+        for k in range(n_steps):
+            if k:  # the block's k-th token of each decode, as if scheduled on its own
+                sched = SchedulerOutput([ScheduledSeq(ss.seq, 1, ss.start_pos + 1, True)
+                                         for ss in sched.scheduled])
+            sampled = {ss.seq.request_id: int(tokens[k, i])
+                       for i, ss in enumerate(sched.scheduled) if ss.is_last_chunk}
+            grew = {s.request_id for s in self.scheduler.update(sched, sampled)}
+            for i, ss in enumerate(sched.scheduled):
+                if ss.seq.request_id not in grew:
+                    continue  # mid-prompt chunk, or finished earlier in the block
+                req, sample = self._by_seq[ss.seq.request_id]
                 self.stats["generation_tokens"] += 1
                 req.metrics.setdefault("first_token_time", time.monotonic())
-                self._append(req, sample, int(tokens[i]), lps[i], top_ids[i], top_lps[i])
+                self._append(req, sample, int(tokens[k, i]), lps[k, i], top_ids[k, i],
+                             top_lps[k, i])
         outputs = []
         for req in touched.values():
             out = req.output()
@@ -218,9 +235,32 @@ class LLMEngine:
                 for s in req.samples:
                     self._by_seq.pop(s.seq.request_id, None)
             outputs.append(out)
-        self.stats["steps"] += 1
+        self.stats["steps"] += n_steps
         self.stats["host_time"] += (t1 - t0) + (time.perf_counter() - t2)
         return outputs
+
+    def _decode_block(self, sched: SchedulerOutput) -> int:
+        """How many decode steps to run in one compiled call: `decode_steps` when every
+        scheduled sequence is a plain decode that cannot finish by length inside the block and
+        nobody waits for admission; else 1. Stops (EOS, stop strings) inside a block are found
+        afterwards and the extra tokens dropped."""
+        n = self.decode_steps
+        if n <= 1 or self.scheduler.waiting:
+            return 1
+        for ss in sched.scheduled:
+            seq, p = ss.seq, ss.seq.sampling_params
+            if (ss.num_new_tokens != 1 or not ss.is_last_chunk
+                    or seq.num_output_tokens < p.min_tokens
+                    or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                    or p.frequency_penalty != 0.0
+                    or self.scheduler.max_total_tokens(seq) - seq.num_tokens < n):
+                return 1
+        bm = self.block_manager
+        if not all(bm.can_allocate(ss.seq, n) for ss in sched.scheduled):
+            return 1
+        for ss in sched.scheduled:
+            bm.allocate(ss.seq, n)
+        return n
 
     def _prepare(self, sched: SchedulerOutput):
         seqs, params, seeds, steps = [], [], [], []
