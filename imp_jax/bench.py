@@ -83,7 +83,8 @@ def _make_llm(args, max_num_seqs: int):
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.input_len + args.output_len + 16,
               max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               quantization=args.quantization, num_pages=args.num_pages,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+              gpu_memory_utilization=args.gpu_memory_utilization,
+              decode_steps=args.decode_steps)
     start = time.perf_counter()
     n = llm.warmup()
     print(f"warm-up: compiled {n} programs in {time.perf_counter() - start:.1f} s",
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--decode-steps", type=int, default=8,
+                    help="decode steps per compiled call (1 = sync every token)")
     ap.add_argument("--peer", choices=["hf"], default=None)
     ap.add_argument("--profile", default=None, help="write a jax.profiler trace here")
     ap.add_argument("--json", default=None, help="save results as JSON")

@@ -15,6 +15,7 @@ def _llm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--quantization", default=None, choices=["fp8", "fp8-weight-only", "int8"])
+    p.add_argument("--mesh", default=None, help="tensor/data parallel, e.g. tp=4 or tp=2,dp=4")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +31,7 @@ def _make_llm(args):
     from imp_jax import LLM
 
     return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-               quantization=args.quantization)
+               mesh=getattr(args, "mesh", None), quantization=args.quantization)
 
 
 def _params(args):
@@ -139,10 +140,10 @@ def cmd_info(args) -> int:
     print(f"weights     {param_bytes(cfg, dtype.itemsize) / 2**20:.1f} MiB")
     print(f"kv/token    {cfg.kv_bytes_per_token(dtype.itemsize) / 1024:.1f} KiB")
     if args.mesh:
-        from imp_jax.sharding import make_mesh, memory_plan, parse_mesh
+        from imp_jax.sharding import memory_plan
 
-        mesh = make_mesh(**parse_mesh(args.mesh))
-        print(memory_plan(cfg, mesh, dtype=dtype))
+        # planned from the mesh shape alone: no need for the devices to be attached
+        print(memory_plan(cfg, args.mesh, dtype=dtype))
     return 0
 
 

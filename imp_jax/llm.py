@@ -38,9 +38,11 @@ def enable_compilation_cache() -> None:
 
 
 def _pool_pages(cfg, page_size: int, itemsize: int, utilization: float, max_model_len: int,
-                max_num_seqs: int) -> int:
-    """Size the page pool from free device memory, like vLLM's gpu_memory_utilization."""
-    page_bytes = cfg.kv_bytes_per_token(itemsize) * page_size
+                max_num_seqs: int, kv_bytes_per_token: int | None = None) -> int:
+    """Size the page pool from free device memory, like vLLM's gpu_memory_utilization.
+
+    kv_bytes_per_token: what one token's K/V costs on ONE device (sharded pools: less)."""
+    page_bytes = (kv_bytes_per_token or cfg.kv_bytes_per_token(itemsize)) * page_size
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:  # accelerators: a fraction of what is free after the weights
         free = stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0)
@@ -64,6 +66,9 @@ class LLM:
       quantization: None, "fp8", "fp8-weight-only" or "int8" (weights quantized at load time).
       decode_steps: decode steps per compiled call when only decodes run (one host sync per
         block instead of per token; tokens past a stop inside a block are dropped).
+      mesh: run tensor / data parallel: a jax.sharding.Mesh from imp_jax.sharding.make_mesh, or
+        a string such as "tp=4" / "tp=2,dp=4" (made over the visible devices).
+      sharding_rules: imp_jax.sharding.ShardingRules; default tensor_parallel() (Megatron).
     """
 
     def __init__(self, model: str = "smollm2-135m", *, dtype=None, max_model_len: int | None = None,
@@ -72,14 +77,27 @@ class LLM:
                  max_num_batched_tokens: int = 1024, enable_prefix_caching: bool = True,
                  long_prefill_token_threshold: int = 0, attn_impl: str = "auto",
                  quantization: str | None = None, decode_steps: int = 1,
-                 loaded: LoadedModel | None = None):
+                 loaded: LoadedModel | None = None, mesh=None, sharding_rules=None):
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{gpu_memory_utilization}")
         enable_compilation_cache()
-        self.model = loaded or load_model(model, dtype)
+        if isinstance(mesh, str):
+            from imp_jax.sharding import make_mesh, parse_mesh
+
+            mesh = make_mesh(**parse_mesh(mesh))
+        if mesh is not None and sharding_rules is None:
+            from imp_jax.sharding import tensor_parallel
+
+            sharding_rules = tensor_parallel()
+        shardings_fn = None
+        if mesh is not None:  # orbax checkpoints restore straight into their shards
+            from imp_jax.sharding import param_shardings
+
+            shardings_fn = lambda cfg: param_shardings(cfg, mesh, sharding_rules)  # noqa: E731
+        self.model = loaded or load_model(model, dtype, shardings=shardings_fn)
         cfg = self.model.cfg
         params = self.model.params
         if quantization is not None:
@@ -94,11 +112,19 @@ class LLM:
                              f"{max_model_len}")
         dtype = jax.tree.leaves(self.model.params)[0].dtype
         if num_pages is None:
+            per_token = None
+            if mesh is not None:
+                from imp_jax.sharding import memory_plan
+
+                per_token = memory_plan(cfg, mesh, sharding_rules, dtype, kv_pages=1,
+                                        page_size=page_size).kv_bytes_per_token
             num_pages = _pool_pages(cfg, page_size, np.dtype(dtype).itemsize,
-                                    gpu_memory_utilization, max_model_len, max_num_seqs)
+                                    gpu_memory_utilization, max_model_len, max_num_seqs,
+                                    per_token)
         self.runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=page_size,
                                   max_model_len=max_model_len, dtype=dtype, attn_impl=attn_impl,
-                                  max_num_seqs=max_num_seqs)
+                                  max_num_seqs=max_num_seqs, mesh=mesh,
+                                  sharding_rules=sharding_rules)
         self.tokenizer = self.model.tokenizer
         eos = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set()
         gen_eos = self.model.generation_config.get("eos_token_id")

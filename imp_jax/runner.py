@@ -62,7 +62,13 @@ def _pad_rows(tree, rows: int):
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: dict[str, Any], *, num_pages: int,
                  page_size: int, max_model_len: int, dtype=jnp.float32, cache_dtype=None,
-                 attn_impl: str = "auto", max_num_seqs: int = 256):
+                 attn_impl: str = "auto", max_num_seqs: int = 256, mesh=None,
+                 sharding_rules=None):
+        """mesh: a jax.sharding.Mesh with axes ("dp", "tp") (imp_jax.sharding.make_mesh) to run
+        tensor / data parallel; sharding_rules: imp_jax.sharding.ShardingRules (default
+        tensor_parallel()). Params are device_put into their NamedShardings, the KV pools are
+        created directly in their shards and the model pins the step's shardings
+        (docs/sharding.md)."""
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {num_pages}")
         self.cfg, self.params = cfg, params
@@ -75,7 +81,15 @@ class ModelRunner:
         # reference pays for padding, so on CPU rows and page-table width are bucketed too.
         self.fixed_shapes = resolve_impl(attn_impl) == "pallas"
         self.max_num_seqs = max_num_seqs
-        self.cache = KVCache.create(cfg, num_pages, page_size, cache_dtype or dtype)
+        self.sharding = None  # imp_jax.sharding.ShardingPlan when running on a mesh
+        if mesh is not None:
+            from imp_jax.sharding import shard_runner
+
+            self.cache = None  # never allocate the unsharded pool
+            shard_runner(self, mesh, sharding_rules, num_pages=num_pages, page_size=page_size,
+                         cache_dtype=cache_dtype or dtype)
+        else:
+            self.cache = KVCache.create(cfg, num_pages, page_size, cache_dtype or dtype)
 
     @property
     def num_compiles(self) -> int:

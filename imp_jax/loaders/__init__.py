@@ -26,7 +26,10 @@ class LoadedModel:
     source: str
 
 
-def load_model(model: str, dtype=None) -> LoadedModel:
+def load_model(model: str, dtype=None, shardings=None) -> LoadedModel:
+    """shardings: optional `cfg -> NamedSharding tree` (imp_jax.sharding.param_shardings); an
+    orbax checkpoint is then restored straight into those shards. Other formats load on the
+    default device and are re-placed by the runner."""
     from checkpoints.presets import PRESETS, SHAPES, resolve_preset
     from imp_jax.tokenizer import Tokenizer
 
@@ -50,7 +53,7 @@ def load_model(model: str, dtype=None) -> LoadedModel:
         from imp_jax.loaders import orbax_ckpt
 
         if orbax_ckpt.is_orbax_dir(model):
-            cfg, params, meta = orbax_ckpt.load(model, dtype)
+            cfg, params, meta = orbax_ckpt.load(model, dtype, shardings)
             return LoadedModel(cfg, params, Tokenizer.from_dir(model),
                                meta.get("generation_config", {}), model)
         from imp_jax.loaders.hf_dir import load_hf_dir

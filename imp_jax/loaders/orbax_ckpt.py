@@ -30,9 +30,14 @@ def save(path: str, cfg: ModelConfig, params: dict[str, Any], extra: dict[str, A
     os.makedirs(path, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, PARAMS), params, force=True)
-    dtype = str(jax.tree.leaves(params)[0].dtype)
+    from imp_jax.quant import QuantArray, quant_meta
+
+    is_q = lambda a: isinstance(a, QuantArray)  # noqa: E731
+    dtype = str(next(a for a in jax.tree.leaves(params, is_leaf=is_q) if not is_q(a)).dtype)
+    quant = quant_meta(params)  # None unless some weights are QuantArrays
     with open(os.path.join(path, CONFIG), "w") as f:
-        json.dump({"config": cfg.to_dict(), "dtype": dtype, **extra}, f, indent=1)
+        json.dump({"config": cfg.to_dict(), "dtype": dtype,
+                   **({"quant": quant} if quant else {}), **extra}, f, indent=1)
 
 
 def load(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
@@ -43,6 +48,12 @@ def load(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str, Any],
         meta = json.load(f)
     cfg = ModelConfig.from_dict(meta["config"])
     target = abstract_params(cfg, dtype)
+    if meta.get("quant"):  # a QuantArray tree: q/scale keep their stored dtypes
+        from imp_jax.quant import abstract_from_meta
+
+        target = abstract_from_meta(cfg, dtype, meta["quant"])
+    if callable(shardings):  # cfg -> shardings (the caller does not know cfg yet)
+        shardings = shardings(cfg)
     if shardings is not None:  # restore each array straight into its shards
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               target, shardings)

@@ -1,0 +1,239 @@
+"""Weight quantization (imp_jax/quant.py): error bounds, the quantized matmuls, the model end to
+end on a tiny random config, the policy, checkpoints. Random weights, never zeros."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imp_jax.config import ModelConfig
+from imp_jax.quant import (FP8_MAX, MODES, QuantArray, QuantPolicy, abstract_from_meta,
+                           abstract_quantized, cast_unquantized, quant_meta, quantize,
+                           quantize_activations, quantize_params)
+from imp_jax.runner import ModelRunner, StepSeq
+from imp_jax.spec import init_params, param_specs
+
+TINY = ModelConfig("llama", 256, 64, 128, 3, 4, 2, 16, tie_word_embeddings=True)
+TINY_UNTIED = ModelConfig("qwen2", 256, 64, 128, 3, 4, 2, 16, qkv_bias=True)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def rand(key, shape, scale=1.0):
+    # heavy-ish tails and per-channel magnitudes that differ, like trained weights
+    k1, k2 = jax.random.split(jax.random.PRNGKey(key))
+    w = jax.random.t(k1, 5.0, shape) * scale
+    return w * jnp.exp(jax.random.normal(k2, (1,) * (len(shape) - 1) + shape[-1:]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape,contract", [((96, 40), (0,)), ((4, 16, 48), (0, 1)),
+                                            ((64, 3, 8), (0,))])
+def test_quantize_error_bounds(mode, shape, contract):
+    w = rand(1, shape, 0.05)
+    qa = quantize(w, mode, contract)
+    assert qa.q.shape == w.shape
+    assert qa.q.dtype == (jnp.int8 if mode == "int8" else jnp.float8_e4m3fn)
+    assert qa.scale.dtype == jnp.float32
+    assert qa.scale.shape == tuple(1 if d in contract else n for d, n in enumerate(shape))
+    w32 = np.asarray(w, np.float64)
+    err = np.abs(np.asarray(qa.dequantize(), np.float64) - w32)
+    scale = np.asarray(qa.scale, np.float64)
+    if mode == "int8":
+        bound = 0.5 * scale * (1 + 1e-5)  # round to nearest step of `scale`
+    else:  # e4m3: 3 mantissa bits -> half an ulp is 2^-4 relative; subnormal step 2^-9 * scale
+        bound = np.maximum(2.0 ** -4 * np.abs(w32), 2.0 ** -10 * scale) * (1 + 1e-5)
+    assert np.all(err <= bound), float((err / bound).max())
+    # the largest magnitude of every output channel is represented exactly (scale = amax / qmax)
+    amax = np.abs(w32).max(axis=contract, keepdims=True)
+    deq_amax = np.abs(np.asarray(qa.dequantize(), np.float64)).max(axis=contract, keepdims=True)
+    np.testing.assert_allclose(deq_amax, amax, rtol=1e-6)
+
+
+def test_activation_quantization_is_per_token():
+    x = rand(2, (5, 7, 32)) * jnp.array([1e-3, 1.0, 10.0, 300.0, 1e4])[:, None, None]
+    xq, s = quantize_activations(x, 1)
+    assert xq.dtype == jnp.float8_e4m3fn and s.shape == (5, 7)
+    np.testing.assert_allclose(np.abs(np.asarray(xq, np.float32)).max(-1), FP8_MAX)
+    back = np.asarray(xq, np.float32) * np.asarray(s)[..., None]
+    assert rel(back, x) < 0.04
+
+
+# relative error of quantized_dot vs the float matmul, by mode (measured ~0.03 / 0.025 / 0.004)
+DOT_TOL = {"fp8": 0.06, "fp8-weight-only": 0.045, "int8": 0.01}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_quantized_dot_matches_float(mode, dtype):
+    from imp_jax.models.llama import dense
+
+    x = rand(3, (2, 9, 64)).astype(dtype)
+    w = rand(4, (64, 4, 16), 0.1)  # q-projection layout: [embed, heads, head_dim]
+    qa = quantize(w, mode, (0,))
+    ref = dense(x.astype(jnp.float32), w)
+    y = dense(x, qa)  # through the model's entry point
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert rel(y, ref) < DOT_TOL[mode] + (0.01 if dtype == jnp.bfloat16 else 0)
+    # o-projection layout: two contracted dims
+    xo = rand(5, (9, 4, 16)).astype(dtype)
+    wo = rand(6, (4, 16, 64), 0.1)
+    yo = dense(xo, quantize(wo, mode, (0, 1)), dims=2)
+    assert yo.shape == (9, 64)
+    assert rel(yo, dense(xo.astype(jnp.float32), wo, dims=2)) < DOT_TOL[mode] + 0.01
+    # jit: QuantArray is a pytree, mode a static field
+    yj = jax.jit(lambda x, w: w.quantized_dot(x, 1))(x, qa)
+    np.testing.assert_allclose(np.asarray(yj, np.float32), np.asarray(y, np.float32),
+                               rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_embedding_take_and_tied_head(mode):
+    table = rand(7, (256, 64), 0.5)
+    qa = quantize(table, mode, (1,))  # per-row scales
+    assert qa.scale.shape == (256, 1)
+    ids = jnp.array([0, 5, 255, 5, 17])
+    assert rel(qa.quantized_take(ids), table[ids]) < DOT_TOL["fp8-weight-only"]
+    x = rand(8, (6, 64))
+    ref = x @ table.T
+    assert rel(qa.quantized_dot_t(x), ref) < DOT_TOL[mode] + 0.01
+
+
+def test_bad_mode_names_value_and_allowed():
+    w = rand(9, (8, 8))
+    with pytest.raises(ValueError, match=r"'fp4'.*fp8, fp8-weight-only, int8"):
+        quantize(w, "fp4")
+    with pytest.raises(ValueError, match="'nf4'"):
+        quantize_params(init_params(TINY, jax.random.PRNGKey(0)), TINY, "nf4")
+
+
+def kinds(params, cfg):
+    """'/'-joined path -> 'Q' for a quantized weight, 'F' otherwise (one entry per spec leaf)."""
+    from imp_jax.spec import map_specs
+
+    flat = {}
+
+    def one(path, _):
+        node = params
+        for k in path:
+            node = node[k]
+        flat["/".join(path)] = "Q" if isinstance(node, QuantArray) else "F"
+
+    map_specs(one, param_specs(cfg))
+    return flat
+
+
+def test_policy_selects_layers():
+    p = init_params(TINY_UNTIED, jax.random.PRNGKey(0))
+    k = kinds(quantize_params(p, TINY_UNTIED, "int8"), TINY_UNTIED)  # default: keep first + last
+    assert k["layers_0/attn/q/kernel"] == "F" and k["layers_2/mlp/down/kernel"] == "F"
+    assert k["layers_1/attn/q/kernel"] == "Q"
+    k = kinds(quantize_params(p, TINY_UNTIED, "int8", QuantPolicy()), TINY_UNTIED)
+    assert k["embed/embedding"] == "F" and k["lm_head/kernel"] == "F"
+    assert all(v == "F" for n, v in k.items() if not n.endswith("kernel"))  # norms, biases
+    assert all(v == "Q" for n, v in k.items() if n.startswith("layers_") and n.endswith("kernel"))
+
+    pol = QuantPolicy(keep_first=1, keep_last=1, keep=("layers_*/mlp/down/kernel",),
+                      quantize_lm_head=True, quantize_embedding=True)
+    qp = quantize_params(p, TINY_UNTIED, "fp8", pol)
+    k = kinds(qp, TINY_UNTIED)
+    assert k["embed/embedding"] == "Q" and k["lm_head/kernel"] == "Q"
+    for n, v in k.items():
+        if not n.startswith("layers_") or not n.endswith("kernel"):
+            continue
+        keep = n.startswith(("layers_0/", "layers_2/")) or n.endswith("mlp/down/kernel")
+        assert v == ("F" if keep else "Q"), n
+    # kept leaves are the very same arrays
+    assert qp["layers_0"]["attn"]["q"]["kernel"] is p["layers_0"]["attn"]["q"]["kernel"]
+    assert qp["layers_1"]["attn"]["q"]["bias"] is p["layers_1"]["attn"]["q"]["bias"]
+    # the abstract tree (orbax restore target) has the same structure, shapes and dtypes
+    shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
+    assert shapes(abstract_quantized(TINY_UNTIED, jnp.float32, "fp8", pol)) == shapes(qp)
+
+
+def run_logits(cfg, params, ids, dtype=jnp.float32):
+    r = ModelRunner(cfg, params, num_pages=8, page_size=16, max_model_len=64, dtype=dtype)
+    return np.asarray(r.step([StepSeq(ids, 0, [1, 2], all_logits=True)]).logits)[:len(ids)]
+
+
+# logits relative error on the tiny random model (measured ~0.07 / 0.05 / 0.012, f32 activations)
+MODEL_TOL = {"fp8": 0.12, "fp8-weight-only": 0.09, "int8": 0.025}
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_UNTIED], ids=["tied", "untied_bias"])
+def test_quantized_model_close_to_float(cfg):
+    p = init_params(cfg, jax.random.PRNGKey(1))
+    ids = list(range(3, 30))
+    ref = run_logits(cfg, p, ids)  # through ModelRunner: jit + Transformer.apply
+    for mode in MODES:
+        pol = QuantPolicy(quantize_embedding=True, quantize_lm_head=True)
+        got = run_logits(cfg, quantize_params(p, cfg, mode, pol), ids)
+        assert np.all(np.isfinite(got))
+        assert rel(got, ref) < MODEL_TOL[mode], mode
+    # bf16 serving: unquantized leaves cast, activations bf16
+    qp = cast_unquantized(quantize_params(p, cfg, "fp8"), jnp.bfloat16)
+    assert qp["final_norm"]["scale"].dtype == jnp.bfloat16
+    assert rel(run_logits(cfg, qp, ids, jnp.bfloat16), ref) < MODEL_TOL["fp8"] + 0.03
+
+
+def test_transformer_apply_direct():
+    """Flax's param shape check accepts a QuantArray (q is its first leaf)."""
+    from imp_jax.cache import AttentionMetadata, KVCache
+    from imp_jax.models.llama import Transformer
+
+    p = quantize_params(init_params(TINY, jax.random.PRNGKey(2)), TINY, "fp8")
+    T = 8
+    cache = KVCache.create(TINY, 4, 16, jnp.float32)
+    meta = AttentionMetadata(jnp.arange(16, 16 + T, dtype=jnp.int32), jnp.array([[1]], jnp.int32),
+                             jnp.array([T], jnp.int32), jnp.array([0, T], jnp.int32),
+                             jnp.arange(T, dtype=jnp.int32), T)
+    logits, _ = Transformer(TINY).apply({"params": p}, jnp.arange(T, dtype=jnp.int32),
+                                        jnp.arange(T, dtype=jnp.int32), cache, meta)
+    assert logits.shape == (T, TINY.vocab_size) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_orbax_round_trip(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    pol = QuantPolicy(quantize_embedding=True)
+    p = init_params(TINY, jax.random.PRNGKey(3))
+    qp = quantize_params(p, TINY, "fp8", pol)
+    path = os.path.join(tmp_path, "params")
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(path, qp)
+    with ocp.StandardCheckpointer() as ck:
+        back = ck.restore(path, abstract_quantized(TINY, jnp.float32, "fp8", pol))
+    assert jax.tree.structure(back) == jax.tree.structure(qp)
+    # the recorded metadata rebuilds the same target (what orbax_ckpt.load needs)
+    meta = json.loads(json.dumps(quant_meta(qp)))
+    shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
+    assert shapes(abstract_from_meta(TINY, jnp.float32, meta)) == shapes(qp)
+    assert quant_meta(p) is None
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(qp)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+@pytest.mark.parametrize("M", [1, 5, 16, 33])
+def test_skinny_gemm_interpret_matches_reference(mode, M):
+    from pallas_kernels.skinny_gemm import choose_config, skinny_gemm, skinny_gemm_ref
+
+    K, N = 512, 192
+    x = rand(10 + M, (M, K)).astype(jnp.bfloat16)
+    qa = quantize(rand(11, (K, N), 0.05), mode, (0,))
+    # small tiles and a K split so the interpreted grid has several programs and partials
+    cfg = choose_config(M, K, N, block_n=64, block_k=64, target_programs=12)
+    assert cfg.splits > 1
+    y = skinny_gemm(x, qa.q, qa.scale, config=cfg, interpret=True)
+    ref = skinny_gemm_ref(x, qa.q, qa.scale)
+    assert y.shape == (M, N) and y.dtype == jnp.bfloat16
+    assert rel(y, ref) < 1e-2  # same math, f32 accumulation order differs; output bf16
+    # and the reference is the QuantArray weight-only matmul
+    wo = QuantArray(qa.q, qa.scale, "fp8-weight-only" if mode == "fp8" else "int8", (0,))
+    assert rel(ref, wo.quantized_dot(x, 1)) < 1e-2

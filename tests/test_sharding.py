@@ -1,0 +1,404 @@
+"""Tensor / data parallelism (imp_jax/sharding.py) on 8 fake CPU devices.
+
+The checks need `--xla_force_host_platform_device_count=8` before jax starts, and the rest of the
+suite imports jax with one device, so they run in ONE subprocess (`python tests/test_sharding.py
+OUT.json`, shared start-up and compiles) that records a result per check; each pytest test below
+asserts on its own entry. The multi-process check starts two more processes
+(tests/multihost_worker.py) that join `jax.distributed` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DATA = os.path.join(HERE, "data")
+PAGE = 4
+ATOL = 2e-5
+
+# (name, model, tp, dp, kv_heads_fallback): heads are 4 in every tiny checkpoint, kv_heads 2
+# (llama3, qwen2, qwen3, smollm2) or 1 (mistral); "random8" is a random 8-head, 2-KV-head model.
+CASES = [
+    ("qwen3_tp2", "qwen3", 2, 1, "repeat"),  # kv heads split 2 ways; q/k norms, head_dim 32
+    ("qwen2_tp4", "qwen2", 4, 1, "repeat"),  # tp > kv_heads: KV heads (and biases) x2
+    ("qwen2_dp2", "qwen2", 1, 2, "repeat"),
+    ("llama3_tp4_replicate", "llama3", 4, 1, "replicate"),  # tp > kv_heads: KV replicated
+    ("mistral_tp4", "mistral", 4, 1, "repeat"),  # one KV head repeated x4
+    ("smollm2_tp2_dp4", "smollm2", 2, 4, "repeat"),  # tied embeddings, all 8 devices
+    ("random8_tp8", "random8", 8, 1, "repeat"),  # 8 heads on 8 devices, KV x4
+]
+
+
+# ======================================================================== the subprocess side
+
+
+def _load(name):
+    import jax
+    import jax.numpy as jnp
+
+    if name == "random8":
+        from imp_jax.config import ModelConfig
+        from imp_jax.spec import init_params
+
+        cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                          num_layers=2, num_heads=8, num_kv_heads=2, head_dim=8)
+        return cfg, init_params(cfg, jax.random.key(3))
+    from imp_jax.loaders.hf_dir import load_hf_dir
+
+    return load_hf_dir(os.path.join(DATA, "tiny", name), jnp.float32)
+
+
+def _runner(cfg, params):
+    from imp_jax.runner import ModelRunner
+
+    return ModelRunner(cfg, params, num_pages=32, page_size=PAGE, max_model_len=64)
+
+
+def _run(runner, ids, n_new=5):
+    """Teacher-forced logits of `ids` and the greedy continuation via the on-device sampler."""
+    import numpy as np
+
+    from imp_jax.runner import StepSeq
+    from imp_jax.sampling import SamplingParams, SamplingTensors
+
+    pages = list(range(1, 1 + -(-(len(ids) + n_new) // PAGE)))
+    st = SamplingTensors.from_params([SamplingParams(temperature=0)], [0], [0])
+    res = runner.step([StepSeq(ids, 0, pages, all_logits=True)], st)  # prefill: logits + sample
+    logits = np.asarray(res.logits)[:len(ids)]
+    out = [int(np.asarray(res.sample.tokens)[0])]
+    start = len(ids)
+    for _ in range(n_new - 1):
+        res = runner.step([StepSeq([out[-1]], start, pages)], st)
+        out.append(int(np.asarray(res.sample.tokens)[0]))
+        start += 1
+    return logits, out
+
+
+def _mesh(tp, dp):
+    import jax
+
+    from imp_jax import sharding
+
+    return sharding.make_mesh(tp=tp, dp=dp, devices=jax.devices()[:tp * dp])
+
+
+def _expect_error(fn, *fragments):
+    try:
+        fn()
+    except ValueError as e:
+        msg = str(e)
+        missing = [f for f in fragments if f not in msg]
+        assert not missing, f"error {msg!r} lacks {missing}"
+        return msg
+    raise AssertionError(f"expected ValueError mentioning {fragments}")
+
+
+def check_mesh():
+    import jax
+
+    from imp_jax import sharding
+
+    assert len(jax.devices()) == 8
+    m = sharding.make_mesh()
+    assert m.axis_names == ("dp", "tp") and dict(m.shape) == {"dp": 1, "tp": 8}
+    assert dict(sharding.make_mesh(dp=2).shape) == {"dp": 2, "tp": 4}
+    assert dict(sharding.make_mesh(tp=2).shape) == {"dp": 4, "tp": 2}
+    assert dict(sharding.make_mesh(tp=2, dp=2, devices=jax.devices()[:4]).shape) == \
+        {"dp": 2, "tp": 2}
+    _expect_error(lambda: sharding.make_mesh(tp=4, dp=4),
+                  "mesh tp=4 x dp=4 needs 16 devices, 8 visible")
+    _expect_error(lambda: sharding.make_mesh(tp=2, dp=2), "uses 4 devices but 8 are visible")
+    _expect_error(lambda: sharding.make_mesh(tp=3), "tp=3 does not divide the 8 visible")
+    _expect_error(lambda: sharding.make_mesh(tp=0), "positive integer")
+    assert sharding.parse_mesh("tp=2xdp=4") == {"tp": 2, "dp": 4}
+    assert sharding.parse_mesh("tp=4") == {"tp": 4}
+    assert dict(sharding.make_mesh(**sharding.parse_mesh("tp=4")).shape) == {"dp": 2, "tp": 4}
+    _expect_error(lambda: sharding.parse_mesh("pp=2"), "bad mesh spec")
+
+
+def check_validation():
+    import dataclasses
+
+    from imp_jax import sharding
+
+    cfg, _ = _load("llama3")
+    bad = dataclasses.replace(cfg, num_heads=9, num_kv_heads=3)
+    mesh2 = _mesh(2, 1)
+    msgs = [_expect_error(lambda: sharding.param_shardings(bad, mesh2, sharding.tensor_parallel()),
+                          "layers_0/attn/q/kernel axis 'heads' (size 9) is not divisible by tp=2")]
+    # tp=8 on a 4-head checkpoint fails in shard_runner before anything is placed
+    cfg4, params4 = _load("llama3")
+    runner = _runner(cfg4, params4)
+    msgs.append(_expect_error(lambda: sharding.shard_runner(runner, _mesh(8, 1)),
+                              "axis 'heads' (size 4) is not divisible by tp=8"))
+    assert runner.params is params4  # untouched
+    # kv_heads_fallback="error" names the k kernel
+    msgs.append(_expect_error(lambda: sharding.param_shardings(
+        cfg4, _mesh(4, 1), sharding.tensor_parallel("error")),
+        "layers_0/attn/k/kernel axis 'kv_heads' (size 2) is not divisible by tp=4"))
+    msgs.append(_expect_error(lambda: sharding.param_shardings(
+        cfg4, mesh2, sharding.ShardingRules({"heads": "model"})), "no axis 'model'"))
+    msgs.append(_expect_error(lambda: sharding.param_shardings(
+        cfg4, mesh2, sharding.tensor_parallel().replace(embed="tp")),
+        "embed/embedding: mesh axis 'tp' is used by both 'vocab' and 'embed'"))
+    msgs.append(_expect_error(lambda: sharding.ShardingRules({"hedas": "tp"}),
+                              "unknown logical axes ['hedas']"))
+    return msgs
+
+
+def check_memory_plan():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from imp_jax import sharding
+
+    out = {}
+    for model, tp, dp in [("llama3", 2, 1), ("llama3", 4, 1), ("smollm2", 2, 4), ("qwen2", 1, 2)]:
+        cfg, params = _load(model)
+        runner = _runner(cfg, params)
+        mesh = _mesh(tp, dp)
+        sharding.shard_runner(runner, mesh, sharding.tensor_parallel())
+        dev = mesh.devices.flat[0]
+
+        def on_dev(tree):
+            return sum(s.data.nbytes for x in jax.tree.leaves(tree)
+                       for s in x.addressable_shards if s.device == dev)
+
+        plan = sharding.memory_plan(cfg, mesh, sharding.tensor_parallel(), jnp.float32,
+                                    kv_pages=32, page_size=PAGE)
+        assert plan.params_bytes == on_dev(runner.params), (plan, on_dev(runner.params))
+        assert plan.cache_bytes == on_dev(runner.cache), (plan, on_dev(runner.cache))
+        # the string form works without devices
+        plan2 = sharding.memory_plan(cfg, f"tp={tp},dp={dp}", dtype=jnp.float32, kv_pages=32,
+                                     page_size=PAGE)
+        assert plan2.total_bytes == plan.total_bytes
+        out[f"{model} tp={tp} dp={dp}"] = [plan.params_bytes, plan.cache_bytes]
+    # a plan for hardware that is not here: 8B-class shape on tp=8
+    from imp_jax.config import ModelConfig
+
+    big = ModelConfig(family="llama", vocab_size=128256, hidden_size=4096,
+                      intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                      head_dim=128)
+    p1 = sharding.memory_plan(big, "tp=1", kv_pages=1000)
+    p8 = sharding.memory_plan(big, "tp=8", kv_pages=1000)
+    assert p8.cache_bytes * 8 == p1.cache_bytes
+    assert p1.params_bytes / 8 < p8.params_bytes < p1.params_bytes / 7.9  # norms replicated
+    assert np.isclose(p1.params_bytes, big.num_params * 2)
+    out["8b tp=8"] = str(p8)
+    return out
+
+
+def check_equivalence(name, model, tp, dp, fallback, baselines):
+    import numpy as np
+
+    from imp_jax import sharding
+
+    cfg, params = _load(model)
+    rng = np.random.default_rng(7)
+    ids = [int(t) for t in rng.integers(0, cfg.vocab_size, 13)]
+    if model not in baselines:
+        baselines[model] = _run(_runner(cfg, params), ids)
+    ref_logits, ref_greedy = baselines[model]
+    runner = _runner(cfg, params)
+    rules = sharding.tensor_parallel(fallback)
+    mesh = _mesh(tp, dp)
+    sharding.shard_runner(runner, mesh, rules)
+    r = sharding.kv_repeat(cfg, mesh, rules)
+    logits, greedy = _run(runner, ids)
+    k = runner.cache.k[0]  # (the step donates the cache: read the new one)
+    assert len(k.sharding.device_set) == tp * dp
+    assert k.shape[2] == cfg.num_kv_heads * r
+    err = float(np.abs(logits - ref_logits).max())
+    assert err < ATOL, f"max |logits diff| {err}"
+    assert greedy == ref_greedy, (greedy, ref_greedy)
+    return {"max_abs_err": err, "kv_repeat": r, "cache_spec": str(k.sharding.spec),
+            "kv_shard_shape": list(k.addressable_shards[0].data.shape)}
+
+
+def check_hlo():
+    """Megatron pattern in the compiled decode step: per layer one all-reduce after the o
+    projection and one after the down projection, and no all-gather of a weight."""
+    import re
+
+    from imp_jax import sharding
+    from imp_jax.runner import StepSeq
+    from imp_jax.sampling import SamplingParams, SamplingTensors
+
+    out = {}
+    for model, tp in [("llama3", 2), ("mistral", 4)]:
+        cfg, params = _load(model)
+        runner = sharding.shard_runner(_runner(cfg, params), _mesh(tp, 1))
+        st = SamplingTensors.from_params([SamplingParams(temperature=0)], [0], [0])
+        hlo = sharding.step_hlo(runner, [StepSeq([5], 9, [1, 2, 3])], st)
+        counts = sharding.count_collectives(hlo)
+        assert not sharding.weight_all_gathers(hlo, runner.params), \
+            sharding.weight_all_gathers(hlo, runner.params)
+        reduces = [ln for ln in hlo.splitlines() if re.search(r"\ball-reduce(-start)?\(", ln)]
+        per_layer = {}
+        for i in range(cfg.num_layers):
+            o = [ln for ln in reduces if f"layers_{i}/attention/attn/o/" in ln]
+            down = [ln for ln in reduces if f"layers_{i}/mlp/mlp/down/" in ln]
+            assert len(o) == 1 and len(down) == 1, (i, len(o), len(down))
+            per_layer[i] = [len(o), len(down)]
+        # the rest: the vocab-split embedding lookup's one all-reduce (+ none in attention)
+        other = len(reduces) - 2 * cfg.num_layers
+        assert other <= 1, reduces
+        hidden = [ln for ln in reduces if re.search(rf"f32\[\d+,{cfg.hidden_size}\]", ln)]
+        assert len(hidden) == 2 * cfg.num_layers + other
+        gathers = [c for c in sharding.collectives(hlo) if c[0] == "all-gather"]
+        assert all(f",{cfg.vocab_size}]" in ty for _, ty in gathers), gathers  # logits only
+        out[f"{model} tp={tp}"] = {"counts": counts, "per_layer": per_layer, "other": other}
+    return out
+
+
+def main(out_path: str) -> None:
+    t0 = time.time()
+    results = {}
+
+    def record(name, fn, *args):
+        t, cpu = time.time(), time.process_time()
+        try:
+            info = fn(*args)
+            results[name] = {"ok": True, "info": info}
+        except Exception:  # noqa: BLE001 -- reported per check
+            results[name] = {"ok": False, "error": traceback.format_exc()}
+        results[name]["seconds"] = round(time.time() - t, 2)
+        results[name]["cpu_seconds"] = round(time.process_time() - cpu, 2)
+        with open(out_path, "w") as f:  # written after every check: a crash keeps the rest
+            json.dump(results, f, indent=1, default=str)
+
+    record("mesh", check_mesh)
+    record("validation", check_validation)
+    baselines = {}
+    for case in CASES:
+        record(case[0], check_equivalence, *case, baselines)
+    record("hlo", check_hlo)
+    record("memory_plan", check_memory_plan)
+    results["_total_seconds"] = round(time.time() - t0, 2)
+    results["_total_cpu_seconds"] = round(time.process_time(), 2)
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+# ======================================================================== the pytest side
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    # Backend optimization off: the programs are tiny and compiling dominates (~40% less CPU);
+    # the SPMD partitioning (collectives) is decided before the backend and is unaffected.
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}"
+                        " --xla_backend_optimization_level=0").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding") / "results.json"
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=_env(8), cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    if not out.exists():
+        pytest.fail(f"sharding subprocess wrote nothing (rc={proc.returncode}):\n"
+                    f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(out.read_text())
+
+
+def _assert_ok(results, name):
+    if name not in results:
+        pytest.fail(f"check {name} did not run (subprocess died?)")
+    r = results[name]
+    assert r["ok"], r.get("error")
+    return r["info"]
+
+
+def test_make_mesh(results):
+    _assert_ok(results, "mesh")
+
+
+def test_bad_layouts_fail_early_naming_array_and_axis(results):
+    _assert_ok(results, "validation")
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_sharded_logits_and_greedy_equal_single_device(results, case):
+    _assert_ok(results, case)
+
+
+def test_decode_hlo_has_megatron_all_reduces_and_no_weight_all_gather(results):
+    _assert_ok(results, "hlo")
+
+
+def test_memory_plan_matches_placed_shards(results):
+    _assert_ok(results, "memory_plan")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_distributed_matches_one_process(tmp_path):
+    """2 processes x 2 CPU devices joined by jax.distributed on localhost: tp=4 across both."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from imp_jax.loaders.hf_dir import load_hf_dir
+    from imp_jax.runner import ModelRunner, StepSeq
+
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        cmd = [sys.executable, os.path.join(HERE, "multihost_worker.py"), "--port", str(port),
+               "--process-id", str(pid), "--num-processes", "2", "--tp", "4",
+               "--out", str(tmp_path / f"out{pid}.npz")]
+        procs.append(subprocess.Popen(cmd, env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-5000:]
+    outs = [np.load(tmp_path / f"out{pid}.npz") for pid in range(2)]
+    assert int(outs[0]["process_count"]) == 2 and int(outs[0]["devices"]) == 4
+
+    # the single-process, single-device reference (this pytest process)
+    cfg, params = load_hf_dir(os.path.join(DATA, "tiny", "llama3"), jnp.float32)
+    runner = ModelRunner(cfg, params, num_pages=32, page_size=4, max_model_len=64)
+    ids = outs[0]["ids"].tolist()
+    pages = [1, 2, 3, 4]
+    logits = np.asarray(runner.step([StepSeq(ids, 0, pages, all_logits=True)]).logits)[:len(ids)]
+    greedy, start = [int(logits[-1].argmax())], len(ids)
+    for _ in range(len(outs[0]["greedy"]) - 1):
+        res = runner.step([StepSeq([greedy[-1]], start, pages, all_logits=True)])
+        greedy.append(int(np.asarray(res.logits)[0].argmax()))
+        start += 1
+    for o in outs:
+        np.testing.assert_allclose(o["logits"], logits, atol=ATOL, rtol=1e-5)
+        assert o["greedy"].tolist() == greedy
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    from imp_jax.llm import enable_compilation_cache
+
+    enable_compilation_cache()
+    main(sys.argv[1])
