@@ -75,10 +75,10 @@ class ModelRunner:
         self.page_size, self.max_model_len = page_size, max_model_len
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.model = Transformer(cfg, jnp.dtype(dtype).name, attn_impl)
-        # With the Pallas kernel, attention cost follows the real lengths, not the padded
-        # shapes: prompt steps then always use max_num_seqs rows and the full page table, so
-        # only the token bucket varies and warm-up compiles a handful of programs. The jnp
-        # reference pays for padding, so on CPU rows and page-table width are bucketed too.
+        # With the Pallas kernel, attention reads only the pages a sequence has, so the page
+        # table is always full width (one fewer shape to bucket) and mixed steps run as two
+        # programs (see _split_step). The jnp reference pays for padding, so on CPU the page
+        # table width is bucketed and mixed steps stay one program (fewer compiles).
         self.fixed_shapes = resolve_impl(attn_impl) == "pallas"
         self.max_num_seqs = max_num_seqs
         self.sharding = None  # imp_jax.sharding.ShardingPlan when running on a mesh
@@ -154,6 +154,32 @@ class ModelRunner:
              num_logprobs: int = 0) -> StepOutput:
         if not seqs:
             raise ValueError("step needs at least one sequence")
+        prompt = [len(s.token_ids) > 1 or s.all_logits for s in seqs]
+        if self.fixed_shapes and any(prompt) and not all(prompt):
+            return self._split_step(seqs, prompt, sampling, num_logprobs)
+        return self._step(seqs, sampling, num_logprobs)
+
+    def _split_step(self, seqs, prompt, sampling, num_logprobs) -> StepOutput:
+        """A mixed step as two programs, prompt chunks then decodes: the kernel pads every
+        sequence of a prompt step to its longest chunk, so decodes must not ride along."""
+        groups = [[i for i, p in enumerate(prompt) if p], [i for i, p in enumerate(prompt)
+                                                            if not p]]
+        outs = []
+        for idx in groups:
+            part = None if sampling is None else jax.tree.map(lambda a: np.asarray(a)[idx],
+                                                               sampling)
+            outs.append(self._step([seqs[i] for i in idx], part, num_logprobs))
+        order = np.argsort(np.concatenate(groups))
+        sample = None
+        if sampling is not None:
+            sample = jax.tree.map(lambda a, b: jnp.concatenate(
+                [a[:len(groups[0])], b[:len(groups[1])]])[order],
+                outs[0].sample, outs[1].sample)
+        offsets = np.zeros(len(seqs), np.int32)
+        offsets[groups[0]] = outs[0].token_offsets
+        return StepOutput(sample, outs[0].logits, offsets)
+
+    def _step(self, seqs, sampling, num_logprobs) -> StepOutput:
         n = len(seqs)
         qlens = [len(s.token_ids) for s in seqs]
         total = sum(qlens)
@@ -161,8 +187,6 @@ class ModelRunner:
         # with any prompt chunk uses max_query_len = T, so (S, T, P) fixes the program.
         decode = max(qlens) == 1
         S = bucket(n, lo=4)
-        if self.fixed_shapes and not decode:
-            S = max(S, bucket(self.max_num_seqs, lo=4))
         T = bucket(total, lo=16)
         Q = 1 if decode else T
         P = self.max_pages_per_seq if self.fixed_shapes else bucket(

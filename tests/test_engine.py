@@ -174,3 +174,13 @@ def test_multi_step_decode_blocks_match_single_steps(model, alone):
     assert out.token_ids == alone(ps[1], GREEDY)[:first + 1]
     bm = llm.engine.block_manager
     assert bm.num_free_pages == bm.num_usable_pages
+
+
+def test_mixed_steps_split_into_prompt_and_decode_programs(model, alone):
+    # The GPU path (fixed_shapes) runs a step mixing prompt chunks and decodes as two programs.
+    llm = make_llm(model, max_num_batched_tokens=16, long_prefill_token_threshold=8)
+    llm.runner.fixed_shapes = True
+    ps = prompts(4, seed=8)
+    outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    for ids, out in zip(ps, outs):
+        assert out.token_ids == alone(ids)

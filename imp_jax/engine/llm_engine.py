@@ -241,11 +241,13 @@ class LLMEngine:
 
     def _decode_block(self, sched: SchedulerOutput) -> int:
         """How many decode steps to run in one compiled call: `decode_steps` when every
-        scheduled sequence is a plain decode that cannot finish by length inside the block and
-        nobody waits for admission; else 1. Stops (EOS, stop strings) inside a block are found
-        afterwards and the extra tokens dropped."""
+        scheduled sequence is a plain decode that cannot finish by length inside the block;
+        else 1. Stops (EOS, stop strings) inside a block are found
+        afterwards and the extra tokens dropped. Waiting requests only block it while the batch
+        has room for them (a full batch admits nobody until a request finishes anyway)."""
         n = self.decode_steps
-        if n <= 1 or self.scheduler.waiting:
+        sched_ = self.scheduler
+        if n <= 1 or (sched_.waiting and len(sched_.running) < sched_.max_num_seqs):
             return 1
         for ss in sched.scheduled:
             seq, p = ss.seq, ss.seq.sampling_params
