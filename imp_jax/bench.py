@@ -78,7 +78,7 @@ def _random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list
     return rng.integers(10, vocab - 10, size=(n, length)).tolist()
 
 
-def _make_llm(args, max_num_seqs: int):
+def _make_llm(args, max_num_seqs: int, warmup: bool = True):
     from imp_jax import LLM
 
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.input_len + args.output_len + 16,
@@ -86,10 +86,11 @@ def _make_llm(args, max_num_seqs: int):
               quantization=args.quantization, num_pages=args.num_pages,
               gpu_memory_utilization=args.gpu_memory_utilization,
               decode_steps=args.decode_steps)
-    start = time.perf_counter()
-    n = llm.warmup()
-    print(f"warm-up: compiled {n} programs in {time.perf_counter() - start:.1f} s",
-          file=sys.stderr)
+    if warmup:
+        start = time.perf_counter()
+        n = llm.warmup()
+        print(f"warm-up: compiled {n} programs in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr)
     return llm
 
 
@@ -116,7 +117,7 @@ def bench_latency(args) -> list[dict]:
     from imp_jax.spec import param_bytes
 
     batches = [int(b) for b in args.batch.split(",")]
-    llm = _make_llm(args, max(batches))
+    llm = _make_llm(args, max(batches), warmup=False)  # each batch size warms up itself
     cfg = llm.config
     itemsize = np.dtype(llm.runner.cache.k[0].dtype).itemsize
     weight_bytes = param_bytes(cfg, np.dtype(jax_dtype(llm)).itemsize)
@@ -165,7 +166,8 @@ def bench_throughput(args) -> list[dict]:
     params = [SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True) for n in out_lens]
     # a first pass over a slice meets the shapes of a real run (mixed steps, batch sizes)
     warm = min(len(prompts), 2 * args.max_num_seqs)
-    llm.generate(prompts[:warm], params[:warm], use_tqdm=False)
+    llm.generate(prompts[:warm], [p.clone(max_tokens=min(p.max_tokens, 24)) for p in
+                                  params[:warm]], use_tqdm=False)
     llm.engine.stats["preemptions"] = 0
     with PowerMeter() as power:
         with _profile(args.profile):
