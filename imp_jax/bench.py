@@ -117,11 +117,11 @@ def bench_latency(args) -> list[dict]:
     from imp_jax.spec import param_bytes
 
     batches = [int(b) for b in args.batch.split(",")]
+    ceiling = measure_bandwidth_ceiling()  # before the KV pool takes the free memory
     llm = _make_llm(args, max(batches), warmup=False)  # each batch size warms up itself
     cfg = llm.config
     itemsize = np.dtype(llm.runner.cache.k[0].dtype).itemsize
     weight_bytes = param_bytes(cfg, np.dtype(jax_dtype(llm)).itemsize)
-    ceiling = measure_bandwidth_ceiling()
     rows = []
     for b in batches:
         prompts = _random_prompts(b, args.input_len, cfg.vocab_size, seed=b)
