@@ -118,6 +118,16 @@ def bench_latency(args) -> list[dict]:
 
     batches = [int(b) for b in args.batch.split(",")]
     ceiling = measure_bandwidth_ceiling()  # before the KV pool takes the free memory
+    peer_rows = []
+    if args.peer == "hf":  # first, so torch frees its memory before our pool is sized
+        from checkpoints.presets import SHAPES
+
+        shape = args.model[len("random:"):] if args.model.startswith("random:") else None
+        if shape is None:
+            peer_rows.append(dict(mode="hf", error="--peer hf needs a random:<shape> model"))
+        else:
+            for b in batches:
+                peer_rows.extend(hf_peer(SHAPES[shape], b, args.input_len, args.output_len))
     llm = _make_llm(args, max(batches), warmup=False)  # each batch size warms up itself
     cfg = llm.config
     itemsize = np.dtype(llm.runner.cache.k[0].dtype).itemsize
@@ -149,9 +159,7 @@ def bench_latency(args) -> list[dict]:
                    tokens_per_joule=tokens / (power.watts * (ttft + decode))
                    if power.watts else None)
         rows.append(row)
-        if args.peer == "hf":
-            rows.extend(hf_peer(cfg, b, args.input_len, args.output_len))
-    return rows
+    return rows + peer_rows
 
 
 def bench_throughput(args) -> list[dict]:
@@ -248,7 +256,10 @@ def hf_peer(cfg, batch: int, input_len: int, output_len: int) -> list[dict]:
             elapsed = time.perf_counter() - t
         rows.append(dict(mode=name, batch=batch, input_len=input_len, output_len=output_len,
                          decode_tok_s=batch * output_len / elapsed))
-    del model
+    del model, ids
+    import gc
+
+    gc.collect()
     torch.cuda.empty_cache()
     return rows
 
