@@ -165,7 +165,7 @@ def bench_latency(args) -> list[dict]:
 def bench_throughput(args) -> list[dict]:
     from imp_jax import SamplingParams
 
-    llm = _make_llm(args, args.max_num_seqs)
+    llm = _make_llm(args, args.max_num_seqs, warmup=False)  # the warm-up pass compiles
     cfg = llm.config
     rng = np.random.default_rng(0)
     in_lens = _lengths(rng, args.input_len, args.num_prompts, args.random_range)
@@ -244,7 +244,8 @@ def hf_peer(cfg, batch: int, input_len: int, output_len: int) -> list[dict]:
     for name, kwargs in (("hf-eager", {}),
                          ("hf-static-compile", {"cache_implementation": "static"})):
         if name == "hf-static-compile":
-            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            # "default" mode: reduce-overhead's CUDA graphs clash with generate's static cache
+            model.forward = torch.compile(model.forward, fullgraph=True)
         gen = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
                    **kwargs)
         with torch.no_grad():
