@@ -16,6 +16,8 @@ def _llm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--quantization", default=None, choices=["fp8", "fp8-weight-only", "int8"])
     p.add_argument("--mesh", default=None, help="tensor/data parallel, e.g. tp=4 or tp=2,dp=4")
+    p.add_argument("--decode-steps", type=int, default=4,
+                   help="decode steps per compiled call (1 = a host sync per token)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +33,8 @@ def _make_llm(args):
     from imp_jax import LLM
 
     return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-               mesh=getattr(args, "mesh", None), quantization=args.quantization)
+               mesh=getattr(args, "mesh", None), quantization=args.quantization,
+               decode_steps=args.decode_steps)
 
 
 def _params(args):
@@ -217,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(args.module).main(args.rest + rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:  # bad input: a message, no traceback
+        print(f"imp-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
