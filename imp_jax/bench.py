@@ -165,7 +165,7 @@ def bench_latency(args) -> list[dict]:
 def bench_throughput(args) -> list[dict]:
     from imp_jax import SamplingParams
 
-    llm = _make_llm(args, args.max_num_seqs, warmup=False)  # the warm-up pass compiles
+    llm = _make_llm(args, args.max_num_seqs)
     cfg = llm.config
     rng = np.random.default_rng(0)
     in_lens = _lengths(rng, args.input_len, args.num_prompts, args.random_range)

@@ -50,6 +50,10 @@ def bucket(n: int, lo: int = 1, hi: int | None = None) -> int:
     return min(b, hi) if hi is not None else b
 
 
+# Rows of a prompt program on the kernel path (see ModelRunner._grouped_step).
+PROMPT_ROWS = 16
+
+
 def _pad_rows(tree, rows: int):
     """Pad every per-sequence array to `rows` by repeating its last row (valid, discarded)."""
     def pad(a):
@@ -77,7 +81,7 @@ class ModelRunner:
         self.model = Transformer(cfg, jnp.dtype(dtype).name, attn_impl)
         # With the Pallas kernel, attention reads only the pages a sequence has, so the page
         # table is always full width (one fewer shape to bucket) and mixed steps run as two
-        # programs (see _split_step). The jnp reference pays for padding, so on CPU the page
+        # programs (see _grouped_step). The jnp reference pays for padding, so on CPU the page
         # table width is bucketed and mixed steps stay one program (fewer compiles).
         self.fixed_shapes = resolve_impl(attn_impl) == "pallas"
         self.max_num_seqs = max_num_seqs
@@ -155,38 +159,54 @@ class ModelRunner:
         if not seqs:
             raise ValueError("step needs at least one sequence")
         prompt = [len(s.token_ids) > 1 or s.all_logits for s in seqs]
-        if self.fixed_shapes and any(prompt) and not all(prompt):
-            return self._split_step(seqs, prompt, sampling, num_logprobs)
+        if self.fixed_shapes and any(prompt):
+            return self._grouped_step(seqs, prompt, sampling, num_logprobs)
         return self._step(seqs, sampling, num_logprobs)
 
-    def _split_step(self, seqs, prompt, sampling, num_logprobs) -> StepOutput:
-        """A mixed step as two programs, prompt chunks then decodes: the kernel pads every
-        sequence of a prompt step to its longest chunk, so decodes must not ride along."""
-        groups = [[i for i, p in enumerate(prompt) if p], [i for i, p in enumerate(prompt)
-                                                            if not p]]
+    def _grouped_step(self, seqs, prompt, sampling, num_logprobs) -> StepOutput:
+        """The kernel path runs a step with prompt chunks as several programs: decodes in one,
+        prompt chunks in groups of PROMPT_ROWS. The kernel's prefill pads every sequence to
+        the step's token bucket, so decodes must not ride along, and a fixed row count keeps
+        prompt programs to one per token bucket (all compiled by `warmup`)."""
+        decodes = [i for i, p in enumerate(prompt) if not p]
+        prompts = [i for i, p in enumerate(prompt) if p]
+        groups = [prompts[k:k + PROMPT_ROWS] for k in range(0, len(prompts), PROMPT_ROWS)]
+        if decodes:
+            groups.append(decodes)
         outs = []
         for idx in groups:
             part = None if sampling is None else jax.tree.map(lambda a: np.asarray(a)[idx],
                                                                sampling)
-            outs.append(self._step([seqs[i] for i in idx], part, num_logprobs))
+            rows = PROMPT_ROWS if prompt[idx[0]] else None
+            outs.append(self._step([seqs[i] for i in idx], part, num_logprobs, rows))
+        if len(groups) == 1:
+            return outs[0]
         order = np.argsort(np.concatenate(groups))
         sample = None
         if sampling is not None:
-            sample = jax.tree.map(lambda a, b: jnp.concatenate(
-                [a[:len(groups[0])], b[:len(groups[1])]])[order],
-                outs[0].sample, outs[1].sample)
+            sample = jax.tree.map(lambda *xs: jnp.concatenate(
+                [x[:len(g)] for x, g in zip(xs, groups)])[order], *[o.sample for o in outs])
         offsets = np.zeros(len(seqs), np.int32)
-        offsets[groups[0]] = outs[0].token_offsets
-        return StepOutput(sample, outs[0].logits, offsets)
+        logits = None
+        if any(o.logits is not None for o in outs):  # all-logits rows of several groups
+            parts, base = [], 0
+            for idx, o in zip(groups, outs):
+                if o.logits is None:
+                    continue
+                offsets[idx] = o.token_offsets + base
+                parts.append(o.logits)
+                base += o.logits.shape[0]
+            logits = jnp.concatenate(parts)
+        return StepOutput(sample, logits, offsets)
 
-    def _step(self, seqs, sampling, num_logprobs) -> StepOutput:
+    def _step(self, seqs, sampling, num_logprobs, rows: int | None = None) -> StepOutput:
         n = len(seqs)
         qlens = [len(s.token_ids) for s in seqs]
         total = sum(qlens)
         # Few, coarse buckets: every distinct shape is a compile (seconds on a CPU). A step
         # with any prompt chunk uses max_query_len = T, so (S, T, P) fixes the program.
         decode = max(qlens) == 1
-        S = bucket(n, lo=4)
+        S = rows or bucket(n, lo=4)
         T = bucket(total, lo=16)
         Q = 1 if decode else T
         P = self.max_pages_per_seq if self.fixed_shapes else bucket(

@@ -184,3 +184,22 @@ def test_mixed_steps_split_into_prompt_and_decode_programs(model, alone):
     outs = llm.generate(ps, GREEDY, use_tqdm=False)
     for ids, out in zip(ps, outs):
         assert out.token_ids == alone(ids)
+
+
+def test_more_prompts_than_a_prompt_program_holds(model):
+    # On the kernel path prompt chunks run in groups of PROMPT_ROWS; 20 prompts (with prompt
+    # logprobs, so every group returns all its logits) must give what the one-program path does.
+    from imp_jax.runner import PROMPT_ROWS
+
+    ps = prompts(PROMPT_ROWS + 4, seed=9)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=1)
+    kw = dict(max_num_seqs=32, max_num_batched_tokens=1024, num_pages=512)
+    plain = make_llm(model, **kw).generate(ps, params, use_tqdm=False)
+    grouped_llm = make_llm(model, **kw)
+    grouped_llm.runner.fixed_shapes = True
+    grouped = grouped_llm.generate(ps, params, use_tqdm=False)
+    for a, b in zip(plain, grouped):
+        assert a.token_ids == b.token_ids
+        assert len(a.prompt_logprobs) == len(b.prompt_logprobs) == len(a.prompt_token_ids)
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-4 for k in x)
