@@ -96,6 +96,16 @@ class ModelRunner:
             self.cache = KVCache.create(cfg, num_pages, page_size, cache_dtype or dtype)
 
     @property
+    def cache_lost(self) -> bool:
+        """True when a failed step consumed the donated cache (its buffers are deleted)."""
+        return any(a.is_deleted() for a in jax.tree.leaves(self.cache))
+
+    def reset_cache(self) -> None:
+        """A fresh, zeroed KV cache of the same shapes and shardings (the old one was lost)."""
+        self.cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
+                                  self.cache)
+
+    @property
     def num_compiles(self) -> int:
         """Programs traced for this model so far; a test asserts it stops growing after warm-up."""
         return _TRACES[self.model]

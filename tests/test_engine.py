@@ -203,3 +203,31 @@ def test_more_prompts_than_a_prompt_program_holds(model):
         assert len(a.prompt_logprobs) == len(b.prompt_logprobs) == len(a.prompt_token_ids)
         for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
             assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-4 for k in x)
+
+
+def test_a_step_that_loses_the_device_state_is_recovered(model, alone):
+    # A failure after the cache was donated leaves deleted buffers: the engine rebuilds the
+    # cache and requeues the running requests, which then finish exactly as if nothing happened.
+    llm = make_llm(model)
+    engine = llm.engine
+    ps = prompts(3, seed=10)
+    ids = [engine.add_request(p, GREEDY) for p in ps]
+    engine.step()
+    engine.step()
+    real_step = llm.runner.step
+
+    def failing_step(*args, **kwargs):
+        for a in __import__("jax").tree.leaves(llm.runner.cache):
+            a.delete()  # what a donated call that died on the device leaves behind
+        raise RuntimeError("device fault")
+
+    llm.runner.step = failing_step
+    with pytest.raises(RuntimeError, match="device fault"):
+        engine.step()
+    llm.runner.step = real_step
+    assert engine.recover()
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert [done[i] for i in ids] == [alone(p) for p in ps]
+    assert not engine.recover()  # nothing lost any more

@@ -418,6 +418,12 @@ class AsyncEngine:
         if not affected:  # failed before scheduling: everything running is suspect
             affected = list({s.request_id.split("#")[0] for s in eng.scheduler.running})
         err = RequestFailedError(f"the engine failed this request: {type(e).__name__}: {e}")
+        try:  # a step that consumed the device state: rebuild it, requeue the others
+            if eng.recover():
+                log.error("device state lost in a failed step: KV cache rebuilt, running "
+                          "requests requeued")
+        except Exception:  # noqa: BLE001
+            log.exception("engine recovery failed")
         for rid in affected:
             try:
                 eng.abort_request(rid)

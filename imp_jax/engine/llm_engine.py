@@ -171,6 +171,18 @@ class LLMEngine:
             self._by_seq.pop(s.seq.request_id, None)
         return True
 
+    def recover(self) -> bool:
+        """After a step raised: if the device state is gone (the donated KV cache was consumed),
+        rebuild it and requeue every running request to be recomputed, so the failure costs
+        time, not requests. Returns True when it rebuilt."""
+        if not self.runner.cache_lost:
+            return False
+        self.runner.reset_cache()
+        self.stats["preemptions"] += self.scheduler.requeue_all()
+        self.block_manager.reset_prefix_cache()  # cached pages' KV is gone too
+        self.stats["recoveries"] = self.stats.get("recoveries", 0) + 1
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 

@@ -193,6 +193,18 @@ class Scheduler:
         return self._live.get(request_id)
 
     # ------------------------------------------------------------------ scheduling
+    def requeue_all(self) -> int:
+        """Preempt every running sequence (newest first to the front, so FCFS order holds):
+        used after the device lost the KV cache. Returns how many were requeued."""
+        victims = list(self.running)
+        for victim in reversed(victims):
+            self.running.remove(victim)
+            self.bm.free(victim)
+            victim.reset_for_recompute()
+            self.waiting.appendleft(victim)
+        self.num_preemptions += len(victims)
+        return len(victims)
+
     def _preempt(self, victim: Sequence, out: SchedulerOutput, scheduled: dict[str, ScheduledSeq]) -> None:
         self.running.remove(victim)
         ss = scheduled.pop(victim.request_id, None)
