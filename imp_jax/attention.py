@@ -22,10 +22,16 @@ def resolve_impl(impl: str) -> str:
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
-                    *, scale: float, sliding_window: int | None = None,
-                    impl: str = "auto") -> jax.Array:
-    """q [T, H, D] against the paged K/V of each token's sequence -> [T, H, D]."""
+                    *, scale: float, sliding_window: int | None = None, impl: str = "auto",
+                    k_scale: jax.Array | None = None,
+                    v_scale: jax.Array | None = None) -> jax.Array:
+    """q [T, H, D] against the paged K/V of each token's sequence -> [T, H, D].
+
+    FP8 pools pass their per-token, per-head scales; the kernel does not read FP8 pages yet,
+    so those go to the reference (which dequantizes only the gathered pages)."""
     kwargs = dict(max_query_len=meta.max_query_len, scale=scale, sliding_window=sliding_window)
+    if k_scale is not None:
+        kwargs.update(k_scale=k_scale, v_scale=v_scale)
     args = (q, k_pages, v_pages, meta.page_table, meta.seq_lens, meta.query_start)
     if resolve_impl(impl) == "pallas":
         from pallas_kernels import ragged_paged_attention

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -44,28 +43,20 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from imp_jax.sampling import MAX_LOGPROBS, SamplingParams
+from imp_jax.server import protocol as P
+from imp_jax.server.protocol import APIError
 
 URLS = ("/v1/completions", "/v1/chat/completions")
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-MAX_N = 128
-MAX_PROMPTS = 1024
 # error codes whose lines are keyed by input line number on resume (no usable custom_id)
 _LINE_KEYED = ("invalid_json", "invalid_custom_id", "duplicate_custom_id")
 
-# body field -> SamplingParams field, passed through for SamplingParams to validate
-_PASSTHROUGH = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                "frequency_penalty", "repetition_penalty", "seed", "min_tokens", "ignore_eos",
-                "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output")
-_GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
+class LineError(APIError):
+    """A line-level problem (bad JSON, custom_id, method, url or body): an error line with no
+    response object. Request-level problems are plain APIErrors, answered as a response."""
 
-class LineError(Exception):
-    """A request that gets an error line. status None: no response object (envelope errors)."""
-
-    def __init__(self, message: str, code: str, param: str | None = None,
-                 status: int | None = 400):
-        super().__init__(message)
-        self.message, self.code, self.param, self.status = message, code, param, status
+    def __init__(self, message: str, code: str, param: str | None = None):
+        super().__init__(message, param=param, code=code)
 
 
 @dataclass
@@ -88,37 +79,12 @@ class _Job:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _jtype(v: Any) -> str:
-    if v is None:
-        return "null"
-    for t, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
-                    (list, "array"), (dict, "object")):
-        if isinstance(v, t):
-            return name
-    return type(v).__name__
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _finite(v):
-    if v is None:
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else -9999.0
-
-
 def _hex() -> str:
     return uuid.uuid4().hex
 
 
 def _dumps(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
 
 
 # ------------------------------------------------------------------------------ output file
@@ -195,59 +161,16 @@ class _Writer:
 
 
 # ------------------------------------------------------------------------------ records
-def _error_record(line: int, custom_id, e: LineError) -> dict:
+def _error_record(line: int, custom_id, e: APIError) -> dict:
     err = {"code": e.code, "message": e.message, "param": e.param, "line": line}
     response = None
-    if e.status is not None:
-        response = {"status_code": e.status, "request_id": f"req_{_hex()}",
-                    "body": {"error": {"message": e.message, "type": "invalid_request_error",
-                                       "param": e.param, "code": e.code}}}
+    if not isinstance(e, LineError):
+        response = {"status_code": e.status, "request_id": f"req_{_hex()}", "body": e.body()}
     return {"id": f"batch_req_{_hex()}", "custom_id": custom_id, "response": response,
             "error": err}
 
 
-def _usage(p: int, c: int) -> dict:
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-class _TokenText:
-    def __init__(self, tokenizer):
-        self.tok, self.cache = tokenizer, {}
-
-    def __call__(self, t: int) -> str:
-        if self.tok is None:
-            return f"token_id:{t}"
-        s = self.cache.get(t)
-        if s is None:
-            s = self.cache[t] = self.tok.decode([t], skip_special_tokens=False)
-        return s
-
-
-def _completion_logprobs(ids, entries, text_start: int, tt: _TokenText) -> dict:
-    tokens, lps, tops, offsets = [], [], [], []
-    off = text_start
-    for t, e in zip(ids, entries):
-        s = tt(t)
-        tokens.append(s)
-        offsets.append(off)
-        off += len(s)
-        lps.append(_finite(e.get(t)))
-        tops.append({tt(k): _finite(v) for k, v in e.items()})
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _chat_logprobs(ids, entries, top_n: int, tt: _TokenText) -> dict:
-    content = []
-    for t, e in zip(ids, entries):
-        s = tt(t)
-        top = sorted(e.items(), key=lambda kv: -kv[1])[:top_n] if top_n else []
-        content.append({"token": s, "logprob": _finite(e.get(t)), "bytes": list(s.encode()),
-                        "top_logprobs": [{"token": tt(k), "logprob": _finite(v),
-                                          "bytes": list(tt(k).encode())} for k, v in top]})
-    return {"content": content}
-
-
-def _response_body(job: _Job, tt: _TokenText) -> dict:
+def _response_body(job: _Job, tt: P.TokenText) -> dict:
     outs = [job.outputs[i] for i in range(len(job.prompts_ids))]
     choices, n_gen = [], 0
     for i, out in enumerate(outs):
@@ -256,14 +179,14 @@ def _response_body(job: _Job, tt: _TokenText) -> dict:
             if job.chat:
                 ch = {"index": c.index,
                       "message": {"role": "assistant", "content": c.text},
-                      "logprobs": (_chat_logprobs(c.token_ids, c.logprobs or [], job.logprobs, tt)
+                      "logprobs": (P.chat_logprobs(c.token_ids, c.logprobs or [], job.logprobs, tt)
                                    if job.logprobs is not None else None),
                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
             else:
                 prefix = (job.prompt_texts[i] or "") if job.echo else ""
                 ch = {"index": i * job.params.n + c.index, "text": prefix + c.text,
-                      "logprobs": (_completion_logprobs(c.token_ids, c.logprobs or [],
-                                                        len(prefix), tt)
+                      "logprobs": (P.completion_logprobs(c.token_ids, c.logprobs or [],
+                                                         len(prefix), tt)
                                    if job.logprobs is not None else None),
                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
             if job.return_token_ids:
@@ -275,7 +198,7 @@ def _response_body(job: _Job, tt: _TokenText) -> dict:
     body = {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{_hex()}",
             "object": "chat.completion" if job.chat else "text_completion",
             "created": job.created, "model": job.model, "choices": choices,
-            "usage": _usage(n_prompt, n_gen)}
+            "usage": P.usage(n_prompt, n_gen)}
     if job.chat and job.return_token_ids:
         body["prompt_token_ids"] = list(job.prompts_ids[0])
     return body
@@ -283,7 +206,12 @@ def _response_body(job: _Job, tt: _TokenText) -> dict:
 
 # ------------------------------------------------------------------------------ parsing
 class _Parser:
-    """Turns one request body into a _Job (raises LineError with status 400 on bad input)."""
+    """Turns one request body into a _Job (raises APIError, status 400, on bad input).
+
+    The fields are read as the server reads them (imp_jax.server.protocol); what differs is
+    batch's: any model name is accepted unless --served-model-name is given, `stream` is
+    refused, max_tokens must be >= 1 and echo does not combine with logprobs.
+    """
 
     def __init__(self, llm, model_name: str | None, default_model: str | None = None):
         self.llm = llm
@@ -292,198 +220,61 @@ class _Parser:
         self.tokenizer = llm.tokenizer
         self.vocab = llm.config.vocab_size
         self.max_model_len = llm.runner.max_model_len
-        gen = getattr(llm.model, "generation_config", None) or {}
-        self.defaults = {k: gen[k] for k in _GENERATION_KEYS if gen.get(k) is not None}
-
-    # -- fields
-    def _int(self, body, name, lo=None, hi=None):
-        v = body.get(name)
-        if v is None:
-            return None
-        if not _is_int(v):
-            raise LineError(f"{name} must be an integer, got {_jtype(v)}", "invalid_type", name)
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            rng = f"[{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}"
-            raise LineError(f"{name} must be {rng}, got {v}", "invalid_value", name)
-        return v
-
-    def _bool(self, body, name, default=False):
-        v = body.get(name)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise LineError(f"{name} must be a boolean, got {_jtype(v)}", "invalid_type", name)
-        return v
+        self.defaults = P.sampling_defaults(getattr(llm.model, "generation_config", None))
 
     def _model(self, body) -> str:
-        m = body.get("model")
-        if m is None:
-            return self.default_model
-        if not isinstance(m, str):
-            raise LineError(f"model must be a string, got {_jtype(m)}", "invalid_type", "model")
+        m = P.get_str(body, "model", self.default_model)
         if self.model_name is not None and m != self.model_name:
-            raise LineError(f"The model `{m}` does not exist (this job serves "
-                            f"`{self.model_name}`).", "model_not_found", "model")
+            raise APIError(f"The model `{m}` does not exist (this job serves "
+                           f"`{self.model_name}`).", param="model", code="model_not_found")
         return m
 
-    def _params(self, body, max_tokens, max_tokens_field, logprobs) -> SamplingParams:
-        kw: dict[str, Any] = dict(self.defaults)
-        for name in _PASSTHROUGH:
-            if body.get(name) is not None:
-                kw[name] = body[name]
-        n = self._int(body, "n", lo=1, hi=MAX_N)
-        kw["n"] = 1 if n is None else n
-        best_of = body.get("best_of")
-        if best_of is not None and best_of != kw["n"]:
-            raise LineError("best_of other than n is not supported", "unsupported_value",
-                            "best_of")
-        if body.get("stop") is not None:
-            kw["stop"] = body["stop"]
-        if body.get("logit_bias"):
-            raise LineError("logit_bias is not supported", "unsupported_value", "logit_bias")
+    def _params(self, body, max_tokens_field, max_tokens, logprobs) -> SamplingParams:
         if body.get("stream"):
-            raise LineError("stream is not supported in batch jobs", "unsupported_value",
-                            "stream")
-        kw["max_tokens"] = max_tokens
-        kw["logprobs"] = logprobs
-        try:
-            return SamplingParams(**kw)
-        except (TypeError, ValueError) as e:
-            msg = str(e)
-            param = msg.split(" ", 1)[0]
-            if param == "max_tokens" and max_tokens_field != "max_tokens":
-                param, msg = max_tokens_field, max_tokens_field + msg[len("max_tokens"):]
-            raise LineError(msg, "invalid_value", param if param.isidentifier() else None) \
-                from None
-
-    def _check_length(self, ids: list[int], params: SamplingParams, what: str) -> None:
-        gen = params.max_tokens if params.max_tokens is not None else 1
-        need = len(ids) + gen
-        if need > self.max_model_len:
-            raise LineError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"you requested {need} tokens ({len(ids)} in the {what}, {gen} in the "
-                f"completion). Please reduce the length of the {what} or completion.",
-                "context_length_exceeded", what)
+            raise APIError("stream is not supported in batch jobs", param="stream",
+                           code="unsupported_value")
+        return P.sampling_params(body, self.defaults, max_tokens_field=max_tokens_field,
+                                 max_tokens=max_tokens, max_tokens_default=None,
+                                 logprobs=logprobs)
 
     # -- endpoints
     def completion(self, line: int, custom_id: str, body: dict) -> _Job:
         model = self._model(body)
-        p = body.get("prompt")
-        if p is None:
-            raise LineError("prompt is required", "missing_required_parameter", "prompt")
-        if isinstance(p, str) or (isinstance(p, list) and p and all(_is_int(t) for t in p)):
-            prompts = [p]
-        elif isinstance(p, list) and p:
-            prompts = p
-            for i, q in enumerate(prompts):
-                if not (isinstance(q, str) or (isinstance(q, list) and all(_is_int(t) for t in q))):
-                    raise LineError(f"prompt[{i}] must be a string or an array of token ids, "
-                                    f"got {_jtype(q)}", "invalid_type", "prompt")
-            if len(prompts) > MAX_PROMPTS:
-                raise LineError(f"at most {MAX_PROMPTS} prompts per request", "invalid_value",
-                                "prompt")
-        elif isinstance(p, list):
-            raise LineError("prompt must not be empty", "invalid_value", "prompt")
-        else:
-            raise LineError(f"prompt must be a string or an array, got {_jtype(p)}",
-                            "invalid_type", "prompt")
-        echo = self._bool(body, "echo")
-        lp = self._int(body, "logprobs", lo=0, hi=MAX_LOGPROBS)
+        prompts = P.completion_prompts(body)
+        echo = P.get_bool(body, "echo", False)
+        lp = P.get_int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
         if echo and lp is not None:
-            raise LineError("echo together with logprobs is not supported", "unsupported_value",
-                            "echo")
+            raise APIError("echo together with logprobs is not supported", param="echo",
+                           code="unsupported_value")
         if body.get("suffix") is not None:
-            raise LineError("suffix is not supported", "unsupported_value", "suffix")
-        max_tokens = body["max_tokens"] if "max_tokens" in body else 16
-        params = self._params(body, max_tokens, "max_tokens", lp)
-        add_special = self._bool(body, "add_special_tokens", True)
+            raise APIError("suffix is not supported", param="suffix", code="unsupported_value")
+        max_tokens = P.get_int(body, "max_tokens", None, lo=1) if "max_tokens" in body else 16
+        params = self._params(body, "max_tokens", max_tokens, lp)
+        add_special = P.get_bool(body, "add_special_tokens", True)
         ids_list, texts = [], []
         for q in prompts:
-            if isinstance(q, str):
-                if self.tokenizer is None:
-                    raise LineError("this model has no tokenizer: send token ids",
-                                    "invalid_value", "prompt")
-                ids = self.tokenizer.encode(q, add_special_tokens=add_special)
-                texts.append(q)
-            else:
-                ids = [int(t) for t in q]
-                bad = [t for t in ids if not 0 <= t < self.vocab]
-                if bad:
-                    raise LineError(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                                    f"[0, {self.vocab})", "invalid_value", "prompt")
-                texts.append(self.tokenizer.decode(ids, skip_special_tokens=False)
-                             if echo and self.tokenizer is not None else None)
+            ids = P.encode_prompt(self.tokenizer, self.vocab, q, add_special)
             if not ids:
-                raise LineError("prompt is empty", "invalid_value", "prompt")
-            self._check_length(ids, params, "prompt")
+                raise APIError("prompt is empty after tokenization", param="prompt",
+                               code="invalid_value")
+            P.check_length(ids, params, self.max_model_len, "prompt")
             ids_list.append(ids)
+            texts.append(q if isinstance(q, str) else
+                         self.tokenizer.decode(ids, skip_special_tokens=False)
+                         if echo and self.tokenizer is not None else None)
         return _Job(line, custom_id, False, model, params, ids_list, texts, echo=echo,
-                    return_token_ids=self._bool(body, "return_token_ids"), logprobs=lp)
+                    return_token_ids=P.get_bool(body, "return_token_ids", False), logprobs=lp)
 
     def chat(self, line: int, custom_id: str, body: dict) -> _Job:
         model = self._model(body)
-        messages = self._messages(body)
-        want_lp = self._bool(body, "logprobs")
-        top = self._int(body, "top_logprobs", lo=0, hi=MAX_LOGPROBS)
-        if top is not None and not want_lp:
-            raise LineError("top_logprobs needs logprobs to be true", "invalid_value",
-                            "top_logprobs")
-        lp = (top or 0) if want_lp else None
-        field_ = ("max_completion_tokens" if body.get("max_completion_tokens") is not None
-                  else "max_tokens")
-        params = self._params(body, body.get(field_), field_, lp)
-        if self.tokenizer is None:
-            raise LineError("this model has no tokenizer, so no chat template: use "
-                            "/v1/completions with token ids", "invalid_value", "messages")
-        try:
-            ids = self.llm.chat_prompt(messages,
-                                       self._bool(body, "add_generation_prompt", True))
-        except Exception as e:  # noqa: BLE001 - template errors are the request's fault
-            raise LineError(f"could not apply the chat template: {type(e).__name__}: {e}",
-                            "invalid_value", "messages") from None
-        if not ids:
-            raise LineError("the rendered chat prompt is empty", "invalid_value", "messages")
-        self._check_length(ids, params, "messages")
+        messages = P.chat_messages(body)
+        lp = P.chat_top_logprobs(body)
+        params = self._params(body, *P.chat_max_tokens(body), lp)
+        ids = P.chat_prompt_ids(self.llm, messages,
+                                P.get_bool(body, "add_generation_prompt", True))
+        P.check_length(ids, params, self.max_model_len, "messages")
         return _Job(line, custom_id, True, model, params, [ids], [None],
-                    return_token_ids=self._bool(body, "return_token_ids"), logprobs=lp)
-
-    def _messages(self, body) -> list[dict]:
-        msgs = body.get("messages")
-        if msgs is None:
-            raise LineError("messages is required", "missing_required_parameter", "messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise LineError("messages must be a non-empty array", "invalid_value", "messages")
-        out = []
-        for i, m in enumerate(msgs):
-            where = f"messages[{i}]"
-            if not isinstance(m, dict):
-                raise LineError(f"{where} must be an object, got {_jtype(m)}", "invalid_type",
-                                where)
-            role = m.get("role")
-            if role not in CHAT_ROLES:
-                raise LineError(f"{where}.role must be one of {list(CHAT_ROLES)}, got {role!r}",
-                                "invalid_value", f"{where}.role")
-            content = m.get("content")
-            if isinstance(content, list):
-                parts = []
-                for part in content:
-                    if not (isinstance(part, dict) and part.get("type") == "text"
-                            and isinstance(part.get("text"), str)):
-                        raise LineError(f"{where}.content parts must be text parts "
-                                        f'{{"type": "text", "text": ...}}', "invalid_value",
-                                        f"{where}.content")
-                    parts.append(part["text"])
-                content = "".join(parts)
-            elif content is None and role == "assistant":
-                content = ""
-            elif not isinstance(content, str):
-                raise LineError(f"{where}.content must be a string or an array of text parts",
-                                "invalid_type", f"{where}.content")
-            msg = {k: v for k, v in m.items() if k not in ("role", "content")}
-            msg.update(role=role, content=content)
-            out.append(msg)
-        return out
+                    return_token_ids=P.get_bool(body, "return_token_ids", False), logprobs=lp)
 
 
 # ------------------------------------------------------------------------------ input
@@ -495,35 +286,30 @@ def _read_lines(path: str) -> Iterator[tuple[int, bytes]]:
 
 
 def _envelope(line: int, raw: bytes) -> tuple[Any, dict]:
-    """Parse one input line -> (custom_id, record). LineError(status=None) if unusable."""
+    """Parse one input line -> (custom_id, record). LineError if unusable."""
     try:
-        rec = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:
-        raise LineError(f"line {line} is not valid JSON: {str(e)[:200]}", "invalid_json",
-                        status=None) from None
-    if not isinstance(rec, dict):
-        raise LineError(f"line {line} must be a JSON object, got {_jtype(rec)}", "invalid_json",
-                        status=None)
+        rec = P.parse_json(raw, f"line {line}")
+    except APIError as e:
+        raise LineError(e.message, "invalid_json") from None
     cid = rec.get("custom_id")
     if not isinstance(cid, str) or not cid:
-        raise LineError(f"custom_id must be a non-empty string, got {_jtype(cid)}",
-                        "invalid_custom_id", "custom_id", status=None)
+        raise LineError(f"custom_id must be a non-empty string, got {P.jtype(cid)}",
+                        "invalid_custom_id", "custom_id")
     return cid, rec
 
 
 def _check_route(rec: dict) -> tuple[str, dict]:
     method = rec.get("method", "POST")
     if not isinstance(method, str) or method.upper() != "POST":
-        raise LineError(f"method must be POST, got {method!r}", "invalid_method", "method",
-                        status=None)
+        raise LineError(f"method must be POST, got {method!r}", "invalid_method", "method")
     url = rec.get("url")
     if url not in URLS:
         raise LineError(f"unsupported url {url!r}: expected one of {list(URLS)}", "invalid_url",
-                        "url", status=None)
+                        "url")
     body = rec.get("body")
     if not isinstance(body, dict):
-        raise LineError(f"body must be a JSON object, got {_jtype(body)}", "invalid_body",
-                        "body", status=None)
+        raise LineError(f"body must be a JSON object, got {P.jtype(body)}", "invalid_body",
+                        "body")
     return url, body
 
 
@@ -550,7 +336,7 @@ def run_batch(llm, input_path: str, output_path: str, progress: bool = True, *,
     counts = {"total": total, "skipped": 0, "completed": 0, "failed": 0, "written": 0}
     parser = _Parser(llm, model_name, default_model)
     engine = llm.engine
-    tt = _TokenText(llm.tokenizer)
+    tt = P.TokenText(llm.tokenizer)
     writer = _Writer(output_path)
     bar = None
     if progress:
@@ -577,7 +363,7 @@ def run_batch(llm, input_path: str, output_path: str, progress: bool = True, *,
             cid, rec = _envelope(line, raw)
             if cid in seen:
                 raise LineError(f"duplicate custom_id {cid!r} (first used on an earlier line)",
-                                "duplicate_custom_id", "custom_id", status=None)
+                                "duplicate_custom_id", "custom_id")
             seen.add(cid)
         except LineError as e:
             if line in done_lines:
@@ -600,8 +386,8 @@ def run_batch(llm, input_path: str, output_path: str, progress: bool = True, *,
             except (ValueError, TypeError) as e:
                 for r in rids:
                     engine.abort_request(r)
-                raise LineError(str(e), "invalid_value") from None
-        except LineError as e:
+                raise APIError(str(e), code="invalid_value") from None
+        except APIError as e:
             emit(_error_record(line, cid, e), False)
             return
         job.request_ids = rids

@@ -85,7 +85,8 @@ def _make_llm(args, max_num_seqs: int, warmup: bool = True):
               max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               quantization=args.quantization, num_pages=args.num_pages,
               gpu_memory_utilization=args.gpu_memory_utilization,
-              decode_steps=args.decode_steps)
+              decode_steps=args.decode_steps, kv_cache_dtype=args.kv_cache_dtype,
+              mesh=args.mesh)
     if warmup:
         start = time.perf_counter()
         n = llm.warmup()
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="random:llama3-8b")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--quantization", default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | bfloat16 | ...")
+    ap.add_argument("--mesh", default=None, help="e.g. tp=8 (tensor parallel over GPUs)")
     ap.add_argument("--batch", default="1", help="latency: comma-separated batch sizes")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)

@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from imp_jax.cache import KVCache
 from imp_jax.engine.llm_engine import LLMEngine, RequestOutput
 from imp_jax.engine.sequence import Sequence as EngineSequence
 from imp_jax.loaders import LoadedModel, load_model
@@ -24,6 +26,18 @@ Prompt = str | Sequence[int]
 
 # Sampling defaults a model's generation_config.json may set (vLLM reads the same keys).
 _GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+KV_CACHE_DTYPES = ("auto", "fp8", "bfloat16", "float16", "float32")
+
+
+def _kv_cache_dtype(name: str, model_dtype):
+    """"auto" = the model's dtype; "fp8" = float8_e4m3fn pages with per-token, per-head scales."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {name!r}")
+    if name == "auto":
+        return jnp.dtype(model_dtype)
+    return jnp.dtype(jnp.float8_e4m3fn if name == "fp8" else name)
 
 
 def enable_compilation_cache() -> None:
@@ -64,6 +78,8 @@ class LLM:
         `gpu_memory_utilization` of free device memory holds.
       max_num_seqs / max_num_batched_tokens: per-step batch limits of the scheduler.
       quantization: None, "fp8", "fp8-weight-only" or "int8" (weights quantized at load time).
+      kv_cache_dtype: "auto" (the model's dtype) or "fp8" (e4m3 pages + per-token scales: about
+        half the KV memory of bf16), or a float dtype name.
       decode_steps: decode steps per compiled call when only decodes run (one host sync per
         block instead of per token; tokens past a stop inside a block are dropped).
       mesh: run tensor / data parallel: a jax.sharding.Mesh from imp_jax.sharding.make_mesh, or
@@ -76,8 +92,9 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 1024, enable_prefix_caching: bool = True,
                  long_prefill_token_threshold: int = 0, attn_impl: str = "auto",
-                 quantization: str | None = None, decode_steps: int = 1,
-                 loaded: LoadedModel | None = None, mesh=None, sharding_rules=None):
+                 quantization: str | None = None, kv_cache_dtype: str = "auto",
+                 decode_steps: int = 1, loaded: LoadedModel | None = None, mesh=None,
+                 sharding_rules=None):
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -111,8 +128,9 @@ class LLM:
             raise ValueError(f"max_model_len must be in [1, {limit}] for this model, got "
                              f"{max_model_len}")
         dtype = jax.tree.leaves(self.model.params)[0].dtype
+        cache_dtype = _kv_cache_dtype(kv_cache_dtype, dtype)
         if num_pages is None:
-            per_token = None
+            per_token = KVCache.bytes_per_token(cfg, cache_dtype)
             if mesh is not None:
                 from imp_jax.sharding import memory_plan
 
@@ -124,7 +142,7 @@ class LLM:
         self.runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=page_size,
                                   max_model_len=max_model_len, dtype=dtype, attn_impl=attn_impl,
                                   max_num_seqs=max_num_seqs, mesh=mesh,
-                                  sharding_rules=sharding_rules)
+                                  sharding_rules=sharding_rules, cache_dtype=cache_dtype)
         self.tokenizer = self.model.tokenizer
         eos = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set()
         gen_eos = self.model.generation_config.get("eos_token_id")

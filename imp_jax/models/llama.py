@@ -86,7 +86,8 @@ class Attention(nn.Module):
     attn_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, positions, k_pages, v_pages, meta: AttentionMetadata):
+    def __call__(self, x, positions, pools: tuple, meta: AttentionMetadata):
+        """pools: this layer's (k_pages, v_pages, k_scale, v_scale); scales None unless FP8."""
         cfg = self.cfg
         q = Dense(cfg, name="q")(x)  # [T, heads, head_dim]
         k = Dense(cfg, name="k")(x)  # [T, kv_heads, head_dim]
@@ -96,10 +97,12 @@ class Attention(nn.Module):
             k = RMSNorm(cfg, name="k_norm")(k)
         inv_freq = rope_inv_freq(cfg)
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
-        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
+        pools = write_kv(*pools[:2], k, v, meta.slot_mapping, *pools[2:])
+        k_pages, v_pages, k_scale, v_scale = pools
         out = paged_attention(q, k_pages, v_pages, meta, scale=cfg.head_dim ** -0.5,
-                              sliding_window=cfg.sliding_window, impl=self.attn_impl)
-        return Dense(cfg, dims=2, name="o")(out), k_pages, v_pages
+                              sliding_window=cfg.sliding_window, impl=self.attn_impl,
+                              k_scale=k_scale, v_scale=v_scale)
+        return Dense(cfg, dims=2, name="o")(out), pools
 
 
 class MLP(nn.Module):
@@ -117,14 +120,14 @@ class Block(nn.Module):
     attn_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, positions, k_pages, v_pages, meta):
+    def __call__(self, x, positions, pools, meta):
         with jax.named_scope("attention"):
-            h, k_pages, v_pages = Attention(self.cfg, self.attn_impl, name="attn")(
-                RMSNorm(self.cfg, name="attn_norm")(x), positions, k_pages, v_pages, meta)
+            h, pools = Attention(self.cfg, self.attn_impl, name="attn")(
+                RMSNorm(self.cfg, name="attn_norm")(x), positions, pools, meta)
         x = x + h
         with jax.named_scope("mlp"):
             x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
-        return x, k_pages, v_pages
+        return x, pools
 
 
 class Transformer(nn.Module):
@@ -139,20 +142,22 @@ class Transformer(nn.Module):
         cfg = self.cfg
         embed = Embed(cfg, name="embed")
         x = embed(tokens).astype(self.dtype)
-        new_k, new_v = [], []
+        layers = []
         for i in range(cfg.num_layers):
             with jax.named_scope(f"layer_{i}"):
-                x, k, v = Block(cfg, self.attn_impl, name=f"layers_{i}")(
-                    x, positions, cache.k[i], cache.v[i], meta)
-            new_k.append(k)
-            new_v.append(v)
+                x, pools = Block(cfg, self.attn_impl, name=f"layers_{i}")(
+                    x, positions, cache.layer(i), meta)
+            layers.append(pools)
+        k, v, k_scale, v_scale = (list(t) for t in zip(*layers))
+        cache = KVCache(k, v, None if cache.k_scale is None else k_scale,
+                        None if cache.k_scale is None else v_scale)
         x = RMSNorm(cfg, name="final_norm")(x[meta.logits_indices])
         with jax.named_scope("lm_head"):
             if cfg.tie_word_embeddings:
                 logits = embed.attend(x)
             else:
                 logits = Dense(cfg, name="lm_head")(x)
-        return logits.astype(jnp.float32), KVCache(new_k, new_v)
+        return logits.astype(jnp.float32), cache
 
 
 class Embed(nn.Module):

@@ -235,35 +235,6 @@ def _check_model(state: ServerState, body: dict) -> str:
     return m
 
 
-def _defaults(state: ServerState) -> dict:
-    gen = state.llm.model.generation_config or {}
-    return {k: gen[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-            if gen.get(k) is not None}
-
-
-def _encode(state: ServerState, prompt, add_special_tokens: bool) -> list[int]:
-    if isinstance(prompt, str):
-        if state.tokenizer is None:
-            raise P.APIError("this model has no tokenizer: send token ids", param="prompt")
-        return state.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-    bad = [t for t in prompt if not 0 <= t < state.vocab]
-    if bad:
-        raise P.APIError(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                         f"[0, {state.vocab})", param="prompt", code="invalid_value")
-    return list(prompt)
-
-
-def _check_length(state: ServerState, ids: list[int], params: SamplingParams, param: str):
-    need = len(ids) + (params.max_tokens if params.max_tokens is not None else 1)
-    if need > state.max_model_len:
-        gen = params.max_tokens if params.max_tokens is not None else 1
-        raise P.APIError(
-            f"This model's maximum context length is {state.max_model_len} tokens. However, "
-            f"you requested {need} tokens ({len(ids)} in the {param}, {gen} in the "
-            f"completion). Please reduce the length of the {param} or completion.",
-            param=param, code="context_length_exceeded")
-
-
 async def _submit_all(state: ServerState, prompts_ids: list[list[int]], params: SamplingParams,
                       base_id: str) -> tuple[list[str], list[AsyncIterator]]:
     rids, its = [], []
@@ -378,16 +349,16 @@ async def _completions(state: ServerState, request: Request, body: dict):
     opts.return_token_ids = P.get_bool(body, "return_token_ids", False)
     opts.tokens_as_ids = P.get_bool(body, "return_tokens_as_token_ids", False)
     add_special = P.get_bool(body, "add_special_tokens", True)
-    params = P.sampling_params(body, _defaults(state), max_tokens=max_tokens,
-                               max_tokens_default=None, logprobs=lp, prompt_logprobs=plp,
-                               drop_output=opts.drop_output)
+    defaults = P.sampling_defaults(state.llm.model.generation_config)
+    params = P.sampling_params(body, defaults, max_tokens=max_tokens, max_tokens_default=None,
+                               logprobs=lp, prompt_logprobs=plp, drop_output=opts.drop_output)
     if opts.drop_output and params.min_tokens:
         raise P.APIError("min_tokens must be 0 when max_tokens is 0", param="min_tokens")
-    ids_list = [_encode(state, p, add_special) for p in prompts]
+    ids_list = [P.encode_prompt(state.tokenizer, state.vocab, p, add_special) for p in prompts]
     for ids in ids_list:
         if not ids:
             raise P.APIError("prompt is empty after tokenization", param="prompt")
-        _check_length(state, ids, params, "prompt")
+        P.check_length(ids, params, state.max_model_len, "prompt")
     base = f"cmpl-{uuid.uuid4().hex}"
     created = P.now()
     rids, its = await _submit_all(state, ids_list, params, base)
@@ -517,31 +488,16 @@ async def _chat(state: ServerState, request: Request, body: dict):
     opts = P.Options(model)
     P.stream_opts(body, opts)
     messages = P.chat_messages(body)
-    want_lp = P.get_bool(body, "logprobs", False)
-    top = P.get_int(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
-    if top is not None and not want_lp:
-        raise P.APIError("top_logprobs needs logprobs to be true", param="top_logprobs",
-                         code="invalid_value")
-    lp = (top or 0) if want_lp else None
-    field = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
-        else "max_tokens"
-    max_tokens = P.get_int(body, field, None, lo=1)
+    lp = P.chat_top_logprobs(body)
+    field, max_tokens = P.chat_max_tokens(body)
     opts.return_token_ids = P.get_bool(body, "return_token_ids", False)
     opts.tokens_as_ids = P.get_bool(body, "return_tokens_as_token_ids", False)
     opts.add_generation_prompt = P.get_bool(body, "add_generation_prompt", True)
-    params = P.sampling_params(body, _defaults(state), max_tokens_field=field,
-                               max_tokens=max_tokens, max_tokens_default=None, logprobs=lp)
-    if state.tokenizer is None:
-        raise P.APIError("this model has no tokenizer, so no chat template: use /v1/completions "
-                         "with token ids")
-    try:
-        ids = state.llm.chat_prompt(messages, opts.add_generation_prompt)
-    except Exception as e:  # noqa: BLE001 - template errors are the request's fault
-        raise P.APIError(f"could not apply the chat template: {type(e).__name__}: {e}",
-                         param="messages", code="invalid_value") from None
-    if not ids:
-        raise P.APIError("the rendered chat prompt is empty", param="messages")
-    _check_length(state, ids, params, "messages")
+    defaults = P.sampling_defaults(state.llm.model.generation_config)
+    params = P.sampling_params(body, defaults, max_tokens_field=field, max_tokens=max_tokens,
+                               max_tokens_default=None, logprobs=lp)
+    ids = P.chat_prompt_ids(state.llm, messages, opts.add_generation_prompt)
+    P.check_length(ids, params, state.max_model_len, "messages")
     base = f"chatcmpl-{uuid.uuid4().hex}"
     created = P.now()
     rids, its = await _submit_all(state, [ids], params, base)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from imp_jax.sampling import SamplingParams
+from imp_jax.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # samples per request
 MAX_PROMPTS = 1024  # prompts in one /v1/completions request
@@ -52,23 +52,23 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 # --------------------------------------------------------------------------------------------
 
 
-def parse_json(raw: bytes) -> dict:
+def parse_json(raw: bytes, what: str = "the request body") -> dict:
+    """`raw` as a JSON object; APIError(code="invalid_json") naming `what` otherwise."""
     if not raw.strip():
-        raise APIError("the request body is empty: expected a JSON object", code="invalid_json")
+        raise APIError(f"{what} is empty: expected a JSON object", code="invalid_json")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise APIError("the request body is not valid UTF-8", code="invalid_json") from None
+        raise APIError(f"{what} is not valid UTF-8", code="invalid_json") from None
     try:
         body = json.loads(text, parse_constant=_reject_constant)
     except APIError:
         raise
     except (ValueError, RecursionError) as e:
-        raise APIError(f"could not parse the request body as JSON: {str(e)[:200]}",
+        raise APIError(f"could not parse {what} as JSON: {str(e)[:200]}",
                        code="invalid_json") from None
     if not isinstance(body, dict):
-        raise APIError(f"the request body must be a JSON object, got {_jtype(body)}",
-                       code="invalid_json")
+        raise APIError(f"{what} must be a JSON object, got {jtype(body)}", code="invalid_json")
     return body
 
 
@@ -77,26 +77,20 @@ def _reject_constant(name: str):
                    code="invalid_json")
 
 
-def _jtype(v: Any) -> str:
+def jtype(v: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
     if v is None:
         return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, list):
-        return "array"
-    if isinstance(v, dict):
-        return "object"
+    for t, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                    (list, "array"), (dict, "object")):  # bool before int: bool is an int
+        if isinstance(v, t):
+            return name
     return type(v).__name__
 
 
 def _bad_type(name: str, want: str, v: Any) -> APIError:
-    return APIError(f"{name} must be {want}, got {_jtype(v)}", param=name, code="invalid_type")
+    return APIError(f"{name} must be {want}, got {jtype(v)}", param=name, code="invalid_type")
+
 
 
 def get_bool(body: dict, name: str, default: bool) -> bool:
@@ -146,6 +140,8 @@ def get_str(body: dict, name: str, default: str | None = None) -> str | None:
 # Sampling parameters
 # --------------------------------------------------------------------------------------------
 
+# generation_config keys that become a request's sampling defaults
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 # request field -> SamplingParams field (numbers validated by SamplingParams itself)
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty")
@@ -168,6 +164,12 @@ class Options:
     tokens_as_ids: bool = False
     add_generation_prompt: bool = True
     extra: dict = field(default_factory=dict)
+
+
+def sampling_defaults(generation_config: dict | None) -> dict:
+    """The model's generation_config values that a request's sampling fields override."""
+    gen = generation_config or {}
+    return {k: gen[k] for k in GENERATION_KEYS if gen.get(k) is not None}
 
 
 def sampling_params(body: dict, defaults: dict, *, max_tokens_field: str = "max_tokens",
@@ -232,6 +234,23 @@ def sampling_params(body: dict, defaults: dict, *, max_tokens_field: str = "max_
                        code="invalid_value") from None
 
 
+def chat_top_logprobs(body: dict) -> int | None:
+    """Chat logprobs / top_logprobs -> how many top alternatives to return (None: no logprobs)."""
+    want = get_bool(body, "logprobs", False)
+    top = get_int(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    if top is not None and not want:
+        raise APIError("top_logprobs needs logprobs to be true", param="top_logprobs",
+                       code="invalid_value")
+    return (top or 0) if want else None
+
+
+def chat_max_tokens(body: dict) -> tuple[str, int | None]:
+    """(the field that sets it, max tokens): max_completion_tokens, else max_tokens."""
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    return name, get_int(body, name, None, lo=1)
+
+
 def stream_opts(body: dict, opts: Options) -> None:
     opts.stream = get_bool(body, "stream", False)
     so = body.get("stream_options")
@@ -270,7 +289,7 @@ def completion_prompts(body: dict) -> list[str | list[int]]:
                 prompts.append(list(q))
             else:
                 raise APIError(f"prompt[{i}] must be a string or an array of token ids, got "
-                               f"{_jtype(q)}", param="prompt", code="invalid_type")
+                               f"{jtype(q)}", param="prompt", code="invalid_type")
     elif isinstance(p, list):
         raise APIError("prompt must not be empty", param="prompt", code="invalid_value")
     else:
@@ -297,7 +316,7 @@ def chat_messages(body: dict) -> list[dict]:
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise APIError(f"{where} must be an object, got {_jtype(m)}", param=where,
+            raise APIError(f"{where} must be an object, got {jtype(m)}", param=where,
                            code="invalid_type")
         role = m.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
@@ -321,11 +340,55 @@ def chat_messages(body: dict) -> list[dict]:
             content = ""
         elif not isinstance(content, str):
             raise APIError(f"{where}.content must be a string or an array of text parts, got "
-                           f"{_jtype(content)}", param=f"{where}.content", code="invalid_type")
+                           f"{jtype(content)}", param=f"{where}.content", code="invalid_type")
         msg = {k: v for k, v in m.items() if k not in ("role", "content")}
         msg.update(role=role, content=content)
         out.append(msg)
     return out
+
+
+def encode_prompt(tokenizer, vocab_size: int, prompt: str | list[int],
+                  add_special_tokens: bool) -> list[int]:
+    """A prompt from completion_prompts -> token ids (token ids are checked against the vocab)."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise APIError("this model has no tokenizer: send token ids", param="prompt",
+                           code="invalid_value")
+        return tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                       f"[0, {vocab_size})", param="prompt", code="invalid_value")
+    return list(prompt)
+
+
+def check_length(ids: list[int], params: SamplingParams, max_model_len: int,
+                 param: str) -> None:
+    """400 context_length_exceeded when the prompt plus max_tokens do not fit the model."""
+    gen = params.max_tokens if params.max_tokens is not None else 1
+    need = len(ids) + gen
+    if need > max_model_len:
+        raise APIError(
+            f"This model's maximum context length is {max_model_len} tokens. However, "
+            f"you requested {need} tokens ({len(ids)} in the {param}, {gen} in the "
+            f"completion). Please reduce the length of the {param} or completion.",
+            param=param, code="context_length_exceeded")
+
+
+def chat_prompt_ids(llm, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """chat_messages -> prompt token ids through the model's chat template."""
+    if llm.tokenizer is None:
+        raise APIError("this model has no tokenizer, so no chat template: use /v1/completions "
+                       "with token ids", param="messages", code="invalid_value")
+    try:
+        ids = llm.chat_prompt(messages, add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - template errors are the request's fault
+        raise APIError(f"could not apply the chat template: {type(e).__name__}: {e}",
+                       param="messages", code="invalid_value") from None
+    if not ids:
+        raise APIError("the rendered chat prompt is empty", param="messages",
+                       code="invalid_value")
+    return ids
 
 
 # --------------------------------------------------------------------------------------------
