@@ -261,6 +261,40 @@ def check_hlo():
     return out
 
 
+def check_load_into_shards():
+    """HF safetensors (single file and sharded) load straight into their shards: every weight that
+    the rules split has per-device pieces smaller than the whole, placed on all 8 devices."""
+    import jax
+    import numpy as np
+
+    from imp_jax import sharding
+    from imp_jax.loaders import load_model
+
+    mesh = _mesh(4, 2)
+    rules = sharding.tensor_parallel()
+    fn = lambda cfg: sharding.param_shardings(cfg, mesh, rules)  # noqa: E731
+    out = {}
+    for source in (os.path.join(DATA, "tiny", "qwen3"), os.path.join(DATA, "tiny", "llama3")):
+        m = load_model(source, "float32", shardings=fn)
+        want = fn(m.cfg)
+        split = 0
+        for path, leaf in jax.tree_util.tree_leaves_with_path(m.params):
+            target = want
+            for k in path:
+                target = target[k.key]
+            assert leaf.sharding.is_equivalent_to(target, leaf.ndim), (path, leaf.sharding)
+            shard = leaf.addressable_shards[0].data.shape
+            assert len(leaf.addressable_shards) == 8
+            split += int(np.prod(shard) < np.prod(leaf.shape))
+        assert split > 0
+        out[source] = split
+    ref = load_model(os.path.join(DATA, "tiny", "qwen3"), "float32").params
+    got = load_model(os.path.join(DATA, "tiny", "qwen3"), "float32", shardings=fn).params
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    return out
+
+
 def main(out_path: str) -> None:
     t0 = time.time()
     results = {}
@@ -284,6 +318,7 @@ def main(out_path: str) -> None:
         record(case[0], check_equivalence, *case, baselines)
     record("hlo", check_hlo)
     record("memory_plan", check_memory_plan)
+    record("load_into_shards", check_load_into_shards)
     results["_total_seconds"] = round(time.time() - t0, 2)
     results["_total_cpu_seconds"] = round(time.process_time(), 2)
     with open(out_path, "w") as f:
@@ -339,6 +374,10 @@ def test_sharded_logits_and_greedy_equal_single_device(results, case):
 
 def test_decode_hlo_has_megatron_all_reduces_and_no_weight_all_gather(results):
     _assert_ok(results, "hlo")
+
+
+def test_weights_load_straight_into_their_shards(results):
+    assert _assert_ok(results, "load_into_shards")
 
 
 def test_memory_plan_matches_placed_shards(results):

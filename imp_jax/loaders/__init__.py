@@ -27,9 +27,10 @@ class LoadedModel:
 
 
 def load_model(model: str, dtype=None, shardings=None) -> LoadedModel:
-    """shardings: optional `cfg -> NamedSharding tree` (imp_jax.sharding.param_shardings); an
-    orbax checkpoint is then restored straight into those shards. Other formats load on the
-    default device and are re-placed by the runner."""
+    """shardings: optional `cfg -> NamedSharding tree` (imp_jax.sharding.param_shardings): every
+    format then places each weight straight into its shards (orbax restores into them; GGUF and
+    safetensors go host -> shards; random weights are generated sharded), so no device ever
+    holds a whole copy of a model that only fits across several."""
     from checkpoints.presets import PRESETS, SHAPES, resolve_preset
     from imp_jax.tokenizer import Tokenizer
 
@@ -43,11 +44,13 @@ def load_model(model: str, dtype=None, shardings=None) -> LoadedModel:
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
         cfg = SHAPES[shape]
-        return LoadedModel(cfg, init_params(cfg, jax.random.key(0), dtype), None, {}, model)
+        init = jax.jit(lambda key: init_params(cfg, key, dtype),
+                       out_shardings=shardings(cfg) if shardings is not None else None)
+        return LoadedModel(cfg, init(jax.random.key(0)), None, {}, model)
     if os.path.isfile(model) and model.endswith(".gguf"):
         from imp_jax.loaders.gguf_file import load_gguf
 
-        cfg, params, meta = load_gguf(model, dtype)
+        cfg, params, meta = load_gguf(model, dtype, shardings)
         return LoadedModel(cfg, params, Tokenizer.from_gguf(meta), {}, model)
     if os.path.isdir(model):
         from imp_jax.loaders import orbax_ckpt
@@ -58,7 +61,7 @@ def load_model(model: str, dtype=None, shardings=None) -> LoadedModel:
                                meta.get("generation_config", {}), model)
         from imp_jax.loaders.hf_dir import load_hf_dir
 
-        cfg, params = load_hf_dir(model, dtype)
+        cfg, params = load_hf_dir(model, dtype, shardings)
         gen = read_json(os.path.join(model, "generation_config.json")) or {}
         return LoadedModel(cfg, params, Tokenizer.from_dir(model), gen, model)
     raise ValueError(

@@ -63,7 +63,8 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def load_gguf(path: str, dtype) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+def load_gguf(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str, Any],
+                                                        dict[str, Any]]:
     """(config, params, metadata) from a GGUF file."""
     from gguf import GGMLQuantizationType, quants
 
@@ -96,5 +97,5 @@ def load_gguf(path: str, dtype) -> tuple[ModelConfig, dict[str, Any], dict[str, 
                 w = unpermute_rope(w, heads)
         return w
 
-    params = build_params(cfg, get, lambda n: n in by_hf, path, dtype)
+    params = build_params(cfg, get, lambda n: n in by_hf, path, dtype, shardings)
     return cfg, params, meta

@@ -33,13 +33,13 @@ def _safetensors_files(path: str) -> dict[str, str]:
 
 def _open(file: str, safe_open):
     try:
-        # "flax" returns jax arrays: numpy has no bfloat16, and most checkpoints are bf16.
-        return safe_open(file, framework="flax")
+        # numpy (host) arrays; bf16 comes back as ml_dtypes.bfloat16
+        return safe_open(file, framework="numpy")
     except Exception as e:
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
-def load_hf_dir(path: str, dtype) -> tuple[ModelConfig, dict[str, Any]]:
+def load_hf_dir(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str, Any]]:
     from safetensors import safe_open
 
     config_path = os.path.join(path, "config.json")
@@ -61,4 +61,4 @@ def load_hf_dir(path: str, dtype) -> tuple[ModelConfig, dict[str, Any]]:
             raise ValueError(f"{file}: cannot read tensor {name} ({e}); is the file truncated?") \
                 from e
 
-    return cfg, build_params(cfg, get, lambda n: n in where, path, dtype)
+    return cfg, build_params(cfg, get, lambda n: n in where, path, dtype, shardings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,27 +55,39 @@ def source_shape(path: tuple[str, ...], spec: ArraySpec) -> tuple[int, ...]:
     return (int(np.prod(spec.shape)) // n_in, n_in)
 
 
-def to_param(arr, path: tuple[str, ...], spec: ArraySpec, dtype, name: str, source: str):
-    """Check a checkpoint tensor against its spec and bring it into our layout and dtype."""
+def to_param(arr, path: tuple[str, ...], spec: ArraySpec, dtype, name: str,
+             source: str) -> np.ndarray:
+    """Check a checkpoint tensor against its spec and bring it into our layout and dtype, on the
+    host: nothing reaches a device until `place` puts it (whole, or only each device's shard)."""
     expected = source_shape(path, spec)
     if tuple(arr.shape) != tuple(expected):
         raise ValueError(f"{source}: tensor {name} has shape {tuple(arr.shape)}, expected "
                          f"{tuple(expected)} for params {spec.axes}")
-    x = jnp.asarray(arr)
+    x = np.asarray(arr)
     if spec.contract:  # [out, in] -> [in..., out...]
         x = x.T
-    return x.reshape(spec.shape).astype(dtype)
+    return np.ascontiguousarray(x.reshape(spec.shape).astype(np.dtype(dtype)))
 
 
 def build_params(cfg: ModelConfig, get: Callable[[str], Any], has: Callable[[str], bool],
-                 source: str, dtype) -> dict[str, Any]:
-    """Assemble the params pytree from a checkpoint given by `get(hf_name)` / `has(hf_name)`."""
+                 source: str, dtype, shardings=None) -> dict[str, Any]:
+    """Assemble the params pytree from a checkpoint given by `get(hf_name)` / `has(hf_name)`.
+
+    `shardings` (a `cfg -> NamedSharding tree` callable): each weight goes from host memory
+    straight into its shards, so a model larger than one device never sits whole on one."""
+    tree = shardings(cfg) if shardings is not None else None
 
     def load(path, spec):
         name = hf_name(path)
         if not has(name):
             raise ValueError(f"{source}: missing tensor {name} (needed for "
                              f"{'/'.join(path)}, shape {source_shape(path, spec)})")
-        return to_param(get(name), path, spec, dtype, name, source)
+        x = to_param(get(name), path, spec, dtype, name, source)
+        if tree is None:
+            return jnp.asarray(x)
+        sharding = tree
+        for key in path:
+            sharding = sharding[key]
+        return jax.device_put(x, sharding)
 
     return map_specs(load, param_specs(cfg))
