@@ -10,7 +10,12 @@ Timing: each timed jit runs N calls back to back (unrolled, each on a different 
 pool large enough that N calls do not fit in L2), warm-up first, then the median of `reps` runs;
 time per call = median / N. Achieved bandwidth counts K+V bytes read once (the floor).
 
-  PYTHONPATH=$PWD python benchmarks/kernels.py [--quick] [--out DIR]
+  PYTHONPATH=$PWD python benchmarks/kernels.py [--quick] [--out DIR] [--autotune [--cache F]]
+
+--autotune: per case, also run pallas_kernels.autotune.tune over the default candidates plus the
+sweep (same looped timing), and store the winner per (device kind, shape bucket) in the autotune
+cache ($IMP_JAX_AUTOTUNE_CACHE or ~/.cache/imp_jax/autotune.json; --cache overrides), which the
+kernel entry point then uses.
 
 Prints a table last and writes JSON to $OUT (or --out).
 """
@@ -32,7 +37,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pallas_kernels import choose_config, paged_attention_kernel, ragged_paged_attention_ref  # noqa
+from pallas_kernels import (autotune, choose_config, paged_attention_kernel,  # noqa
+                            ragged_paged_attention_ref)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -59,7 +65,7 @@ def rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def bench_case(B, ctx, page, *, reps, configs, run_ref, run_peer, key):
+def bench_case(B, ctx, page, *, reps, configs, run_ref, run_peer, key, tune=False):
     dtype = jnp.bfloat16
     pages_per_seq = ctx // page
     kv_bytes = 2 * B * ctx * KVH * D * 2
@@ -124,6 +130,27 @@ def bench_case(B, ctx, page, *, reps, configs, run_ref, run_peer, key):
         row.update(ours_us=best["us"], ours_tbs=best["tbs"], ours_cfg=best["cfg"],
                    ours_err=best["rel_err"])
 
+    if tune:
+        akey = autotune.make_key(q.shape, k_pages.shape, pts[0].shape, 1, q.dtype)
+        cands = autotune.default_candidates(akey)
+        cands += [akey.heuristic(**kw) for kw in configs]
+        jitted = {}
+
+        def run_fn(cfg):
+            if cfg not in jitted:
+                jitted[cfg] = looped(lambda q, kp, vp, pt, ln, cfg=cfg: paged_attention_kernel(
+                    q, kp, vp, pt, ln, qs, max_query_len=1, scale=scale, config=cfg))
+            return jitted[cfg](q, k_pages, v_pages, pts, lens)
+
+        won = autotune.tune(akey, cands, run_fn, reps=reps, calls_per_run=n_calls)
+        entry = autotune.load_cache().get(akey.id, {}) if won is not None else {}
+        row.update(tuned_key=akey.id, tuned_cfg=str(won), tuned_us=entry.get("us"),
+                   tuned_n=len(entry.get("timings_us", {})),
+                   tuned_failed=len(entry.get("failed", {})))
+        print(f"  autotune {akey.id}: {won} {entry.get('us')} us "
+              f"({row['tuned_n']} timed, {row['tuned_failed']} failed) -> {autotune.cache_path()}",
+              flush=True)
+
     if run_peer:
         try:
             kt = jnp.transpose(k_pages, (2, 0, 1, 3))
@@ -152,7 +179,13 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--autotune", action="store_true",
+                    help="tune each case's shape bucket and save the winner to the autotune cache")
+    ap.add_argument("--cache", default=None, help="autotune cache file (default: "
+                    "$IMP_JAX_AUTOTUNE_CACHE or ~/.cache/imp_jax/autotune.json)")
     args = ap.parse_args()
+    if args.cache:
+        os.environ[autotune.CACHE_ENV] = args.cache
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
     key = jax.random.PRNGKey(0)
 
@@ -180,7 +213,7 @@ def main():
         small = B * KVH < 132
         configs = sweep_small if (small and not args.quick) else sweep
         row = bench_case(B, ctx, page, reps=args.reps, configs=configs,
-                         run_ref=kv <= 2.2e9, run_peer=kv <= 9e9, key=sub)
+                         run_ref=kv <= 2.2e9, run_peer=kv <= 9e9, key=sub, tune=args.autotune)
         row["wall_s"] = time.time() - t0
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -188,6 +221,10 @@ def main():
             json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                            date=time.strftime("%Y-%m-%d"), rows=rows), f, indent=1)
 
+    if args.autotune:
+        print(f"\nautotune cache: {autotune.cache_path()}")
+        for r in rows:
+            print(f"  {r.get('tuned_key')}: {r.get('tuned_cfg')} {r.get('tuned_us')} us")
     print("\n| B | ctx | page | KV MB | ours us | ours TB/s | %ceil | peer us | peer TB/s | "
           "ref us | ref TB/s | err ours | best cfg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

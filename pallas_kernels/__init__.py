@@ -11,18 +11,34 @@ decode form (one query block holding all max_query_len tokens, split-K over page
 max_query_len * (H // KVH) <= 64, else in its prefill form (query blocks of ~64 rows, causal block
 skipping). Shapes the kernel does not cover (non power-of-two head_dim / group / page size) and
 non-GPU backends without interpret use `reference.ragged_paged_attention_ref`.
+
+Launch config: `autotune.lookup` of the static-shape bucket key (device kind, dtype, head_dim,
+group, page size, pow2 batch / context buckets, decode vs prefill) picks the cached autotuned
+winner (~/.cache/imp_jax/autotune.json or $IMP_JAX_AUTOTUNE_CACHE), else `choose_config`'s
+heuristic. With IMP_JAX_AUTOTUNE=1 a missing bucket is tuned once, at trace time.
 """
 
 from __future__ import annotations
 
 import jax
 
+from pallas_kernels import autotune
 from pallas_kernels.paged_decode import (KernelConfig, choose_config, paged_attention_kernel,
                                          paged_decode_attention, supported)
 from pallas_kernels.reference import ragged_paged_attention_ref
 
 __all__ = ["ragged_paged_attention", "ragged_paged_attention_ref", "paged_attention_kernel",
-           "paged_decode_attention", "KernelConfig", "choose_config", "supported"]
+           "paged_decode_attention", "KernelConfig", "choose_config", "supported", "autotune",
+           "kernel_config"]
+
+
+def kernel_config(q, k_pages, page_table, max_query_len: int, *, interpret: bool = False,
+                  soft_cap=None, sliding_window=None) -> KernelConfig:
+    """The launch config for these (static) shapes: cached autotuned winner, else heuristic."""
+    key = autotune.make_key(q.shape, k_pages.shape, page_table.shape, max_query_len, q.dtype)
+    autotune.maybe_tune(key, interpret=interpret, soft_cap=soft_cap,
+                        sliding_window=sliding_window)  # no-op unless IMP_JAX_AUTOTUNE=1
+    return autotune.lookup(key)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_start, *,
@@ -35,5 +51,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_star
     if not use_kernel or k_scale is not None:  # FP8 pages: the kernel does not read them yet
         return ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_start,
                                           k_scale=k_scale, v_scale=v_scale, **kwargs)
+    config = kernel_config(q, k_pages, page_table, max_query_len, interpret=interpret,
+                           soft_cap=soft_cap, sliding_window=sliding_window)
     return paged_attention_kernel(q, k_pages, v_pages, page_table, seq_lens, query_start,
-                                  interpret=interpret, **kwargs)
+                                  interpret=interpret, config=config, **kwargs)

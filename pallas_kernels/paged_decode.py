@@ -65,10 +65,13 @@ def supported(q_shape, k_shape) -> bool:
 
 def choose_config(S, KVH, G, max_query_len, max_pages, page_size, *, block_k_tokens=None,
                   num_warps=None, num_stages=None, target_programs=None, num_splits=None,
-                  prefetch_pages=True):
-    """Heuristic launch config. Every knob can be overridden (the benchmark sweeps them)."""
+                  prefetch_pages=True, block_q=None):
+    """Heuristic launch config. Every knob can be overridden (the benchmark sweeps them, the
+    autotuner re-applies cached winners through the overrides)."""
     Q = int(max_query_len)
-    if Q * G <= 64:                       # decode / spec-decode: one query block
+    if block_q is not None:               # override (autotuner), clamped to the query length
+        block_q = max(1, min(int(block_q), Q))
+    elif Q * G <= 64:                     # decode / spec-decode: one query block
         block_q = Q
     else:                                 # prefill: ~64 query rows per program
         block_q = max(1, 64 // G)

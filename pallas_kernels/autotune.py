@@ -1,0 +1,387 @@
+"""Autotuning of the paged-attention launch config, per (device kind, shape bucket).
+
+    key = make_key(q.shape, k_pages.shape, page_table.shape, max_query_len, q.dtype)  # static
+    cfg = lookup(key)            # cached winner, else choose_config's heuristic (cold start)
+    tune(key, candidates, run_fn)  # explicit: time each candidate, store the winner on disk
+
+* The key (`ShapeKey`) buckets a problem by device kind (jax.devices()[0].device_kind), dtype,
+  head_dim, group size G = H // KVH, KV heads, page size, power-of-two buckets of the batch
+  (page-table rows S) and of the max context (max_pages * page_size), and decode vs prefill
+  (max_query_len * G <= 64, the rule of `choose_config`). Everything comes from static shapes,
+  so the key is computed at trace time. The key object also carries the exact dims it was made
+  from (not part of its identity) so that `lookup` can rebuild a config for *this* shape.
+* The cache is one JSON file: $IMP_JAX_AUTOTUNE_CACHE, else ~/.cache/imp_jax/autotune.json.
+  Writes are atomic (temp file + os.replace, merged with what is on disk at write time). A
+  corrupt or unreadable file is ignored with a warning (treated as empty), never an error.
+* A cached winner is stored as its KernelConfig fields and re-applied through
+  `choose_config`'s overrides, so it is clamped to the exact shape (e.g. splits <= page blocks,
+  decode's block_q = max_query_len).
+* Tuning never runs silently in the hot path. It runs on an explicit `tune(...)` /
+  `tune_shape(...)` call (benchmarks/kernels.py --autotune), or, when IMP_JAX_AUTOTUNE=1, once
+  per missing bucket at *trace* time of the kernel entry point (`maybe_tune`, in a helper
+  thread: trace state is per thread), on synthetic inputs of the traced shape (e.g. during
+  `imp-jax bench` warm-up); never per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.paged_decode import KernelConfig, _next_pow2, choose_config
+
+log = logging.getLogger("imp_jax.autotune")
+
+CACHE_ENV = "IMP_JAX_AUTOTUNE_CACHE"
+ENABLE_ENV = "IMP_JAX_AUTOTUNE"
+CACHE_VERSION = 1
+DEFAULT_CACHE = os.path.join("~", ".cache", "imp_jax", "autotune.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Shape-bucket key
+# --------------------------------------------------------------------------------------------
+
+def bucket(x: int) -> int:
+    """Power-of-two bucket (next power of two >= x; 1 for x <= 1)."""
+    return _next_pow2(int(x))
+
+
+@dataclass(frozen=True)
+class ShapeKey:
+    device_kind: str
+    dtype: str
+    head_dim: int
+    group: int              # H // KVH
+    kv_heads: int
+    page_size: int
+    batch_bucket: int       # next pow2 of S (page-table rows)
+    ctx_bucket: int         # next pow2 of max_pages * page_size
+    mode: str               # "decode" | "prefill"
+    # exact dims of the problem the key was made from: not part of the identity
+    S: int = field(default=0, compare=False)
+    max_query_len: int = field(default=1, compare=False)
+    max_pages: int = field(default=1, compare=False)
+
+    @property
+    def id(self) -> str:
+        return (f"{self.device_kind}|{self.dtype}|D{self.head_dim}|G{self.group}|"
+                f"KVH{self.kv_heads}|page{self.page_size}|B{self.batch_bucket}|"
+                f"ctx{self.ctx_bucket}|{self.mode}")
+
+    def __str__(self) -> str:
+        return self.id
+
+    def heuristic(self, **overrides) -> KernelConfig:
+        """choose_config for the exact dims this key came from (overrides as in choose_config)."""
+        return choose_config(max(1, self.S), self.kv_heads, self.group, self.max_query_len,
+                             max(1, self.max_pages), self.page_size, **overrides)
+
+
+def device_kind() -> str:
+    try:
+        return str(jax.devices()[0].device_kind)
+    except Exception:  # noqa: BLE001 -- no backend: still a usable key
+        return "unknown"
+
+
+def make_key(q_shape, k_shape, page_table_shape, max_query_len: int, dtype,
+             *, kind: str | None = None) -> ShapeKey:
+    """Key of q [T,H,D], k_pages [P,page,KVH,D], page_table [S,max_pages] (static shapes)."""
+    _, H, D = (int(x) for x in q_shape)
+    _, page, KVH, _ = (int(x) for x in k_shape)
+    S, max_pages = (int(x) for x in page_table_shape)
+    G = H // KVH
+    Q = int(max_query_len)
+    return ShapeKey(device_kind=device_kind() if kind is None else kind,
+                    dtype=jnp.dtype(dtype).name, head_dim=D, group=G, kv_heads=KVH,
+                    page_size=page, batch_bucket=bucket(S), ctx_bucket=bucket(max_pages * page),
+                    mode="decode" if Q * G <= 64 else "prefill",
+                    S=S, max_query_len=Q, max_pages=max_pages)
+
+
+# --------------------------------------------------------------------------------------------
+# On-disk cache
+# --------------------------------------------------------------------------------------------
+
+def cache_path() -> str:
+    return os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+_memo: dict[str, tuple[Any, dict]] = {}   # path -> (stat signature, entries)
+_lock = threading.Lock()
+
+
+def _stat_sig(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _read(path: str) -> dict:
+    """Entries {key id: entry} of path: {} if missing, corrupt (warned) or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        warnings.warn(f"autotune cache {path} unreadable/corrupt, ignored: "
+                      f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=3)
+        return {}
+    if (not isinstance(data, dict) or not isinstance(data.get("entries"), dict)
+            or data.get("version") != CACHE_VERSION):
+        warnings.warn(f"autotune cache {path} has an unexpected layout/version, ignored",
+                      RuntimeWarning, stacklevel=3)
+        return {}
+    return {k: v for k, v in data["entries"].items() if isinstance(v, dict)}
+
+
+def load_cache(path: str | None = None) -> dict:
+    """All entries of the cache file (memoised on the file's mtime/size: cheap at trace time)."""
+    path = path or cache_path()
+    sig = _stat_sig(path)
+    with _lock:
+        hit = _memo.get(path)
+        if hit is not None and hit[0] == sig and sig is not None:
+            return hit[1]
+    entries = _read(path) if sig is not None else {}
+    with _lock:
+        _memo[path] = (sig, entries)
+    return entries
+
+
+def save_entry(key: ShapeKey | str, entry: dict, path: str | None = None) -> None:
+    """Merge one entry into the file (re-read at write time) and replace it atomically."""
+    path = path or cache_path()
+    kid = key.id if isinstance(key, ShapeKey) else str(key)
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    with _lock:
+        entries = dict(_read(path))
+        entries[kid] = entry
+        data = dict(version=CACHE_VERSION, entries=dict(sorted(entries.items())))
+        fd, tmp = tempfile.mkstemp(prefix=".autotune.", suffix=".tmp", dir=d)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _memo.pop(path, None)
+
+
+def _config_from_entry(entry: dict) -> KernelConfig | None:
+    try:
+        fields = {f.name for f in dataclasses.fields(KernelConfig)}
+        cfg = {k: v for k, v in entry["config"].items() if k in fields}
+        return KernelConfig(**cfg)
+    except Exception:  # noqa: BLE001 -- a bad entry is a miss
+        return None
+
+
+def cached(key: ShapeKey, path: str | None = None) -> KernelConfig | None:
+    """The stored winner of key's bucket as stored (not adapted to the exact shape), or None."""
+    entry = load_cache(path).get(key.id)
+    if entry is None:
+        return None
+    cfg = _config_from_entry(entry)
+    if cfg is None:
+        warnings.warn(f"autotune cache entry {key.id} is malformed, ignored", RuntimeWarning,
+                      stacklevel=2)
+    return cfg
+
+
+def adapt(key: ShapeKey, cfg: KernelConfig) -> KernelConfig:
+    """Re-apply a (bucket's) winner to key's exact dims through choose_config's overrides."""
+    over = dict(block_k_tokens=cfg.pages_per_block * key.page_size, num_splits=cfg.num_splits,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                prefetch_pages=cfg.prefetch_pages)
+    if key.mode == "prefill":
+        over["block_q"] = cfg.block_q
+    return key.heuristic(**over)
+
+
+def lookup(key: ShapeKey, path: str | None = None) -> KernelConfig:
+    """Config for the kernel: the cached winner of key's bucket if any, else the heuristic."""
+    cfg = cached(key, path)
+    if cfg is None:
+        return key.heuristic()
+    return adapt(key, cfg)
+
+
+def enabled() -> bool:
+    return os.environ.get(ENABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning
+# --------------------------------------------------------------------------------------------
+
+def time_candidate(run_fn: Callable[[Any], Any], cand, *, reps: int = 5, warmup: int = 1,
+                   timer: Callable[[], float] = time.perf_counter) -> float:
+    """Median seconds of run_fn(cand) over reps runs after warm-up (compile) runs."""
+    for _ in range(warmup):
+        jax.block_until_ready(run_fn(cand))
+    ts = []
+    for _ in range(max(1, reps)):
+        t0 = timer()
+        jax.block_until_ready(run_fn(cand))
+        ts.append(timer() - t0)
+    return statistics.median(ts)
+
+
+def tune(key: ShapeKey, candidates: Iterable[KernelConfig], run_fn: Callable[[KernelConfig], Any],
+         *, reps: int = 5, warmup: int = 1, timer: Callable[[], float] = time.perf_counter,
+         calls_per_run: int = 1, save: bool = True, path: str | None = None
+         ) -> KernelConfig | None:
+    """Time each candidate once (median of reps after warm-up), store and return the fastest.
+
+    run_fn(config) runs the kernel with that config and returns its output (blocked on).
+    Candidates that fail to compile or run are skipped (logged). calls_per_run: kernel calls
+    per run_fn call, only for the recorded microseconds. Returns None if every candidate failed
+    (nothing stored)."""
+    results: list[tuple[float, int, KernelConfig]] = []
+    failed: dict[str, str] = {}
+    seen = set()
+    for i, cand in enumerate(candidates):
+        if cand in seen:
+            continue
+        seen.add(cand)
+        try:
+            t = time_candidate(run_fn, cand, reps=reps, warmup=warmup, timer=timer)
+        except Exception as e:  # noqa: BLE001 -- compile/run failure: skip this candidate
+            msg = f"{type(e).__name__}: {str(e)[:300]}"
+            log.warning("autotune %s: candidate %s failed: %s", key.id, cand, msg)
+            failed[str(cand)] = msg
+            continue
+        log.info("autotune %s: %s %.1f us", key.id, cand, t / calls_per_run * 1e6)
+        results.append((t, i, cand))
+    if not results:
+        log.warning("autotune %s: every candidate failed; nothing stored", key.id)
+        return None
+    t_best, _, best = min(results, key=lambda r: (r[0], r[1]))
+    if save:
+        entry = dict(config=dataclasses.asdict(best), us=t_best / calls_per_run * 1e6,
+                     timings_us={str(c): t / calls_per_run * 1e6 for t, _, c in results},
+                     failed=failed, jax=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                     shape=dict(S=key.S, max_query_len=key.max_query_len,
+                                max_pages=key.max_pages))
+        try:
+            save_entry(key, entry, path)
+        except OSError as e:
+            log.warning("autotune: could not write cache %s: %s", path or cache_path(), e)
+    return best
+
+
+def default_candidates(key: ShapeKey) -> list[KernelConfig]:
+    """The heuristic plus variations of block size, splits, stages, warps and prefetch."""
+    h = key.heuristic()
+    bk = h.pages_per_block * key.page_size
+    over = [dict()]
+    for b in sorted({32, 64, 128} | {bk}):
+        for st in (2, 3):
+            over.append(dict(block_k_tokens=b, num_stages=st))
+    for sp in {max(1, h.num_splits // 2), h.num_splits * 2}:
+        over.append(dict(num_splits=sp))
+    over += [dict(prefetch_pages=False), dict(num_warps=8)]
+    if key.mode == "prefill":
+        over += [dict(block_q=max(1, 32 // key.group)), dict(block_q=max(1, 128 // key.group))]
+    out, seen = [], set()
+    for o in over:
+        cfg = key.heuristic(**o)
+        if cfg not in seen:
+            seen.add(cfg)
+            out.append(cfg)
+    return out
+
+
+def synthetic_inputs(key: ShapeKey, *, pool_bytes_max: float = 1.0e9, seed: int = 0):
+    """Random inputs of key's exact shape (pool capped at pool_bytes_max; ragged lengths)."""
+    import numpy as np
+
+    S, Q, mp, page = max(1, key.S), key.max_query_len, max(1, key.max_pages), key.page_size
+    H, D, KVH = key.group * key.kv_heads, key.head_dim, key.kv_heads
+    dtype = jnp.dtype(key.dtype)
+    page_bytes = 2 * page * KVH * D * dtype.itemsize
+    P = int(max(2, min(S * mp + 1, pool_bytes_max // page_bytes)))
+    rng = np.random.default_rng(seed)
+    ctx = mp * page
+    lens = rng.integers(max(Q, ctx // 2), ctx + 1, size=S).astype(np.int32)
+    lens[0] = ctx
+    pt = rng.integers(1, P, size=(S, mp)).astype(np.int32)
+    qs = np.arange(S + 1, dtype=np.int32) * Q
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(kq, (S * Q, H, D), dtype)
+    kp = jax.random.normal(kk, (P, page, KVH, D), dtype)
+    vp = jax.random.normal(kv, (P, page, KVH, D), dtype)
+    return q, kp, vp, jnp.asarray(pt), jnp.asarray(lens), jnp.asarray(qs)
+
+
+def tune_shape(key: ShapeKey, *, candidates: Sequence[KernelConfig] | None = None,
+               interpret: bool = False, reps: int = 5, soft_cap=None, sliding_window=None,
+               path: str | None = None) -> KernelConfig | None:
+    """Tune key's bucket on synthetic inputs of key's exact shape and store the winner."""
+    from pallas_kernels.paged_decode import paged_attention_kernel
+
+    args = synthetic_inputs(key)
+    scale = 1.0 / math.sqrt(key.head_dim)
+
+    def run_fn(cfg):
+        return paged_attention_kernel(*args, max_query_len=key.max_query_len, scale=scale,
+                                      soft_cap=soft_cap, sliding_window=sliding_window,
+                                      config=cfg, interpret=interpret)
+
+    cands = list(candidates) if candidates is not None else default_candidates(key)
+    return tune(key, cands, run_fn, reps=reps, path=path)
+
+
+_tried: set[str] = set()
+
+
+def maybe_tune(key: ShapeKey, **kw) -> None:
+    """With IMP_JAX_AUTOTUNE=1: tune key's bucket once per process if the cache lacks it.
+
+    Called by the entry point at trace time (not per step). JAX's trace state is per thread,
+    so the tuning runs eagerly in a helper thread (joined) on synthetic inputs, even while an
+    outer jit is tracing. Any failure (e.g. no memory for the synthetic pool next to the KV
+    cache) is logged and the heuristic is used."""
+    if not enabled() or key.id in _tried or cached(key) is not None:
+        return
+    _tried.add(key.id)
+    err: list[BaseException] = []
+
+    def work():
+        try:
+            tune_shape(key, **kw)
+        except Exception as e:  # noqa: BLE001 -- never fail the caller's trace over tuning
+            err.append(e)
+
+    log.info("autotune %s: tuning (IMP_JAX_AUTOTUNE=1)", key.id)
+    th = threading.Thread(target=work, name="imp_jax-autotune", daemon=True)
+    th.start()
+    th.join()
+    if err:
+        log.warning("autotune %s failed: %s: %s", key.id, type(err[0]).__name__,
+                    str(err[0])[:300])
