@@ -158,7 +158,10 @@ def _config_only(model: str):
     from imp_jax.config import ModelConfig
 
     if model.startswith("random:"):
-        return SHAPES[model[len("random:"):]]
+        shape = model[len("random:"):]
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
+        return SHAPES[shape]
     if model in PRESETS:
         model = resolve_preset(model)
     if model.endswith(".gguf"):

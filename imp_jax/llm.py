@@ -135,7 +135,8 @@ class LLM:
                 from imp_jax.sharding import memory_plan
 
                 per_token = memory_plan(cfg, mesh, sharding_rules, dtype, kv_pages=1,
-                                        page_size=page_size).kv_bytes_per_token
+                                        page_size=page_size,
+                                        cache_dtype=cache_dtype).kv_bytes_per_token
             num_pages = _pool_pages(cfg, page_size, np.dtype(dtype).itemsize,
                                     gpu_memory_utilization, max_model_len, max_num_seqs,
                                     per_token)
@@ -183,7 +184,14 @@ class LLM:
         """
         prompts = self._as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts), kwargs)
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(p, sp))
+        except BaseException:  # one bad prompt: queue none of them
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
@@ -257,8 +265,9 @@ class LLM:
         if len(ids) > self.runner.max_model_len:
             raise ValueError(f"{len(ids)} tokens exceed max_model_len {self.runner.max_model_len}")
         vocab = self.config.vocab_size
-        if not all(0 <= t < vocab for t in ids):
-            raise ValueError(f"token ids must be in [0, {vocab})")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         # Borrow pages from the engine's pool for the duration of the call.
         seq, bm = EngineSequence("logits", ids), self.engine.block_manager
         if not bm.can_allocate(seq, len(ids)):
@@ -287,7 +296,8 @@ class LLM:
             c_ids = self._encode(ctx)
             k_ids = self._encode(cont, add_special_tokens=False)
             if not c_ids or not k_ids:
-                raise ValueError("score needs a non-empty context and continuation")
+                raise ValueError(f"score pair {len(ids)}: context {ctx!r} and continuation "
+                                 f"{cont!r} must both be non-empty")
             rid = self.engine.add_request(c_ids + k_ids,
                                           SamplingParams(max_tokens=1, temperature=0,
                                                          prompt_logprobs=1),

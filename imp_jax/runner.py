@@ -52,6 +52,8 @@ def bucket(n: int, lo: int = 1, hi: int | None = None) -> int:
 
 # Rows of a prompt program on the kernel path (see ModelRunner._grouped_step).
 PROMPT_ROWS = 16
+# Columns of the banned-token array (EOS and stop ids before min_tokens).
+BANNED_WIDTH = 8
 
 
 def _pad_rows(tree, rows: int):
@@ -193,9 +195,10 @@ class ModelRunner:
             return outs[0]
         order = np.argsort(np.concatenate(groups))
         sample = None
-        if sampling is not None:
-            sample = jax.tree.map(lambda *xs: jnp.concatenate(
-                [x[:len(g)] for x, g in zip(xs, groups)])[order], *[o.sample for o in outs])
+        if sampling is not None:  # merged on the host: the caller reads the tokens right away
+            sample = jax.tree.map(lambda *xs: np.concatenate(
+                [np.asarray(x)[:len(g)] for x, g in zip(xs, groups)])[order],
+                *[o.sample for o in outs])
         offsets = np.zeros(len(seqs), np.int32)
         logits = None
         if any(o.logits is not None for o in outs):  # all-logits rows of several groups
@@ -204,9 +207,9 @@ class ModelRunner:
                 if o.logits is None:
                     continue
                 offsets[idx] = o.token_offsets + base
-                parts.append(o.logits)
+                parts.append(np.asarray(o.logits))
                 base += o.logits.shape[0]
-            logits = jnp.concatenate(parts)
+            logits = np.concatenate(parts)
         return StepOutput(sample, logits, offsets)
 
     def _step(self, seqs, sampling, num_logprobs, rows: int | None = None) -> StepOutput:
@@ -260,12 +263,13 @@ class ModelRunner:
         if sampling is not None:
             sampling = _pad_rows(sampling, S)
             if any(s.banned for s in seqs):
-                width = bucket(max(len(s.banned) for s in seqs))
+                # fixed widths: a new width would be a new program for the whole model
+                width = max(BANNED_WIDTH, bucket(max(len(s.banned) for s in seqs)))
                 banned = np.full((S, width), -1, np.int32)
                 for i, s in enumerate(seqs):
                     banned[i, :len(s.banned)] = s.banned
             if any(s.history is not None for s in seqs):
-                width = bucket(max(len(s.history or ()) for s in seqs), lo=16)
+                width = self.max_model_len
                 ids = np.zeros((S, width), np.int32)
                 prompt_lens = np.zeros(S, np.int32)
                 total_lens = np.zeros(S, np.int32)

@@ -231,3 +231,28 @@ def test_a_step_that_loses_the_device_state_is_recovered(model, alone):
         done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
     assert [done[i] for i in ids] == [alone(p) for p in ps]
     assert not engine.recover()  # nothing lost any more
+
+
+def test_decode_blocks_when_pages_are_tight_and_prompt_logprobs_after_preemption(model):
+    # Two sequences that each need a new page for the block, one free page: no crash, and
+    # the block waits; a preempted request recomputes its prompt without duplicating logprobs.
+    llm = make_llm(model, num_pages=6, decode_steps=4, enable_prefix_caching=False)
+    outs = llm.generate([list(range(1, 7)), list(range(7, 13))],
+                        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                        use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [10, 10]
+    llm = make_llm(model, num_pages=7)
+    ps = [list(range(3, 11)), list(range(20, 28))]
+    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                           prompt_logprobs=1), use_tqdm=False)
+    assert llm.engine.stats["preemptions"] > 0
+    for p, o in zip(ps, outs):
+        assert len(o.prompt_logprobs) == len(p)
+        assert all(p[j] in o.prompt_logprobs[j] for j in range(1, len(p)))
+
+
+def test_a_bad_prompt_queues_none_of_the_batch(model):
+    llm = make_llm(model)
+    with pytest.raises(ValueError):
+        llm.generate([[1, 2, 3], [5] * 200], GREEDY, use_tqdm=False)
+    assert llm.engine.num_requests == 0

@@ -150,7 +150,9 @@ class LLMEngine:
         for i, seq in enumerate(seqs):
             detok = None
             if self.tokenizer is not None:
-                detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+                # the prompt's last ids as context: SentencePiece decoders drop a leading space
+                detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
+                                               prefix_ids=ids[-6:])
             sample = _Sample(i, seq, detok, base_seed + i)
             if params.logprobs is not None:
                 sample.out.logprobs = []
@@ -208,7 +210,9 @@ class LLMEngine:
             logits = None
         else:
             result = self.runner.step(seqs, tensors, num_logprobs)
-            out, logits = jax.tree.map(lambda a: a[None], result.sample), result.logits
+            # numpy on the host, not an eager device op (one more compile per shape)
+            out, logits = jax.tree.map(lambda a: np.asarray(a)[None], result.sample), \
+                result.logits
         # The one host sync: the sampled tokens decide what runs next.
         tokens = np.asarray(out.tokens)  # [n_steps, rows]
         t2 = time.perf_counter()
@@ -270,7 +274,8 @@ class LLMEngine:
                     or self.scheduler.max_total_tokens(seq) - seq.num_tokens < n):
                 return 1
         bm = self.block_manager
-        if not all(bm.can_allocate(ss.seq, n) for ss in sched.scheduled):
+        need = sum(bm.num_new_pages_needed(ss.seq, n) for ss in sched.scheduled)
+        if need > bm.num_free_pages:  # the block's pages for everyone, not each on its own
             return 1
         for ss in sched.scheduled:
             bm.allocate(ss.seq, n)
@@ -304,9 +309,7 @@ class LLMEngine:
 
     def _prompt_logprobs(self, sched: SchedulerOutput, seqs: list[StepSeq], result) -> None:
         """Log-probabilities of prompt tokens from this step's logits (prompt chunks only)."""
-        import jax
-
-        logits = result.logits
+        logits = None  # fetched once, on the first chunk that needs it
         for i, ss in enumerate(sched.scheduled):
             if not seqs[i].all_logits:
                 continue
@@ -318,15 +321,21 @@ class LLMEngine:
             n = min(ss.end_pos, len(prompt) - 1) - ss.start_pos
             if n <= 0:
                 continue
+            if logits is None:
+                logits = np.asarray(result.logits)
             off = int(result.token_offsets[i])
-            rows = jax.nn.log_softmax(logits[off:off + n], axis=-1)
+            rows = logits[off:off + n].astype(np.float64)
+            rows = rows - rows.max(-1, keepdims=True)
+            rows = rows - np.log(np.exp(rows).sum(-1, keepdims=True))  # log-softmax
             targets = np.asarray(prompt[ss.start_pos + 1:ss.start_pos + 1 + n])
             k = req.params.prompt_logprobs or 0
-            lp = np.asarray(rows[np.arange(n), targets])
+            lp = rows[np.arange(n), targets]
             if k:
-                top_v, top_i = jax.lax.top_k(rows, k)
-                top_v, top_i = np.asarray(top_v), np.asarray(top_i)
-            # positions a prefix hit skipped (only possible before score_from) stay None
+                top_i = np.argsort(-rows, axis=-1)[:, :k]
+                top_v = np.take_along_axis(rows, top_i, axis=-1)
+            # positions a prefix hit skipped (only possible before score_from) stay None; a
+            # chunk recomputed after preemption replaces what it wrote the first time
+            del req.prompt_logprobs[ss.start_pos + 1:]
             while len(req.prompt_logprobs) < ss.start_pos + 1:
                 req.prompt_logprobs.append(None)
             for j in range(n):
