@@ -256,3 +256,13 @@ def test_a_bad_prompt_queues_none_of_the_batch(model):
     with pytest.raises(ValueError):
         llm.generate([[1, 2, 3], [5] * 200], GREEDY, use_tqdm=False)
     assert llm.engine.num_requests == 0
+
+
+def test_n_samples_share_the_prompt_through_the_prefix_cache(model, alone):
+    llm = make_llm(model)
+    prompt = list(range(40, 73))  # 33 tokens: 8 full pages of 4
+    p = SamplingParams(temperature=0.9, seed=5, n=3, max_tokens=6, ignore_eos=True)
+    out = llm.generate([prompt], p, use_tqdm=False)[0]
+    assert llm.engine.block_manager.prefix_cache_hits >= 2 * 32  # samples 1, 2 reuse the prompt
+    for i, c in enumerate(out.outputs):  # sample i is the n=1 request with seed 5 + i
+        assert c.token_ids == alone(prompt, p.clone(n=1, seed=5 + i))

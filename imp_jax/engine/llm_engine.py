@@ -78,6 +78,9 @@ class _Request:
         self.request_id, self.prompt, self.prompt_ids, self.params = (
             request_id, prompt, prompt_ids, params)
         self.samples: list[_Sample] = []
+        # samples 1..n-1 wait until sample 0 has computed the prompt, then join as prefix-cache
+        # hits instead of recomputing it
+        self.held: list[Sequence] = []
         self.prompt_logprobs: list[dict[int, float] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.metrics = {"arrival_time": time.monotonic()}
@@ -157,7 +160,10 @@ class LLMEngine:
             if params.logprobs is not None:
                 sample.out.logprobs = []
             req.samples.append(sample)
-            self.scheduler.add(seq)
+            if i == 0:
+                self.scheduler.add(seq)
+            else:
+                req.held.append(seq)
             self._by_seq[seq.request_id] = (req, sample)
         self._requests[request_id] = req
         return request_id
@@ -243,6 +249,11 @@ class LLMEngine:
                 self._append(req, sample, int(tokens[k, i]), lps[k, i], top_ids[k, i],
                              top_lps[k, i])
         outputs = []
+        for req in touched.values():
+            if req.held and req.samples[0].out.token_ids:  # the prompt's pages are cached now
+                for seq in req.held:
+                    self.scheduler.add(seq)
+                req.held = []
         for req in touched.values():
             out = req.output()
             if out.finished:
