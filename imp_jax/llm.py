@@ -215,15 +215,18 @@ class LLM:
         """Yield text deltas of one request as they are generated (other requests keep going)."""
         params = self._params_list(sampling_params, 1, kwargs)[0]
         rid = self.engine.add_request(self._as_prompt_list([prompt])[0], params)
+        # text that a stop string could still claim is held back until it cannot
+        hold = max((len(x) for x in params.stop or ()), default=1) - 1
         sent = 0
         try:
             while True:
                 for out in self.engine.step():
                     if out.request_id != rid:
                         continue
-                    if len(out.text) > sent:
-                        yield out.text[sent:]
-                        sent = len(out.text)
+                    end = len(out.text) if out.finished else len(out.text) - hold
+                    if end > sent:
+                        yield out.text[sent:end]
+                        sent = end
                     if out.finished:
                         return
                 if not self.engine.has_unfinished_requests():

@@ -166,3 +166,16 @@ def test_two_engines_share_one_params_pytree_in_device_memory(llm):
     assert params_bytes > 0 and other.runner.params is llm.runner.params
     assert other.generate([[5, 6, 7]], temperature=0, max_tokens=3, use_tqdm=False)[0].token_ids \
         == llm.generate([[5, 6, 7]], temperature=0, max_tokens=3, use_tqdm=False)[0].token_ids
+
+
+def test_stream_never_yields_text_a_stop_string_removes(llm):
+    full = llm.generate(["once upon"], temperature=0, max_tokens=12, ignore_eos=True,
+                        use_tqdm=False)[0].text
+    stop = next((full[i:i + 3] for i in range(4, len(full) - 3)
+                 if "\ufffd" not in full[i:i + 3] and full[i:i + 3].strip()), None)
+    if stop is None:
+        pytest.skip("no clean 3-character stop string in this output")
+    want = llm.generate(["once upon"], temperature=0, max_tokens=12, stop=[stop],
+                        use_tqdm=False)[0].text
+    streamed = "".join(llm.stream("once upon", temperature=0, max_tokens=12, stop=[stop]))
+    assert streamed == want and stop not in streamed
