@@ -17,6 +17,7 @@ def main() -> None:
     ap.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     ap.add_argument("--api-key", default="EMPTY")
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
 
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
@@ -24,7 +25,8 @@ def main() -> None:
     print("model:", model)
 
     # Completions, greedy, with the logprobs of the top 2 tokens.
-    r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=16,
+    r = client.completions.create(model=model, prompt="The capital of France is",
+                                  max_tokens=min(16, args.max_tokens),
                                   temperature=0, logprobs=2)
     print("completion:", repr(r.choices[0].text), r.usage)
 
@@ -37,7 +39,7 @@ def main() -> None:
     # Chat, streamed, with a seed and vLLM's extra sampling knobs.
     stream = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Write a haiku about JAX."}],
-        max_completion_tokens=64, temperature=0.7, top_p=0.95, seed=0, stream=True,
+        max_completion_tokens=args.max_tokens, temperature=0.7, top_p=0.95, seed=0, stream=True,
         stream_options={"include_usage": True}, extra_body={"top_k": 50, "min_p": 0.05})
     print("chat: ", end="")
     for chunk in stream:
@@ -50,7 +52,8 @@ def main() -> None:
     async def many():
         async with openai.AsyncOpenAI(base_url=args.base_url, api_key=args.api_key) as ac:
             outs = await asyncio.gather(*(
-                ac.completions.create(model=model, prompt=f"Number {i}:", max_tokens=8)
+                ac.completions.create(model=model, prompt=f"Number {i}:",
+                                      max_tokens=min(8, args.max_tokens))
                 for i in range(args.concurrency)))
             return [o.choices[0].text for o in outs]
 

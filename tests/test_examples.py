@@ -41,3 +41,17 @@ def test_logprobs_analysis(llm):
 def test_multiple_choice_eval(llm):
     accuracy = load("multiple_choice_eval").main(llm)
     assert accuracy >= 0.5  # a 135M instruct model gets most of these; chance is ~0.3
+
+
+def test_sharding_layouts_notebook_script():
+    # The notebook's code on 8 fake CPU devices: it asserts that every layout samples the same
+    # tokens and that no weight is all-gathered.
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, os.path.join(EXAMPLES, "sharding_layouts.py")], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "all layouts sample the same tokens; no weight all-gathers" in r.stdout

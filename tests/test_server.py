@@ -611,3 +611,15 @@ def test_sigterm_drains_and_exits_zero(srv):
             proc.wait()
         out = proc.stdout.read().decode(errors="replace")
     assert "Traceback" not in out, out[-3000:]
+
+
+def test_openai_client_example_runs_against_the_server(srv):
+    import subprocess
+    import sys
+
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "openai_client.py")
+    r = subprocess.run([sys.executable, example, "--base-url", srv.base + "/v1", "--api-key", KEY,
+                        "--max-tokens", "4", "--concurrency", "3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "completion:" in r.stdout and "usage:" in r.stdout and "2: " in r.stdout
