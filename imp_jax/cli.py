@@ -66,20 +66,25 @@ def _timed_stream(llm, prompt_ids, params, echo: bool):
 
 
 def _report(n: int, ttft: float, total: float) -> None:
-    decode = (n - 1) / (total - ttft) if n > 1 and total > ttft else float("nan")
-    print(f"\n[{n} tokens | time to first token {ttft * 1e3:.0f} ms | decode "
-          f"{decode:.1f} tokens/s | total {total:.2f} s]", file=sys.stderr)
+    rate = (f"{(n - 1) / (total - ttft):.1f} tokens/s" if n > 1 and total > ttft
+            else "n/a (one token)")
+    print(f"\n[{n} tokens | time to first token {ttft * 1e3:.0f} ms | decode {rate} | "
+          f"total {total:.2f} s]", file=sys.stderr)
 
 
 def cmd_generate(args) -> int:
     llm = _make_llm(args)
     params = _params(args)
-    ids = llm._encode(args.prompt)
+    if args.chat:  # an instruct model answers a request better through its chat template
+        ids = llm.chat_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        ids = llm._encode(args.prompt)
+    prefix = "" if args.chat else args.prompt  # a completion continues the prompt's text
     if args.stream:
-        sys.stdout.write(args.prompt)
+        sys.stdout.write(prefix)
     text, n, ttft, total = _timed_stream(llm, ids, params, echo=args.stream)
     if not args.stream:
-        print(args.prompt + text)
+        print(prefix + text)
     _report(n, ttft, total)
     return 0
 
@@ -188,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     _llm_args(p)
     _sampling_args(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the chat template")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with the model's template")
