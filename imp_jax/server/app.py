@@ -294,6 +294,27 @@ async def _merge(its: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
             t.cancel()
 
 
+def _aborter(state, rids: list[str]):
+    """A callable that aborts every request of one HTTP call (idempotent)."""
+    def abort_all():
+        for rid in rids:
+            state.engine.abort(rid)
+    return abort_all
+
+
+async def _final_outputs(request: Request, its: list[AsyncIterator], abort_all) -> list | None:
+    """Final snapshots of a non-streaming call; None when the client disconnected. Whatever
+    happens, the call's requests are aborted afterwards (a no-op for finished ones)."""
+    try:
+        return await _collect(request, its)
+    except _ClientGone:
+        return None
+    except RequestFailedError as e:
+        raise _failed(e) from None
+    finally:
+        abort_all()
+
+
 async def _collect(request: Request, its: list[AsyncIterator]) -> list:
     """Final snapshot of every stream; a client disconnect cancels (and so aborts) them."""
 
@@ -370,19 +391,11 @@ async def _completions(state: ServerState, request: Request, body: dict):
         return p if isinstance(p, str) else (state.tokenizer.decode(p, skip_special_tokens=False)
                                              if state.tokenizer is not None else "")
 
-    def abort_all():
-        for rid in rids:
-            state.engine.abort(rid)
-
+    abort_all = _aborter(state, rids)
     if not opts.stream:
-        try:
-            outs = await _collect(request, its)
-        except _ClientGone:
+        outs = await _final_outputs(request, its, abort_all)
+        if outs is None:  # the client went away
             return Response(status_code=499)
-        except RequestFailedError as e:
-            raise _failed(e) from None
-        finally:
-            abort_all()
         choices, n_gen = [], 0
         for i, out in enumerate(outs):
             ptext = prompt_text(i) if opts.echo else ""
@@ -504,19 +517,12 @@ async def _chat(state: ServerState, request: Request, body: dict):
     state.metrics.request("chat")
     tt = P.TokenText(state.tokenizer, opts.tokens_as_ids)
 
-    def abort_all():
-        for rid in rids:
-            state.engine.abort(rid)
-
+    abort_all = _aborter(state, rids)
     if not opts.stream:
-        try:
-            (out,) = await _collect(request, its)
-        except _ClientGone:
+        outs = await _final_outputs(request, its, abort_all)
+        if outs is None:  # the client went away
             return Response(status_code=499)
-        except RequestFailedError as e:
-            raise _failed(e) from None
-        finally:
-            abort_all()
+        (out,) = outs
         choices, n_gen = [], 0
         for c in out.outputs:
             n_gen += len(c.token_ids)
