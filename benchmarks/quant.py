@@ -94,6 +94,13 @@ def accuracy(args):
         for mode in ("fp8", "int8"):  # the default keeps the first and last blocks
             variants[f"{mode} all blocks"] = (quantize_params(bf16, cfg, mode, QuantPolicy()),
                                               jnp.bfloat16)
+        for name, policy in {  # does keeping more in bf16 close fp8's gap?
+                "fp8 keep 2+2": QuantPolicy(keep_first=2, keep_last=2),
+                "fp8 default + mlp/down": QuantPolicy(keep_first=1, keep_last=1,
+                                                      keep=("layers_*/mlp/down/kernel",)),
+                "fp8 default + attn v,o": QuantPolicy(keep_first=1, keep_last=1, keep=(
+                    "layers_*/attn/v/kernel", "layers_*/attn/o/kernel"))}.items():
+            variants[name] = (quantize_params(bf16, cfg, "fp8", policy), jnp.bfloat16)
 
     chunk = args.chunk
     page = 16
