@@ -23,20 +23,33 @@ def resolve_impl(impl: str) -> str:
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata,
                     *, scale: float, sliding_window: int | None = None, impl: str = "auto",
-                    k_scale: jax.Array | None = None,
-                    v_scale: jax.Array | None = None) -> jax.Array:
+                    k_scale: jax.Array | None = None, v_scale: jax.Array | None = None,
+                    mesh=None, heads_axis=None) -> jax.Array:
     """q [T, H, D] against the paged K/V of each token's sequence -> [T, H, D].
 
     FP8 pools pass their per-token, per-head scales; the kernel does not read FP8 pages yet,
-    so those go to the reference (which dequantizes only the gathered pages)."""
+    so those go to the reference (which dequantizes only the gathered pages).
+
+    With `mesh` and `heads_axis` (tensor parallelism, KV pools split over the same mesh axes as
+    the query heads), attention runs per device on its own heads under `shard_map`: a Pallas
+    call has no partitioning rule, and GSPMD would otherwise gather q and the whole pools."""
     kwargs = dict(max_query_len=meta.max_query_len, scale=scale, sliding_window=sliding_window)
     if k_scale is not None:
         kwargs.update(k_scale=k_scale, v_scale=v_scale)
-    args = (q, k_pages, v_pages, meta.page_table, meta.seq_lens, meta.query_start)
     if resolve_impl(impl) == "pallas":
-        from pallas_kernels import ragged_paged_attention
+        from pallas_kernels import ragged_paged_attention as fn
+    else:
+        from pallas_kernels.reference import ragged_paged_attention_ref as fn
 
-        return ragged_paged_attention(*args, **kwargs)
-    from pallas_kernels.reference import ragged_paged_attention_ref
+    def local(q, k_pages, v_pages, page_table, seq_lens, query_start):
+        return fn(q, k_pages, v_pages, page_table, seq_lens, query_start, **kwargs)
 
-    return ragged_paged_attention_ref(*args, **kwargs)
+    args = (q, k_pages, v_pages, meta.page_table, meta.seq_lens, meta.query_start)
+    if mesh is None or not heads_axis or k_scale is not None:
+        return local(*args)
+    from jax.sharding import PartitionSpec as P
+
+    heads = P(None, heads_axis, None)  # q and out: [T, H, D]
+    pools = P(None, None, heads_axis, None)  # [pages, page, KVH, D]
+    return jax.shard_map(local, mesh=mesh, in_specs=(heads, pools, pools, P(), P(), P()),
+                         out_specs=heads, check_vma=False)(*args)

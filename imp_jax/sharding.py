@@ -427,7 +427,16 @@ def sharded_model(model, cfg: ModelConfig, mesh: Mesh, rules: ShardingRules):
     vocab = rules.mesh_axes("vocab")
     divides = vocab and cfg.vocab_size % _axis_size(dict(mesh.shape), vocab) == 0
     vocab_axes = vocab if divides else ()
-    return sharded_model_class()(cfg, model.dtype, model.attn_impl, mesh=mesh,
+    # Attention per device under shard_map when the KV pools are split over the same mesh axes
+    # as the query heads (so each device holds the KV heads its query heads read); with
+    # replicated pools it is left to GSPMD.
+    heads = tuple(rules.mesh_axes("heads") or ())
+    kv = cache_spec[2] if len(cache_spec) > 2 else None
+    kv = (kv,) if isinstance(kv, str) else tuple(kv or ())
+    heads_axis = (heads[0] if len(heads) == 1 else heads) if heads and kv == heads else None
+    return sharded_model_class()(cfg, model.dtype, model.attn_impl,
+                                 attn_mesh=mesh if heads_axis else None,
+                                 attn_heads_axis=heads_axis, mesh=mesh,
                                  cache_spec=cache_spec, batch_axes=rules.mesh_axes("batch"),
                                  vocab_axes=vocab_axes)
 

@@ -238,6 +238,8 @@ def check_hlo():
     for model, tp in [("llama3", 2), ("mistral", 4)]:
         cfg, params = _load(model)
         runner = sharding.shard_runner(_runner(cfg, params), _mesh(tp, 1))
+        # KV pools split like the query heads: attention runs per device under shard_map
+        assert runner.model.attn_heads_axis == "tp", runner.model.attn_heads_axis
         st = SamplingTensors.from_params([SamplingParams(temperature=0)], [0], [0])
         hlo = sharding.step_hlo(runner, [StepSeq([5], 9, [1, 2, 3])], st)
         counts = sharding.count_collectives(hlo)

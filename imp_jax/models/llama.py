@@ -84,6 +84,8 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
 class Attention(nn.Module):
     cfg: ModelConfig
     attn_impl: str = "auto"
+    attn_mesh: Any = None  # set by imp_jax.sharding: attention runs per device on its heads
+    attn_heads_axis: Any = None
 
     @nn.compact
     def __call__(self, x, positions, pools: tuple, meta: AttentionMetadata):
@@ -101,7 +103,8 @@ class Attention(nn.Module):
         k_pages, v_pages, k_scale, v_scale = pools
         out = paged_attention(q, k_pages, v_pages, meta, scale=cfg.head_dim ** -0.5,
                               sliding_window=cfg.sliding_window, impl=self.attn_impl,
-                              k_scale=k_scale, v_scale=v_scale)
+                              k_scale=k_scale, v_scale=v_scale, mesh=self.attn_mesh,
+                              heads_axis=self.attn_heads_axis)
         return Dense(cfg, dims=2, name="o")(out), pools
 
 
@@ -118,11 +121,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     cfg: ModelConfig
     attn_impl: str = "auto"
+    attn_mesh: Any = None
+    attn_heads_axis: Any = None
 
     @nn.compact
     def __call__(self, x, positions, pools, meta):
         with jax.named_scope("attention"):
-            h, pools = Attention(self.cfg, self.attn_impl, name="attn")(
+            h, pools = Attention(self.cfg, self.attn_impl, self.attn_mesh, self.attn_heads_axis,
+                                 name="attn")(
                 RMSNorm(self.cfg, name="attn_norm")(x), positions, pools, meta)
         x = x + h
         with jax.named_scope("mlp"):
@@ -134,6 +140,8 @@ class Transformer(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32  # activation dtype
     attn_impl: str = "auto"
+    attn_mesh: Any = None  # see Attention; imp_jax.sharding sets both
+    attn_heads_axis: Any = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
@@ -145,7 +153,8 @@ class Transformer(nn.Module):
         layers = []
         for i in range(cfg.num_layers):
             with jax.named_scope(f"layer_{i}"):
-                x, pools = Block(cfg, self.attn_impl, name=f"layers_{i}")(
+                x, pools = Block(cfg, self.attn_impl, self.attn_mesh, self.attn_heads_axis,
+                                 name=f"layers_{i}")(
                     x, positions, cache.layer(i), meta)
             layers.append(pools)
         k, v, k_scale, v_scale = (list(t) for t in zip(*layers))
