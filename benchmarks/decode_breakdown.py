@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints.presets import SHAPES
+from imp_jax.cache import KVCache
 from imp_jax.runner import ModelRunner, StepSeq
 from imp_jax.sampling import SamplingParams, SamplingTensors
 from imp_jax.spec import init_params, param_bytes
@@ -80,7 +81,7 @@ def main():
                 jax.block_until_ready(res[0].sample.tokens)
 
             row["chained_step_ms"] = median_time(chained, iters=5) / 10 * 1e3
-            kv = b * args.context * cfg.kv_bytes_per_token(2)
+            kv = b * args.context * KVCache.bytes_per_token(cfg, jnp.bfloat16)
             row["bytes_per_step_GB"] = (wbytes + kv) / 1e9
             row["chained_TB_s"] = (wbytes + kv) / (row["chained_step_ms"] / 1e3) / 1e12
             rows.append(row)

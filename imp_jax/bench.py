@@ -115,6 +115,7 @@ def _timed_batch(llm, prompts, output_len):
 
 
 def bench_latency(args) -> list[dict]:
+    from imp_jax.cache import KVCache
     from imp_jax.spec import param_bytes
 
     batches = [int(b) for b in args.batch.split(",")]
@@ -131,7 +132,7 @@ def bench_latency(args) -> list[dict]:
                 peer_rows.extend(hf_peer(SHAPES[shape], b, args.input_len, args.output_len))
     llm = _make_llm(args, max(batches), warmup=False)  # each batch size warms up itself
     cfg = llm.config
-    itemsize = np.dtype(llm.runner.cache.k[0].dtype).itemsize
+    kv_dtype = llm.runner.cache.k[0].dtype
     weight_bytes = param_bytes(cfg, np.dtype(jax_dtype(llm)).itemsize)
     rows = []
     for b in batches:
@@ -150,7 +151,7 @@ def bench_latency(args) -> list[dict]:
         n_dec = args.output_len - 1
         step_time = decode / max(n_dec, 1)
         avg_ctx = args.input_len + args.output_len / 2
-        kv_bytes = b * avg_ctx * cfg.kv_bytes_per_token(itemsize)
+        kv_bytes = b * avg_ctx * KVCache.bytes_per_token(cfg, kv_dtype)
         bw = (weight_bytes + kv_bytes) / step_time
         tokens = b * args.output_len
         row = dict(mode="latency", model=args.model, batch=b, input_len=args.input_len,

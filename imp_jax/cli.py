@@ -133,6 +133,7 @@ def cmd_convert(args) -> int:
 def cmd_info(args) -> int:
     import numpy as np
 
+    from imp_jax.cache import KVCache
     from imp_jax.loaders import default_dtype
     from imp_jax.spec import param_bytes
 
@@ -146,7 +147,7 @@ def cmd_info(args) -> int:
     print(f"vocab       {cfg.vocab_size}, context {cfg.max_position_embeddings}")
     print(f"dtype       {dtype.name}")
     print(f"weights     {param_bytes(cfg, dtype.itemsize) / 2**20:.1f} MiB")
-    print(f"kv/token    {cfg.kv_bytes_per_token(dtype.itemsize) / 1024:.1f} KiB")
+    print(f"kv/token    {KVCache.bytes_per_token(cfg, dtype) / 1024:.1f} KiB")
     if args.mesh:
         from imp_jax.sharding import memory_plan
 

@@ -64,9 +64,6 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else e * self.vocab_size
         return self.vocab_size * e + self.num_layers * per_layer + e + head
 
-    def kv_bytes_per_token(self, itemsize: int) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -51,12 +51,12 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _pool_pages(cfg, page_size: int, itemsize: int, utilization: float, max_model_len: int,
-                max_num_seqs: int, kv_bytes_per_token: int | None = None) -> int:
+def _pool_pages(kv_bytes_per_token: int, page_size: int, utilization: float,
+                max_model_len: int, max_num_seqs: int) -> int:
     """Size the page pool from free device memory, like vLLM's gpu_memory_utilization.
 
     kv_bytes_per_token: what one token's K/V costs on ONE device (sharded pools: less)."""
-    page_bytes = (kv_bytes_per_token or cfg.kv_bytes_per_token(itemsize)) * page_size
+    page_bytes = kv_bytes_per_token * page_size
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:  # accelerators: a fraction of what is free after the weights
         free = stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0)
@@ -137,9 +137,8 @@ class LLM:
                 per_token = memory_plan(cfg, mesh, sharding_rules, dtype, kv_pages=1,
                                         page_size=page_size,
                                         cache_dtype=cache_dtype).kv_bytes_per_token
-            num_pages = _pool_pages(cfg, page_size, np.dtype(dtype).itemsize,
-                                    gpu_memory_utilization, max_model_len, max_num_seqs,
-                                    per_token)
+            num_pages = _pool_pages(per_token, page_size, gpu_memory_utilization,
+                                    max_model_len, max_num_seqs)
         self.runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=page_size,
                                   max_model_len=max_model_len, dtype=dtype, attn_impl=attn_impl,
                                   max_num_seqs=max_num_seqs, mesh=mesh,

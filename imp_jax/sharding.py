@@ -612,6 +612,8 @@ def memory_plan(cfg: ModelConfig, mesh: Mesh | Mapping[str, int] | str,
     `param_shardings` when a layout does not divide. Quantized weights are not modelled
     (itemsize of `dtype` for every weight).
     """
+    from imp_jax.cache import KVCache
+
     rules = rules or tensor_parallel()
     shape = _mesh_shape(mesh)
     _check_axes_exist(rules, shape)
@@ -632,7 +634,7 @@ def memory_plan(cfg: ModelConfig, mesh: Mesh | Mapping[str, int] | str,
     per_token = 2 * eff.num_layers * pool_n * citem // (max(kv_pages, 1) * page_size)
     total_params = sum(math.prod(s.shape) for s in jax.tree.leaves(
         param_specs(cfg), is_leaf=lambda x: isinstance(x, ArraySpec))) * item
-    total_cache = kv_pages * page_size * cfg.kv_bytes_per_token(citem)
+    total_cache = kv_pages * page_size * KVCache.bytes_per_token(cfg, cache_dtype or dtype)
     return MemoryPlan(dict(shape), eff.num_kv_heads // cfg.num_kv_heads,
                       sum(b for _, b in per_array), cache, total_params, total_cache,
                       sorted(per_array, key=lambda t: -t[1])[:5], per_token)
