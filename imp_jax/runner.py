@@ -87,6 +87,7 @@ class ModelRunner:
         # table width is bucketed and mixed steps stay one program (fewer compiles).
         self.fixed_shapes = resolve_impl(attn_impl) == "pallas"
         self.max_num_seqs = max_num_seqs
+        self._last_tokens = None  # the last decode_steps call's final tokens (device)
         self.sharding = None  # imp_jax.sharding.ShardingPlan when running on a mesh
         if mesh is not None:
             from imp_jax.sharding import shard_runner
@@ -113,11 +114,15 @@ class ModelRunner:
         return _TRACES[self.model]
 
     def decode_steps(self, seqs: Sequence[StepSeq], sampling: SamplingTensors, num_steps: int,
-                     num_logprobs: int = 0) -> SampleOutput:
+                     num_logprobs: int = 0, *, continue_previous: bool = False) -> SampleOutput:
         """`num_steps` decode steps in one compiled call; each seq's pages must cover them.
 
         Each step feeds the sampled token straight back on the device, so the host neither
         syncs nor dispatches per token. Returns a SampleOutput with a leading [num_steps] axis.
+
+        continue_previous: the input tokens are the last tokens the previous `decode_steps`
+        call sampled (same rows, in the same order), still on the device: the engine dispatches
+        the next block before it has read the previous one (seqs' token_ids are then ignored).
         """
         n = len(seqs)
         S = bucket(n, lo=4)
@@ -135,10 +140,15 @@ class ModelRunner:
                                  f"{self.max_model_len}), got {len(s.pages)} pages")
             tokens[i], positions[i], valid[i] = s.token_ids[0], s.start_pos, True
             page_table[i, :len(s.pages)] = s.pages
+        if continue_previous:
+            if self._last_tokens is None or self._last_tokens.shape != tokens.shape:
+                raise ValueError("continue_previous needs a previous decode_steps call over "
+                                 f"the same {S} rows")
+            tokens = self._last_tokens
         sampling = _pad_rows(sampling, S)
-        out, self.cache = _decode_loop(self.model, self.params, self.cache, tokens, positions,
-                                       page_table, valid, sampling, num_steps=num_steps,
-                                       num_logprobs=num_logprobs)
+        out, self._last_tokens, self.cache = _decode_loop(
+            self.model, self.params, self.cache, tokens, positions, page_table, valid, sampling,
+            num_steps=num_steps, num_logprobs=num_logprobs)
         return out
 
     def warmup(self, max_num_seqs: int, max_num_batched_tokens: int,
@@ -344,6 +354,6 @@ def _decode_loop(model: Transformer, params, cache, tokens, positions, page_tabl
                          jnp.zeros((num_steps, S), jnp.float32),
                          jnp.zeros((num_steps, S, num_logprobs), jnp.int32),
                          jnp.zeros((num_steps, S, num_logprobs), jnp.float32))
-    cache, _, _, outs = jax.lax.fori_loop(0, num_steps, body,
-                                          (cache, tokens, positions, empty))
-    return outs, cache
+    cache, last, _, outs = jax.lax.fori_loop(0, num_steps, body,
+                                             (cache, tokens, positions, empty))
+    return outs, last, cache

@@ -176,6 +176,39 @@ def test_multi_step_decode_blocks_match_single_steps(model, alone):
     assert bm.num_free_pages == bm.num_usable_pages
 
 
+def test_blocks_dispatched_ahead_match_single_steps(model, alone):
+    # Block N+1 runs on block N's last tokens before the host has read them; stops, seeds and
+    # aborts inside either block must still give exactly the single-step results.
+    llm = make_llm(model, decode_steps=4)
+    engine = llm.engine
+    ps = prompts(4, seed=12)
+    params = [SamplingParams(temperature=0, max_tokens=30 + 5 * i, ignore_eos=True)
+              for i in range(3)] + [SamplingParams(temperature=0.9, seed=5, max_tokens=33,
+                                                   ignore_eos=True)]
+    outs = llm.generate(ps, params, use_tqdm=False)
+    for ids, p, out in zip(ps, params, outs):
+        assert out.token_ids == alone(ids, p)
+    assert engine.stats["blocks_ahead"] > 0
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ref = alone(ps[0], long)
+    stop = ref[13]  # lands in a block dispatched ahead
+    out = llm.generate([ps[0]], long.clone(stop_token_ids=[stop]), use_tqdm=False)[0]
+    assert out.token_ids == ref[:ref.index(stop) + 1]
+    # abort one request while a block is in flight; the other finishes unchanged
+    a = engine.add_request(ps[1], long)
+    b = engine.add_request(ps[2], long)
+    while engine._ahead is None:
+        engine.step()
+    engine.abort_request(a)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert done[b] == alone(ps[2], long) and a not in done
+    engine.step()  # consumes a block left in flight, if any
+    bm = engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages
+
+
 def test_mixed_steps_split_into_prompt_and_decode_programs(model, alone):
     # The GPU path (fixed_shapes) runs a step mixing prompt chunks and decodes as two programs.
     llm = make_llm(model, max_num_batched_tokens=16, long_prefill_token_threshold=8)

@@ -20,7 +20,7 @@ import numpy as np
 
 from imp_jax.engine.block_manager import BlockManager
 from imp_jax.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from imp_jax.engine.sequence import Sequence
+from imp_jax.engine.sequence import Sequence, SequenceStatus
 from imp_jax.runner import ModelRunner, StepSeq, bucket
 from imp_jax.sampling import SamplingParams, SamplingTensors
 
@@ -100,7 +100,7 @@ class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer, *, eos_token_ids: Iterable[int] = (),
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
                  enable_prefix_caching: bool = True, long_prefill_token_threshold: int = 0,
-                 decode_steps: int = 1):
+                 decode_steps: int = 1, async_decode: bool = True):
         self.runner, self.tokenizer = runner, tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(runner.cache.num_pages, runner.page_size,
@@ -108,11 +108,14 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
                                    long_prefill_token_threshold, runner.max_model_len)
         self.decode_steps = decode_steps  # decode steps per compiled call (see _decode_block)
+        # Dispatch decode block N+1 before reading block N (see _dispatch_ahead).
+        self.async_decode = async_decode
+        self._ahead: tuple[SchedulerOutput, object] | None = None
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[str, tuple[_Request, _Sample]] = {}
         self._ids = itertools.count()
         self.stats = {"steps": 0, "host_time": 0.0, "prompt_tokens": 0, "generation_tokens": 0,
-                      "preemptions": 0, "decode_blocks": 0}
+                      "preemptions": 0, "decode_blocks": 0, "blocks_ahead": 0}
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -183,6 +186,7 @@ class LLMEngine:
         """After a step raised: if the device state is gone (the donated KV cache was consumed),
         rebuild it and requeue every running request to be recomputed, so the failure costs
         time, not requests. Returns True when it rebuilt."""
+        self._ahead = None  # its block may be what failed; recomputed like the rest
         if not self.runner.cache_lost:
             return False
         self.runner.reset_cache()
@@ -203,17 +207,26 @@ class LLMEngine:
         """Run one scheduled step (or a block of decode steps); return a snapshot of every
         request that progressed."""
         t0 = time.perf_counter()
-        sched = self.scheduler.schedule()
-        self.stats["preemptions"] += len(sched.preempted)
-        if sched.is_empty:
-            return []
-        n_steps = self._decode_block(sched)
-        seqs, tensors, num_logprobs = self._prepare(sched)
-        t1 = time.perf_counter()
+        if self._ahead is not None:  # a decode block the previous step dispatched
+            (sched, out), self._ahead = self._ahead, None
+            n_steps, logits = out.tokens.shape[0], None
+            t1 = time.perf_counter()
+        else:
+            sched = self.scheduler.schedule()
+            self.stats["preemptions"] += len(sched.preempted)
+            if sched.is_empty:
+                return []
+            n_steps = self._decode_block(sched)
+            seqs, tensors, num_logprobs = self._prepare(sched)
+            t1 = time.perf_counter()
+            if n_steps > 1:
+                out = self.runner.decode_steps(seqs, tensors, n_steps, num_logprobs)
+                logits = None
         if n_steps > 1:
             self.stats["decode_blocks"] += 1
-            out = self.runner.decode_steps(seqs, tensors, n_steps, num_logprobs)
-            logits = None
+            # Queue the next block behind this one before reading it: the device never waits
+            # for the host's bookkeeping of this block.
+            self._ahead = self._dispatch_ahead(sched, n_steps)
         else:
             result = self.runner.step(seqs, tensors, num_logprobs)
             # numpy on the host, not an eager device op (one more compile per shape)
@@ -292,7 +305,39 @@ class LLMEngine:
             bm.allocate(ss.seq, n)
         return n
 
-    def _prepare(self, sched: SchedulerOutput):
+    def _dispatch_ahead(self, sched: SchedulerOutput, n: int):
+        """Dispatch the decode block after `sched`'s (not yet read) block of n steps, fed by its
+        last tokens on the device; returns (its SchedulerOutput, its SampleOutput) or None.
+
+        Only when the next step would be the same block anyway: every sequence still running
+        and unable to finish by length within both blocks, nobody waiting for a free batch
+        row, pages for both blocks. A sequence that stops (EOS, stop string) or is aborted in
+        the first block wastes its row of the second, whose tokens `Scheduler.update` drops;
+        its pages may go to another sequence, whose writes the device orders after this
+        block's."""
+        sched_ = self.scheduler
+        if not self.async_decode or (sched_.waiting and
+                                     len(sched_.running) < sched_.max_num_seqs):
+            return None
+        for ss in sched.scheduled:
+            seq = ss.seq
+            if (seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != ss.start_pos
+                    or sched_.max_total_tokens(seq) - seq.num_tokens < 2 * n):
+                return None
+        bm = self.block_manager
+        if sum(bm.num_new_pages_needed(ss.seq, 2 * n) for ss in sched.scheduled) \
+                > bm.num_free_pages:
+            return None
+        for ss in sched.scheduled:
+            bm.allocate(ss.seq, 2 * n)
+        nxt = SchedulerOutput([ScheduledSeq(ss.seq, 1, ss.start_pos + n, True)
+                               for ss in sched.scheduled])
+        seqs, tensors, num_logprobs = self._prepare(nxt, ahead=n)
+        out = self.runner.decode_steps(seqs, tensors, n, num_logprobs, continue_previous=True)
+        self.stats["blocks_ahead"] += 1
+        return nxt, out
+
+    def _prepare(self, sched: SchedulerOutput, ahead: int = 0):
         seqs, params, seeds, steps = [], [], [], []
         num_logprobs = 0
         for ss in sched.scheduled:
@@ -306,13 +351,14 @@ class LLMEngine:
                          or p.frequency_penalty != 0.0)
             wants_logits = (seq.max_cached_tokens is not None
                             and ss.start_pos < seq.num_prompt_tokens)
-            seqs.append(StepSeq(seq.token_ids_slice(ss.start_pos, ss.end_pos), ss.start_pos,
+            ids = [0] if ahead else seq.token_ids_slice(ss.start_pos, ss.end_pos)
+            seqs.append(StepSeq(ids, ss.start_pos,
                                 seq.page_ids, all_logits=wants_logits,
                                 history=seq.all_token_ids if penalties else None,
                                 prompt_len=seq.num_prompt_tokens, banned=banned))
             params.append(p)
             seeds.append(sample.seed)
-            steps.append(seq.num_output_tokens)
+            steps.append(seq.num_output_tokens + ahead)
             num_logprobs = max(num_logprobs, p.logprobs or 0)
         tensors = SamplingTensors.from_params(params, seeds, steps)
         # One program per power of two of top-N, so a request asking for 3 reuses the 4 one.
