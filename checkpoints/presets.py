@@ -40,6 +40,9 @@ SHAPES = {
                               _LLAMA3_ROPE, 131072),
     "qwen2.5-7b": ModelConfig("qwen2", 152064, 3584, 18944, 28, 28, 4, 128, 1e-6, 1000000.0,
                               None, 32768, qkv_bias=True),
+    # A Llama of a few thousand parameters: CPU smoke tests of benchmarks and the server.
+    "tiny": ModelConfig("llama", 512, 64, 128, 2, 4, 2, 16, 1e-5, 10000.0,
+                        max_position_embeddings=4096),
 }
 
 

@@ -2,7 +2,9 @@
 
     imp-jax bench latency --model random:llama3-8b --batch 1,64 --input-len 128 --output-len 128
     imp-jax bench throughput --model random:llama3-8b --num-prompts 1000 --input-len 128 --output-len 128
+    imp-jax bench throughput ... --input-len 128,1000 --output-len 128,1000   # two runs, one warm-up
     imp-jax bench latency ... --peer hf      # HF transformers (eager and static cache + torch.compile)
+    imp-jax bench throughput ... --peer hf   # HF's tokens/s at --peer-batches, best one as the peer
 
 Random weights of a named shape need no download. Every run prints a table and can save JSON.
 """
@@ -81,7 +83,8 @@ def _random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list
 def _make_llm(args, max_num_seqs: int, warmup: bool = True):
     from imp_jax import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.input_len + args.output_len + 16,
+    llm = LLM(args.model, dtype=args.dtype,
+              max_model_len=max(i + o for i, o in _pairs(args)) + 16,
               max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               quantization=args.quantization, num_pages=args.num_pages,
               gpu_memory_utilization=args.gpu_memory_utilization,
@@ -118,44 +121,43 @@ def bench_latency(args) -> list[dict]:
     from imp_jax.cache import KVCache
     from imp_jax.spec import param_bytes
 
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = _ints(args.batch)
+    (input_len, output_len), = _pairs(args)[:1]
     ceiling = measure_bandwidth_ceiling()  # before the KV pool takes the free memory
     peer_rows = []
     if args.peer == "hf":  # first, so torch frees its memory before our pool is sized
-        from checkpoints.presets import SHAPES
-
-        shape = args.model[len("random:"):] if args.model.startswith("random:") else None
+        shape = _shape_of(args)
         if shape is None:
             peer_rows.append(dict(mode="hf", error="--peer hf needs a random:<shape> model"))
         else:
             for b in batches:
-                peer_rows.extend(hf_peer(SHAPES[shape], b, args.input_len, args.output_len))
+                peer_rows.extend(hf_peer(shape, b, input_len, output_len))
     llm = _make_llm(args, max(batches), warmup=False)  # each batch size warms up itself
     cfg = llm.config
     kv_dtype = llm.runner.cache.k[0].dtype
     weight_bytes = param_bytes(cfg, np.dtype(jax_dtype(llm)).itemsize)
     rows = []
     for b in batches:
-        prompts = _random_prompts(b, args.input_len, cfg.vocab_size, seed=b)
+        prompts = _random_prompts(b, input_len, cfg.vocab_size, seed=b)
         # Warm up on other prompts of the same shape: the same prompts would be prefix-cache
         # hits in the timed pass, which would then prefill only the last page.
-        warm = _random_prompts(b, args.input_len, cfg.vocab_size, seed=10_000 + b)
-        _timed_batch(llm, warm, args.output_len)  # compiles every bucket the timed pass uses
+        warm = _random_prompts(b, input_len, cfg.vocab_size, seed=10_000 + b)
+        _timed_batch(llm, warm, output_len)  # compiles every bucket the timed pass uses
         steps0, host0 = llm.engine.stats["steps"], llm.engine.stats["host_time"]
         with PowerMeter() as power:
             ctx = _profile(args.profile)
             with ctx:
-                ttft, decode = _timed_batch(llm, prompts, args.output_len)
+                ttft, decode = _timed_batch(llm, prompts, output_len)
         steps = llm.engine.stats["steps"] - steps0
         host = llm.engine.stats["host_time"] - host0
-        n_dec = args.output_len - 1
+        n_dec = output_len - 1
         step_time = decode / max(n_dec, 1)
-        avg_ctx = args.input_len + args.output_len / 2
+        avg_ctx = input_len + output_len / 2
         kv_bytes = b * avg_ctx * KVCache.bytes_per_token(cfg, kv_dtype)
         bw = (weight_bytes + kv_bytes) / step_time
-        tokens = b * args.output_len
-        row = dict(mode="latency", model=args.model, batch=b, input_len=args.input_len,
-                   output_len=args.output_len, ttft_ms=ttft * 1e3, itl_ms=step_time * 1e3,
+        tokens = b * output_len
+        row = dict(mode="latency", model=args.model, batch=b, input_len=input_len,
+                   output_len=output_len, ttft_ms=ttft * 1e3, itl_ms=step_time * 1e3,
                    decode_tok_s=b * n_dec / decode if decode else float("nan"),
                    tok_s_per_seq=n_dec / decode if decode else float("nan"),
                    bandwidth_tb_s=bw / 1e12, ceiling_tb_s=ceiling / 1e12,
@@ -168,33 +170,88 @@ def bench_latency(args) -> list[dict]:
 
 
 def bench_throughput(args) -> list[dict]:
+    """One engine, warmed up once, runs every (input, output) length pair; then the HF peer."""
     from imp_jax import SamplingParams
 
     llm = _make_llm(args, args.max_num_seqs)
     cfg = llm.config
-    rng = np.random.default_rng(0)
-    in_lens = _lengths(rng, args.input_len, args.num_prompts, args.random_range)
-    out_lens = _lengths(rng, args.output_len, args.num_prompts, args.random_range)
-    prompts = [rng.integers(10, cfg.vocab_size - 10, size=n).tolist() for n in in_lens]
-    params = [SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True) for n in out_lens]
-    # a first pass over a slice meets the shapes of a real run (mixed steps, batch sizes)
-    warm = min(len(prompts), 2 * args.max_num_seqs)
-    llm.generate(prompts[:warm], [p.clone(max_tokens=min(p.max_tokens, 24)) for p in
-                                  params[:warm]], use_tqdm=False)
-    llm.engine.stats["preemptions"] = 0
-    with PowerMeter() as power:
-        with _profile(args.profile):
-            start = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
-            elapsed = time.perf_counter() - start
-    out_tokens = sum(len(o.token_ids) for o in outs)
-    stats = llm.engine.stats
-    return [dict(mode="throughput", model=args.model, num_prompts=len(prompts),
-                 input_len=args.input_len, output_len=args.output_len, elapsed_s=elapsed,
-                 output_tok_s=out_tokens / elapsed, total_tok_s=(out_tokens + sum(in_lens))
-                 / elapsed, requests_s=len(prompts) / elapsed,
-                 preemptions=stats["preemptions"], watts=power.watts,
-                 tokens_per_joule=out_tokens / (power.watts * elapsed) if power.watts else None)]
+    rows = []
+    for input_len, output_len in _pairs(args):
+        rng = np.random.default_rng(input_len * 7919 + output_len)
+        in_lens = _lengths(rng, input_len, args.num_prompts, args.random_range)
+        out_lens = _lengths(rng, output_len, args.num_prompts, args.random_range)
+        prompts = [rng.integers(10, cfg.vocab_size - 10, size=n).tolist() for n in in_lens]
+        params = [SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True)
+                  for n in out_lens]
+        # a first pass over other prompts meets the shapes of a real run (mixed steps, batch
+        # sizes) without leaving prefix-cache hits for the timed one
+        warm = min(len(prompts), 2 * args.max_num_seqs)
+        llm.generate([rng.integers(10, cfg.vocab_size - 10, size=n).tolist()
+                      for n in in_lens[:warm]],
+                     [p.clone(max_tokens=min(p.max_tokens, 24)) for p in params[:warm]],
+                     use_tqdm=False)
+        stats = llm.engine.stats
+        before = dict(stats)
+        with PowerMeter() as power:
+            with _profile(args.profile):
+                start = time.perf_counter()
+                outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+                elapsed = time.perf_counter() - start
+        out_tokens = sum(len(o.token_ids) for o in outs)
+        steps = stats["steps"] - before["steps"]
+        rows.append(dict(
+            mode="throughput", model=args.model, num_prompts=len(prompts), input_len=input_len,
+            output_len=output_len, elapsed_s=elapsed, output_tok_s=out_tokens / elapsed,
+            total_tok_s=(out_tokens + int(sum(in_lens))) / elapsed,
+            requests_s=len(prompts) / elapsed,
+            preemptions=stats["preemptions"] - before["preemptions"],
+            host_ms_per_step=1e3 * (stats["host_time"] - before["host_time"]) / max(steps, 1),
+            blocks_ahead=stats["blocks_ahead"] - before["blocks_ahead"], watts=power.watts,
+            tokens_per_joule=out_tokens / (power.watts * elapsed) if power.watts else None))
+    if args.peer == "hf":
+        shape = _shape_of(args)
+        del llm  # give the device memory back before torch takes it
+        import gc
+
+        gc.collect()
+        for input_len, output_len in _pairs(args):
+            peer = [hf_peer(shape, b, input_len, output_len, modes=("hf-eager",))[0]
+                    for b in _ints(args.peer_batches)] if shape else [
+                dict(mode="hf", error="--peer hf needs a random:<shape> model")]
+            rows.extend(peer)
+            ok = [r for r in peer if "decode_tok_s" in r]
+            if ok:
+                best = max(ok, key=lambda r: r["decode_tok_s"])
+                ours = next(r for r in rows if r["mode"] == "throughput"
+                            and r["input_len"] == input_len and r["output_len"] == output_len)
+                ours["hf_best_batch"] = best["batch"]
+                ours["hf_best_tok_s"] = best["decode_tok_s"]
+                ours["x_hf_best"] = ours["output_tok_s"] / best["decode_tok_s"]
+    return rows
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x]
+
+
+def _pairs(args) -> list[tuple[int, int]]:
+    """(input_len, output_len) pairs: comma lists of equal length, or one value for both."""
+    ins, outs = _ints(args.input_len), _ints(args.output_len)
+    if len(ins) == 1:
+        ins = ins * len(outs)
+    if len(outs) == 1:
+        outs = outs * len(ins)
+    if len(ins) != len(outs):
+        raise SystemExit(f"--input-len {args.input_len} and --output-len {args.output_len} "
+                         "must list the same number of lengths (or one of them a single value)")
+    return list(zip(ins, outs))
+
+
+def _shape_of(args):
+    from checkpoints.presets import SHAPES
+
+    name = args.model[len("random:"):] if args.model.startswith("random:") else None
+    return SHAPES.get(name) if name else None
 
 
 def _lengths(rng, mean: int, n: int, spread: float) -> np.ndarray:
@@ -226,7 +283,8 @@ def _profile(path):
     return jax.profiler.trace(path)
 
 
-def hf_peer(cfg, batch: int, input_len: int, output_len: int) -> list[dict]:
+def hf_peer(cfg, batch: int, input_len: int, output_len: int,
+            modes=("hf-eager", "hf-static-compile")) -> list[dict]:
     """HF transformers on the same shape: eager and static cache + torch.compile."""
     try:
         import torch
@@ -244,17 +302,37 @@ def hf_peer(cfg, batch: int, input_len: int, output_len: int) -> list[dict]:
         tie_word_embeddings=cfg.tie_word_embeddings)
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+    try:
+        return _hf_generate(model, cfg, batch, input_len, output_len, modes)
+    except torch.OutOfMemoryError as e:
+        return [dict(mode=m, batch=batch, input_len=input_len, output_len=output_len,
+                     error=f"out of memory: {str(e)[:80]}") for m in modes]
+    finally:
+        del model
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _hf_generate(model, cfg, batch, input_len, output_len, modes) -> list[dict]:
+    import torch
+
     ids = torch.randint(10, cfg.vocab_size - 10, (batch, input_len), device="cuda")
     rows = []
     for name, kwargs in (("hf-eager", {}),
                          ("hf-static-compile", {"cache_implementation": "static"})):
+        if name not in modes:
+            continue
         if name == "hf-static-compile":
             # "default" mode: reduce-overhead's CUDA graphs clash with generate's static cache
             model.forward = torch.compile(model.forward, fullgraph=True)
         gen = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
                    **kwargs)
+        # eager needs no compile: a short warm-up; the static cache's shape needs the full one
+        warm = gen if kwargs else dict(gen, max_new_tokens=4, min_new_tokens=4)
         with torch.no_grad():
-            model.generate(ids, **gen)  # warm-up (compiles)
+            model.generate(ids, **warm)  # warm-up (compiles)
             torch.cuda.synchronize()
             t = time.perf_counter()
             model.generate(ids, **gen)
@@ -262,11 +340,6 @@ def hf_peer(cfg, batch: int, input_len: int, output_len: int) -> list[dict]:
             elapsed = time.perf_counter() - t
         rows.append(dict(mode=name, batch=batch, input_len=input_len, output_len=output_len,
                          decode_tok_s=batch * output_len / elapsed))
-    del model, ids
-    import gc
-
-    gc.collect()
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -293,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | bfloat16 | ...")
     ap.add_argument("--mesh", default=None, help="e.g. tp=8 (tensor parallel over GPUs)")
     ap.add_argument("--batch", default="1", help="latency: comma-separated batch sizes")
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--input-len", default="128", help="comma list (throughput: one run each)")
+    ap.add_argument("--output-len", default="128", help="comma list, paired with --input-len")
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--random-range", type=float, default=0.0,
                     help="throughput: lengths uniform in mean*(1±r)")
@@ -305,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-steps", type=int, default=8,
                     help="decode steps per compiled call (1 = sync every token)")
     ap.add_argument("--peer", choices=["hf"], default=None)
+    ap.add_argument("--peer-batches", default="64,128,256",
+                    help="throughput --peer hf: HF batch sizes to try (the best is the peer)")
     ap.add_argument("--profile", default=None, help="write a jax.profiler trace here")
     ap.add_argument("--json", default=None, help="save results as JSON")
     ap.add_argument("--no-progress", action="store_true")
