@@ -208,6 +208,7 @@ def bench_throughput(args) -> list[dict]:
             host_ms_per_step=1e3 * (stats["host_time"] - before["host_time"]) / max(steps, 1),
             blocks_ahead=stats["blocks_ahead"] - before["blocks_ahead"], watts=power.watts,
             tokens_per_joule=out_tokens / (power.watts * elapsed) if power.watts else None))
+        print("row:", json.dumps(rows[-1]), file=sys.stderr, flush=True)  # survives a kill
     if args.peer == "hf":
         shape = _shape_of(args)
         del llm  # give the device memory back before torch takes it
@@ -219,6 +220,7 @@ def bench_throughput(args) -> list[dict]:
                     for b in _ints(args.peer_batches)] if shape else [
                 dict(mode="hf", error="--peer hf needs a random:<shape> model")]
             rows.extend(peer)
+            print("peer:", json.dumps(peer), file=sys.stderr, flush=True)
             ok = [r for r in peer if "decode_tok_s" in r]
             if ok:
                 best = max(ok, key=lambda r: r["decode_tok_s"])
