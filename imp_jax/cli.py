@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mesh", default=None, help="e.g. tp=4 or tp=2,dp=4: per-device memory plan")
     p.set_defaults(fn=cmd_info)
 
-    for name, module, help_ in (("bench", "imp_jax.bench", "latency / throughput benchmarks"),
+    for name, module, help_ in (("bench", "imp_jax.bench",
+                                 "latency / throughput / serve (HTTP server) benchmarks"),
                                 ("batch", "imp_jax.batch", "OpenAI batch-file jobs"),
                                 ("serve", "imp_jax.server", "OpenAI-compatible HTTP server")):
         p = sub.add_parser(name, help=help_, add_help=False)
@@ -228,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.fn is None:  # delegate to the subcommand's own parser
         import importlib
 
-        return importlib.import_module(args.module).main(args.rest + rest)
+        sub_argv = args.rest + rest
+        if args.module == "imp_jax.bench" and sub_argv[:1] == ["serve"]:  # the HTTP server's
+            return importlib.import_module("imp_jax.server.bench").main(sub_argv[1:])
+        return importlib.import_module(args.module).main(sub_argv)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--decode-steps", type=int, default=1,
+                   help="decode steps per compiled call: fewer host syncs, chunkier streams")
     p.add_argument("--quantization", default=None,
                    choices=[None, "fp8", "fp8-weight-only", "int8"])
     p.add_argument("--max-waiting", type=int, default=512,
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
               max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=not args.no_prefix_caching,
-              quantization=args.quantization)
+              quantization=args.quantization, decode_steps=args.decode_steps)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     return serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=name,
                  max_waiting=args.max_waiting, drain_timeout=args.drain_timeout,
