@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -22,17 +23,21 @@ import numpy as np
 
 
 class PowerMeter:
-    """Average board power from nvidia-smi, sampled every 100 ms in the background."""
+    """Average board power from nvidia-smi, sampled every 100 ms in the background, summed over
+    the GPUs this process may use (CUDA_VISIBLE_DEVICES, else all)."""
 
     def __init__(self):
         self.samples: list[float] = []
         self._proc = None
 
     def __enter__(self):
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+        select = ["-i", gpus] if gpus else []
+        self._gpus = len(gpus.split(",")) if gpus else None
         try:
             self._proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=power.draw", "--format=csv,noheader,nounits",
-                 "-lms", "100", "-i", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                ["nvidia-smi", "--query-gpu=index,power.draw", "--format=csv,noheader,nounits",
+                 "-lms", "100", *select], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 text=True)
         except FileNotFoundError:
             return self
@@ -40,9 +45,14 @@ class PowerMeter:
         return self
 
     def _read(self):
+        tick: dict[str, float] = {}  # one sample per GPU per tick; a repeated index = next tick
         for line in self._proc.stdout:
             try:
-                self.samples.append(float(line.strip()))
+                index, watts = (x.strip() for x in line.split(","))
+                if index in tick:
+                    self.samples.append(sum(tick.values()))
+                    tick = {}
+                tick[index] = float(watts)
             except ValueError:
                 pass
 
@@ -155,13 +165,15 @@ def bench_latency(args) -> list[dict]:
         avg_ctx = input_len + output_len / 2
         kv_bytes = b * avg_ctx * KVCache.bytes_per_token(cfg, kv_dtype)
         bw = (weight_bytes + kv_bytes) / step_time
+        devices = 1 if llm.runner.sharding is None else llm.runner.sharding.mesh.size
         tokens = b * output_len
         row = dict(mode="latency", model=args.model, batch=b, input_len=input_len,
                    output_len=output_len, ttft_ms=ttft * 1e3, itl_ms=step_time * 1e3,
                    decode_tok_s=b * n_dec / decode if decode else float("nan"),
                    tok_s_per_seq=n_dec / decode if decode else float("nan"),
-                   bandwidth_tb_s=bw / 1e12, ceiling_tb_s=ceiling / 1e12,
-                   fraction_of_ceiling=bw / ceiling, host_ms_per_step=1e3 * host / max(steps, 1),
+                   bandwidth_tb_s=bw / 1e12, ceiling_tb_s=ceiling / 1e12, devices=devices,
+                   fraction_of_ceiling=bw / (ceiling * devices),  # each device reads its shard
+                   host_ms_per_step=1e3 * host / max(steps, 1),
                    watts=power.watts,
                    tokens_per_joule=tokens / (power.watts * (ttft + decode))
                    if power.watts else None)
@@ -391,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = bench_latency(args) if args.mode == "latency" else bench_throughput(args)
     device = jax.devices()[0].device_kind
     for r in rows:
+        r.setdefault("mesh", args.mesh)
         r.setdefault("device", device)
         r.setdefault("date", time.strftime("%Y-%m-%d"))
     _print_table(rows)
