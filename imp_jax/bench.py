@@ -185,10 +185,10 @@ def bench_throughput(args) -> list[dict]:
     """One engine, warmed up once, runs every (input, output) length pair; then the HF peer."""
     from imp_jax import SamplingParams
 
-    llm = _make_llm(args, args.max_num_seqs)
-    cfg = llm.config
     rows = []
-    for input_len, output_len in _pairs(args):
+    llm = None if args.peer_only else _make_llm(args, args.max_num_seqs)
+    for input_len, output_len in _pairs(args) if llm is not None else ():
+        cfg = llm.config
         rng = np.random.default_rng(input_len * 7919 + output_len)
         in_lens = _lengths(rng, input_len, args.num_prompts, args.random_range)
         out_lens = _lengths(rng, output_len, args.num_prompts, args.random_range)
@@ -197,7 +197,7 @@ def bench_throughput(args) -> list[dict]:
                   for n in out_lens]
         # a first pass over other prompts meets the shapes of a real run (mixed steps, batch
         # sizes) without leaving prefix-cache hits for the timed one
-        warm = min(len(prompts), 2 * args.max_num_seqs)
+        warm = min(len(prompts), args.max_num_seqs)
         llm.generate([rng.integers(10, cfg.vocab_size - 10, size=n).tolist()
                       for n in in_lens[:warm]],
                      [p.clone(max_tokens=min(p.max_tokens, 24)) for p in params[:warm]],
@@ -234,7 +234,7 @@ def bench_throughput(args) -> list[dict]:
             rows.extend(peer)
             print("peer:", json.dumps(peer), file=sys.stderr, flush=True)
             ok = [r for r in peer if "decode_tok_s" in r]
-            if ok:
+            if ok and not args.peer_only:
                 best = max(ok, key=lambda r: r["decode_tok_s"])
                 ours = next(r for r in rows if r["mode"] == "throughput"
                             and r["input_len"] == input_len and r["output_len"] == output_len)
@@ -392,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-steps", type=int, default=8,
                     help="decode steps per compiled call (1 = sync every token)")
     ap.add_argument("--peer", choices=["hf"], default=None)
+    ap.add_argument("--peer-only", action="store_true",
+                    help="throughput: run only the --peer (e.g. on another GPU, in parallel)")
     ap.add_argument("--peer-batches", default="64,128,256",
                     help="throughput --peer hf: HF batch sizes to try (the best is the peer)")
     ap.add_argument("--profile", default=None, help="write a jax.profiler trace here")
