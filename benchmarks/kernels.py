@@ -3,21 +3,33 @@
 Compares, on the same card in the same process:
   ours   pallas_kernels.paged_attention_kernel (Pallas Triton, split-K, GQA page reuse)
   peer   jax.experimental.pallas.ops.gpu.paged_attention (deprecated Triton example; needs its
-         own [KVH, P, page, D] pool layout, transposed outside the timing)
+         own [KVH, P, page, D] pool layout, transposed outside the timing; it also takes
+         per-token scales, as [KVH, P, page])
   ref    pallas_kernels.reference under XLA (gathers the pages, then dense attention)
+
+KV page dtypes (`--kv`, default all three): bf16; fp8 (float8_e4m3fn) and int8 pages with one
+float32 scale per token and KV head (imp_jax/cache.py's layout). Bytes counted per token and KV
+head: D * 2 for bf16, D * 1 + 4 for the 8-bit pools (values + scale), K and V.
 
 Timing: each timed jit runs N calls back to back (unrolled, each on a different page table over a
 pool large enough that N calls do not fit in L2), warm-up first, then the median of `reps` runs;
 time per call = median / N. Achieved bandwidth counts K+V bytes read once (the floor).
 
-  PYTHONPATH=$PWD python benchmarks/kernels.py [--quick] [--out DIR] [--autotune [--cache F]]
+  PYTHONPATH=$PWD python benchmarks/kernels.py [--reps 10] [--full | --quick] [--kv bf16,fp8]
+      [--budget-s S] [--out DIR] [--autotune [--cache F]] [--smoke]
+
+Default: a sweep sized to finish in under ~3 minutes on an H100 (B=8 x ctx 2048 vs the
+deprecated kernel first, then the small-batch rows, then the rest), guarded by --budget-s
+(150 s by default: cases left when it runs out are listed as skipped). --full: the whole table
+of docs/kernels_notes.md x 3 dtypes and the full config sweep (no budget unless given).
+--smoke (automatic without a GPU): tiny shapes in Pallas interpret mode on CPU, to check the
+harness and the numerics, not speed.
 
 --autotune: per case, also run pallas_kernels.autotune.tune over the default candidates plus the
-sweep (same looped timing), and store the winner per (device kind, shape bucket) in the autotune
-cache ($IMP_JAX_AUTOTUNE_CACHE or ~/.cache/imp_jax/autotune.json; --cache overrides), which the
-kernel entry point then uses.
+sweep (same looped timing), and store the winner per (device kind, shape bucket, KV dtype) in the
+autotune cache ($IMP_JAX_AUTOTUNE_CACHE or ~/.cache/imp_jax/autotune.json; --cache overrides).
 
-Prints a table last and writes JSON to $OUT (or --out).
+Prints a table last and writes JSON to $OUT (or --out) after every case.
 """
 
 from __future__ import annotations
@@ -30,8 +42,6 @@ import statistics
 import sys
 import time
 import warnings
-
-import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +56,12 @@ with warnings.catch_warnings():
 
 CEIL_TBS = 2.98
 KVH, D, H = 8, 128, 32
+KV_DTYPES = {"bf16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
+
+
+def kv_bytes_per_token_head(kv: str) -> int:
+    """Bytes of one token's K (or V) for one KV head: values, plus the f32 scale if 8-bit."""
+    return D * jnp.dtype(KV_DTYPES[kv]).itemsize + (0 if kv == "bf16" else 4)
 
 
 def timeit(fn, args, reps):
@@ -65,82 +81,120 @@ def rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def bench_case(B, ctx, page, *, reps, configs, run_ref, run_peer, key, tune=False):
-    dtype = jnp.bfloat16
-    pages_per_seq = ctx // page
-    kv_bytes = 2 * B * ctx * KVH * D * 2
-    # Rotate among R page-table sets so the N timed calls stream >= ~1 GB from HBM, not L2.
-    R = int(max(1, min(16, math.ceil(1.0e9 / kv_bytes))))
-    n_calls = max(R, 4)
-    P = R * B * pages_per_seq + 1
+def make_pools(key, P, page, kv):
+    """K/V pools [P, page, KVH, D] (+ f32 scales [P, page, KVH] for 8-bit pools).
+
+    8-bit pools repeat a random block of <= 4096 pages (the timing reads addresses, not values;
+    this keeps the random generation's temporaries small for pools of many GB)."""
     k1, k2, k3, k4 = jax.random.split(key, 4)
-    k_pages = jax.random.normal(k1, (P, page, KVH, D), dtype)
-    v_pages = jax.random.normal(k2, (P, page, KVH, D), dtype)
+    if kv == "bf16":
+        return (jax.random.normal(k1, (P, page, KVH, D), jnp.bfloat16),
+                jax.random.normal(k2, (P, page, KVH, D), jnp.bfloat16), {})
+    nb = min(P, 4096)
+    rep = jnp.arange(P, dtype=jnp.int32) % nb
+
+    def values(k):
+        if kv == "int8":
+            base = jax.random.randint(k, (nb, page, KVH, D), -127, 128, jnp.int8)
+        else:
+            base = jnp.clip(jax.random.normal(k, (nb, page, KVH, D), jnp.float32) * 64,
+                            -448, 448).astype(KV_DTYPES[kv])
+        return base[rep]
+
+    top = 127.0 if kv == "int8" else 64.0
+    scales = lambda k: jax.random.uniform(k, (P, page, KVH), jnp.float32, 0.5, 1.5) / top  # noqa
+    return values(k1), values(k2), dict(k_scale=scales(k3), v_scale=scales(k4))
+
+
+def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=False,
+               interpret=False, max_calls=16, deadline=None):
+    pages_per_seq = ctx // page
+    kv_bytes = 2 * B * ctx * KVH * kv_bytes_per_token_head(kv)
+    # Rotate among R page-table sets so the N timed calls stream >= ~1 GB from HBM, not L2.
+    R = int(max(1, min(max_calls, math.ceil(1.0e9 / kv_bytes))))
+    n_calls = max(R, min(4, max_calls))
+    P = R * B * pages_per_seq + 1
+    kp_key, k3, k4 = jax.random.split(key, 3)
+    k_pages, v_pages, scales = make_pools(kp_key, P, page, kv)
     perm = jax.random.permutation(k3, jnp.arange(1, P, dtype=jnp.int32))
     pts = perm.reshape(R, B, pages_per_seq)
     # n_calls distinct page tables (identical calls would be CSE'd by XLA): set i % R, with the
     # sequences rolled by i // R so that every call reads different pages per sequence.
     pts = jnp.stack([jnp.roll(pts[i % R], i // R, axis=0) for i in range(n_calls)])
-    q = jax.random.normal(k4, (B, H, D), dtype)
+    q = jax.random.normal(k4, (B, H, D), jnp.bfloat16)
     # ragged: lengths in [ctx/2, ctx], one sequence at exactly ctx
     lens = jax.random.randint(jax.random.fold_in(key, 7), (B,), ctx // 2, ctx + 1).astype(jnp.int32)
     lens = lens.at[0].set(ctx)
     qs = jnp.arange(B + 1, dtype=jnp.int32)
     scale = 1.0 / math.sqrt(D)
-    bytes_read = 2 * int(jnp.sum(lens)) * KVH * D * 2
-    row = dict(B=B, ctx=ctx, page=page, kv_bytes_floor=bytes_read, pool_rotations=R,
-               n_calls=n_calls)
+    bytes_read = 2 * int(jnp.sum(lens)) * KVH * kv_bytes_per_token_head(kv)
+    row = dict(B=B, ctx=ctx, page=page, kv=kv, kv_bytes_floor=bytes_read,
+               floor_us=bytes_read / (CEIL_TBS * 1e12) * 1e6, pool_rotations=R, n_calls=n_calls)
+    sc = scales  # {} for bf16
 
     def looped(call):
-        def f(q, kp, vp, pts, lens):
+        def f(q, kp, vp, pts, lens, sc):
             acc = jnp.zeros((B, H, D), jnp.float32)
             for i in range(n_calls):
-                acc = acc + call(q, kp, vp, pts[i], lens).astype(jnp.float32)
+                acc = acc + call(q, kp, vp, pts[i], lens, sc).astype(jnp.float32)
             return acc
         return jax.jit(f)
 
     ref_out = None
     if run_ref:
-        ref_call = lambda q, kp, vp, pt, ln: ragged_paged_attention_ref(
-            q, kp, vp, pt, ln, qs, max_query_len=1, scale=scale)
-        ref_out = ref_call(q, k_pages, v_pages, pts[0], lens)
-        t, _ = timeit(looped(ref_call), (q, k_pages, v_pages, pts, lens), reps)
-        row["ref_us"] = t / n_calls * 1e6
+        ref_call = lambda q, kp, vp, pt, ln, sc: ragged_paged_attention_ref(  # noqa: E731
+            q, kp, vp, pt, ln, qs, max_query_len=1, scale=scale, **sc)
+        ref_out = jax.jit(ref_call)(q, k_pages, v_pages, pts[0], lens, sc)
+        if run_ref == "time":
+            t, _ = timeit(looped(ref_call), (q, k_pages, v_pages, pts, lens, sc), reps)
+            row["ref_us"] = t / n_calls * 1e6
 
-    best = None
+    def ours(cfg):
+        return lambda q, kp, vp, pt, ln, sc: paged_attention_kernel(
+            q, kp, vp, pt, ln, qs, max_query_len=1, scale=scale, config=cfg,
+            interpret=interpret, **sc)
+
+    best, first_out, seen = None, None, set()
     for cfg_kw in configs:
+        if best is not None and deadline is not None and time.time() > deadline:
+            row["configs_cut_by_budget"] = True
+            break
         cfg = choose_config(B, KVH, H // KVH, 1, pages_per_seq, page, **cfg_kw)
-        call = lambda q, kp, vp, pt, ln, cfg=cfg: paged_attention_kernel(
-            q, kp, vp, pt, ln, qs, max_query_len=1, scale=scale, config=cfg)
+        if cfg in seen:
+            continue
+        seen.add(cfg)
+        call = ours(cfg)
+        err = None
         try:
-            out = call(q, k_pages, v_pages, pts[0], lens)
-            err = rel(out, ref_out) if ref_out is not None else None
-            t, _ = timeit(looped(call), (q, k_pages, v_pages, pts, lens), reps)
+            if first_out is None:     # numerics once per case (one compile less per config)
+                first_out = jax.jit(call)(q, k_pages, v_pages, pts[0], lens, sc)
+                err = rel(first_out, ref_out) if ref_out is not None else None
+                row["ours_err"] = err
+            t, _ = timeit(looped(call), (q, k_pages, v_pages, pts, lens, sc), reps)
         except Exception as e:  # noqa: BLE001 -- report and go on
             print(f"  cfg {cfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
         us = t / n_calls * 1e6
         rec = dict(cfg=str(cfg), us=us, tbs=bytes_read / (us * 1e-6) / 1e12, rel_err=err)
         row.setdefault("ours_all", []).append(rec)
-        print(f"  B={B} ctx={ctx} page={page} {cfg}: {us:9.1f} us  "
+        print(f"  B={B} ctx={ctx} page={page} kv={kv} {cfg}: {us:9.1f} us  "
               f"{rec['tbs']:.2f} TB/s  err={err}", flush=True)
         if best is None or us < best["us"]:
-            best = dict(rec, out=out)
+            best = rec
     if best is not None:
-        row.update(ours_us=best["us"], ours_tbs=best["tbs"], ours_cfg=best["cfg"],
-                   ours_err=best["rel_err"])
+        row.update(ours_us=best["us"], ours_tbs=best["tbs"], ours_cfg=best["cfg"])
 
     if tune:
-        akey = autotune.make_key(q.shape, k_pages.shape, pts[0].shape, 1, q.dtype)
+        akey = autotune.make_key(q.shape, k_pages.shape, pts[0].shape, 1, q.dtype,
+                                 kv_dtype=k_pages.dtype)
         cands = autotune.default_candidates(akey)
         cands += [akey.heuristic(**kw) for kw in configs]
         jitted = {}
 
         def run_fn(cfg):
             if cfg not in jitted:
-                jitted[cfg] = looped(lambda q, kp, vp, pt, ln, cfg=cfg: paged_attention_kernel(
-                    q, kp, vp, pt, ln, qs, max_query_len=1, scale=scale, config=cfg))
-            return jitted[cfg](q, k_pages, v_pages, pts, lens)
+                jitted[cfg] = looped(ours(cfg))
+            return jitted[cfg](q, k_pages, v_pages, pts, lens, sc)
 
         won = autotune.tune(akey, cands, run_fn, reps=reps, calls_per_run=n_calls)
         entry = autotune.load_cache().get(akey.id, {}) if won is not None else {}
@@ -155,14 +209,16 @@ def bench_case(B, ctx, page, *, reps, configs, run_ref, run_peer, key, tune=Fals
         try:
             kt = jnp.transpose(k_pages, (2, 0, 1, 3))
             vt = jnp.transpose(v_pages, (2, 0, 1, 3))
+            pscales = {k: jnp.transpose(v, (2, 0, 1)) for k, v in sc.items()}
             ks = 16 if pages_per_seq % 16 == 0 else 1
             # the deprecated kernel applies no softmax scale: fold it into q
-            peer_call = lambda q, kp, vp, pt, ln: peer_mod.paged_attention(
-                (q * scale).astype(q.dtype), kp, vp, pt, ln, k_splits=ks)
-            pout = peer_call(q, kt, vt, pts[0], lens)
+            peer_call = lambda q, kp, vp, pt, ln, psc: peer_mod.paged_attention(  # noqa: E731
+                (q * scale).astype(q.dtype), kp, vp, pt, ln, psc.get("k_scale"),
+                psc.get("v_scale"), k_splits=ks)
+            pout = jax.jit(peer_call)(q, kt, vt, pts[0], lens, pscales)
             row["peer_err"] = rel(pout, ref_out) if ref_out is not None else (
-                rel(pout, best["out"]) if best is not None else None)
-            t, _ = timeit(looped(peer_call), (q, kt, vt, pts, lens), reps)
+                rel(pout, first_out) if first_out is not None else None)
+            t, _ = timeit(looped(peer_call), (q, kt, vt, pts, lens, pscales), reps)
             row["peer_us"] = t / n_calls * 1e6
             row["peer_tbs"] = bytes_read / (t / n_calls) / 1e12
             del kt, vt
@@ -174,67 +230,141 @@ def bench_case(B, ctx, page, *, reps, configs, run_ref, run_peer, key, tune=Fals
     return row
 
 
+# Default sweep, in priority order (the budget cuts from the end): B=8 x 2k vs the deprecated
+# kernel (shared/GPU.md measured it at 73 us), the small-batch fixed cost, then the rest.
+DEFAULT_SHAPES = [(8, 2048, 16), (1, 64, 16), (1, 1024, 16), (8, 1024, 16), (64, 1024, 16),
+                  (1, 4096, 16), (8, 4096, 16), (64, 4096, 16), (1, 16384, 16), (8, 16384, 16),
+                  (256, 4096, 16), (1, 32768, 16)]
+FULL_SHAPES = ([(8, 2048, 16), (1, 64, 16)]
+               + [(B, ctx, 16) for ctx in (1024, 4096, 16384, 32768) for B in (1, 8, 64, 256)]
+               + [(8, 4096, 32), (8, 4096, 64), (64, 4096, 32), (64, 4096, 64), (1, 32768, 64)])
+QUICK_SHAPES = [(8, 2048, 16), (1, 4096, 16)]
+SMOKE_SHAPES = [(2, 64, 16)]
+SMOKE_SWEEP = [dict(), dict(num_splits=2, block_k_tokens=32)]   # one split; split-K + combine
+
+FULL_SWEEP = [dict(), dict(prefetch_pages=False), dict(num_stages=3),
+              dict(num_stages=3, prefetch_pages=False), dict(target_programs=1056)]
+FULL_SWEEP_SMALL = [dict(), dict(prefetch_pages=False), dict(num_stages=3),
+                    dict(num_stages=3, prefetch_pages=False),
+                    dict(target_programs=1056, num_stages=3),
+                    dict(target_programs=2112, block_k_tokens=32)]
+SWEEP = [dict(), dict(num_stages=3), dict(prefetch_pages=False)]
+SWEEP_SMALL = [dict(), dict(num_stages=3), dict(target_programs=1056, num_stages=3)]
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true")
+    mode.add_argument("--full", action="store_true")
+    mode.add_argument("--smoke", action="store_true",
+                      help="tiny shapes, Pallas interpret mode (the default without a GPU)")
+    ap.add_argument("--kv", default="bf16,fp8,int8", help="comma list of bf16, fp8, int8")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting cases after this many seconds (default 150, --full: "
+                         "none)")
     ap.add_argument("--autotune", action="store_true",
                     help="tune each case's shape bucket and save the winner to the autotune cache")
     ap.add_argument("--cache", default=None, help="autotune cache file (default: "
                     "$IMP_JAX_AUTOTUNE_CACHE or ~/.cache/imp_jax/autotune.json)")
     args = ap.parse_args()
+    t_start = time.time()
     if args.cache:
         os.environ[autotune.CACHE_ENV] = args.cache
-    print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
+    kvs = [k.strip() for k in args.kv.split(",") if k.strip()]
+    bad = [k for k in kvs if k not in KV_DTYPES]
+    if bad:
+        ap.error(f"--kv: unknown {bad}; choose from {list(KV_DTYPES)}")
+    smoke = args.smoke or jax.default_backend() != "gpu"
+    print("device:", jax.devices()[0].device_kind, "jax", jax.__version__,
+          "(smoke: interpret mode)" if smoke else "", flush=True)
     key = jax.random.PRNGKey(0)
 
-    sweep = [dict(), dict(prefetch_pages=False), dict(num_stages=3),
-             dict(num_stages=3, prefetch_pages=False), dict(target_programs=1056)]
-    sweep_small = [dict(), dict(prefetch_pages=False), dict(num_stages=3),
-                   dict(num_stages=3, prefetch_pages=False),
-                   dict(target_programs=1056, num_stages=3),
-                   dict(target_programs=2112, block_k_tokens=32)]
-    if args.quick:
-        cases = [(8, 2048, 16), (1, 4096, 16)]
-        sweep = sweep[:2]
+    if smoke:
+        shapes, reps, max_calls = SMOKE_SHAPES, 1, 2
+        budget = args.budget_s
+    elif args.quick:
+        shapes, reps, max_calls = QUICK_SHAPES, args.reps, 16
+        budget = args.budget_s
+    elif args.full:
+        shapes, reps, max_calls = FULL_SHAPES, args.reps, 16
+        budget = args.budget_s
     else:
-        cases = [(B, ctx, 16) for ctx in (1024, 4096, 16384, 32768) for B in (1, 8, 64, 256)]
-        cases += [(8, 4096, 32), (8, 4096, 64), (64, 4096, 32), (64, 4096, 64), (1, 32768, 64)]
-        cases = [(1, 64, 16)] + cases          # fixed per-call overhead (KV is 256 KB)
-    rows = []
-    for (B, ctx, page) in cases:
-        kv = 2 * B * ctx * KVH * D * 2
-        if kv > 20e9:
-            print(f"skip B={B} ctx={ctx}: KV {kv/1e9:.0f} GB", flush=True)
+        shapes, reps, max_calls = DEFAULT_SHAPES, args.reps, 16
+        budget = 150.0 if args.budget_s is None else args.budget_s
+    deadline = None if budget is None else t_start + budget
+    cases = [(B, ctx, page, kv) for (B, ctx, page) in shapes for kv in kvs]
+
+    os.makedirs(args.out, exist_ok=True)
+    out_path = os.path.join(args.out, "kernels_bench.json")
+    rows, skipped = [], []
+
+    def dump():
+        with open(out_path, "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                           date=time.strftime("%Y-%m-%d"), smoke=smoke, reps=reps,
+                           budget_s=budget, wall_s=time.time() - t_start, rows=rows,
+                           skipped=skipped), f, indent=1)
+
+    for (B, ctx, page, kv) in cases:
+        kv_bf16 = 2 * B * ctx * KVH * D * 2          # size classes as for the bf16 pool
+        if kv_bf16 > 20e9:
+            print(f"skip B={B} ctx={ctx}: KV {kv_bf16/1e9:.0f} GB", flush=True)
+            continue
+        if deadline is not None and time.time() > deadline:
+            skipped.append(dict(B=B, ctx=ctx, page=page, kv=kv, why="budget"))
             continue
         key, sub = jax.random.split(key)
         t0 = time.time()
         small = B * KVH < 132
-        configs = sweep_small if (small and not args.quick) else sweep
-        row = bench_case(B, ctx, page, reps=args.reps, configs=configs,
-                         run_ref=kv <= 2.2e9, run_peer=kv <= 9e9, key=sub, tune=args.autotune)
+        if smoke:
+            configs = SMOKE_SWEEP
+        elif args.quick:
+            configs = SWEEP[:2]
+        elif args.full:
+            configs = FULL_SWEEP_SMALL if small else FULL_SWEEP
+        else:
+            configs = (SWEEP_SMALL if small else SWEEP)[: 3 if kv == "bf16" else 2]
+        # The XLA reference: error check always (when it fits); timed for bf16 rows only.
+        run_ref = (("time" if kv == "bf16" else "check") if kv_bf16 <= 2.2e9 else False)
+        try:
+            row = bench_case(B, ctx, page, kv, reps=reps, configs=configs, run_ref=run_ref,
+                             run_peer=(not smoke) and kv_bf16 <= 9e9, key=sub,
+                             tune=args.autotune, interpret=smoke, max_calls=max_calls,
+                             deadline=deadline)
+        except Exception as e:  # noqa: BLE001 -- e.g. out of memory: record and go on
+            print(f"case B={B} ctx={ctx} kv={kv} failed: {type(e).__name__}: {str(e)[:300]}",
+                  flush=True)
+            row = dict(B=B, ctx=ctx, page=page, kv=kv, kv_bytes_floor=0, floor_us=0.0,
+                       error=f"{type(e).__name__}: {str(e)[:300]}")
         row["wall_s"] = time.time() - t0
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(os.path.join(args.out, "kernels_bench.json"), "w") as f:
-            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                           date=time.strftime("%Y-%m-%d"), rows=rows), f, indent=1)
+        dump()
+    dump()
 
     if args.autotune:
         print(f"\nautotune cache: {autotune.cache_path()}")
         for r in rows:
             print(f"  {r.get('tuned_key')}: {r.get('tuned_cfg')} {r.get('tuned_us')} us")
-    print("\n| B | ctx | page | KV MB | ours us | ours TB/s | %ceil | peer us | peer TB/s | "
-          "ref us | ref TB/s | err ours | best cfg |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    f = lambda x, p=1: "-" if x is None else (f"{x:.{p}f}" if isinstance(x, float) else str(x))
+    print(f"\nwall {time.time() - t_start:.0f} s; JSON: {out_path}")
+    if skipped:
+        print("skipped (budget): " + ", ".join(f"B={s['B']} ctx={s['ctx']} {s['kv']}"
+                                               for s in skipped))
+    print("\n| B | ctx | page | kv | KV MB | floor us | ours us | ours TB/s | %ceil | peer us | "
+          "peer TB/s | ref us | ref TB/s | err ours | err peer | best cfg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    f = lambda x, p=1: "-" if x is None else (f"{x:.{p}f}" if isinstance(x, float) else str(x))  # noqa
     for r in rows:
-        print(f"| {r['B']} | {r['ctx']} | {r['page']} | {r['kv_bytes_floor']/1e6:.0f} | "
+        print(f"| {r['B']} | {r['ctx']} | {r['page']} | {r['kv']} | "
+              f"{r['kv_bytes_floor']/1e6:.0f} | {f(r['floor_us'])} | "
               f"{f(r.get('ours_us'))} | {f(r.get('ours_tbs'), 2)} | "
               f"{f(None if r.get('ours_tbs') is None else 100 * r['ours_tbs'] / CEIL_TBS, 0)} | "
               f"{f(r.get('peer_us'))} | {f(r.get('peer_tbs'), 2)} | {f(r.get('ref_us'))} | "
               f"{f(r.get('ref_tbs'), 2)} | {f(r.get('ours_err'), 4)} | "
+              f"{f(r.get('peer_err'), 4)} | "
               f"{(r.get('ours_cfg') or '-').replace('KernelConfig', '')} |")
 
 

@@ -27,8 +27,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
                     mesh=None, heads_axis=None) -> jax.Array:
     """q [T, H, D] against the paged K/V of each token's sequence -> [T, H, D].
 
-    FP8 pools pass their per-token, per-head scales; the kernel does not read FP8 pages yet,
-    so those go to the reference (which dequantizes only the gathered pages).
+    8-bit pools (fp8 / int8) pass their per-token, per-head scales; the kernel reads the 8-bit
+    pages and applies the scales to the logits (K) and probabilities (V).
 
     With `mesh` and `heads_axis` (tensor parallelism, KV pools split over the same mesh axes as
     the query heads), attention runs per device on its own heads under `shard_map`: a Pallas

@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="random:llama3-8b")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--quantization", default=None)
-    ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | bfloat16 | ...")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | int8 | bfloat16 | ...")
     ap.add_argument("--mesh", default=None, help="e.g. tp=8 (tensor parallel over GPUs)")
     ap.add_argument("--batch", default="1", help="latency: comma-separated batch sizes")
     ap.add_argument("--input-len", default="128", help="comma list (throughput: one run each)")

@@ -17,6 +17,15 @@ from imp_jax.spec import kv_page_spec
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT8 = jnp.int8
+INT8_MAX = 127.0  # symmetric: -127..127 (-128 unused, so the grid is symmetric about 0)
+# 8-bit pool dtypes: values + one float32 scale per token and KV head (k_scale / v_scale).
+QUANT_DTYPES = (jnp.dtype(FP8), jnp.dtype(INT8))
+
+
+def is_quantized(dtype) -> bool:
+    """Whether a pool of this dtype holds 8-bit values with per-token-per-head scales."""
+    return jnp.dtype(dtype) in QUANT_DTYPES
 
 
 @jax.tree_util.register_dataclass
@@ -24,8 +33,9 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 class KVCache:
     k: list[jax.Array]  # per layer: [num_pages, page_size, kv_heads, head_dim]
     v: list[jax.Array]
-    # FP8 pools only: one float32 scale per token and KV head, [num_pages, page_size, kv_heads]
-    # (4 bytes next to head_dim bytes of values: KV memory and bandwidth drop ~2x from bf16).
+    # 8-bit pools only (fp8 e4m3 / int8): one float32 scale per token and KV head,
+    # [num_pages, page_size, kv_heads] (4 bytes next to head_dim bytes of values: KV memory and
+    # bandwidth drop ~2x from bf16).
     k_scale: list[jax.Array] | None = None
     v_scale: list[jax.Array] | None = None
 
@@ -35,7 +45,7 @@ class KVCache:
         layers = range(cfg.num_layers)
         pools = dict(k=[jnp.zeros(spec.shape, dtype) for _ in layers],
                      v=[jnp.zeros(spec.shape, dtype) for _ in layers])
-        if jnp.dtype(dtype) == FP8:
+        if is_quantized(dtype):
             pools.update(k_scale=[jnp.ones(spec.shape[:-1], jnp.float32) for _ in layers],
                          v_scale=[jnp.ones(spec.shape[:-1], jnp.float32) for _ in layers])
         return cls(**pools)
@@ -48,7 +58,7 @@ class KVCache:
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype) -> int:
-        per_head = cfg.head_dim * jnp.dtype(dtype).itemsize + (4 if jnp.dtype(dtype) == FP8 else 0)
+        per_head = cfg.head_dim * jnp.dtype(dtype).itemsize + (4 if is_quantized(dtype) else 0)
         return 2 * cfg.num_layers * cfg.num_kv_heads * per_head
 
     @property
@@ -75,7 +85,29 @@ def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [..., head_dim] -> (float8_e4m3fn values, float32 scale [...]) per token and head."""
     x32 = x.astype(jnp.float32)
     scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1) / FP8_MAX, 1e-12)
-    return (x32 / scale[..., None]).astype(FP8), scale
+    return jnp.clip(x32 / scale[..., None], -FP8_MAX, FP8_MAX).astype(FP8), scale
+
+
+def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., head_dim] -> (int8 values, float32 scale [...]) per token and head.
+
+    Symmetric: scale = max|x| / 127, values round(x / scale) in [-127, 127]; the error of each
+    element is at most scale / 2 (a 1/254 share of the token-head's largest magnitude)."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1) / INT8_MAX, 1e-12)
+    q = jnp.clip(jnp.round(x32 / scale[..., None]), -INT8_MAX, INT8_MAX)
+    return q.astype(INT8), scale
+
+
+def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """Per-token-per-head quantization of x [..., head_dim] to an 8-bit pool dtype."""
+    dt = jnp.dtype(dtype)
+    if dt == jnp.dtype(FP8):
+        return quantize_fp8(x)
+    if dt == jnp.dtype(INT8):
+        return quantize_int8(x)
+    raise ValueError(f"no per-token quantization for {dt}; 8-bit pools are "
+                     f"{[str(d) for d in QUANT_DTYPES]}")
 
 
 def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
@@ -83,14 +115,17 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
              v_scale: jax.Array | None = None) -> tuple:
     """Scatter this step's K/V [T, kv_heads, head_dim] into the page pools at their slots.
 
-    Returns (k_pages, v_pages, k_scale, v_scale); FP8 pools (scales given) store each token's
-    K/V quantized with its own per-head scale."""
+    Returns (k_pages, v_pages, k_scale, v_scale); 8-bit pools (fp8 / int8, scales given) store
+    each token's K/V quantized with its own per-head scale."""
+    if is_quantized(k_pages.dtype) and k_scale is None:
+        # Casting K/V straight to 8 bits without a scale would silently store garbage.
+        raise ValueError(f"{k_pages.dtype} KV pools need their k_scale / v_scale pools")
     num_pages, page_size = k_pages.shape[:2]
     # Padding slots (-1) are sent out of bounds and dropped, never written to a real page.
     slots = jnp.where(slot_mapping < 0, num_pages * page_size, slot_mapping)
     page, offset = slots // page_size, slots % page_size
     if k_scale is not None:
-        (k, ks), (v, vs) = quantize_fp8(k), quantize_fp8(v)
+        (k, ks), (v, vs) = quantize_kv(k, k_pages.dtype), quantize_kv(v, v_pages.dtype)
         k_scale = k_scale.at[page, offset].set(ks, mode="drop")
         v_scale = v_scale.at[page, offset].set(vs, mode="drop")
     k_pages = k_pages.at[page, offset].set(k.astype(k_pages.dtype), mode="drop")

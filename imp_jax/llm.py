@@ -28,16 +28,17 @@ Prompt = str | Sequence[int]
 _GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-KV_CACHE_DTYPES = ("auto", "fp8", "bfloat16", "float16", "float32")
+KV_CACHE_DTYPES = ("auto", "fp8", "int8", "bfloat16", "float16", "float32")
 
 
 def _kv_cache_dtype(name: str, model_dtype):
-    """"auto" = the model's dtype; "fp8" = float8_e4m3fn pages with per-token, per-head scales."""
+    """"auto" = the model's dtype; "fp8" = float8_e4m3fn pages, "int8" = int8 pages (symmetric,
+    max 127), both with one float32 scale per token and KV head."""
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {name!r}")
     if name == "auto":
         return jnp.dtype(model_dtype)
-    return jnp.dtype(jnp.float8_e4m3fn if name == "fp8" else name)
+    return jnp.dtype({"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}.get(name, name))
 
 
 def enable_compilation_cache() -> None:
@@ -78,8 +79,9 @@ class LLM:
         `gpu_memory_utilization` of free device memory holds.
       max_num_seqs / max_num_batched_tokens: per-step batch limits of the scheduler.
       quantization: None, "fp8", "fp8-weight-only" or "int8" (weights quantized at load time).
-      kv_cache_dtype: "auto" (the model's dtype) or "fp8" (e4m3 pages + per-token scales: about
-        half the KV memory of bf16), or a float dtype name.
+      kv_cache_dtype: "auto" (the model's dtype), "fp8" (e4m3 pages) or "int8" (int8 pages,
+        symmetric): both with a float32 scale per token and KV head, about half the KV memory
+        of bf16; or a float dtype name.
       decode_steps: decode steps per compiled call when only decodes run (one host sync per
         block instead of per token; tokens past a stop inside a block are dropped).
       mesh: run tensor / data parallel: a jax.sharding.Mesh from imp_jax.sharding.make_mesh, or

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from imp_jax.cache import is_quantized
 from imp_jax.config import ModelConfig
 from imp_jax.spec import ArraySpec, kv_page_spec, map_specs, param_specs
 
@@ -467,9 +468,10 @@ def shard_runner(runner, mesh: Mesh, rules: ShardingRules | None = None, *,
     num_pages = num_pages or old.num_pages
     page_size = page_size or old.page_size
     dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else old.k[0].dtype
-    if dtype == jnp.float8_e4m3fn:
-        raise ValueError("kv_cache_dtype='fp8' is not supported on a mesh yet (its per-token "
-                         "scale pools have no sharding rule); use 'auto' with mesh=...")
+    if is_quantized(dtype):
+        raise ValueError(f"kv_cache_dtype={dtype.name!r} (8-bit pages + scale pools) is not "
+                         "supported on a mesh yet (the scale pools have no sharding rule); "
+                         "use 'auto' with mesh=...")
     csh = cache_shardings(eff, mesh, rules, num_pages, page_size)
     shape = kv_page_spec(num_pages, page_size, eff).shape
     if keep_cache and old is not None:

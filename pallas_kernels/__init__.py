@@ -4,7 +4,12 @@
 
     ragged_paged_attention(q[T,H,D], k_pages[P,page,KVH,D], v_pages, page_table i32[S,max_pages],
                            seq_lens i32[S], query_start i32[S+1], *, max_query_len (static),
-                           scale, soft_cap=None, sliding_window=None, interpret=False) -> [T,H,D]
+                           scale, soft_cap=None, sliding_window=None, interpret=False,
+                           k_scale=None, v_scale=None) -> [T,H,D]
+
+k_scale / v_scale: float32 [P, page, KVH] scales of float8_e4m3fn or int8 pages (one per token
+and KV head, imp_jax/cache.py's layout); the kernel dequantizes the tiles it reads, the
+reference the pages it gathers.
 
 Dispatch: on a GPU (or with interpret=True) the Pallas kernel of `paged_decode.py` runs, in its
 decode form (one query block holding all max_query_len tokens, split-K over pages) when
@@ -12,10 +17,11 @@ max_query_len * (H // KVH) <= 64, else in its prefill form (query blocks of ~64 
 skipping). Shapes the kernel does not cover (non power-of-two head_dim / group / page size) and
 non-GPU backends without interpret use `reference.ragged_paged_attention_ref`.
 
-Launch config: `autotune.lookup` of the static-shape bucket key (device kind, dtype, head_dim,
-group, page size, pow2 batch / context buckets, decode vs prefill) picks the cached autotuned
-winner (~/.cache/imp_jax/autotune.json or $IMP_JAX_AUTOTUNE_CACHE), else `choose_config`'s
-heuristic. With IMP_JAX_AUTOTUNE=1 a missing bucket is tuned once, at trace time.
+Launch config: `autotune.lookup` of the static-shape bucket key (device kind, dtype, KV page
+dtype when it differs, head_dim, group, page size, pow2 batch / context buckets, decode vs
+prefill) picks the cached autotuned winner (~/.cache/imp_jax/autotune.json or
+$IMP_JAX_AUTOTUNE_CACHE), else `choose_config`'s heuristic. With IMP_JAX_AUTOTUNE=1 a missing
+bucket is tuned once, at trace time.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ __all__ = ["ragged_paged_attention", "ragged_paged_attention_ref", "paged_attent
 def kernel_config(q, k_pages, page_table, max_query_len: int, *, interpret: bool = False,
                   soft_cap=None, sliding_window=None) -> KernelConfig:
     """The launch config for these (static) shapes: cached autotuned winner, else heuristic."""
-    key = autotune.make_key(q.shape, k_pages.shape, page_table.shape, max_query_len, q.dtype)
+    key = autotune.make_key(q.shape, k_pages.shape, page_table.shape, max_query_len, q.dtype,
+                            kv_dtype=k_pages.dtype)
     autotune.maybe_tune(key, interpret=interpret, soft_cap=soft_cap,
                         sliding_window=sliding_window)  # no-op unless IMP_JAX_AUTOTUNE=1
     return autotune.lookup(key)
@@ -47,11 +54,14 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_star
                            k_scale=None, v_scale=None):
     kwargs = dict(max_query_len=int(max_query_len), scale=float(scale), soft_cap=soft_cap,
                   sliding_window=sliding_window)
-    use_kernel = (interpret or jax.default_backend() == "gpu") and supported(q.shape, k_pages.shape)
-    if not use_kernel or k_scale is not None:  # FP8 pages: the kernel does not read them yet
+    use_kernel = ((interpret or jax.default_backend() == "gpu")
+                  and supported(q.shape, k_pages.shape, k_pages.dtype))
+    if not use_kernel:
         return ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_start,
                                           k_scale=k_scale, v_scale=v_scale, **kwargs)
     config = kernel_config(q, k_pages, page_table, max_query_len, interpret=interpret,
                            soft_cap=soft_cap, sliding_window=sliding_window)
+    if k_scale is not None:  # 8-bit pages: the kernel dequantizes in its loop
+        kwargs.update(k_scale=k_scale, v_scale=v_scale)
     return paged_attention_kernel(q, k_pages, v_pages, page_table, seq_lens, query_start,
                                   interpret=interpret, config=config, **kwargs)

@@ -5,11 +5,12 @@
     tune(key, candidates, run_fn)  # explicit: time each candidate, store the winner on disk
 
 * The key (`ShapeKey`) buckets a problem by device kind (jax.devices()[0].device_kind), dtype,
-  head_dim, group size G = H // KVH, KV heads, page size, power-of-two buckets of the batch
-  (page-table rows S) and of the max context (max_pages * page_size), and decode vs prefill
-  (max_query_len * G <= 64, the rule of `choose_config`). Everything comes from static shapes,
-  so the key is computed at trace time. The key object also carries the exact dims it was made
-  from (not part of its identity) so that `lookup` can rebuild a config for *this* shape.
+  the KV page dtype when it differs from the query's (8-bit pages: `|kvint8`), head_dim, group
+  size G = H // KVH, KV heads, page size, power-of-two buckets of the batch (page-table rows S)
+  and of the max context (max_pages * page_size), and decode vs prefill (max_query_len * G <= 64,
+  the rule of `choose_config`). Everything comes from static shapes, so the key is computed at
+  trace time. The key object also carries the exact dims it was made from (not part of its
+  identity) so that `lookup` can rebuild a config for *this* shape.
 * The cache is one JSON file: $IMP_JAX_AUTOTUNE_CACHE, else ~/.cache/imp_jax/autotune.json.
   Writes are atomic (temp file + os.replace, merged with what is on disk at write time). A
   corrupt or unreadable file is ignored with a warning (treated as empty), never an error.
@@ -71,6 +72,7 @@ class ShapeKey:
     batch_bucket: int       # next pow2 of S (page-table rows)
     ctx_bucket: int         # next pow2 of max_pages * page_size
     mode: str               # "decode" | "prefill"
+    kv_dtype: str = ""      # page dtype if not the query dtype (e.g. "float8_e4m3fn", "int8")
     # exact dims of the problem the key was made from: not part of the identity
     S: int = field(default=0, compare=False)
     max_query_len: int = field(default=1, compare=False)
@@ -80,7 +82,8 @@ class ShapeKey:
     def id(self) -> str:
         return (f"{self.device_kind}|{self.dtype}|D{self.head_dim}|G{self.group}|"
                 f"KVH{self.kv_heads}|page{self.page_size}|B{self.batch_bucket}|"
-                f"ctx{self.ctx_bucket}|{self.mode}")
+                f"ctx{self.ctx_bucket}|{self.mode}" + (f"|kv{self.kv_dtype}" if self.kv_dtype
+                                                        else ""))
 
     def __str__(self) -> str:
         return self.id
@@ -99,15 +102,20 @@ def device_kind() -> str:
 
 
 def make_key(q_shape, k_shape, page_table_shape, max_query_len: int, dtype,
-             *, kind: str | None = None) -> ShapeKey:
-    """Key of q [T,H,D], k_pages [P,page,KVH,D], page_table [S,max_pages] (static shapes)."""
+             *, kind: str | None = None, kv_dtype=None) -> ShapeKey:
+    """Key of q [T,H,D], k_pages [P,page,KVH,D], page_table [S,max_pages] (static shapes).
+
+    kv_dtype: the page dtype; part of the key only when it differs from dtype (8-bit pages
+    read half the bytes and convert in the loop, so they get their own winners)."""
     _, H, D = (int(x) for x in q_shape)
     _, page, KVH, _ = (int(x) for x in k_shape)
     S, max_pages = (int(x) for x in page_table_shape)
     G = H // KVH
     Q = int(max_query_len)
+    kvd = "" if kv_dtype is None or jnp.dtype(kv_dtype) == jnp.dtype(dtype) else \
+        jnp.dtype(kv_dtype).name
     return ShapeKey(device_kind=device_kind() if kind is None else kind,
-                    dtype=jnp.dtype(dtype).name, head_dim=D, group=G, kv_heads=KVH,
+                    dtype=jnp.dtype(dtype).name, kv_dtype=kvd, head_dim=D, group=G, kv_heads=KVH,
                     page_size=page, batch_bucket=bucket(S), ctx_bucket=bucket(max_pages * page),
                     mode="decode" if Q * G <= 64 else "prefill",
                     S=S, max_query_len=Q, max_pages=max_pages)
@@ -318,13 +326,17 @@ def default_candidates(key: ShapeKey) -> list[KernelConfig]:
 
 
 def synthetic_inputs(key: ShapeKey, *, pool_bytes_max: float = 1.0e9, seed: int = 0):
-    """Random inputs of key's exact shape (pool capped at pool_bytes_max; ragged lengths)."""
+    """Random inputs of key's exact shape (pool capped at pool_bytes_max; ragged lengths).
+
+    8-bit page keys (key.kv_dtype) get random 8-bit pages; `synthetic_scales` gives their
+    scales."""
     import numpy as np
 
     S, Q, mp, page = max(1, key.S), key.max_query_len, max(1, key.max_pages), key.page_size
     H, D, KVH = key.group * key.kv_heads, key.head_dim, key.kv_heads
     dtype = jnp.dtype(key.dtype)
-    page_bytes = 2 * page * KVH * D * dtype.itemsize
+    kv_dtype = jnp.dtype(key.kv_dtype or key.dtype)
+    page_bytes = 2 * page * KVH * (D * kv_dtype.itemsize + (4 if key.kv_dtype else 0))
     P = int(max(2, min(S * mp + 1, pool_bytes_max // page_bytes)))
     rng = np.random.default_rng(seed)
     ctx = mp * page
@@ -334,9 +346,23 @@ def synthetic_inputs(key: ShapeKey, *, pool_bytes_max: float = 1.0e9, seed: int 
     qs = np.arange(S + 1, dtype=np.int32) * Q
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
     q = jax.random.normal(kq, (S * Q, H, D), dtype)
-    kp = jax.random.normal(kk, (P, page, KVH, D), dtype)
-    vp = jax.random.normal(kv, (P, page, KVH, D), dtype)
+    if kv_dtype == jnp.int8:
+        kp = jax.random.randint(kk, (P, page, KVH, D), -127, 128, jnp.int8)
+        vp = jax.random.randint(kv, (P, page, KVH, D), -127, 128, jnp.int8)
+    else:
+        kp = (jax.random.normal(kk, (P, page, KVH, D), jnp.float32) * 64).astype(kv_dtype)
+        vp = (jax.random.normal(kv, (P, page, KVH, D), jnp.float32) * 64).astype(kv_dtype)
     return q, kp, vp, jnp.asarray(pt), jnp.asarray(lens), jnp.asarray(qs)
+
+
+def synthetic_scales(key: ShapeKey, num_pages: int, seed: int = 0) -> dict:
+    """{k_scale, v_scale} (float32 [P, page, KVH]) for 8-bit page keys, else {}."""
+    if not key.kv_dtype:
+        return {}
+    ka, kb = jax.random.split(jax.random.PRNGKey(seed + 1))
+    shape = (num_pages, key.page_size, key.kv_heads)
+    return dict(k_scale=jax.random.uniform(ka, shape, jnp.float32, 0.005, 0.02),
+                v_scale=jax.random.uniform(kb, shape, jnp.float32, 0.005, 0.02))
 
 
 def tune_shape(key: ShapeKey, *, candidates: Sequence[KernelConfig] | None = None,
@@ -346,12 +372,13 @@ def tune_shape(key: ShapeKey, *, candidates: Sequence[KernelConfig] | None = Non
     from pallas_kernels.paged_decode import paged_attention_kernel
 
     args = synthetic_inputs(key)
+    scales = synthetic_scales(key, args[1].shape[0])
     scale = 1.0 / math.sqrt(key.head_dim)
 
     def run_fn(cfg):
         return paged_attention_kernel(*args, max_query_len=key.max_query_len, scale=scale,
                                       soft_cap=soft_cap, sliding_window=sliding_window,
-                                      config=cfg, interpret=interpret)
+                                      config=cfg, interpret=interpret, **scales)
 
     cands = list(candidates) if candidates is not None else default_candidates(key)
     return tune(key, cands, run_fn, reps=reps, path=path)

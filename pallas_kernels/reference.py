@@ -9,6 +9,9 @@ Layout:
   seq_lens    int32[S]                  context length of each sequence *after* this step
   query_start int32[S+1]                sequence s owns tokens query_start[s]:query_start[s+1]
 
+Quantized pools: float8_e4m3fn or int8 pages with `k_scale` / `v_scale` float32
+[P, page_size, KVH] (one scale per token and KV head); a key is `k_pages[...] * k_scale[...]`.
+
 Token j of sequence s (qlen_s = query_start[s+1] - query_start[s]) sits at position
 `seq_lens[s] - qlen_s + j` and attends to keys at positions <= its own (all < seq_lens[s]).
 With `sliding_window=W` it also needs `key_pos > query_pos - W` (the W most recent positions,
@@ -67,7 +70,7 @@ def ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_
     q_seq, tok, valid, qlen = gather_queries(q, query_start, Q)            # [S, Q, H, D]
     k = k_pages[page_table].reshape(S, C, KVH, D)                          # [S, C, KVH, D]
     v = v_pages[page_table].reshape(S, C, KVH, D)
-    if k_scale is not None:  # FP8 pages: dequantize only what was gathered
+    if k_scale is not None:  # fp8 / int8 pages: dequantize only what was gathered
         k = k.astype(jnp.float32) * k_scale[page_table].reshape(S, C, KVH, 1)
         v = v.astype(jnp.float32) * v_scale[page_table].reshape(S, C, KVH, 1)
     qg = q_seq.reshape(S, Q, KVH, G, D)
