@@ -12,6 +12,8 @@
       XLA's dot (bf16 weights; fp8/int8 weights converted by XLA) on Llama-3-8B shapes, checks
       every result against the jnp reference, and reports TB/s on weight bytes (ceiling 2.98 TB/s
       measured on the H100, ../shared/GPU.md). Self-contained: random weights, no downloads.
+      benchmarks/gemm.py is the fuller GEMM benchmark (the FP8 prefill GEMM too, lm_head, a
+      timing loop without slicing copies or output reductions); this one is kept for continuity.
 
 Both print a markdown table last and write JSON to $OUT (or --out) when set.
 """
@@ -264,8 +266,13 @@ def gpu_case(name, M, K, N, *, reps, configs, key, interpret=False):
         if res:
             row[f"xla_{mode}_wo"] = res[0]
         if mode == "fp8":  # W8A8 through XLA's fp8 dot (per-token activation scales)
-            res = record("xla_fp8_w8a8", lambda x, q, s: QuantArray(q, s, "fp8", (0,))
-                         .quantized_dot(x, 1), qq, ss, nbytes, ref)
+            from imp_jax.quant import set_gemm_backend
+            set_gemm_backend("xla")  # QuantArray would pick the skinny kernel at these M on GPU
+            try:
+                res = record("xla_fp8_w8a8", lambda x, q, s: QuantArray(q, s, "fp8", (0,))
+                             .quantized_dot(x, 1), qq, ss, nbytes, ref)
+            finally:
+                set_gemm_backend(None)
             if res:
                 row["xla_fp8_w8a8"] = res[0]
         best = None

@@ -22,12 +22,28 @@ Modes
 Because a scale is per *output* channel it factors out of the sum, so the weight-only modes never
 materialise a dequantized weight: `(x @ q) * scale`. The conversion of q fuses into the dot's
 operand load (XLA on GPU; `pallas_kernels/skinny_gemm.py` does it explicitly for decode).
+
+GEMM kernels on GPU (`$IMP_JAX_GEMM`, read at trace time; `set_gemm_backend` overrides it)
+  "auto" (default)   flattened M <= $IMP_JAX_GEMM_MAX_M (64): `pallas_kernels.skinny_gemm` (Triton,
+                     weight streamed once, dequantized in registers) for every mode -- "fp8" too:
+                     at decode sizes the dot is bound by the weight bytes, so the activations stay
+                     bf16 (weight-only numerics, slightly *more* accurate than W8A8); larger M:
+                     XLA (`AUTO_LARGE_M` flips "fp8" mode to the Mosaic FP8 GEMM once measured).
+  "pallas"           both kernels: the skinny one for small M, `pallas_kernels.fp8_gemm` (Mosaic
+                     GPU wgmma, e4m3 x e4m3 -> f32, scales in the epilogue) for "fp8" at large M.
+  "xla"              XLA dot_general everywhere (the reference path).
+  "interpret"        the "pallas" choices with the kernels interpreted (CPU tests).
+Kernels run only on a GPU backend, with bf16/f16 activations, shapes the kernels tile, and a
+single device: a pallas_call has no partitioning rule, so on a mesh (or any multi-device process,
+where a traced weight's placement is unknown) the XLA path runs. CPU is unchanged (XLA).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
+import os
 import re
 from typing import Any
 
@@ -43,6 +59,74 @@ FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 INT8_MAX = 127.0
 _TINY = 1e-12  # floor on amax: an all-zero channel gets scale ~0 and q = 0, never NaN
+
+
+# ------------------------------------------------------------------------------- GEMM dispatch
+
+GEMM_ENV = "IMP_JAX_GEMM"  # auto | xla | pallas | interpret
+GEMM_MAX_M_ENV = "IMP_JAX_GEMM_MAX_M"  # flattened M up to which the decode kernel runs
+GEMM_BACKENDS = ("auto", "xla", "pallas", "interpret")
+SMALL_M_DEFAULT = 64
+# What "auto" runs for "fp8" (W8A8) at M > max M: "xla" (cuBLAS FP8) until an H100 run shows the
+# Mosaic kernel ahead (benchmarks/gemm.py), then "pallas".
+AUTO_LARGE_M = "xla"
+_backend_override: str | None = None
+
+
+def set_gemm_backend(name: str | None) -> None:
+    """Override $IMP_JAX_GEMM for this process (None: back to the environment). The choice is
+    made at trace time, so a change clears JAX's compilation caches (jitted steps retrace);
+    changing the environment variable mid-process does not."""
+    global _backend_override
+    if name is not None and name not in GEMM_BACKENDS:
+        raise ValueError(f"unknown GEMM backend {name!r}; allowed: {', '.join(GEMM_BACKENDS)}")
+    if name != _backend_override:
+        jax.clear_caches()
+    _backend_override = name
+
+
+def gemm_backend() -> str:
+    name = _backend_override or os.environ.get(GEMM_ENV, "auto").strip().lower() or "auto"
+    if name not in GEMM_BACKENDS:
+        raise ValueError(f"${GEMM_ENV}={name!r}; allowed: {', '.join(GEMM_BACKENDS)}")
+    return name
+
+
+def gemm_max_m() -> int:
+    return int(os.environ.get(GEMM_MAX_M_ENV, SMALL_M_DEFAULT))
+
+
+def _single_device(a) -> bool:
+    """True when `a` certainly lives on one device: a concrete array on one device, or any array
+    in a process that sees one device (a tracer's placement is not known at trace time)."""
+    if jax.device_count() == 1:
+        return True
+    if isinstance(a, jax.core.Tracer):
+        return False
+    sharding = getattr(a, "sharding", None)
+    return sharding is not None and len(sharding.device_set) == 1
+
+
+def _gemm_plan(w: jax.Array, x_dtype, mode: str, M: int, K: int, N: int,
+               allow_large: bool = True) -> tuple[str | None, bool]:
+    """(kernel, interpret): kernel is "skinny", "fp8" or None (XLA) for this matmul."""
+    backend = gemm_backend()
+    if backend == "xla":
+        return None, False
+    interpret = backend == "interpret"
+    if not interpret and (jax.default_backend() != "gpu" or not _single_device(w)):
+        return None, False
+    if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return None, False
+    if M <= gemm_max_m():
+        from pallas_kernels import skinny_gemm as sk
+        return ("skinny" if sk.supported(M, K, N) else None), interpret
+    large = "pallas" if backend in ("pallas", "interpret") else AUTO_LARGE_M
+    if mode == "fp8" and allow_large and large == "pallas" and \
+            jnp.dtype(x_dtype) == jnp.dtype(jnp.bfloat16):
+        from pallas_kernels import fp8_gemm
+        return ("fp8" if fp8_gemm.supported(M, K, N) else None), interpret
+    return None, False
 
 
 def check_mode(mode: str) -> str:
@@ -102,6 +186,20 @@ class QuantArray:
             raise ValueError(f"QuantArray contracted over {self.contract} used in a dot over the "
                              f"first {dims} axes")
         out_scale = self.scale.reshape(self.scale.shape[dims:])  # [out...]
+        out_shape = self.shape[dims:]
+        K, N = math.prod(self.shape[:dims]), math.prod(out_shape)
+        M = math.prod(x.shape[:x.ndim - dims])
+        kernel, interpret = _gemm_plan(self.q, x.dtype, self.mode, M, K, N)
+        if kernel is not None and M > 0:  # 2-D around the kernel: [M, K] @ [K, N]
+            x2, q2, s2 = x.reshape(M, K), self.q.reshape(K, N), out_scale.reshape(N)
+            if kernel == "skinny":  # weight-only in registers, every mode (see module doc)
+                from pallas_kernels.skinny_gemm import skinny_gemm
+                y2 = skinny_gemm(x2, q2, s2, interpret=interpret)
+            else:  # "fp8": W8A8 on the Mosaic GPU kernel, weight transposed to K-major
+                from pallas_kernels.fp8_gemm import fp8_matmul
+                xq, x_scale = quantize_activations(x2, 1)
+                y2 = fp8_matmul(xq, x_scale, q2.T, s2, interpret=interpret, out_dtype=x.dtype)
+            return y2.reshape(x.shape[:x.ndim - dims] + out_shape)
         contract = (tuple(range(x.ndim - dims, x.ndim)), tuple(range(dims)))
         if self.mode == "fp8":
             xq, x_scale = quantize_activations(x, dims)
@@ -121,6 +219,14 @@ class QuantArray:
         """Tied head: x[..., embed] @ table.T -> float32 [..., vocab]."""
         contract = (((x.ndim - 1,), (1,)), ((), ()))
         row_scale = self.scale[:, 0]  # [vocab]
+        N, K = self.shape
+        M = math.prod(x.shape[:-1])
+        kernel, interpret = _gemm_plan(self.q, x.dtype, self.mode, M, K, N, allow_large=False)
+        if kernel == "skinny" and M > 0:  # the table is [N, K]: the kernel's "nk" layout
+            from pallas_kernels.skinny_gemm import skinny_gemm
+            y2 = skinny_gemm(x.reshape(M, K), self.q, row_scale, interpret=interpret,
+                             w_layout="nk", out_dtype=jnp.float32)
+            return y2.reshape(x.shape[:-1] + (N,))
         if self.mode == "fp8":
             xq, x_scale = quantize_activations(x, 1)
             y = jax.lax.dot_general(xq, self.q, contract, preferred_element_type=jnp.float32)
