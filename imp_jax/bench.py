@@ -129,7 +129,6 @@ def _timed_batch(llm, prompts, output_len):
 
 def bench_latency(args) -> list[dict]:
     from imp_jax.cache import KVCache
-    from imp_jax.spec import param_bytes
 
     batches = _ints(args.batch)
     (input_len, output_len), = _pairs(args)[:1]
@@ -145,7 +144,7 @@ def bench_latency(args) -> list[dict]:
     llm = _make_llm(args, max(batches), warmup=False)  # each batch size warms up itself
     cfg = llm.config
     kv_dtype = llm.runner.cache.k[0].dtype
-    weight_bytes = param_bytes(cfg, np.dtype(jax_dtype(llm)).itemsize)
+    weight_bytes = step_weight_bytes(llm)
     rows = []
     for b in batches:
         prompts = _random_prompts(b, input_len, cfg.vocab_size, seed=b)
@@ -275,10 +274,16 @@ def _lengths(rng, mean: int, n: int, spread: float) -> np.ndarray:
     return rng.integers(lo, hi + 1, size=n)
 
 
-def jax_dtype(llm):
+def step_weight_bytes(llm) -> int:
+    """Weight bytes one decode step reads: every parameter at its stored width (8-bit weights and
+    their scales included), except the embedding table, of which a step reads one row per
+    token (unless it is tied to the lm_head, which reads it whole)."""
     import jax
 
-    return jax.tree.leaves(llm.model.params)[0].dtype
+    params = dict(llm.model.params)
+    if not llm.config.tie_word_embeddings:
+        params.pop("embed", None)
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
 
 
 class _NoProfile:
