@@ -174,14 +174,10 @@ def build_app(llm, *, model_name: str | None = None, api_key: str | None = None,
 
 # ---------------------------------------------------------------------------------- helpers
 async def _start(state: ServerState) -> None:
-    if state.warmup:
-        llm = state.llm
-        tok = state.tokenizer
-        ids = [tok.bos_token_id if tok is not None and tok.bos_token_id is not None else 1] * 4
+    if state.warmup:  # every engine program, so no request pays for a compile
         t0 = time.monotonic()
-        await asyncio.to_thread(llm.generate, [ids], SamplingParams(max_tokens=2, temperature=0),
-                                use_tqdm=False)
-        log.info("warm-up done in %.1fs", time.monotonic() - t0)
+        n = await asyncio.to_thread(state.llm.warmup)
+        log.info("warm-up: compiled %d programs in %.1fs", n, time.monotonic() - t0)
     state.engine.start()
     state.ready = True
 

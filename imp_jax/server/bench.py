@@ -325,77 +325,25 @@ def _text_tokenizer(model: str):
 
 
 # ------------------------------------------------------------------------------ the server
-_LATE_COMPILES = "imp_jax bench serve: programs compiled after the warm-up: "
-
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def _server_accepts(option: str) -> bool:
-    """Whether `imp-jax serve` has `option` (taking one value)."""
-    from imp_jax.server import cli
-
-    _, unknown = cli.parser().parse_known_args(["m", option, "1"])
-    return not unknown
-
-
-def _server_argv(args, server_args: list[str]) -> tuple[list[str], dict]:
-    """The `imp-jax serve` arguments (checked by its own parser) and the shim options for
-    what it lacks."""
+def _server_argv(args, server_args: list[str]) -> list[str]:
+    """The `imp-jax serve` arguments, checked by its own parser before anything starts."""
     from imp_jax.server import cli
 
     argv = [args.model, "--host", args.host, "--port", str(args.port), *server_args]
     if args.api_key:
         argv += ["--api-key", args.api_key]
-    ns = cli.parser().parse_args(argv)  # bad server options fail here, before anything starts
+    if args.decode_steps is not None:
+        argv += ["--decode-steps", str(args.decode_steps)]
+    ns = cli.parser().parse_args(argv)  # bad server options fail here
     if ns.max_model_len is None:
         argv += ["--max-model-len", str(args.input_len + args.output_len + 16)]
-    shim = {}
-    if args.decode_steps is not None:
-        if _server_accepts("--decode-steps"):
-            argv += ["--decode-steps", str(args.decode_steps)]
-        else:
-            shim["decode_steps"] = args.decode_steps
-    return argv, shim
-
-
-def _serve(argv: list[str]) -> int:
-    """The server process: `imp-jax serve` itself (its parser, LLM and app) with two additions:
-    every engine program is compiled (`LLM.warmup`) before /health turns ready, so no timed
-    request pays for a compile, and `decode_steps` reaches the LLM when the server CLI has no
-    option for it. argv: [shim options as JSON, *`imp-jax serve` arguments]."""
-    import logging
-
-    import imp_jax.llm as llm_mod
-    from imp_jax.server import cli
-
-    shim = json.loads(argv[0])
-    base = llm_mod.LLM
-    log = logging.getLogger("imp_jax.server.bench")
-
-    made = []
-
-    class _BenchLLM(base):
-        def __init__(self, *a, **kw):
-            if shim.get("decode_steps") is not None:
-                kw["decode_steps"] = shim["decode_steps"]
-            super().__init__(*a, **kw)
-            t = time.perf_counter()
-            n = self.warmup()
-            made.append((self, self.runner.num_compiles))
-            log.warning("bench: compiled %d programs in %.1f s (decode_steps=%d)", n,
-                        time.perf_counter() - t, self.engine.decode_steps)
-
-    llm_mod.LLM = _BenchLLM
-    if hasattr(cli, "LLM"):
-        cli.LLM = _BenchLLM
-    rc = cli.main(argv[1:])
-    for llm, before in made:  # the parent reads this line: compiles inside the timed levels
-        print(f"{_LATE_COMPILES}{llm.runner.num_compiles - before}", file=sys.stderr,
-              flush=True)
-    return rc
+    return argv
 
 
 def _wait_ready(base_url: str, timeout: float, server: "_ServerProcess | None" = None) -> None:
@@ -423,7 +371,7 @@ def _wait_ready(base_url: str, timeout: float, server: "_ServerProcess | None" =
 
 
 class _ServerProcess:
-    def __init__(self, argv: list[str], shim: dict, log_path: str):
+    def __init__(self, argv: list[str], log_path: str):
         import imp_jax
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(imp_jax.__file__)))
@@ -432,7 +380,7 @@ class _ServerProcess:
             "PYTHONPATH", "").split(os.pathsep) if p])
         self.log_path = log_path
         self._log = open(log_path, "w")
-        cmd = [sys.executable, "-m", "imp_jax.server.bench", "_serve", json.dumps(shim), *argv]
+        cmd = [sys.executable, "-m", "imp_jax.server", *argv]
         self.start = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      stdin=subprocess.DEVNULL)
@@ -445,14 +393,6 @@ class _ServerProcess:
         self._log.flush()
         with open(self.log_path, errors="replace") as f:
             return "".join(f.readlines()[-n:])
-
-    def late_compiles(self) -> int | None:
-        """Programs the server compiled after its warm-up (read from its log once stopped)."""
-        with open(self.log_path, errors="replace") as f:
-            for line in f:
-                if line.startswith(_LATE_COMPILES):
-                    return int(line[len(_LATE_COMPILES):])
-        return None
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:
@@ -517,6 +457,18 @@ def _json_safe(x):
 
 
 # ------------------------------------------------------------------------------ main
+async def _compiled_programs(base_url: str) -> int | None:
+    """The server's `imp_jax:compiled_programs` counter from /metrics (None if absent)."""
+    import httpx
+
+    async with httpx.AsyncClient() as h:
+        text = (await h.get(base_url + "/metrics", timeout=30)).text
+    for line in text.splitlines():
+        if line.split("{")[0].split(" ")[0].endswith("compiled_programs_total"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return None
+
+
 async def _bench(args, base_url: str, levels: list[dict], vocab: int, tokenizer) -> dict:
     import httpx
 
@@ -550,6 +502,7 @@ async def _bench(args, base_url: str, levels: list[dict], vocab: int, tokenizer)
             if warm["failed"]:
                 err = next(r["error"] for r in res if r["error"] is not None)
                 raise RuntimeError(f"{warm['failed']}/{n_warm} warm-up requests failed: {err}")
+        compiled = await _compiled_programs(base_url)
         out = []
         for i, lv in enumerate(levels):
             rate = "inf" if lv["request_rate"] == math.inf else f"{lv['request_rate']:g}/s"
@@ -565,7 +518,9 @@ async def _bench(args, base_url: str, levels: list[dict], vocab: int, tokenizer)
                   f"{m['output_throughput']:.0f} output tok/s", file=sys.stderr)
             if m["errors"]:
                 print(f"  errors: {m['errors']}", file=sys.stderr)
-        return {"served_model": served, "warmup": warm, "levels": out}
+        late = await _compiled_programs(base_url)
+        return {"served_model": served, "warmup": warm, "levels": out,
+                "compiles_after_warmup": None if None in (late, compiled) else late - compiled}
     finally:
         await client.close()
 
@@ -573,8 +528,6 @@ async def _bench(args, base_url: str, levels: list[dict], vocab: int, tokenizer)
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if argv and argv[0] == "_serve":
-        return _serve(argv[1:])
     args, server_args = parser().parse_known_args(argv)
     try:
         levels = make_levels(args.request_rate, args.max_concurrency, args.num_prompts)
@@ -585,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.base_url is None:
             if args.port == 0:
                 args.port = _free_port(args.host)
-            srv_argv, shim = _server_argv(args, server_args)
+            srv_argv = _server_argv(args, server_args)
         elif server_args or args.decode_steps is not None:
             raise ValueError(f"server options {server_args or ['--decode-steps']} need a "
                              f"started server (leave out --base-url)")
@@ -602,9 +555,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.base_url is None:
             log_path = args.server_log or os.path.join(
                 tempfile.mkdtemp(prefix="imp_jax_bench_serve_"), "server.log")
-            print(f"starting the server: imp-jax serve {' '.join(srv_argv)}"
-                  + (f" (+ {shim})" if shim else "") + f"; log {log_path}", file=sys.stderr)
-            server = _ServerProcess(srv_argv, shim, log_path)
+            print(f"starting the server: imp-jax serve {' '.join(srv_argv)}; log {log_path}",
+                  file=sys.stderr)
+            server = _ServerProcess(srv_argv, log_path)
             base_url = f"http://{args.host}:{args.port}"
             result["server_argv"] = srv_argv
             result["server_ready_s"] = server.wait_ready(base_url, args.ready_timeout)
@@ -619,7 +572,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             result["server_exit_code"] = server.stop()
-            result["compiles_after_warmup"] = server.late_compiles()
     print(table(result["levels"]))
     if result.get("compiles_after_warmup"):
         print(f"WARNING: the server compiled {result['compiles_after_warmup']} programs during "

@@ -58,6 +58,8 @@ class Metrics:
         yield counter("num_preemptions", "Sequences preempted (recomputed later).",
                       eng.stats["preemptions"])
         yield counter("engine_steps", "Engine steps run.", eng.stats["steps"])
+        yield counter("compiled_programs", "Step programs traced (flat after the warm-up).",
+                      eng.runner.num_compiles)
         yield counter("request_errors", "Requests failed by the engine.", st.request_errors)
         yield counter("step_errors", "Engine steps that raised.", st.step_errors)
         yield counter("requests_aborted", "Requests aborted before finishing.", st.aborted)
