@@ -286,24 +286,34 @@ class LLMEngine:
         afterwards and the extra tokens dropped. Waiting requests only block it while the batch
         has room for them (a full batch admits nobody until a request finishes anyway)."""
         n = self.decode_steps
-        sched_ = self.scheduler
-        if n <= 1 or (sched_.waiting and len(sched_.running) < sched_.max_num_seqs):
+        if n <= 1:
             return 1
         for ss in sched.scheduled:
             seq, p = ss.seq, ss.seq.sampling_params
             if (ss.num_new_tokens != 1 or not ss.is_last_chunk
                     or seq.num_output_tokens < p.min_tokens
                     or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                    or p.frequency_penalty != 0.0
-                    or self.scheduler.max_total_tokens(seq) - seq.num_tokens < n):
+                    or p.frequency_penalty != 0.0):
                 return 1
-        bm = self.block_manager
-        need = sum(bm.num_new_pages_needed(ss.seq, n) for ss in sched.scheduled)
-        if need > bm.num_free_pages:  # the block's pages for everyone, not each on its own
-            return 1
+        return n if self._reserve(sched, n) else 1
+
+    def _reserve(self, sched: SchedulerOutput, tokens: int) -> bool:
+        """Allocate pages for `tokens` more tokens of every scheduled decode, if a block of
+        them may run: nobody waits for a free batch row (a full batch admits nobody until a
+        request finishes anyway), nobody can finish by length within them, and the pages exist
+        for everyone at once (not each on its own)."""
+        sched_, bm = self.scheduler, self.block_manager
+        if sched_.waiting and len(sched_.running) < sched_.max_num_seqs:
+            return False
+        if any(sched_.max_total_tokens(ss.seq) - ss.seq.num_tokens < tokens
+               for ss in sched.scheduled):
+            return False
+        if sum(bm.num_new_pages_needed(ss.seq, tokens) for ss in sched.scheduled) \
+                > bm.num_free_pages:
+            return False
         for ss in sched.scheduled:
-            bm.allocate(ss.seq, n)
-        return n
+            bm.allocate(ss.seq, tokens)
+        return True
 
     def _dispatch_ahead(self, sched: SchedulerOutput, n: int):
         """Dispatch the decode block after `sched`'s (not yet read) block of n steps, fed by its
@@ -315,21 +325,12 @@ class LLMEngine:
         the first block wastes its row of the second, whose tokens `Scheduler.update` drops;
         its pages may go to another sequence, whose writes the device orders after this
         block's."""
-        sched_ = self.scheduler
-        if not self.async_decode or (sched_.waiting and
-                                     len(sched_.running) < sched_.max_num_seqs):
+        if not self.async_decode or any(
+                ss.seq.status is not SequenceStatus.RUNNING
+                or ss.seq.num_computed_tokens != ss.start_pos for ss in sched.scheduled):
             return None
-        for ss in sched.scheduled:
-            seq = ss.seq
-            if (seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != ss.start_pos
-                    or sched_.max_total_tokens(seq) - seq.num_tokens < 2 * n):
-                return None
-        bm = self.block_manager
-        if sum(bm.num_new_pages_needed(ss.seq, 2 * n) for ss in sched.scheduled) \
-                > bm.num_free_pages:
+        if not self._reserve(sched, 2 * n):  # both blocks: this one's tokens are not read yet
             return None
-        for ss in sched.scheduled:
-            bm.allocate(ss.seq, 2 * n)
         nxt = SchedulerOutput([ScheduledSeq(ss.seq, 1, ss.start_pos + n, True)
                                for ss in sched.scheduled])
         seqs, tensors, num_logprobs = self._prepare(nxt, ahead=n)
