@@ -98,8 +98,10 @@ def test_reference_vs_naive(soft_cap, window):
 
 # ---------------------------------------------------------------- kernel (interpret) vs reference
 
-def _run(case, Q, *, scale=0.125, soft_cap=None, window=None, config=None, interpret=True):
-    kw = dict(max_query_len=Q, scale=scale, soft_cap=soft_cap, sliding_window=window)
+def _run(case, Q, *, scale=0.125, soft_cap=None, window=None, config=None, interpret=True,
+         scales=None):
+    kw = dict(max_query_len=Q, scale=scale, soft_cap=soft_cap, sliding_window=window,
+              **(scales or {}))
     ref = ragged_paged_attention_ref(*case, **kw)
     if config is None:
         out = ragged_paged_attention(*case, interpret=interpret, **kw)
@@ -244,17 +246,6 @@ def quantize_case(case, kv, seed=0):
     return (q, k8, v8, pt, sl, qs), dict(k_scale=ks, v_scale=vs)
 
 
-def _run8(case, scales, Q, *, scale=0.125, soft_cap=None, window=None, config=None,
-          interpret=True):
-    kw = dict(max_query_len=Q, scale=scale, soft_cap=soft_cap, sliding_window=window, **scales)
-    ref = ragged_paged_attention_ref(*case, **kw)
-    if config is None:
-        out = ragged_paged_attention(*case, interpret=interpret, **kw)
-    else:
-        out = paged_attention_kernel(*case, config=config, interpret=interpret, **kw)
-    return out, ref
-
-
 Q8_TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 
 
@@ -284,7 +275,7 @@ def test_decode_kernel_8bit_pages(kv, G, D, page, lens, dtype):
     case, scales = quantize_case(make_case(11, seq_lens=lens, qlens=[1] * len(lens), KVH=2, G=G,
                                            D=D, page=page, dtype=dtype), kv)
     assert case[1].dtype == KV8[kv] and scales["k_scale"].shape == case[1].shape[:3]
-    out, ref = _run8(case, scales, 1)
+    out, ref = _run(case, 1, scales=scales)
     assert rel(out, ref) < Q8_TOL[dtype]
     check_padding_zero(out, case[5])
     # the scales matter: without them the same pages give another answer
@@ -301,7 +292,7 @@ def test_decode_8bit_splits_softcap_window(kv, num_splits, bk, soft_cap, window,
                                            D=64, page=8, max_pages=10), kv)
     cfg = choose_config(len(lens) + 1, 2, 4, 1, 10, 8, num_splits=num_splits, block_k_tokens=bk,
                         prefetch_pages=prefetch)
-    out, ref = _run8(case, scales, 1, soft_cap=soft_cap, window=window, config=cfg)
+    out, ref = _run(case, 1, scales=scales, soft_cap=soft_cap, window=window, config=cfg)
     assert rel(out, ref) < Q8_TOL[jnp.float32]
     check_padding_zero(out, case[5])
 
@@ -313,7 +304,7 @@ def test_prefill_mixed_8bit_pages(kv, G, dtype, window):
     qlens = [33, 12, 1, 5]
     case, scales = quantize_case(make_case(13, seq_lens=lens, qlens=qlens, KVH=2, G=G, D=64,
                                            page=8, dtype=dtype), kv)
-    out, ref = _run8(case, scales, 40, window=window)
+    out, ref = _run(case, 40, scales=scales, window=window)
     assert rel(out, ref) < Q8_TOL[dtype]
     check_padding_zero(out, case[5])
 
@@ -365,7 +356,7 @@ def test_gpu_decode_8bit(kv, G, D, page, dtype, soft_cap, window):
     lens = [1, page * 4, page * 4 + 1, page * 4 - 1, 777, 1500]
     case, scales = quantize_case(make_case(17, seq_lens=lens, qlens=[1] * len(lens), KVH=4, G=G,
                                            D=D, page=page, dtype=dtype), kv)
-    out, ref = _run8(case, scales, 1, soft_cap=soft_cap, window=window, interpret=False)
+    out, ref = _run(case, 1, scales=scales, soft_cap=soft_cap, window=window, interpret=False)
     assert rel(out, ref) < GPU_TOL[dtype]
     check_padding_zero(out, case[5])
 
@@ -380,7 +371,7 @@ def test_gpu_decode_8bit_splits(kv, num_splits, prefetch, stages):
                                            page=16, dtype=jnp.bfloat16), kv)
     cfg = choose_config(5, 8, 4, 1, case[3].shape[1], 16, num_splits=num_splits,
                         prefetch_pages=prefetch, num_stages=stages)
-    out, ref = _run8(case, scales, 1, config=cfg, interpret=False)
+    out, ref = _run(case, 1, scales=scales, config=cfg, interpret=False)
     assert rel(out, ref) < GPU_TOL[jnp.bfloat16]
     check_padding_zero(out, case[5])
 
@@ -395,7 +386,7 @@ def test_gpu_prefill_mixed_8bit(kv, G, dtype, window):
     qlens = [300, 50, 1, 64]
     case, scales = quantize_case(make_case(19, seq_lens=lens, qlens=qlens, KVH=2, G=G, D=128,
                                            page=16, dtype=dtype), kv)
-    out, ref = _run8(case, scales, 300, window=window, interpret=False)
+    out, ref = _run(case, 300, scales=scales, window=window, interpret=False)
     assert rel(out, ref) < GPU_TOL[dtype]
     check_padding_zero(out, case[5])
 
