@@ -175,12 +175,15 @@ def allreduce_main(argv: list[str]) -> int:
         sizes.append(s)
         s *= 2
     print(f"{'bytes':>12} {'time_us':>10} {'algbw GB/s':>11} {'busbw GB/s':>11}", flush=True)
-    for nbytes in sizes:
+    def measure_or_error(nbytes: int, g: int = n) -> dict:
         try:
-            r = measure(nbytes)
+            return measure(nbytes, g)
         except Exception as e:  # e.g. out of memory at the top size: keep the rest
             traceback.print_exc()
-            r = dict(devices=n, bytes=nbytes, error=f"{type(e).__name__}: {e}"[:500])
+            return dict(devices=g, bytes=nbytes, error=f"{type(e).__name__}: {e}"[:500])
+
+    for nbytes in sizes:
+        r = measure_or_error(nbytes)
         out["sweep"].append(r)
         save()
         if "error" in r:
@@ -200,13 +203,7 @@ def allreduce_main(argv: list[str]) -> int:
     for g in groups:
         for hidden in hiddens:
             for nrows in rows:
-                try:
-                    r = measure(nrows * hidden * 2, g)
-                except Exception as e:
-                    traceback.print_exc()
-                    r = dict(devices=g, bytes=nrows * hidden * 2,
-                             error=f"{type(e).__name__}: {e}"[:500])
-                r = dict(rows=nrows, hidden=hidden, **r)
+                r = dict(rows=nrows, hidden=hidden, **measure_or_error(nrows * hidden * 2, g))
                 out["decode"].append(r)
                 save()
                 if "error" in r:
