@@ -1,4 +1,6 @@
-"""`imp-jax bench latency|throughput`: the figures that matter, beside the hardware ceiling.
+"""`imp-jax bench latency|throughput|serve`: the figures that matter, beside the hardware ceiling.
+
+`serve` (the HTTP server under load) lives in `imp_jax.server.bench`.
 
     imp-jax bench latency --model random:llama3-8b --batch 1,64 --input-len 128 --output-len 128
     imp-jax bench throughput --model random:llama3-8b --num-prompts 1000 --input-len 128 --output-len 128
@@ -376,6 +378,11 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the HTTP server under load: its own options and module
+        from imp_jax.server import bench as serve_bench
+
+        return serve_bench.main(argv[1:])
     ap = argparse.ArgumentParser(prog="imp-jax bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["latency", "throughput"])

@@ -229,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fn is None:  # delegate to the subcommand's own parser
         import importlib
 
-        sub_argv = args.rest + rest
-        if args.module == "imp_jax.bench" and sub_argv[:1] == ["serve"]:  # the HTTP server's
-            return importlib.import_module("imp_jax.server.bench").main(sub_argv[1:])
-        return importlib.import_module(args.module).main(sub_argv)
+        return importlib.import_module(args.module).main(args.rest + rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
