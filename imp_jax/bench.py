@@ -246,7 +246,10 @@ def bench_throughput(args) -> list[dict]:
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in str(text).split(",") if x]
+    try:
+        return [int(x) for x in str(text).split(",") if x]
+    except ValueError:
+        raise SystemExit(f"expected a comma-separated list of integers, got {text!r}") from None
 
 
 def _pairs(args) -> list[tuple[int, int]]:

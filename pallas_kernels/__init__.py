@@ -58,7 +58,10 @@ def use_flash_prefill(q, k_pages, max_query_len: int, soft_cap=None, sliding_win
     prefill form at 8k tokens, docs/benchmarks.md) when it covers them: causal bf16/f16 pages,
     no soft-cap, window or 8-bit pages, and more query rows per KV head than a decode block.
     IMP_JAX_PREFILL=triton keeps every step on the Triton kernel."""
-    if os.environ.get("IMP_JAX_PREFILL", "mosaic") != "mosaic":
+    choice = os.environ.get("IMP_JAX_PREFILL", "mosaic")
+    if choice not in ("mosaic", "triton"):
+        raise ValueError(f"IMP_JAX_PREFILL={choice!r}; allowed: 'mosaic', 'triton'")
+    if choice == "triton":
         return False
     group = q.shape[1] // k_pages.shape[2]
     return (soft_cap is None and sliding_window is None and k_scale is None

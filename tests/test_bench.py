@@ -37,3 +37,5 @@ def test_throughput_runs_each_length_pair_once(tmp_path):
 def test_mismatched_length_lists_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="same number of lengths"):
         _rows(tmp_path, ["throughput", "--input-len", "8,9,10", "--output-len", "4,5"])
+    with pytest.raises(SystemExit, match="integers, got '1,x'"):
+        _rows(tmp_path, ["latency", "--batch", "1,x"])

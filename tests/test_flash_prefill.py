@@ -312,3 +312,6 @@ def test_dispatch_sends_only_covered_prompt_steps_to_flash_prefill(monkeypatch):
     assert not use_flash_prefill(q, pages.astype(jnp.float8_e4m3fn), 256, k_scale=jnp.ones(1))
     monkeypatch.setenv("IMP_JAX_PREFILL", "triton")
     assert not use_flash_prefill(q, pages, 256)
+    monkeypatch.setenv("IMP_JAX_PREFILL", "mosiac")
+    with pytest.raises(ValueError, match="IMP_JAX_PREFILL='mosiac'"):
+        use_flash_prefill(q, pages, 256)
