@@ -9,8 +9,11 @@ place. Buckets are powers of two, so the set of programs is small and fixed afte
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
+import os
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -114,7 +117,8 @@ class ModelRunner:
         return _TRACES[self.model]
 
     def decode_steps(self, seqs: Sequence[StepSeq], sampling: SamplingTensors, num_steps: int,
-                     num_logprobs: int = 0, *, continue_previous: bool = False) -> SampleOutput:
+                     num_logprobs: int = 0, *, continue_previous: bool = False,
+                     compile_only: bool = False) -> SampleOutput:
         """`num_steps` decode steps in one compiled call; each seq's pages must cover them.
 
         Each step feeds the sampled token straight back on the device, so the host neither
@@ -123,6 +127,8 @@ class ModelRunner:
         continue_previous: the input tokens are the last tokens the previous `decode_steps`
         call sampled (same rows, in the same order), still on the device: the engine dispatches
         the next block before it has read the previous one (seqs' token_ids are then ignored).
+
+        compile_only: return the program (a `_Program`) instead of running it (warm-up).
         """
         n = len(seqs)
         S = bucket(n, lo=4)
@@ -146,33 +152,50 @@ class ModelRunner:
                                  f"the same {S} rows")
             tokens = self._last_tokens
         sampling = _pad_rows(sampling, S)
-        out, self._last_tokens, self.cache = _decode_loop(
-            self.model, self.params, self.cache, tokens, positions, page_table, valid, sampling,
-            num_steps=num_steps, num_logprobs=num_logprobs)
+        args = (self.model, self.params, self.cache, tokens, positions, page_table, valid,
+                sampling)
+        kwargs = dict(num_steps=num_steps, num_logprobs=num_logprobs)
+        if compile_only:
+            return _Program(_decode_loop, args, kwargs)
+        out, self._last_tokens, self.cache = _decode_loop(*args, **kwargs)
         return out
 
     def warmup(self, max_num_seqs: int, max_num_batched_tokens: int,
-               decode_steps: int = 0) -> int:
+               decode_steps: int = 0, threads: int | None = None) -> int:
         """Compile every decode and prompt program the engine can ask for; returns how many.
 
-        Dummy steps write their K/V into page 0, which no sequence ever owns.
+        The programs are compiled `threads` at a time (default $IMP_JAX_COMPILE_THREADS, else
+        up to 8): XLA compiles outside the GIL, and an 8B model's ~20 programs take ~9 s each
+        one after another. Then each runs once as a dummy step (cache hits, milliseconds);
+        dummy steps write their K/V into page 0, which no sequence ever owns.
         """
         from imp_jax.sampling import SamplingParams
 
         before = self.num_compiles
         greedy = SamplingParams(temperature=0)
+        steps = []  # (method, args, kwargs) of each dummy step
         for n in _powers(4, bucket(max_num_seqs, lo=4)):
             n = min(n, max_num_seqs)
-            seqs = [StepSeq([0], 0, [0]) for _ in range(n)]
             tensors = SamplingTensors.from_params([greedy] * n, [0] * n, [0] * n)
-            self.step(seqs, tensors)
+            steps.append((self._step, ([StepSeq([0], 0, [0])] * n, tensors, 0), {}))
             if decode_steps > 1:
                 pages = [0] * -(-decode_steps // self.page_size)
-                self.decode_steps([StepSeq([0], 0, pages)] * n, tensors, decode_steps)
+                steps.append((self.decode_steps, ([StepSeq([0], 0, pages)] * n, tensors,
+                                                  decode_steps), {}))
+        one = SamplingTensors.from_params([greedy], [0], [0])
+        rows = PROMPT_ROWS if self.fixed_shapes else None
         for t in _powers(16, bucket(max_num_batched_tokens, lo=16)):
             t = min(t, max_num_batched_tokens, self.max_model_len)
             seqs = [StepSeq([0] * t, 0, [0] * -(-t // self.page_size))]
-            self.step(seqs, SamplingTensors.from_params([greedy], [0], [0]))
+            steps.append((self._step, (seqs, one, 0, rows), {}))
+        if threads is None:
+            threads = int(os.environ.get("IMP_JAX_COMPILE_THREADS", min(8, os.cpu_count() or 1)))
+        if threads > 1:
+            programs = [m(*a, **kw, compile_only=True) for m, a, kw in steps]
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                list(pool.map(_Program.compile, programs))  # re-raises the first failure
+        for m, a, kw in steps:
+            m(*a, **kw)
         return self.num_compiles - before
 
     # ------------------------------------------------------------------ host side
@@ -222,7 +245,8 @@ class ModelRunner:
             logits = np.concatenate(parts)
         return StepOutput(sample, logits, offsets)
 
-    def _step(self, seqs, sampling, num_logprobs, rows: int | None = None) -> StepOutput:
+    def _step(self, seqs, sampling, num_logprobs, rows: int | None = None, *,
+              compile_only: bool = False) -> StepOutput:
         n = len(seqs)
         qlens = [len(s.token_ids) for s in seqs]
         total = sum(qlens)
@@ -289,13 +313,35 @@ class ModelRunner:
                     prompt_lens[i], total_lens[i] = s.prompt_len, len(h)
                 history = (ids, prompt_lens, total_lens)
 
-        out, logits, self.cache = _forward(
-            self.model, self.params, self.cache, tokens, positions, meta, sample_rows, sampling,
-            banned, history, num_logprobs=num_logprobs, return_logits=return_logits)
+        args = (self.model, self.params, self.cache, tokens, positions, meta, sample_rows,
+                sampling, banned, history)
+        kwargs = dict(num_logprobs=num_logprobs, return_logits=return_logits)
+        if compile_only:
+            return _Program(_forward, args, kwargs)
+        out, logits, self.cache = _forward(*args, **kwargs)
         return StepOutput(out, logits, np.asarray(query_start[:n]))
 
 
+@dataclasses.dataclass
+class _Program:
+    """One jitted call, for compiling ahead of time: `lower(...).compile()` fills the same
+    caches a real call looks up, so the later call neither traces nor compiles again."""
+
+    fn: Any
+    args: tuple
+    kwargs: dict
+
+    def compile(self):
+        return self.fn.lower(*self.args, **self.kwargs).compile()
+
+
 _TRACES: collections.Counter = collections.Counter()
+_TRACES_LOCK = threading.Lock()  # warm-up traces programs from several threads
+
+
+def _count_trace(model) -> None:
+    with _TRACES_LOCK:
+        _TRACES[model] += 1
 
 
 # Module level (not a method) so runners of the same model share compiled programs.
@@ -303,7 +349,7 @@ _TRACES: collections.Counter = collections.Counter()
                    static_argnames=("model", "num_logprobs", "return_logits"))
 def _forward(model: Transformer, params, cache, tokens, positions, meta, sample_rows, sampling,
              banned, history, *, num_logprobs: int, return_logits: bool):
-    _TRACES[model] += 1  # runs at trace time only
+    _count_trace(model)  # runs at trace time only
     logits, cache = model.apply({"params": params}, tokens, positions, cache, meta)
     out = None
     if sampling is not None:
@@ -331,7 +377,7 @@ def _powers(lo: int, hi: int) -> list[int]:
                    static_argnames=("model", "num_steps", "num_logprobs"))
 def _decode_loop(model: Transformer, params, cache, tokens, positions, page_table, valid,
                  sampling, *, num_steps: int, num_logprobs: int):
-    _TRACES[model] += 1
+    _count_trace(model)
     S = tokens.shape[0]
     page_size = cache.page_size
     query_start = jnp.arange(S + 1, dtype=jnp.int32)  # one token per sequence

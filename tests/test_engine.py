@@ -299,3 +299,21 @@ def test_n_samples_share_the_prompt_through_the_prefix_cache(model, alone):
     assert llm.engine.block_manager.prefix_cache_hits >= 2 * 32  # samples 1, 2 reuse the prompt
     for i, c in enumerate(out.outputs):  # sample i is the n=1 request with seed 5 + i
         assert c.token_ids == alone(prompt, p.clone(n=1, seed=5 + i))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_warmup_compiles_every_program_the_engine_uses(model, alone, threads):
+    # attn_impl="pallas" fixes the page-table width (the GPU's program set; off the GPU the
+    # kernel dispatch falls back to the reference), so warm-up covers every program.
+    import jax
+
+    jax.clear_caches()  # runners of one model share programs: start from none compiled
+    llm = make_llm(model, attn_impl="pallas", max_num_batched_tokens=32, decode_steps=4)
+    before = llm.runner.num_compiles
+    n = llm.runner.warmup(8, 32, 4, threads=threads)
+    assert n == 6  # decode rows 4, 8 (single step + 4-step block), prompt tokens 16, 32
+    ps = prompts(8, seed=5)
+    outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    assert llm.runner.num_compiles == before + n  # nothing compiled after warm-up
+    for ids, out in zip(ps, outs):
+        assert out.token_ids == alone(ids)
