@@ -14,6 +14,7 @@ Random weights of a named shape need no download. Every run prints a table and c
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -204,7 +205,7 @@ def bench_throughput(args) -> list[dict]:
                      [p.clone(max_tokens=min(p.max_tokens, 24)) for p in params[:warm]],
                      use_tqdm=False)
         stats = llm.engine.stats
-        before = dict(stats)
+        before = copy.deepcopy(stats)  # step_kinds is a nested dict
         with PowerMeter() as power:
             with _profile(args.profile):
                 start = time.perf_counter()
@@ -219,7 +220,9 @@ def bench_throughput(args) -> list[dict]:
             requests_s=len(prompts) / elapsed,
             preemptions=stats["preemptions"] - before["preemptions"],
             host_ms_per_step=1e3 * (stats["host_time"] - before["host_time"]) / max(steps, 1),
-            blocks_ahead=stats["blocks_ahead"] - before["blocks_ahead"], watts=power.watts,
+            blocks_ahead=stats["blocks_ahead"] - before["blocks_ahead"],
+            step_kinds=_kinds_delta(before["step_kinds"], stats["step_kinds"]),
+            watts=power.watts,
             tokens_per_joule=out_tokens / (power.watts * elapsed) if power.watts else None))
         print("row:", json.dumps(rows[-1]), file=sys.stderr, flush=True)  # survives a kill
     if args.peer == "hf":
@@ -243,6 +246,16 @@ def bench_throughput(args) -> list[dict]:
                 ours["hf_best_tok_s"] = best["decode_tok_s"]
                 ours["x_hf_best"] = ours["output_tok_s"] / best["decode_tok_s"]
     return rows
+
+
+def _kinds_delta(before: dict, after: dict) -> dict:
+    """{kind: {"calls", "seconds"}} of the engine's step kinds during a timed pass."""
+    out = {}
+    for kind, (calls, secs) in after.items():
+        c0, s0 = before.get(kind, (0, 0.0))
+        if calls > c0:
+            out[kind] = {"calls": calls - c0, "seconds": round(secs - s0, 3)}
+    return out
 
 
 def _ints(text: str) -> list[int]:

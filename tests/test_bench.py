@@ -32,6 +32,11 @@ def test_throughput_runs_each_length_pair_once(tmp_path):
         assert r["num_prompts"] == 12 and r["output_tok_s"] > 0
         assert r["total_tok_s"] > r["output_tok_s"]
     assert rows[0]["blocks_ahead"] > 0  # 12 tokens at 4 per block: decode blocks ran ahead
+    assert "decode_block" in rows[0]["step_kinds"]
+    for r in rows:  # 12 prompts through 4 rows: prompt steps ran, each kind timed
+        kinds = r["step_kinds"]
+        assert "prompt" in kinds and set(kinds) <= {"prompt", "mixed", "decode", "decode_block"}
+        assert all(k["calls"] > 0 and k["seconds"] > 0 for k in kinds.values())
 
 
 def test_mismatched_length_lists_are_refused(tmp_path):

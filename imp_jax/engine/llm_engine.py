@@ -115,7 +115,10 @@ class LLMEngine:
         self._by_seq: dict[str, tuple[_Request, _Sample]] = {}
         self._ids = itertools.count()
         self.stats = {"steps": 0, "host_time": 0.0, "prompt_tokens": 0, "generation_tokens": 0,
-                      "preemptions": 0, "decode_blocks": 0, "blocks_ahead": 0}
+                      "preemptions": 0, "decode_blocks": 0, "blocks_ahead": 0,
+                      # per kind of step ("prompt", "mixed", "decode", "decode_block"):
+                      # [calls, wall seconds of step()], the time it took to read its result
+                      "step_kinds": {}}
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -276,7 +279,11 @@ class LLMEngine:
                     self._by_seq.pop(s.seq.request_id, None)
             outputs.append(out)
         self.stats["steps"] += n_steps
-        self.stats["host_time"] += (t1 - t0) + (time.perf_counter() - t2)
+        t3 = time.perf_counter()
+        self.stats["host_time"] += (t1 - t0) + (t3 - t2)
+        kind = self.stats["step_kinds"].setdefault(_step_kind(sched, n_steps), [0, 0.0])
+        kind[0] += 1
+        kind[1] += t3 - t0
         return outputs
 
     def _decode_block(self, sched: SchedulerOutput) -> int:
@@ -446,3 +453,13 @@ class LLMEngine:
                 sample.out.text = sample.text = text[:end]
                 return "stop", stop
         return None, None
+
+
+def _step_kind(sched: SchedulerOutput, n_steps: int) -> str:
+    if n_steps > 1:
+        return "decode_block"
+    decodes = sum(ss.num_new_tokens == 1 and ss.start_pos >= ss.seq.num_prompt_tokens
+                  for ss in sched.scheduled)
+    if decodes == len(sched.scheduled):
+        return "decode"
+    return "mixed" if decodes else "prompt"
