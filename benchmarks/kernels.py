@@ -2,6 +2,8 @@
 
 Compares, on the same card in the same process:
   ours   pallas_kernels.paged_attention_kernel (Pallas Triton, split-K, GQA page reuse)
+  mgpu   pallas_kernels.decode_mgpu.paged_decode_mgpu (Pallas Mosaic GPU: TMA page gathers into a
+         deep SMEM ring by a producer warpgroup, wgmma; bf16 pages only)
   peer   jax.experimental.pallas.ops.gpu.paged_attention (deprecated Triton example; needs its
          own [KVH, P, page, D] pool layout, transposed outside the timing; it also takes
          per-token scales, as [KVH, P, page])
@@ -17,6 +19,11 @@ time per call = median / N. Achieved bandwidth counts K+V bytes read once (the f
 
   PYTHONPATH=$PWD python benchmarks/kernels.py [--reps 10] [--full | --quick] [--kv bf16,fp8]
       [--budget-s S] [--out DIR] [--autotune [--cache F]] [--smoke]
+
+--quick: bf16 only, B in {1, 8, 64} x ctx {1k, 2k, 4k, 16k} (B=8 x 2k first, with the whole
+mgpu config sweep), each kernel's default config plus one alternative for mgpu, the reference as
+a correctness check only (not timed); 150 s budget by default. --mgpu-only: skip the Triton
+kernel ("ours") and time mgpu against the peer.
 
 Default: a sweep sized to finish in under ~3 minutes on an H100 (B=8 x ctx 2048 vs the
 deprecated kernel first, then the small-batch rows, then the rest), guarded by --budget-s
@@ -47,6 +54,10 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# GPU interpret mode (--smoke's mgpu rows) runs each warpgroup on the XLA CPU client's thread
+# pool; on a small machine that pool starves and the kernel hangs (tests/test_flash_prefill.py).
+os.environ.setdefault("NPROC", str(max(16, os.cpu_count() or 1)))
+from pallas_kernels import decode_mgpu  # noqa: E402
 from pallas_kernels import (autotune, choose_config, paged_attention_kernel,  # noqa
                             ragged_paged_attention_ref)
 
@@ -107,7 +118,7 @@ def make_pools(key, P, page, kv):
 
 
 def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=False,
-               interpret=False, max_calls=16, deadline=None):
+               interpret=False, max_calls=16, deadline=None, mgpu_configs=()):
     pages_per_seq = ctx // page
     kv_bytes = 2 * B * ctx * KVH * kv_bytes_per_token_head(kv)
     # Rotate among R page-table sets so the N timed calls stream >= ~1 GB from HBM, not L2.
@@ -205,6 +216,47 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
               f"({row['tuned_n']} timed, {row['tuned_failed']} failed) -> {autotune.cache_path()}",
               flush=True)
 
+    # The Mosaic GPU decode kernel (bf16 pages only): same correctness check, then timed.
+    mgpu_ok = decode_mgpu.supported(q.shape, k_pages.shape, q.dtype, 1, k_dtype=k_pages.dtype)
+    mbest, mseen = None, set()
+    for cfg_kw in (mgpu_configs if mgpu_ok else ()):
+        if mbest is not None and deadline is not None and time.time() > deadline:
+            row["mgpu_configs_cut_by_budget"] = True
+            break
+        kw = dict(cfg_kw)
+        mult = kw.pop("splits_mult", None)
+        mcfg = decode_mgpu.choose_config(B, KVH, pages_per_seq, page, D, **kw)
+        if mult is not None:
+            mcfg = decode_mgpu.choose_config(B, KVH, pages_per_seq, page, D,
+                                             num_splits=mcfg.num_splits * mult, **kw)
+        if mcfg in mseen:
+            continue
+        mseen.add(mcfg)
+        mcall = (lambda c: lambda q, kp, vp, pt, ln, sc: decode_mgpu.paged_decode_mgpu(  # noqa
+            q, kp, vp, pt, ln, qs, scale=scale, config=c, interpret=interpret))(mcfg)
+        try:
+            mout = jax.jit(mcall)(q, k_pages, v_pages, pts[0], lens, sc)
+            merr = rel(mout, ref_out) if ref_out is not None else (
+                rel(mout, first_out) if first_out is not None else None)
+            if merr is not None and not merr < 2e-2:
+                raise AssertionError(f"mgpu {mcfg}: rel err {merr} vs the reference")
+            t, _ = timeit(looped(mcall), (q, k_pages, v_pages, pts, lens, sc), reps)
+        except Exception as e:  # noqa: BLE001 -- report and go on
+            print(f"  mgpu {mcfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            row.setdefault("mgpu_failed", []).append(f"{mcfg}: {type(e).__name__}: "
+                                                     f"{str(e)[:200]}")
+            continue
+        us = t / n_calls * 1e6
+        rec = dict(cfg=str(mcfg), us=us, tbs=bytes_read / (us * 1e-6) / 1e12, rel_err=merr)
+        row.setdefault("mgpu_all", []).append(rec)
+        print(f"  B={B} ctx={ctx} page={page} kv={kv} mgpu {mcfg}: {us:9.1f} us  "
+              f"{rec['tbs']:.2f} TB/s  err={merr}", flush=True)
+        if mbest is None or us < mbest["us"]:
+            mbest = rec
+    if mbest is not None:
+        row.update(mgpu_us=mbest["us"], mgpu_tbs=mbest["tbs"], mgpu_cfg=mbest["cfg"],
+                   mgpu_err=mbest["rel_err"])
+
     if run_peer:
         try:
             kt = jnp.transpose(k_pages, (2, 0, 1, 3))
@@ -224,6 +276,8 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
             del kt, vt
         except Exception as e:  # noqa: BLE001
             print(f"  peer failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    if "peer_us" in row and "mgpu_us" in row:
+        row["peer_over_mgpu"] = row["peer_us"] / row["mgpu_us"]
     if "ref_us" in row:
         row["ref_tbs"] = bytes_read / (row["ref_us"] * 1e-6) / 1e12
     del k_pages, v_pages
@@ -238,8 +292,10 @@ DEFAULT_SHAPES = [(8, 2048, 16), (1, 64, 16), (1, 1024, 16), (8, 1024, 16), (64,
 FULL_SHAPES = ([(8, 2048, 16), (1, 64, 16)]
                + [(B, ctx, 16) for ctx in (1024, 4096, 16384, 32768) for B in (1, 8, 64, 256)]
                + [(8, 4096, 32), (8, 4096, 64), (64, 4096, 32), (64, 4096, 64), (1, 32768, 64)])
-QUICK_SHAPES = [(8, 2048, 16), (1, 4096, 16)]
-SMOKE_SHAPES = [(2, 64, 16)]
+# --quick: bf16, B in {1, 8, 64} x ctx {1k, 2k, 4k, 16k}; the B=8 x 2k row first.
+QUICK_SHAPES = [(8, 2048, 16)] + [(B, ctx, 16) for ctx in (1024, 2048, 4096, 16384)
+                                  for B in (1, 8, 64) if (B, ctx) != (8, 2048)]
+SMOKE_SHAPES = [(2, 64, 16), (2, 256, 16)]
 SMOKE_SWEEP = [dict(), dict(num_splits=2, block_k_tokens=32)]   # one split; split-K + combine
 
 FULL_SWEEP = [dict(), dict(prefetch_pages=False), dict(num_stages=3),
@@ -250,6 +306,12 @@ FULL_SWEEP_SMALL = [dict(), dict(prefetch_pages=False), dict(num_stages=3),
                     dict(target_programs=2112, block_k_tokens=32)]
 SWEEP = [dict(), dict(num_stages=3), dict(prefetch_pages=False)]
 SWEEP_SMALL = [dict(), dict(num_stages=3), dict(target_programs=1056, num_stages=3)]
+# decode_mgpu.choose_config overrides ("splits_mult": the heuristic's split count times that).
+MGPU_SWEEP = [dict(), dict(block_kv=128, num_stages=3), dict(block_kv=64, num_stages=6),
+              dict(block_kv=64, num_stages=2), dict(splits_mult=2), dict(num_splits=1),
+              dict(num_splits=1, block_kv=128, num_stages=3)]
+MGPU_QUICK = [dict(), dict(block_kv=128, num_stages=3)]
+MGPU_SMOKE = [dict(), dict(num_splits=2)]        # one split (direct store); split-K + combine
 
 
 def main():
@@ -259,7 +321,11 @@ def main():
     mode.add_argument("--full", action="store_true")
     mode.add_argument("--smoke", action="store_true",
                       help="tiny shapes, Pallas interpret mode (the default without a GPU)")
-    ap.add_argument("--kv", default="bf16,fp8,int8", help="comma list of bf16, fp8, int8")
+    ap.add_argument("--kv", default=None, help="comma list of bf16, fp8, int8 (default: all "
+                    "three; --quick: bf16)")
+    ap.add_argument("--mgpu-only", action="store_true",
+                    help="skip our Triton kernel; time the Mosaic GPU kernel vs the peer")
+    ap.add_argument("--no-mgpu", action="store_true", help="skip the Mosaic GPU kernel")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--budget-s", type=float, default=None,
@@ -273,6 +339,8 @@ def main():
     t_start = time.time()
     if args.cache:
         os.environ[autotune.CACHE_ENV] = args.cache
+    if args.kv is None:
+        args.kv = "bf16" if args.quick else "bf16,fp8,int8"
     kvs = [k.strip() for k in args.kv.split(",") if k.strip()]
     bad = [k for k in kvs if k not in KV_DTYPES]
     if bad:
@@ -286,8 +354,8 @@ def main():
         shapes, reps, max_calls = SMOKE_SHAPES, 1, 2
         budget = args.budget_s
     elif args.quick:
-        shapes, reps, max_calls = QUICK_SHAPES, args.reps, 16
-        budget = args.budget_s
+        shapes, reps, max_calls = QUICK_SHAPES, min(args.reps, 10), 16
+        budget = 150.0 if args.budget_s is None else args.budget_s
     elif args.full:
         shapes, reps, max_calls = FULL_SHAPES, args.reps, 16
         budget = args.budget_s
@@ -322,18 +390,32 @@ def main():
         if smoke:
             configs = SMOKE_SWEEP
         elif args.quick:
-            configs = SWEEP[:2]
+            configs = SWEEP[:1]
         elif args.full:
             configs = FULL_SWEEP_SMALL if small else FULL_SWEEP
         else:
             configs = (SWEEP_SMALL if small else SWEEP)[: 3 if kv == "bf16" else 2]
         # The XLA reference: error check always (when it fits); timed for bf16 rows only.
         run_ref = (("time" if kv == "bf16" else "check") if kv_bf16 <= 2.2e9 else False)
+        if args.quick and run_ref:
+            run_ref = "check"
+        if args.mgpu_only:
+            configs = []
+        if args.no_mgpu:
+            mgpu_configs = []
+        elif smoke:
+            mgpu_configs = MGPU_SMOKE
+        elif args.full or (B, ctx) == (8, 2048):   # the headline row: whole sweep
+            mgpu_configs = MGPU_SWEEP
+        elif args.quick:
+            mgpu_configs = MGPU_QUICK
+        else:
+            mgpu_configs = MGPU_SWEEP[:3]
         try:
             row = bench_case(B, ctx, page, kv, reps=reps, configs=configs, run_ref=run_ref,
                              run_peer=(not smoke) and kv_bf16 <= 9e9, key=sub,
                              tune=args.autotune, interpret=smoke, max_calls=max_calls,
-                             deadline=deadline)
+                             deadline=deadline, mgpu_configs=mgpu_configs)
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: record and go on
             print(f"case B={B} ctx={ctx} kv={kv} failed: {type(e).__name__}: {str(e)[:300]}",
                   flush=True)
@@ -353,19 +435,26 @@ def main():
     if skipped:
         print("skipped (budget): " + ", ".join(f"B={s['B']} ctx={s['ctx']} {s['kv']}"
                                                for s in skipped))
-    print("\n| B | ctx | page | kv | KV MB | floor us | ours us | ours TB/s | %ceil | peer us | "
-          "peer TB/s | ref us | ref TB/s | err ours | err peer | best cfg |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| B | ctx | page | kv | KV MB | floor us | ours us | ours TB/s | %ceil | mgpu us | "
+          "mgpu TB/s | mgpu %ceil | peer us | peer TB/s | peer/mgpu | ref us | ref TB/s | "
+          "err ours | err mgpu | err peer | best cfg | best mgpu cfg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+          "---|")
     f = lambda x, p=1: "-" if x is None else (f"{x:.{p}f}" if isinstance(x, float) else str(x))  # noqa
     for r in rows:
         print(f"| {r['B']} | {r['ctx']} | {r['page']} | {r['kv']} | "
               f"{r['kv_bytes_floor']/1e6:.0f} | {f(r['floor_us'])} | "
               f"{f(r.get('ours_us'))} | {f(r.get('ours_tbs'), 2)} | "
               f"{f(None if r.get('ours_tbs') is None else 100 * r['ours_tbs'] / CEIL_TBS, 0)} | "
-              f"{f(r.get('peer_us'))} | {f(r.get('peer_tbs'), 2)} | {f(r.get('ref_us'))} | "
+              f"{f(r.get('mgpu_us'))} | {f(r.get('mgpu_tbs'), 2)} | "
+              f"{f(None if r.get('mgpu_tbs') is None else 100 * r['mgpu_tbs'] / CEIL_TBS, 0)} | "
+              f"{f(r.get('peer_us'))} | {f(r.get('peer_tbs'), 2)} | "
+              f"{f(r.get('peer_over_mgpu'), 2)} | "
+              f"{f(r.get('ref_us'))} | "
               f"{f(r.get('ref_tbs'), 2)} | {f(r.get('ours_err'), 4)} | "
-              f"{f(r.get('peer_err'), 4)} | "
-              f"{(r.get('ours_cfg') or '-').replace('KernelConfig', '')} |")
+              f"{f(r.get('mgpu_err'), 4)} | {f(r.get('peer_err'), 4)} | "
+              f"{(r.get('ours_cfg') or '-').replace('KernelConfig', '')} | "
+              f"{(r.get('mgpu_cfg') or '-').replace('DecodeConfig', '')} |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ k_scale / v_scale: float32 [P, page, KVH] scales of float8_e4m3fn or int8 pages 
 and KV head, imp_jax/cache.py's layout); the kernel dequantizes the tiles it reads, the
 reference the pages it gathers.
 
-Dispatch: on a GPU, prompt steps the Mosaic GPU kernel covers (`use_flash_prefill`) run
+Dispatch: on a GPU, decode steps go to `decode_mgpu.py` with IMP_JAX_DECODE=mgpu (when it
+covers them); prompt steps the Mosaic GPU kernel covers (`use_flash_prefill`) run
 `flash_prefill.py` (FA3-style: TMA K/V page gathers, two wgmma warpgroups, work list longest
 first). Otherwise, on a GPU (or with interpret=True) the Pallas kernel of `paged_decode.py` runs, in its
 decode form (one query block holding all max_query_len tokens, split-K over pages) when
@@ -32,7 +33,7 @@ import os
 
 import jax
 
-from pallas_kernels import autotune, flash_prefill
+from pallas_kernels import autotune, decode_mgpu, flash_prefill
 from pallas_kernels.paged_decode import (KernelConfig, choose_config, paged_attention_kernel,
                                          paged_decode_attention, supported)
 from pallas_kernels.reference import ragged_paged_attention_ref
@@ -70,6 +71,20 @@ def use_flash_prefill(q, k_pages, max_query_len: int, soft_cap=None, sliding_win
             and k_pages.dtype == q.dtype)
 
 
+DECODE_KERNELS = ("triton", "mgpu")
+
+
+def decode_kernel() -> str:
+    """$IMP_JAX_DECODE: which kernel runs decode steps on a GPU, "triton" (paged_decode.py,
+    the default) or "mgpu" (decode_mgpu.py, Mosaic GPU: TMA page gathers into a 4-stage ring,
+    wgmma); decode_mgpu covers bf16/f16 pages without soft-cap or window, the rest stays on
+    Triton."""
+    choice = os.environ.get("IMP_JAX_DECODE", "triton")
+    if choice not in DECODE_KERNELS:
+        raise ValueError(f"IMP_JAX_DECODE={choice!r}; allowed: {', '.join(DECODE_KERNELS)}")
+    return choice
+
+
 def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_start, *,
                            max_query_len: int, scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, interpret: bool = False,
@@ -82,6 +97,11 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_star
         return flash_prefill.flash_prefill(q, k_pages, v_pages, page_table, seq_lens,
                                            query_start, scale=float(scale),
                                            max_query_len=int(max_query_len))
+    if on_gpu and decode_kernel() == "mgpu" and decode_mgpu.supported(
+            q.shape, k_pages.shape, q.dtype, max_query_len, k_dtype=k_pages.dtype,
+            soft_cap=soft_cap, sliding_window=sliding_window, k_scale=k_scale):
+        return decode_mgpu.paged_decode_mgpu(q, k_pages, v_pages, page_table, seq_lens,
+                                             query_start, scale=float(scale), max_query_len=1)
     use_kernel = ((interpret or on_gpu) and supported(q.shape, k_pages.shape, k_pages.dtype))
     if not use_kernel:
         return ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_start,

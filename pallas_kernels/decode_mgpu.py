@@ -1,0 +1,489 @@
+"""Paged **decode** attention: a Pallas **Mosaic GPU** kernel for Hopper (TMA + wgmma + a TMA
+producer warpgroup), built to stream the KV cache at HBM bandwidth.
+
+Contract: `reference.ragged_paged_attention_ref` for decode steps (max_query_len == 1), no
+soft-cap / sliding window, float pages of q's dtype (bf16 / f16):
+
+    paged_decode_mgpu(q[T,H,D], k_pages[P,page,KVH,D], v_pages, page_table i32[S,max_pages],
+                      seq_lens i32[S], query_start i32[S+1], *, scale, max_query_len=1) -> [T,H,D]
+
+Sequence s owns token query_start[s] when query_start[s+1] - query_start[s] == 1 (0: a padding
+sequence, no token) and that token attends keys 0..seq_lens[s]-1. Tokens at or beyond
+query_start[S] (padding) get zeros. Assumes query_start[0] == 0 (the runner's layout).
+`supported(...)` says which shapes this covers; the rest stays on paged_decode.py's kernel.
+
+Design. Decode reads each K/V byte once and does 4 FLOP per byte (G = 4 query heads per KV
+head): it is memory bound by ~100x, so everything is arranged around keeping TMA busy.
+
+* Grid (S, KVH, splits): one CTA per (sequence, KV head, KV split). Its query rows are the G
+  query heads of that KV head for the sequence's token (q[tok, h*G:(h+1)*G], contiguous),
+  padded to the 64 rows of one wgmma (rows >= G hold stale SMEM and are never stored; every
+  op on them is row-local, so they cannot leak into real rows). The padding is free: compute
+  is ~1% of the time.
+* Two warpgroups. The producer walks the split's KV blocks of `block_kv` keys and gathers each
+  as block_kv / page_size TMA boxes of [page_size, D] straight from the pool
+  (`pool.at[page, :, kv_head]`, a strided 2-D box: no re-layout), K then V, into a
+  `num_stages`-deep SMEM ring; one mbarrier per stage counts the boxes. The consumer waits a
+  stage, S = Q K^T (wgmma, f32), masks the ragged tail (only the sequence's last block pays
+  for it), online softmax in f32 (exp2, scale * log2(e) folded into one FMA), O += P V (wgmma,
+  P from registers), and releases the stage. With a deep ring the producer runs
+  `num_stages` blocks ahead, so HBM latency is hidden behind stages * 2 * block_kv * D * 2
+  bytes in flight per CTA (64 KB+ with the defaults).
+* Page ids are scalar GMEM loads, one block ahead (carried through the producer loop), with
+  columns clamped to the sequence's last page (neither padding columns nor a short page table
+  are read past; those keys are masked anyway). No op runs on the page table outside.
+* Split-K: a sequence's blocks are cut into `splits` equal contiguous ranges (each sequence by
+  its own length, so every split of a sequence has the same work). With splits == 1 the CTA
+  writes its G bf16 rows straight into o[tok, h*G:(h+1)*G] (TMA from an unswizzled staging
+  buffer: a G-row box), and the split-0 CTAs also zero the padding tokens. With splits > 1 each
+  CTA writes f32 partial rows (normalised O and the log2-sum-exp) and paged_decode.py's Pallas
+  combine kernel merges them (and zeroes the padding tokens). The f32 staging buffer aliases
+  the K/V ring (a RefUnion): the ring is idle once the consumer has waited on every stage.
+* Q arrives by TMA in an unswizzled staging buffer (a G-row box at any token / head offset;
+  Mosaic only TMAs into a swizzled buffer at 8-row-aligned offsets) and is re-laid out once
+  into the swizzled buffer wgmma reads (flash_prefill.py does the same).
+* `compat=True`: the interpret-mode-safe PV step (P through SMEM into a fresh accumulator that
+  is added), because GPU interpret mode runs neither `pl.run_state` nor a register-LHS wgmma.
+  It also compiles for the GPU (slower). The default keeps P in registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.pallas import triton as pltriton
+
+LOG2E = math.log2(math.e)
+NEG = -1e30                    # log-sum-exp of a split that saw no key (the combine's convention)
+SMEM_BYTES_H100 = 227 * 1024
+NUM_SMS_H100 = 132
+MQ = 64                        # query rows of one wgmma (the G real rows are padded to it)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    block_kv: int = 64         # keys per pipeline stage
+    num_stages: int = 4        # depth of the K/V SMEM ring
+    num_splits: int = 1        # split-K partitions of each sequence's KV blocks
+    compat: bool = False       # interpret-safe PV path (P via SMEM, separate accumulator)
+
+    def validate(self, D: int, page_size: int):
+        if self.block_kv % 64 or self.block_kv <= 0:
+            raise ValueError(f"block_kv must be a multiple of 64, got {self.block_kv}")
+        if self.num_stages < 1:
+            raise ValueError("num_stages must be >= 1")
+        if self.num_splits < 1:
+            raise ValueError("num_splits must be >= 1")
+        if not (self.block_kv % page_size == 0 or page_size % self.block_kv == 0):
+            raise ValueError(f"block_kv={self.block_kv} and page_size={page_size} must divide "
+                             "one another")
+        need = smem_bytes(self, D)
+        if need > SMEM_BYTES_H100:
+            raise ValueError(f"config {self} needs {need} B of SMEM (> {SMEM_BYTES_H100})")
+
+
+def smem_bytes(cfg: DecodeConfig, D: int, itemsize: int = 2) -> int:
+    q = 2 * MQ * D * itemsize                       # swizzled Q + unswizzled Q/O staging
+    ring = 2 * cfg.num_stages * cfg.block_kv * D * itemsize
+    if cfg.compat:
+        ring += MQ * cfg.block_kv * itemsize        # P staged through SMEM
+    part = (MQ * D * 4 + MQ * 4) if cfg.num_splits > 1 else 0   # f32 partial O + lse
+    return q + max(ring, part) + 1024               # + barriers / alignment
+
+
+def supported(q_shape, k_pages_shape, dtype=None, max_query_len: int = 1, *, k_dtype=None,
+              soft_cap=None, sliding_window=None, k_scale=None) -> bool:
+    """Whether this kernel covers a decode step with these shapes (else use another path)."""
+    if int(max_query_len) != 1 or soft_cap is not None or sliding_window is not None:
+        return False
+    if k_scale is not None:
+        return False
+    if len(q_shape) != 3 or len(k_pages_shape) != 4:
+        return False
+    _, H, D = q_shape
+    _, page, KVH, Dk = k_pages_shape
+    ok_dtypes = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if dtype is not None and jnp.dtype(dtype) not in ok_dtypes:
+        return False
+    if k_dtype is not None and (dtype is None or jnp.dtype(k_dtype) != jnp.dtype(dtype)):
+        return False
+    if D != Dk or D not in (64, 128) or KVH <= 0 or H % KVH or H // KVH > MQ:
+        return False
+    # A page is copied as [page, D] boxes into 8-row SMEM tiles; blocks of 64 / 128 keys.
+    if page % 8 or not (64 % page == 0 or page % 64 == 0):
+        return False
+    return True
+
+
+def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128, *,
+                  block_kv: int | None = None, num_stages: int | None = None,
+                  num_splits: int | None = None, compat: bool = False,
+                  num_sms: int = NUM_SMS_H100) -> DecodeConfig:
+    """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
+
+    Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
+    already fills the SMs, one split (no partials, no combine). Otherwise as many splits as fit
+    in one wave (a second, partial wave would double the time of a short step), but no split
+    shorter than 2 blocks at the longest context (each CTA pays a Q load + ring fill)."""
+    if block_kv is None:
+        block_kv = 64 if page_size <= 64 else page_size
+    if num_stages is None:
+        num_stages = 4
+    max_blocks = -(-(max_pages * page_size) // block_kv)
+    if num_splits is None:
+        base = max(1, S * KVH)
+        num_splits = 1 if base >= num_sms else num_sms // base
+        num_splits = min(num_splits, max(1, max_blocks // 2))
+    num_splits = max(1, min(int(num_splits), max_blocks))
+    cfg = DecodeConfig(block_kv=block_kv, num_stages=num_stages, num_splits=num_splits,
+                       compat=compat)
+    # Fit SMEM (deep rings at D=128 with block_kv=128): drop stages until it does.
+    while smem_bytes(cfg, D) > SMEM_BYTES_H100 and cfg.num_stages > 2:
+        cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    return cfg
+
+
+def partial_rows(G: int) -> int:
+    """Rows of a split's f32 partial: G rounded up to a power of two (the Triton combine's
+    block), at least 4 (a TMA box of the log-sum-exp needs >= 16 bytes)."""
+    return max(4, 1 << max(0, (G - 1).bit_length()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------------------------
+
+def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float, dtype,
+                  interpret):
+    G = H // KVH
+    B, stages, splits = cfg.block_kv, cfg.num_stages, cfg.num_splits
+    if B >= page_size:
+        n_cp, rows_cp = B // page_size, page_size
+    else:                       # page > block: a block is a slice of one page
+        n_cp, rows_cp = 1, B
+    c_log2 = float(scale) * LOG2E
+    MP = partial_rows(G)
+
+    def kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, out_refs, scoped):
+        s = lax.axis_index("seq")
+        h = lax.axis_index("kvh")
+        j = lax.axis_index("split")
+        wg = lax.axis_index("wg")
+        q_smem, qst, ring, (k_bars, v_bars, q_bar), (k_cons, v_cons) = scoped
+        if splits > 1:
+            k_smem, v_smem, p_smem, ost, lse_smem = ring
+        else:
+            k_smem, v_smem, p_smem = ring
+
+        seq_len = sl_ref[s]
+        tok = qs_ref[s]
+        active = (qs_ref[s + 1] - tok) > 0             # padding sequences own no token
+        nblk = lax.div(seq_len + (B - 1), jnp.int32(B))
+        per = lax.div(nblk + (splits - 1), jnp.int32(splits))
+        b0 = j * per                                     # first block of this split
+        nsteps = jnp.where(active, jnp.clip(nblk - b0, 0, per), 0)
+        # Only the sequence's last block can hold keys >= seq_len.
+        tail = (b0 + nsteps == nblk) & (lax.rem(seq_len, jnp.int32(B)) != 0) & (nsteps > 0)
+        n_full = nsteps - tail.astype(jnp.int32)
+
+        @pl.when(wg == 0)
+        def _compute_wg():
+            @pl.when(active)
+            def _attend():
+                plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(h * G, G)], qst.at[pl.ds(0, G)],
+                                        q_bar)
+                plgpu.barrier_wait(q_bar)
+                q_smem[...] = qst[...]
+                plgpu.commit_smem()
+
+                m_i = plgpu.layout_cast(jnp.full((MQ,), -jnp.inf, jnp.float32),
+                                        plgpu.Layout.WGMMA.reduce(1))
+                l_i = plgpu.layout_cast(jnp.full((MQ,), 0.0, jnp.float32),
+                                        plgpu.Layout.WGMMA.reduce(1))
+                acc = plgpu.layout_cast(jnp.full((MQ, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+                def kv_step(t, carry, masked: bool):
+                    acc, m_i, l_i = carry
+                    slot = lax.rem(t, jnp.int32(stages))
+                    plgpu.barrier_wait(k_bars.at[slot])
+
+                    def compute_qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                        return acc_ref[...]
+                    sc = pl.run_scoped(compute_qk, plgpu.ACC((MQ, B), jnp.float32))
+                    plgpu.barrier_arrive(k_cons.at[slot])
+                    if masked:
+                        cols = plgpu.broadcasted_iota(jnp.int32, (MQ, B), 1,
+                                                      layout=plgpu.Layout.WGMMA)
+                        sc = jnp.where(cols + (b0 + t) * B < seq_len, sc, -jnp.inf)
+                    # m lives in the log2 domain (scaled by scale*log2e): exp2(s*c - m) is an FMA.
+                    m_new = jnp.maximum(m_i, sc.max(axis=1) * c_log2)
+                    alpha = jnp.exp2(m_i - m_new)
+                    p = jnp.exp2(sc * c_log2 - lax.broadcast_in_dim(m_new, sc.shape, [0]))
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    l_i = l_i * alpha + p.sum(axis=1)
+                    p16 = p.astype(dtype)
+                    plgpu.barrier_wait(v_bars.at[slot])
+                    if not cfg.compat:
+                        def compute_pv(acc_ref):
+                            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                    else:
+                        p_smem[...] = p16
+                        plgpu.commit_smem()
+
+                        def compute_pv(acc_ref):
+                            plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                            return acc_ref[...]
+                        acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((MQ, D), jnp.float32))
+                    plgpu.barrier_arrive(v_cons.at[slot])
+                    return acc, m_new, l_i
+
+                carry = (acc, m_i, l_i)
+                carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), carry)
+                carry = lax.fori_loop(n_full, nsteps, functools.partial(kv_step, masked=True),
+                                      carry)
+                acc, m_i, l_i = carry
+
+                # A split that saw no key (past its sequence's end) has l == 0: O = 0, lse = NEG.
+                has = l_i > 0.0
+                l_safe = jnp.where(has, l_i, 1.0)
+                out = acc / lax.broadcast_in_dim(l_safe, (MQ, D), [0])
+                if splits == 1:
+                    (o_ref,) = out_refs
+                    qst[...] = out.astype(dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(qst.at[pl.ds(0, G)], o_ref.at[tok, pl.ds(h * G, G)])
+                else:
+                    o_sp, lse_ref = out_refs
+                    # The ring is idle here (every stage was waited on), so its SMEM (aliased by
+                    # ost / lse_smem) can be written.
+                    ost[...] = out
+                    lse_smem[...] = jnp.where(has, m_i + jnp.log2(l_safe), NEG)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(ost.at[pl.ds(0, MP)], o_sp.at[s, h, 0, j])
+                    plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, MP)], lse_ref.at[s, h, 0, j])
+                plgpu.wait_smem_to_gmem(0)
+
+            if splits == 1:
+                # Padding tokens query_start[S]..T-1: CTA (s, h) zeroes tokens
+                # query_start[S] + s, + 2S, ... of head group h (no extra launch, no XLA op).
+                (o_ref,) = out_refs
+                pad0 = qs_ref[S]
+                n_pad = lax.div(jnp.maximum(T - pad0 - s, 0) + (S - 1), jnp.int32(S))
+
+                @pl.when(n_pad > 0)
+                def _zero_padding():
+                    qst[...] = jnp.zeros((MQ, D), dtype)
+                    plgpu.commit_smem()
+
+                    @pl.loop(0, n_pad)
+                    def _(i):
+                        plgpu.copy_smem_to_gmem(qst.at[pl.ds(0, G)],
+                                                o_ref.at[pad0 + s + i * S, pl.ds(h * G, G)])
+                    plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _memory_wg():
+            last_col = lax.div(jnp.maximum(seq_len - 1, 0), jnp.int32(page_size))
+
+            def page_ids(t):
+                """The page id of each of the n_cp TMA boxes of the split's block t (scalar
+                GMEM loads; columns clamped to the sequence's last page, so t may run past)."""
+                ids = []
+                for c in range(n_cp):
+                    key0 = (b0 + t) * B + c * rows_cp
+                    col = jnp.minimum(lax.div(key0, jnp.int32(page_size)), last_col)
+                    ids.append(pt_ref[s, col])
+                return tuple(ids)
+
+            def issue(t, slot, pool, smem, bar, pages):
+                for c, page in enumerate(pages):
+                    if n_cp > 1 or B == page_size:
+                        src = pool.at[page, :, h]
+                    else:       # page_size > block_kv: the block is a slice of one page
+                        off = lax.rem((b0 + t) * B, jnp.int32(page_size))
+                        src = pool.at[page, pl.ds(pl.multiple_of(off, B), rows_cp), h]
+                    dst = smem.at[slot, pl.ds(c * rows_cp, rows_cp)] if n_cp > 1 else smem.at[slot]
+                    plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+
+            def kv_loop(t, pages):
+                slot = lax.rem(t, jnp.int32(stages))
+                # The next block's page ids are loaded now and carried: their GMEM latency
+                # overlaps this block's waits and copies instead of stalling the next issue.
+                nxt = page_ids(t + 1)
+
+                @pl.when(t >= stages)
+                def _():
+                    plgpu.barrier_wait(k_cons.at[slot])
+                issue(t, slot, k_ref, k_smem, k_bars, pages)
+
+                @pl.when(t >= stages)
+                def _():
+                    plgpu.barrier_wait(v_cons.at[slot])
+                issue(t, slot, v_ref, v_smem, v_bars, pages)
+                return nxt
+
+            @pl.when(nsteps > 0)
+            def _stream():
+                lax.fori_loop(0, nsteps, kv_loop, page_ids(0))
+
+            # Observe the release of the last stages too (every barrier phase is waited on once,
+            # which hardware parity tracking and interpret mode both need).
+            @pl.loop(jnp.maximum(nsteps - stages, 0), nsteps)
+            def _drain(t):
+                slot = lax.rem(t, jnp.int32(stages))
+                plgpu.barrier_wait(k_cons.at[slot])
+                plgpu.barrier_wait(v_cons.at[slot])
+
+    def entry(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs):
+        tiling = plgpu.TilingTransform((8, 64))
+        swizzle = plgpu.SwizzleTransform(128)
+        q_smem = plgpu.SMEM((MQ, D), dtype, transforms=(tiling, swizzle))
+        qst = plgpu.SMEM((MQ, D), dtype)             # unswizzled Q-in / O-out staging
+        kb = plgpu.SMEM((stages, B, D), dtype, transforms=(tiling, swizzle))
+        vb = plgpu.SMEM((stages, B, D), dtype, transforms=(tiling, swizzle))
+        pb = (plgpu.SMEM((MQ, B), dtype, transforms=(tiling, swizzle)) if cfg.compat
+              else None)
+        if splits > 1:
+            part = (plgpu.SMEM((MQ, D), jnp.float32), plgpu.SMEM((MQ,), jnp.float32))
+            ring = plgpu.RefUnion((kb, vb, pb), part)
+        else:
+            ring = (kb, vb, pb)
+
+        def body(q_s, q_st, ring_refs, bars, cons):
+            if splits > 1:
+                # A RefUnion iterates as its groups: ((k, v, p), (ost, lse)).
+                (kr, vr, pr), (o_st, lse_st) = ring_refs
+                ring_refs = (kr, vr, pr, o_st, lse_st)
+            kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, out_refs,
+                   (q_s, q_st, ring_refs, bars, cons))
+
+        pl.run_scoped(
+            body, q_smem, qst, ring,
+            (plgpu.Barrier(num_arrivals=n_cp, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=n_cp, num_barriers=stages),
+             plgpu.Barrier()),
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)),
+            collective_axes="wg",
+        )
+
+    if splits == 1:
+        out_type = jax.ShapeDtypeStruct((T, H, D), dtype)
+    else:
+        out_type = (jax.ShapeDtypeStruct((S, KVH, 1, splits, MP, D), jnp.float32),
+                    jax.ShapeDtypeStruct((S, KVH, 1, splits, MP), jnp.float32))
+    return plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=(S, KVH, splits),
+        grid_names=("seq", "kvh", "split"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )
+
+
+def _combine(query_start, o_sp, lse, *, G, H, T, dtype, interpret):
+    """Merge the split partials with paged_decode.py's Pallas (Triton) combine kernel: same
+    [S, KVH, query blocks = 1, splits, M, D] layout, log2-domain lse, row r -> head h*G + r,
+    rows r >= G ignored; it also zeroes the padding tokens. Returns [T, H, D]."""
+    from pallas_kernels.paged_decode import _combine_kernel
+    S, KVH, _, nsplit, M, D = o_sp.shape
+    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
+    kern = functools.partial(_combine_kernel, num_splits=nsplit, G=G, H=H, block_q=1, M=M, D=D,
+                             T=T, S=S)
+    out = pl.pallas_call(
+        kern, grid=(S, KVH, 1),
+        in_specs=[whole((S + 1,)),
+                  pl.BlockSpec((None, None, None, nsplit, M, D),
+                               lambda s, h, b: (s, h, b, 0, 0, 0)),
+                  pl.BlockSpec((None, None, None, nsplit, M), lambda s, h, b: (s, h, b, 0, 0))],
+        out_specs=whole((T * H, D)),
+        out_shape=jax.ShapeDtypeStruct((T * H, D), dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret, name=f"imp_decode_mgpu_combine_M{M}_sp{nsplit}",
+    )(query_start, o_sp, lse)
+    return out.reshape(T, H, D)
+
+
+def _interpret_params(interpret):
+    if interpret is True:
+        return plgpu.InterpretGPUParams()
+    if interpret is False or interpret is None:
+        return None
+    return interpret
+
+
+def resolve_config(q_shape, k_pages_shape, page_table_shape, *, interpret=None,
+                   config: DecodeConfig | None = None) -> DecodeConfig:
+    """The config a call runs with: `config` or the heuristic, forced to `compat` in interpret
+    mode, validated."""
+    _, _, D = q_shape
+    _, page_size, KVH, _ = k_pages_shape
+    S, max_pages = page_table_shape
+    cfg = config if config is not None else choose_config(S, KVH, max_pages, page_size, D)
+    if interpret is not None and not cfg.compat:
+        # Interpret mode runs neither pl.run_state nor a register-LHS wgmma: use the compat PV.
+        cfg = dataclasses.replace(cfg, compat=True)
+    cfg.validate(D, page_size)
+    return cfg
+
+
+def _check(q, k_pages, v_pages, max_query_len):
+    if not supported(q.shape, k_pages.shape, q.dtype, max_query_len, k_dtype=k_pages.dtype):
+        raise ValueError(f"paged_decode_mgpu does not support q{q.shape} {q.dtype} / pages "
+                         f"{k_pages.shape} {k_pages.dtype} / max_query_len={max_query_len}")
+    if v_pages.dtype != q.dtype:
+        raise ValueError("q, k_pages and v_pages must share a dtype")
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "config"))
+def decode_kernel_call(q, k_pages, v_pages, page_table, seq_lens, query_start, *, scale: float,
+                       interpret=False, config: DecodeConfig | None = None):
+    """The Mosaic GPU kernel alone: o [T, H, D] when config.num_splits == 1, else the f32
+    partials (o_sp [S, KVH, 1, splits, M, D], lse [S, KVH, 1, splits, M]). Lowers for Hopper on
+    a CPU (the Triton combine needs a GPU to lower), so the lowering tests use it."""
+    T, H, D = q.shape
+    _, page_size, KVH, _ = k_pages.shape
+    S, _ = page_table.shape
+    _check(q, k_pages, v_pages, 1)
+    interp = _interpret_params(interpret)
+    cfg = resolve_config(q.shape, k_pages.shape, page_table.shape, interpret=interp,
+                         config=config)
+    kern = _build_kernel(T=T, S=S, H=H, D=D, KVH=KVH, page_size=page_size, cfg=cfg,
+                         scale=float(scale), dtype=q.dtype, interpret=interp)
+    return kern(seq_lens.astype(jnp.int32), query_start.astype(jnp.int32),
+                page_table.astype(jnp.int32), q, k_pages, v_pages)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "max_query_len", "interpret", "config"))
+def paged_decode_mgpu(q, k_pages, v_pages, page_table, seq_lens, query_start, *, scale: float,
+                      max_query_len: int = 1, interpret=False,
+                      config: DecodeConfig | None = None):
+    """Paged decode attention (Mosaic GPU kernel [+ the split-K combine]); see the module
+    docstring. One launch with one split, two with several.
+
+    interpret: False (compile for the GPU), True or a `plgpu.InterpretGPUParams` (GPU interpret
+    mode on any backend; forces the `compat` PV path)."""
+    T, H, _ = q.shape
+    KVH = k_pages.shape[2]
+    _check(q, k_pages, v_pages, max_query_len)
+    interp = _interpret_params(interpret)
+    cfg = resolve_config(q.shape, k_pages.shape, page_table.shape, interpret=interp,
+                         config=config)
+    out = decode_kernel_call(q, k_pages, v_pages, page_table, seq_lens, query_start,
+                             scale=scale, interpret=interpret, config=cfg)
+    if cfg.num_splits == 1:
+        return out
+    o_sp, lse = out
+    return _combine(query_start.astype(jnp.int32), o_sp, lse, G=H // KVH, H=H, T=T,
+                    dtype=q.dtype, interpret=interp is not None)

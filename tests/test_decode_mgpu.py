@@ -1,0 +1,336 @@
+"""Mosaic GPU paged decode attention (pallas_kernels/decode_mgpu.py) vs the jnp reference.
+
+CPU (no GPU needed):
+  * Mosaic GPU lowering for Hopper of the kernel (`decode_kernel_call`, i.e. without the Triton
+    split-K combine, which needs a GPU to lower) on the benchmark shapes (B in 1, 8, 64, 256 x
+    context 1k..32k, page 16) with the default heuristic config, plus every config the
+    benchmark sweeps and the page / head_dim / group variants. Lowering runs Pallas -> Mosaic
+    GPU dialect, layout inference, the wgmma / TMA checks and the SMEM budget; not ptxas.
+  * numerics in GPU *interpret* mode on small ragged cases (lengths off the page / block
+    grid, page > block, GQA 1 / 4 / 8 / 16, head_dim 64 / 128, 1..5 splits incl. splits past a
+    short sequence's end, padding sequences and padding tokens, f16), end to end (kernel +
+    combine) vs `ragged_paged_attention_ref`. Interpret mode runs the `compat` PV path (P
+    through SMEM); everything else (paged TMA gathers, the producer/consumer ring barriers, tail
+    mask, split ranges, partial / direct stores, padding zero-fill) is the code the GPU runs.
+    One case also runs under the interpreter's race detector. As in test_flash_prefill.py, the
+    interpret cases run in one subprocess with NPROC=16 (a 2-core XLA CPU pool starves the
+    warpgroup threads).
+GPU (`-m gpu`): the compiled kernel on the benchmark shapes (and the configs the benchmark
+sweeps) vs the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from pallas_kernels.decode_mgpu import (DecodeConfig, choose_config,  # noqa: E402
+                                        decode_kernel_call, paged_decode_mgpu, smem_bytes,
+                                        supported)
+from pallas_kernels.reference import ragged_paged_attention_ref  # noqa: E402
+
+TOL = 1e-2
+gpu = pytest.mark.gpu
+C = DecodeConfig
+
+# (name, seq_lens, H, KVH, D, page, S_pad, T_pad, config, dtype). Each is one decode token per
+# real sequence; S_pad padding sequences (length 0, no token); T_pad padding tokens.
+CASES = [
+    ("g4_d64_p16_direct", [100, 37, 1], 8, 2, 64, 16, 1, 2, C(64, 2, 1), "bf16"),
+    ("g4_d64_p16_split3", [100, 37, 1], 8, 2, 64, 16, 1, 2, C(64, 2, 3), "bf16"),
+    ("g1_d128_p16_split4_short", [64, 200, 5], 2, 2, 128, 16, 0, 0, C(64, 3, 4), "bf16"),
+    ("g8_d128_p64_split2", [129, 64, 300], 8, 1, 128, 64, 0, 1, C(64, 2, 2), "bf16"),
+    ("g4_d128_p128_gt_block", [130, 257], 8, 2, 128, 128, 1, 0, C(64, 2, 1), "bf16"),
+    ("g4_d128_p16_b128_split2", [300, 129, 16], 8, 2, 128, 16, 0, 0, C(128, 2, 2), "bf16"),
+    ("g2_d64_p32_many_pad_tokens", [50], 4, 2, 64, 32, 2, 5, C(64, 1, 1), "bf16"),
+    ("g2_d64_p32_many_pad_split2", [50], 4, 2, 64, 32, 2, 5, C(64, 2, 2), "bf16"),
+    ("g16_d64_p16_split5", [333, 90], 16, 1, 64, 16, 0, 0, C(64, 4, 5), "bf16"),
+    ("g4_d128_p16_default_f16", [1000, 33], 8, 2, 128, 16, 0, 0, None, "f16"),
+]
+DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16}
+
+
+def make_case(seed, seq_lens, H, KVH, D, page, S_pad=0, T_pad=0, dtype=jnp.bfloat16):
+    rng = np.random.default_rng(seed)
+    qlens = [1] * len(seq_lens) + [0] * S_pad
+    seq_lens = list(seq_lens) + [0] * S_pad
+    S = len(seq_lens)
+    max_pages = max(1, max(-(-L // page) for L in seq_lens))
+    P = S * max_pages + 2
+    pt = rng.permutation(np.arange(1, P))[: S * max_pages].reshape(S, max_pages).astype(np.int32)
+    for s, L in enumerate(seq_lens):     # padding entries point at page 0
+        pt[s, -(-L // page):] = 0
+    qs = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
+    T = int(qs[-1]) + T_pad
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    kp = rng.standard_normal((P, page, KVH, D)).astype(np.float32)
+    vp = rng.standard_normal((P, page, KVH, D)).astype(np.float32)
+    return (jnp.asarray(q, dtype), jnp.asarray(kp, dtype), jnp.asarray(vp, dtype),
+            jnp.asarray(pt), jnp.asarray(np.array(seq_lens, np.int32)), jnp.asarray(qs))
+
+
+def rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def check(args, out, scale):
+    """(rel err vs reference, max |padding token rows|, any NaN)."""
+    ref = ragged_paged_attention_ref(*args, scale=scale, max_query_len=1)
+    n_real = int(np.asarray(args[5])[-1])
+    o = np.asarray(out.astype(jnp.float32))
+    return rel(out, ref), float(np.abs(o[n_real:]).max(initial=0.0)), bool(np.isnan(o).any())
+
+
+def run_case(case, *, interpret, config="case"):
+    name, lens, H, KVH, D, page, S_pad, T_pad, cfg, dt = case
+    if config != "case":
+        cfg = config
+    args = make_case(0, lens, H, KVH, D, page, S_pad, T_pad, DTYPES[dt])
+    scale = D ** -0.5
+    out = paged_decode_mgpu(*args, scale=scale, interpret=interpret, config=cfg)
+    return check(args, out, scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: config / predicate
+# ------------------------------------------------------------------------------------------------
+
+def test_supported():
+    assert supported((8, 32, 128), (9, 16, 8, 128), jnp.bfloat16, 1, k_dtype=jnp.bfloat16)
+    assert supported((8, 8, 64), (9, 64, 8, 64), jnp.float16, 1)
+    assert supported((8, 8, 128), (9, 128, 1, 128), jnp.bfloat16, 1)     # page > block
+    assert not supported((8, 32, 128), (9, 16, 8, 128), jnp.bfloat16, 2)  # not decode
+    assert not supported((8, 32, 128), (9, 16, 8, 128), jnp.bfloat16, 1, soft_cap=30.0)
+    assert not supported((8, 32, 128), (9, 16, 8, 128), jnp.bfloat16, 1, sliding_window=64)
+    assert not supported((8, 32, 128), (9, 16, 8, 128), jnp.bfloat16, 1,
+                         k_dtype=jnp.float8_e4m3fn)                       # 8-bit pages
+    assert not supported((8, 32, 128), (9, 16, 8, 128), jnp.float32, 1)
+    assert not supported((8, 32, 256), (9, 16, 8, 256), jnp.bfloat16, 1)
+    assert not supported((8, 32, 96), (9, 16, 8, 96), jnp.bfloat16, 1)
+    assert not supported((8, 30, 128), (9, 16, 8, 128), jnp.bfloat16, 1)   # H % KVH
+    assert not supported((8, 128, 128), (9, 16, 1, 128), jnp.bfloat16, 1)  # G > 64 rows
+    assert not supported((8, 32, 128), (9, 4, 8, 128), jnp.bfloat16, 1)   # page < 8-row tile
+    assert not supported((8, 32, 128), (9, 48, 8, 128), jnp.bfloat16, 1)  # 48 vs 64 blocks
+
+
+@pytest.mark.parametrize("B,ctx", [(B, c) for B in (1, 8, 64, 256)
+                                   for c in (1024, 2048, 4096, 16384, 32768)])
+def test_heuristic(B, ctx):
+    cfg = choose_config(B, 8, ctx // 16, 16, 128)
+    assert smem_bytes(cfg, 128) <= 227 * 1024
+    ctas = B * 8 * cfg.num_splits
+    assert cfg.num_splits == 1 or ctas <= 132          # one wave when splitting
+    assert B * 8 < 132 or cfg.num_splits == 1
+    assert cfg.num_splits * 2 * cfg.block_kv <= max(ctx, 2 * cfg.block_kv)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: Mosaic GPU lowering (Hopper)
+# ------------------------------------------------------------------------------------------------
+
+def lower(B, ctx, *, page=16, H=32, KVH=8, D=128, cfg=None, T=None):
+    T = B if T is None else T
+    mp = ctx // page
+    shapes = (jax.ShapeDtypeStruct((T, H, D), jnp.bfloat16),
+              jax.ShapeDtypeStruct((B * mp + 1, page, KVH, D), jnp.bfloat16),
+              jax.ShapeDtypeStruct((B * mp + 1, page, KVH, D), jnp.bfloat16),
+              jax.ShapeDtypeStruct((B, mp), jnp.int32),
+              jax.ShapeDtypeStruct((B,), jnp.int32),
+              jax.ShapeDtypeStruct((B + 1,), jnp.int32))
+    f = jax.jit(lambda *a: decode_kernel_call(*a, scale=D ** -0.5, config=cfg))
+    return f.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+
+BENCH_SHAPES = [(B, c) for B in (1, 8, 64, 256) for c in (1024, 2048, 4096, 16384, 32768)]
+
+
+@pytest.mark.parametrize("B,ctx", BENCH_SHAPES, ids=[f"B{b}-ctx{c}" for b, c in BENCH_SHAPES])
+def test_lowers_benchmark_shapes(B, ctx):
+    assert "mosaic_gpu" in lower(B, ctx)
+
+
+# Every config benchmarks/kernels.py sweeps (MGPU_SWEEP), on a split and an unsplit shape, plus
+# page / head_dim / group variants and the interpret-mode (compat) path.
+LOWER_CONFIGS = [
+    (8, 2048, dict(), dict(block_kv=128, num_stages=3)),
+    (8, 2048, dict(), dict(block_kv=64, num_stages=6)),
+    (8, 2048, dict(), dict(block_kv=64, num_stages=2)),
+    (8, 2048, dict(), dict(block_kv=128, num_stages=2)),
+    (8, 2048, dict(), dict(num_splits=1)),
+    (8, 2048, dict(), dict(num_splits=1, block_kv=128, num_stages=3)),
+    (8, 2048, dict(), dict(num_splits=4)),
+    (64, 1024, dict(), dict(block_kv=128, num_stages=3)),
+    (64, 1024, dict(), dict(block_kv=64, num_stages=6)),
+    (64, 1024, dict(), dict(block_kv=64, num_stages=2)),
+    (8, 2048, dict(), dict(num_splits=4, compat=True)),
+    (8, 2048, dict(page=64), dict()),
+    (8, 2048, dict(page=128), dict(num_splits=2)),
+    (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(num_splits=3)),
+    (8, 2048, dict(H=8, KVH=1), dict(num_splits=1)),
+    (8, 2048, dict(H=64, KVH=1, D=64), dict(num_splits=2)),
+    (8, 2048, dict(T=20), dict(num_splits=1)),
+]
+
+
+@pytest.mark.parametrize("B,ctx,shape_kw,cfg_kw", LOWER_CONFIGS,
+                         ids=[f"{i}-B{b}-ctx{c}-" + "-".join(f"{k}{v}" for k, v in
+                                                             {**s, **k}.items())
+                              for i, (b, c, s, k) in enumerate(LOWER_CONFIGS)])
+def test_lowers_configs(B, ctx, shape_kw, cfg_kw):
+    page = shape_kw.get("page", 16)
+    D = shape_kw.get("D", 128)
+    KVH = shape_kw.get("KVH", 8)
+    cfg = choose_config(B, KVH, ctx // page, page, D, **cfg_kw)
+    assert "mosaic_gpu" in lower(B, ctx, cfg=cfg, **shape_kw)
+
+
+def test_oversized_config_rejected():
+    with pytest.raises(ValueError, match="SMEM"):
+        DecodeConfig(block_kv=128, num_stages=4).validate(128, 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: interpret mode (numerics), in one subprocess with a big enough XLA CPU pool
+# ------------------------------------------------------------------------------------------------
+
+def _interpret_worker():
+    """Runs every CASE in interpret mode (+ one with the race detector); prints one JSON line
+    {name: [rel, pad_max, nan]} (a string when the case raised)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+    res = {}
+    for case in CASES:
+        try:
+            res[case[0]] = list(run_case(case, interpret=True))
+        except Exception as e:  # noqa: BLE001  (reported per case)
+            res[case[0]] = f"{type(e).__name__}: {e}"[:2000]
+    try:  # happens-before race detector (vector clocks over barriers / TMA / SMEM accesses)
+        r = run_case(CASES[1], interpret=plgpu.InterpretGPUParams(detect_races=True))
+        res["races"] = [*r, bool(ipc.get_races().races_found)]
+    except Exception as e:  # noqa: BLE001
+        res["races"] = f"{type(e).__name__}: {e}"[:2000]
+    print("RESULTS " + json.dumps(res), flush=True)
+
+
+@pytest.fixture(scope="module")
+def interpret_results():
+    env = dict(os.environ, NPROC="16", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret-worker"],
+                          env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULTS "):
+            return json.loads(line[len("RESULTS "):])
+    raise AssertionError(f"interpret worker failed (rc={proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret cases are CPU-only")
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_interpret_vs_reference(case, interpret_results):
+    r = interpret_results[case[0]]
+    assert not isinstance(r, str), r
+    err, pad_max, has_nan = r
+    assert not has_nan
+    assert pad_max == 0.0
+    assert err < TOL, err
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret cases are CPU-only")
+def test_interpret_no_races(interpret_results):
+    r = interpret_results["races"]
+    assert not isinstance(r, str), r
+    err, pad_max, has_nan, races = r
+    assert err < TOL and not has_nan and pad_max == 0.0
+    assert not races
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the compiled kernel
+# ------------------------------------------------------------------------------------------------
+
+GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
+               "b64x2": dict(block_kv=64, num_stages=2), "b64x6": dict(block_kv=64, num_stages=6),
+               "compat": dict(compat=True)}
+
+
+@gpu
+@pytest.mark.parametrize("cfg", list(GPU_CONFIGS), ids=list(GPU_CONFIGS))
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_gpu_small_cases(case, cfg):
+    name, lens, H, KVH, D, page, *_ = case
+    kw = GPU_CONFIGS[cfg]
+    config = "case" if kw is None else choose_config(
+        len(lens) + case[6], KVH, max(-(-L // page) for L in lens), page, D,
+        num_splits=case[8].num_splits if case[8] is not None else None, **kw)
+    if config != "case" and page > config.block_kv and page % config.block_kv:
+        pytest.skip("page/block mismatch")
+    err, pad_max, has_nan = run_case(case, interpret=False, config=config)
+    assert not has_nan and pad_max == 0.0
+    assert err < TOL, err
+
+
+def bench_like_case(B, ctx, page=16, H=32, KVH=8, D=128, pad_seqs=0, seed=0):
+    """The benchmark's inputs: ragged lengths in [ctx/2, ctx] (one at ctx), shuffled pages,
+    plus `pad_seqs` padding sequences (length 0, no token)."""
+    key = jax.random.key(seed)
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    mp = ctx // page
+    S = B + pad_seqs
+    P = B * mp + 1
+    kp = jax.random.normal(k1, (P, page, KVH, D), jnp.bfloat16)
+    vp = jax.random.normal(k2, (P, page, KVH, D), jnp.bfloat16)
+    pt = jax.random.permutation(k3, jnp.arange(1, P, dtype=jnp.int32)).reshape(B, mp)
+    pt = jnp.concatenate([pt, jnp.zeros((pad_seqs, mp), jnp.int32)])
+    lens = jax.random.randint(k4, (B,), ctx // 2, ctx + 1).astype(jnp.int32).at[0].set(ctx)
+    lens = jnp.concatenate([lens, jnp.zeros((pad_seqs,), jnp.int32)])
+    qs = jnp.concatenate([jnp.arange(B + 1, dtype=jnp.int32),
+                          jnp.full((pad_seqs,), B, jnp.int32)])
+    q = jax.random.normal(k5, (S, H, D), jnp.bfloat16)
+    return q, kp, vp, pt, lens, qs
+
+
+GPU_SHAPES = [(8, 2048), (1, 1024), (1, 32768), (8, 16384), (64, 1024), (64, 4096),
+              (256, 1024)]
+
+
+@gpu
+@pytest.mark.parametrize("cfg", list(GPU_CONFIGS), ids=list(GPU_CONFIGS))
+@pytest.mark.parametrize("B,ctx", GPU_SHAPES, ids=[f"B{b}-ctx{c}" for b, c in GPU_SHAPES])
+def test_gpu_benchmark_shapes(B, ctx, cfg):
+    args = bench_like_case(B, ctx, pad_seqs=3)
+    kw = GPU_CONFIGS[cfg]
+    config = None if kw is None else choose_config(B + 3, 8, ctx // 16, 16, 128, **kw)
+    out = paged_decode_mgpu(*args, scale=128 ** -0.5, config=config)
+    err, pad_max, has_nan = check(args, out, 128 ** -0.5)
+    assert not has_nan and pad_max == 0.0
+    assert err < TOL, err
+
+
+@gpu
+@pytest.mark.parametrize("splits", [1, 2, 7, 16])
+def test_gpu_splits(splits):
+    args = bench_like_case(4, 4096, pad_seqs=1)
+    cfg = choose_config(5, 8, 4096 // 16, 16, 128, num_splits=splits)
+    out = paged_decode_mgpu(*args, scale=128 ** -0.5, config=cfg)
+    err, pad_max, has_nan = check(args, out, 128 ** -0.5)
+    assert not has_nan and pad_max == 0.0
+    assert err < TOL, err
+
+
+if __name__ == "__main__":
+    if "--interpret-worker" in sys.argv:
+        _interpret_worker()
