@@ -118,13 +118,14 @@ def _timed_batch(llm, prompts, output_len):
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()
-    for p in prompts:
-        engine.add_request(p, params)
+    waiting = {engine.add_request(p, params) for p in prompts}  # no first token yet
     first = None
     while engine.has_unfinished_requests():
         outs = engine.step()
-        if first is None and outs and all(o.token_ids for o in outs) and \
-                len(outs) == len(prompts):
+        # long prompts prefill over several steps: the batch's first token is the last
+        # request's, whichever step returns it
+        waiting.difference_update(o.request_id for o in outs if o.token_ids)
+        if first is None and not waiting:
             first = time.perf_counter()
     end = time.perf_counter()
     return (first or end) - start, end - (first or end)

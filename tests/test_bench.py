@@ -23,6 +23,15 @@ def test_latency_rows(tmp_path):
         assert r["host_ms_per_step"] >= 0
 
 
+def test_latency_when_the_batch_prefills_over_several_steps(tmp_path):
+    # 4 prompts of 60 tokens through a 64-token budget, 3 tokens each: the first request is
+    # done before the last has its first token, so no step returns every request's
+    # first token (which once left the decode time at zero)
+    rows = _rows(tmp_path, ["latency", "--batch", "4", "--input-len", "60", "--output-len", "3",
+                            "--max-num-batched-tokens", "64", "--decode-steps", "4"])
+    assert rows[0]["ttft_ms"] > 0 and rows[0]["itl_ms"] > 0 and rows[0]["decode_tok_s"] > 0
+
+
 def test_throughput_runs_each_length_pair_once(tmp_path):
     rows = _rows(tmp_path, ["throughput", "--num-prompts", "12", "--input-len", "8,20",
                             "--output-len", "12,5", "--max-num-seqs", "4",
