@@ -132,10 +132,12 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     already fills the SMs, one split (no partials, no combine). Otherwise as many splits as fit
     in one wave (a second, partial wave would double the time of a short step), but no split
     shorter than 2 blocks at the longest context (each CTA pays a Q load + ring fill)."""
+    # 128-key blocks in a 3-stage ring won 9 of the 10 rows of the first GPU sweep (H200,
+    # 2026-11-28, docs/kernels_notes.md): 1.05-1.46x 64-key blocks in 4 stages.
     if block_kv is None:
-        block_kv = 64 if page_size <= 64 else page_size
+        block_kv = 128 if page_size <= 128 else page_size
     if num_stages is None:
-        num_stages = 4
+        num_stages = 3
     max_blocks = -(-(max_pages * page_size) // block_kv)
     if num_splits is None:
         base = max(1, S * KVH)
@@ -430,9 +432,12 @@ def resolve_config(q_shape, k_pages_shape, page_table_shape, *, interpret=None,
     _, _, D = q_shape
     _, page_size, KVH, _ = k_pages_shape
     S, max_pages = page_table_shape
-    cfg = config if config is not None else choose_config(S, KVH, max_pages, page_size, D)
-    if interpret is not None and not cfg.compat:
-        # Interpret mode runs neither pl.run_state nor a register-LHS wgmma: use the compat PV.
+    # Interpret mode runs neither pl.run_state nor a register-LHS wgmma: use the compat PV
+    # (whose P staging buffer the heuristic then fits into SMEM too).
+    compat = interpret is not None
+    cfg = config if config is not None else choose_config(S, KVH, max_pages, page_size, D,
+                                                          compat=compat)
+    if compat and not cfg.compat:
         cfg = dataclasses.replace(cfg, compat=True)
     cfg.validate(D, page_size)
     return cfg
