@@ -366,6 +366,122 @@ def skinny_part(args, out_path):
     return meta
 
 
+# ------------------------------------------------------------------------------- (c) skinny fp8
+
+
+def skinny_fp8_part(args, out_path):
+    """Decode-sized W8A8 on the Mosaic GPU skinny kernel (pallas_kernels/skinny_fp8.py), weights
+    given directly in its [N, K] layout, against XLA and the Triton skinny kernel on the same
+    weights; then a config sweep (the winners print as skinny_fp8.TUNED entries)."""
+    import jax
+    import jax.numpy as jnp
+    from imp_jax import quant
+    from imp_jax.quant import quantize_activations
+    from pallas_kernels import fp8_gemm as fg
+    from pallas_kernels import skinny_fp8 as sf
+    from pallas_kernels import skinny_gemm as sk
+
+    budget = Budget(args.budget_s)
+    interp = args.interpret
+    meta = dict(header(), part="skinny_fp8", hbm_ceiling_tbs=HBM_CEIL_TBS, rows=[], tuned={})
+    print("skinny_fp8 part:", meta["device"], "jax", meta["jax"], flush=True)
+    if interp:
+        shapes, Ms, sweep_ms, n_sweep = (("tiny", 512, 256),), (1, 16), (1,), 2
+    else:
+        shapes, Ms, sweep_ms, n_sweep = LLAMA8B, (1, 16, 64, 4), (1, 16), 5
+    if args.ms:
+        Ms = tuple(int(m) for m in args.ms.split(","))
+    # what matters most first: batch-1 rows and their sweep (TUNED), then the larger batches
+    schedule = []
+    for M in Ms:
+        schedule += [((name, K, N), M, "main") for name, K, N in shapes]
+        if M == Ms[0] and M in sweep_ms:
+            schedule += [((name, K, N), M, "sweep") for name, K, N in shapes]
+    schedule += [((name, K, N), M, "sweep") for M in sweep_ms if M in Ms[1:]
+                 for name, K, N in shapes]
+    rows = {}
+    for (name, K, N), M, phase in schedule:
+        if budget.left() <= 0:
+            meta.setdefault("skipped_problems", []).append(f"{name} M={M} {phase}")
+            continue
+        if phase == "main":
+            row = rows[(name, M)] = dict(layer=name, M=M, K=K, N=N)
+            meta["rows"].append(row)
+        else:
+            row = rows[(name, M)]
+        print(f"  {name}: M={M} K={K} N={N} ({phase})", flush=True)
+        try:
+            R = 2 if interp else max(2, min(16, math.ceil(0.25e9 / (K * N))))  # >= ~0.25 GB
+            kx, kw = jax.random.split(jax.random.PRNGKey(zlib.crc32(f"f{name}{M}".encode()) % 999))
+            x = jax.random.normal(kx, (M, K), jnp.bfloat16)
+            wts = [jax.random.normal(jax.random.fold_in(kw, r), (N, K), jnp.bfloat16) * 0.02
+                   for r in range(R)]  # [N, K]: the kernel's layout, no transpose anywhere
+            qas = [quant.quantize(w, "fp8", (1,)) for w in wts]  # per output channel
+            qs, ss = [qa.q for qa in qas], [qa.scale.reshape(N) for qa in qas]
+            del qas
+            xq, xs = quantize_activations(x, 1)
+            ref = sf.skinny_fp8_ref(xq, xs, qs[0], ss[0])
+            row["rotations"] = R
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            row["error"] = f"setup: {type(e).__name__}: {e}"
+            continue
+        nb8 = sf.weight_bytes(K, N)
+        common = dict(reps=args.reps, budget=budget, unit="TB/s", work=nb8)
+        cfg0 = sf.choose_config(M, K, N)
+        if phase == "main":
+            row["ours_cfg"] = str(cfg0)
+            row["model_us"] = sf.estimate_us(M, K, N, cfg0)
+            # ours first: if it faults, the rows written so far survive in the JSON
+            run_variant(row, "ours", lambda x, w, s: sf.skinny_fp8_matmul(
+                xq, xs, w, s, config=cfg0, interpret=interp), x, qs, ss, ref, **common)
+            write(out_path, meta)
+            # the engine's contract: bf16 x in, per-token quantization fused in front
+            run_variant(row, "ours_e2e", lambda x, w, s: sf.skinny_fp8_matmul(
+                *quantize_activations(x, 1), w, s, config=cfg0, interpret=interp),
+                x, qs, ss, ref, **common)
+            run_variant(row, "xla_fp8", lambda x, w, s: fg.fp8_matmul_ref(xq, xs, w, s),
+                        x, qs, ss, ref, **common)  # XLA's fp8 dot, same scales: the W8A8 peer
+            # Triton skinny kernel, weight-only on the same [N, K] e4m3 weights ("nk" layout)
+            ref_wo = sk.skinny_gemm_ref(x, qs[0], ss[0], w_layout="nk")
+            run_variant(row, "triton_fp8", lambda x, w, s: sk.skinny_gemm(
+                x, w, s, w_layout="nk", interpret=interp), x, qs, ss, ref_wo, **common)
+            ref_bf = jax.lax.dot_general(x, wts[0], (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+            run_variant(row, "xla_bf16", lambda x, w, s: jax.lax.dot_general(
+                x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            ).astype(jnp.bfloat16), x, wts, ss, ref_bf, **{**common, "work": 2 * nb8})
+            del ref_bf, ref_wo
+        else:  # a few more configs: the model's next picks + other structures
+            cands = [c for c in sf.candidate_configs(M, K, N) if c != cfg0]
+            picks = cands[:2]
+            for c in cands:  # the best of each (tile_n, splits) structure not yet tried
+                if len(picks) >= n_sweep:
+                    break
+                if all((c.tile_n, c.splits) != (p.tile_n, p.splits) for p in picks + [cfg0]):
+                    picks.append(c)
+            rec = row.get("ours")
+            best = (rec["us"], cfg0) if isinstance(rec, dict) and "us" in rec else None
+            for cfg in picks:
+                r2 = run_variant(row, f"ours_cfg:{cfg}", lambda x, w, s, cfg=cfg:
+                                 sf.skinny_fp8_matmul(xq, xs, w, s, config=cfg,
+                                                      interpret=interp),
+                                 x, qs, ss, ref, **common)
+                if r2:
+                    r2["model_us"] = sf.estimate_us(M, K, N, cfg)
+                if r2 and (best is None or r2["us"] < best[0]):
+                    best = (r2["us"], cfg)
+            if best:
+                c = best[1]
+                row["sweep_best"] = dict(us=best[0], cfg=str(c), rate=nb8 / best[0] / 1e6)
+                meta["tuned"][f"({K}, {N}, {sf.padded_m(M)})"] = (
+                    f"SkinnyFp8Config({c.tile_n}, {c.tile_k}, {c.stages}, {c.splits})")
+        del wts, qs, ss, x, xq, xs, ref
+        write(out_path, meta)
+    write(out_path, meta)
+    return meta
+
+
 # ------------------------------------------------------------------------------- tables
 
 
@@ -378,6 +494,49 @@ def fmt(rec, pct_of=None):
     if pct_of:
         s += f" ({100 * rec['rate'] / pct_of:.0f}%)"
     return s
+
+
+def print_skinny_fp8_table(res):
+    print(f"\n(c) skinny FP8 (Mosaic GPU), {res['device']}: us per call / TB/s on weight bytes "
+          f"(% of {HBM_CEIL_TBS} TB/s); xla_bf16 counts its 2-byte weights")
+    cols = ("ours", "ours_e2e", "xla_fp8", "triton_fp8", "xla_bf16")
+    print("| layer | M | K | N | " + " | ".join(cols) + " | ours vs bf16 | sweep best | "
+          "ours cfg | model us |")
+    print("|" + "---|" * (len(cols) + 8))
+    for r in res["rows"]:
+        def cell(c):
+            rec = r.get(c)
+            if not isinstance(rec, dict):
+                return "-"
+            if "error" in rec:
+                return "FAIL"
+            return f"{rec['us']:.1f} / {rec['rate']:.2f} ({100 * rec['rate'] / HBM_CEIL_TBS:.0f}%)"
+        o, b = r.get("ours"), r.get("xla_bf16")
+        ratio = (f"{b['us'] / o['us']:.2f}x" if isinstance(o, dict) and isinstance(b, dict)
+                 and "us" in o and "us" in b else "-")
+        sb = r.get("sweep_best")
+        sbs = (f"{sb['us']:.1f} ({100 * sb['rate'] / HBM_CEIL_TBS:.0f}%) "
+               f"{sb['cfg'].replace('SkinnyFp8Config', '')}" if sb else "-")
+        cfg = r.get("ours_cfg", "-").replace("SkinnyFp8Config", "")
+        mu = f"{r['model_us']:.1f}" if "model_us" in r else "-"
+        print(f"| {r['layer']} | {r['M']} | {r['K']} | {r['N']} | "
+              + " | ".join(cell(c) for c in cols) + f" | {ratio} | {sbs} | {cfg} | {mu} |")
+    sweep = [(r["layer"], r["M"], k[len("ours_cfg:"):], v) for r in res["rows"]
+             for k, v in r.items() if k.startswith("ours_cfg:")]
+    if sweep:
+        print("\nconfig sweep (measured us / % of ceiling / model us):")
+        for layer, M, c, v in sweep:
+            if isinstance(v, dict) and "us" in v:
+                print(f"  {layer} M={M} {c.replace('SkinnyFp8Config', '')}: {v['us']:.1f} us "
+                      f"{100 * v['rate'] / HBM_CEIL_TBS:.0f}% (model {v.get('model_us', 0):.1f})")
+            else:
+                print(f"  {layer} M={M} {c}: FAIL")
+    if res.get("tuned"):
+        print("\nskinny_fp8.TUNED candidates (sweep winners, chosen config included):")
+        for k, v in res["tuned"].items():
+            print(f"    {k}: {v},")
+    if res.get("skipped_problems"):
+        print("skipped (budget):", ", ".join(res["skipped_problems"]))
 
 
 def print_tables(fp8, skinny):
@@ -433,7 +592,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/gemm.json if $OUT)")
-    ap.add_argument("--part", choices=("all", "fp8", "skinny"), default="all")
+    ap.add_argument("--part", choices=("all", "fp8", "skinny", "skinny_fp8"), default="all",
+                    help="all = fp8 + skinny (each in a subprocess); skinny_fp8 runs alone")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="seconds per part (default: one part 160; all: the fp8 part up to 65, "
                          "the skinny part what remains of --total-s)")
@@ -442,7 +602,8 @@ def main():
     ap.add_argument("--reps", type=int, default=10, help="timed runs per variant (median)")
     ap.add_argument("--interpret", action="store_true",
                     help="CPU dry run: tiny shapes, kernels interpreted")
-    ap.add_argument("--ms", default=None, help="skinny part: comma-separated M (default 1,4,16,64)")
+    ap.add_argument("--ms", default=None, help="skinny parts: comma-separated M (default "
+                    "1,4,16,64; skinny_fp8: 1,16,64,4, the first one's sweep right after it)")
     ap.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not args.interpret:
@@ -485,10 +646,16 @@ def main():
         print_tables(results.get("fp8") if "rows" in results.get("fp8", {}) else None,
                      results.get("skinny") if "rows" in results.get("skinny", {}) else None)
         return
-    if args.budget_s is None:
-        args.budget_s = 600.0 if args.interpret else 160.0
+    if args.budget_s is None:  # skinny_fp8: 140 s of budget + compile of the last variant
+        args.budget_s = 600.0 if args.interpret else (140.0 if args.part == "skinny_fp8"
+                                                      else 160.0)
     if args.interpret:
         args.reps = 1  # a dry run: interpreted kernels take seconds per call
+    if args.part == "skinny_fp8":
+        res = skinny_fp8_part(args, out)
+        if not args.no_table:
+            print_skinny_fp8_table(res)
+        return
     fn = fp8_part if args.part == "fp8" else skinny_part
     res = fn(args, out)
     if not args.no_table:
