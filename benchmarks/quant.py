@@ -189,6 +189,165 @@ def accuracy(args):
                  else "- | - | - |"))
 
 
+# ------------------------------------------------------------------------------ sensitivity
+
+
+MATMULS = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down")
+
+
+def load_model():
+    from checkpoints.presets import resolve_preset
+    from imp_jax.loaders.gguf_file import load_gguf
+    from imp_jax.tokenizer import Tokenizer
+
+    path = resolve_preset("smollm2-135m")
+    cfg, params, reader = load_gguf(path, jnp.float32)
+    return path, cfg, params, Tokenizer.from_gguf(reader)
+
+
+class Scorer:
+    """Perplexity, KL and top-1 vs bf16 of a params tree (bf16 activations) over the first n
+    chunks; bf16's log-probs are computed once and cached."""
+
+    def __init__(self, cfg, bf16_params, chunks, chunk):
+        self.cfg, self.chunks = cfg, chunks
+        page = 16
+        self.max_len = chunk + 64
+        self.num_pages = -(-self.max_len // page) + 1  # page 0 is reserved
+        self.page = page
+        self.ref = [self._logprobs(self._runner(bf16_params), c) for c in chunks]
+        self.ref_nll = [-ref[np.arange(len(c) - 1), c[1:]].astype(np.float64)
+                        for ref, c in zip(self.ref, chunks)]
+
+    def _runner(self, params):
+        from imp_jax.runner import ModelRunner
+
+        return ModelRunner(self.cfg, params, num_pages=self.num_pages, page_size=self.page,
+                           max_model_len=self.max_len, dtype=jnp.bfloat16)
+
+    def _logprobs(self, runner, c):
+        from imp_jax.runner import StepSeq
+
+        out = runner.step([StepSeq(c, 0, list(range(1, self.num_pages)), all_logits=True)])
+        return log_softmax(np.asarray(out.logits)[:len(c) - 1]).astype(np.float32)
+
+    def __call__(self, params, n_chunks=None) -> dict:
+        runner = self._runner(params)
+        nll = kl = 0.0
+        top1 = n = 0
+        diffs = []  # per-token NLL minus bf16's: the paired standard error of the ppl ratio
+        for c, ref, ref_nll in zip(self.chunks[:n_chunks], self.ref, self.ref_nll):
+            lp = self._logprobs(runner, c)
+            tok_nll = -lp[np.arange(len(c) - 1), c[1:]].astype(np.float64)
+            nll += float(tok_nll.sum())
+            diffs.append(tok_nll - ref_nll)
+            kl += float((np.exp(ref) * (ref - lp)).astype(np.float64).sum())
+            top1 += int((lp.argmax(-1) == ref.argmax(-1)).sum())
+            n += len(c) - 1
+        d = np.concatenate(diffs)
+        return dict(ppl=math.exp(nll / n), kl=kl / n, top1=top1 / n, tokens=n,
+                    se_pct=100 * float(d.std(ddof=1) / math.sqrt(len(d))))
+
+
+def only_blocks(blocks, L):
+    """Keep patterns that leave only `blocks` quantized."""
+    return tuple(f"layers_{j}/*" for j in range(L) if j not in blocks)
+
+
+def only_matmuls(names):
+    return tuple(f"layers_*/{m}/kernel" for m in MATMULS if m not in names)
+
+
+def sensitivity(args):
+    """Which parts of the model fp8 hurts most, and the cheapest keep set that meets --target.
+
+    1. with --compare-scales, full text: every block quantized, absmax vs MSE-searched scales,
+       each mode;
+    2. on the first --sweep-chunks chunks, with --scales: one block quantized at a time (the rest
+       bf16), then one matmul type at a time (in every block); KL vs bf16 per token;
+    3. greedy, on the full text: keep the units (a block, or a matmul type in every block) with the
+       most KL per weight byte in bf16, one more each step, until fp8 is within --target % of
+       bf16's perplexity (or --greedy-steps).
+    """
+    from imp_jax.quant import QuantPolicy, cast_unquantized, quantize_params
+    from checkpoints.presets import SHAPES
+
+    t0 = time.time()
+    path, cfg, params, tokenizer = load_model()
+    ids = eval_text(tokenizer)
+    bf16 = cast_unquantized(params, jnp.bfloat16)
+    del params
+    L = cfg.num_layers
+    chunks = [ids[i:i + args.chunk] for i in range(0, len(ids), args.chunk)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    score = Scorer(cfg, bf16, chunks, args.chunk)
+    bf = score(bf16)
+    print(f"{os.path.basename(path)}: {len(ids)} tokens, {len(chunks)} chunks of {args.chunk}; "
+          f"bf16 ppl {bf['ppl']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    sweep_bf = score(bf16, args.sweep_chunks)
+    llama8b = SHAPES["llama3-8b"]
+    rows = []
+
+    def run(phase, name, mode, policy, n_chunks=None):
+        t = time.time()
+        r = score(quantize_params(bf16, cfg, mode, policy), n_chunks)
+        base = bf if n_chunks is None else sweep_bf
+        r.update(phase=phase, variant=name, mode=mode, policy=repr(policy),
+                 ppl_vs_bf16_pct=100 * (r["ppl"] / base["ppl"] - 1),
+                 fp8_fraction=policy.block_fraction(cfg),
+                 fp8_fraction_llama3_8b=policy.block_fraction(llama8b), s=time.time() - t)
+        rows.append(r)
+        print(f"  [{phase}] {name}: ppl {r['ppl']:.3f} ({r['ppl_vs_bf16_pct']:+.2f}% "
+              f"+-{r['se_pct']:.2f}) "
+              f"KL {r['kl']:.4f} top-1 {100 * r['top1']:.1f}%  {r['s']:.0f} s", flush=True)
+        return r
+
+    # 1. scale methods, full text, every block quantized
+    for mode in ("fp8", "fp8-weight-only", "int8") if args.compare_scales else ():
+        for scales in ("absmax", "mse"):
+            run("scales", f"{mode} all blocks, {scales}", mode, QuantPolicy(scales=scales))
+    # 2. one block / one matmul type at a time
+    sweep = args.sweep_chunks
+    run("sweep", "all blocks", "fp8", QuantPolicy(scales=args.scales), sweep)
+    units = {}
+    for i in range(L):
+        pol = QuantPolicy(keep=only_blocks({i}, L), scales=args.scales)
+        units[f"layers_{i}/*"] = run("sweep", f"block {i} only", "fp8", pol, sweep)
+    for m in MATMULS:
+        pol = QuantPolicy(keep=only_matmuls({m}), scales=args.scales)
+        units[f"layers_*/{m}/kernel"] = run("sweep", f"{m} only", "fp8", pol, sweep)
+    # 3. greedy: most KL per byte kept first
+    for pat, r in units.items():
+        r["kl_per_fraction"] = r["kl"] / max(r["fp8_fraction"], 1e-9)
+    order = sorted(units, key=lambda p: -units[p]["kl_per_fraction"])
+    print("ranking (KL per fraction of block bytes): " + ", ".join(
+        f"{p} {units[p]['kl_per_fraction']:.3f}" for p in order[:12]), flush=True)
+    keep = []
+    for step in range(args.greedy_steps + 1):
+        pol = QuantPolicy(keep=tuple(keep), scales=args.scales)
+        r = run("greedy", f"keep {', '.join(keep) or 'nothing'}", "fp8", pol)
+        if r["ppl_vs_bf16_pct"] <= args.target or step == args.greedy_steps:
+            break
+        keep.append(order[step])
+
+    payload = dict(date=time.strftime("%Y-%m-%d"), model=os.path.basename(path), tokens=len(ids),
+                   chunk=args.chunk, sweep_chunks=sweep, scales=args.scales, target=args.target,
+                   bf16=bf, bf16_sweep=sweep_bf, backend=jax.default_backend(),
+                   jax=jax.__version__, rows=rows, order=order, wall_s=time.time() - t0)
+    write_json(args.out, "quant_sensitivity.json", payload)
+    print(f"\n{os.path.basename(path)}, {len(ids)} tokens (sweep: first {sweep} chunks of "
+          f"{args.chunk}), bf16 ppl {bf['ppl']:.3f} (sweep {sweep_bf['ppl']:.3f}), "
+          f"{jax.default_backend()}, {time.time() - t0:.0f} s")
+    print("| phase | variant | ppl | vs bf16 (+- s.e.) | KL vs bf16 | top-1 vs bf16 | fp8 share "
+          "of block bytes | same, Llama-3-8B |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['phase']} | {r['variant']} | {r['ppl']:.3f} | {r['ppl_vs_bf16_pct']:+.2f}% "
+              f"(+-{r['se_pct']:.2f}) | "
+              f"{r['kl']:.4f} | {100 * r['top1']:.1f}% | {100 * r['fp8_fraction']:.1f}% | "
+              f"{100 * r['fp8_fraction_llama3_8b']:.1f}% |")
+
+
 # ------------------------------------------------------------------------------ GPU kernel
 
 
@@ -337,15 +496,28 @@ def main():
                     help="with --gpu: CPU dry run of the script (tiny shapes, interpreted kernel)")
     ap.add_argument("--policy-sweep", action="store_true",
                     help="also score policy variants (keep first/last blocks, quantized embedding)")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="per-block / per-matmul fp8 sensitivity sweep and greedy keep set")
+    ap.add_argument("--sweep-chunks", type=int, default=2,
+                    help="with --sensitivity: chunks scored per sweep variant")
+    ap.add_argument("--scales", default="absmax", choices=("absmax", "mse"),
+                    help="with --sensitivity: weight scales of the sweep and the greedy steps")
+    ap.add_argument("--compare-scales", action="store_true",
+                    help="with --sensitivity: first absmax vs mse scales, every mode, full text")
+    ap.add_argument("--target", type=float, default=2.0,
+                    help="with --sensitivity: perplexity gap to bf16 (%%) the greedy steps aim at")
+    ap.add_argument("--greedy-steps", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--greedy-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
-    if not (args.accuracy or args.gpu):
-        ap.error("choose --accuracy and/or --gpu")
+    if not (args.accuracy or args.gpu or args.sensitivity):
+        ap.error("choose --accuracy, --sensitivity and/or --gpu")
     if args.accuracy:
         accuracy(args)
+    if args.sensitivity:
+        sensitivity(args)
     if args.gpu:
         gpu(args)
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 import os
 import re
@@ -246,18 +247,64 @@ def quantize_activations(x: jax.Array, dims: int = 1) -> tuple[jax.Array, jax.Ar
     return xq, scale.reshape(scale.shape[:x.ndim - dims])  # [...]
 
 
-def quantize(w: jax.Array, mode: str, contract: tuple[int, ...] = (0,)) -> QuantArray:
-    """Symmetric per-output-channel quantization: amax over the `contract` dims."""
+SCALE_METHODS = ("absmax", "mse")
+# Multipliers of the absmax scale that "mse" tries for every output channel (the channel keeps the
+# one with the least squared weight error; 1 = absmax, tried first, so ties keep absmax).
+# e4m3 is a float format: scales s and 2s give the same grid but for its ends, so multipliers in
+# [1, 2) span every alignment of the grid to a channel's values without clipping; below 1 the
+# largest values clip. int8's grid is uniform: only clipping (< 1) can lower the error.
+MSE_ALPHAS = {"fp8": tuple(k / 32 for k in range(24, 64)),
+              "int8": tuple(k / 64 for k in range(32, 65))}
+
+
+def _quantize_with(w32: jax.Array, scale: jax.Array, mode: str) -> jax.Array:
+    if mode == "int8":
+        return jnp.clip(jnp.round(w32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return jnp.clip(w32 / scale, -FP8_MAX, FP8_MAX).astype(FP8)
+
+
+@functools.partial(jax.jit, static_argnames=("contract", "mode", "method"))
+def _channel_scale(w32: jax.Array, contract: tuple[int, ...], mode: str,
+                   method: str) -> jax.Array:
+    """Per-output-channel scale (contract dims reduced to 1) for `method` in SCALE_METHODS."""
+    amax = jnp.max(jnp.abs(w32), axis=contract, keepdims=True)
+    base = jnp.maximum(amax, _TINY) / _qmax(mode)
+    if method == "absmax":
+        return base
+
+    def sq_err(scale):
+        deq = _quantize_with(w32, scale, mode).astype(jnp.float32) * scale
+        return jnp.sum(jnp.square(deq - w32), axis=contract, keepdims=True)
+
+    def body(best, alpha):
+        err, scale = best
+        cand = base * alpha
+        cand_err = sq_err(cand)
+        better = cand_err < err
+        return (jnp.where(better, cand_err, err), jnp.where(better, cand, scale)), None
+
+    grid = MSE_ALPHAS["int8" if mode == "int8" else "fp8"]
+    alphas = jnp.asarray([a for a in grid if a != 1.0], jnp.float32)
+    (_, scale), _ = jax.lax.scan(body, (sq_err(base), base), alphas)
+    return scale
+
+
+def quantize(w: jax.Array, mode: str, contract: tuple[int, ...] = (0,),
+             scales: str = "absmax") -> QuantArray:
+    """Symmetric per-output-channel quantization over the `contract` dims.
+
+    scales="absmax": scale = amax / qmax (each channel's largest magnitude exact). "mse": the
+    multiple of that in MSE_ALPHAS with the least squared error per channel (a load-time search;
+    the kernels see just another per-channel scale).
+    """
     check_mode(mode)
     if not contract:
         raise ValueError("quantize needs at least one contracted dim (spec.contract is empty)")
+    if scales not in SCALE_METHODS:
+        raise ValueError(f"unknown scale method {scales!r}; allowed: {', '.join(SCALE_METHODS)}")
     w32 = jnp.asarray(w, jnp.float32)
-    amax = jnp.max(jnp.abs(w32), axis=tuple(contract), keepdims=True)
-    scale = jnp.maximum(amax, _TINY) / _qmax(mode)
-    if mode == "int8":
-        q = jnp.clip(jnp.round(w32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-    else:
-        q = jnp.clip(w32 / scale, -FP8_MAX, FP8_MAX).astype(FP8)
+    scale = _channel_scale(w32, tuple(contract), mode, scales)
+    q = _quantize_with(w32, scale, mode)
     return QuantArray(q, scale.astype(jnp.float32), mode, tuple(contract))
 
 
@@ -273,6 +320,7 @@ class QuantPolicy:
           (e.g. "layers_*/mlp/down/kernel").
     quantize_embedding: the [vocab, embed] table (per-row scales; also serves the tied head).
     quantize_lm_head: the untied lm_head kernel.
+    scales: how each output channel's scale is chosen ("absmax" or "mse", see `quantize`).
     """
 
     keep_first: int = 0
@@ -280,6 +328,7 @@ class QuantPolicy:
     keep: tuple[str, ...] = ()
     quantize_embedding: bool = False
     quantize_lm_head: bool = False
+    scales: str = "absmax"
 
     def selects(self, path: tuple[str, ...], spec: ArraySpec, cfg: ModelConfig) -> bool:
         name = "/".join(path)
@@ -295,6 +344,21 @@ class QuantPolicy:
             if i < self.keep_first or i >= cfg.num_layers - self.keep_last:
                 return False
         return not any(fnmatch.fnmatchcase(name, pat) for pat in self.keep)
+
+    def block_fraction(self, cfg: ModelConfig) -> float:
+        """Fraction of the decoder blocks' matmul weight elements this policy quantizes (the
+        bytes a decode step streams in 8 bits rather than 16, embedding / lm_head aside)."""
+        total = chosen = 0
+
+        def one(path, spec):
+            nonlocal total, chosen
+            if re.fullmatch(r"layers_\d+", path[0]) and path[-1] == "kernel" and spec.contract:
+                n = math.prod(spec.shape)
+                total += n
+                chosen += n if self.selects(path, spec, cfg) else 0
+
+        map_specs(one, param_specs(cfg))
+        return chosen / total
 
 
 # Measured on SmolLM2-135M (docs/quant_notes.md): keeping the first and last blocks in the compute
@@ -322,7 +386,7 @@ def quantize_params(params: dict[str, Any], cfg: ModelConfig, mode: str,
         if tuple(w.shape) != spec.shape:
             raise ValueError(f"{'/'.join(path)}: shape {tuple(w.shape)} != spec {spec.shape}")
         contract = (1,) if path[-1] == "embedding" else spec.contract
-        return quantize(w, mode, contract)
+        return quantize(w, mode, contract, policy.scales)
 
     return map_specs(one, param_specs(cfg))
 

@@ -237,3 +237,59 @@ def test_skinny_gemm_interpret_matches_reference(mode, M):
     # and the reference is the QuantArray weight-only matmul
     wo = QuantArray(qa.q, qa.scale, "fp8-weight-only" if mode == "fp8" else "int8", (0,))
     assert rel(ref, wo.quantized_dot(x, 1)) < 1e-2
+
+
+# ------------------------------------------------------------------------------- scale choice
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mse_scales_never_worse_per_channel(mode):
+    w = rand(12, (128, 48), 0.05)
+    w32 = np.asarray(w, np.float64)
+    err = {m: ((np.asarray(quantize(w, mode, (0,), m).dequantize(), np.float64) - w32) ** 2)
+           .sum(0) for m in ("absmax", "mse")}
+    assert np.all(err["mse"] <= err["absmax"] * (1 + 1e-6))  # absmax is one of the candidates
+    if mode != "int8":  # the search finds better alignments of the e4m3 grid (int8: clipping
+        assert err["mse"].sum() < 0.97 * err["absmax"].sum()  # rarely pays on 128 values)
+    qa = quantize(w, mode, (0,), "mse")
+    assert qa.scale.shape == (1, 48) and np.all(np.isfinite(np.asarray(qa.q, np.float32)))
+
+
+def test_mse_scales_find_the_grid_absmax_misses():
+    """A channel whose values lie on the e4m3 grid with its max at 256 (not 448): absmax rescales
+    256 -> 448 and re-rounds, the search finds the multiplier 448 / 256 = 1.75 and is exact."""
+    grid = np.unique(np.abs(np.asarray(jnp.arange(256, dtype=jnp.uint8).view(jnp.float8_e4m3fn),
+                                       np.float32)))
+    grid = grid[np.isfinite(grid) & (grid <= 256) & (grid >= 1)]
+    vals = np.random.default_rng(0).choice(grid, (64, 3)) * np.array([1e-3, 0.5, 7.0])
+    vals[0] = 256 * np.array([1e-3, 0.5, 7.0])  # every channel's max is its 256
+    vals *= np.random.default_rng(1).choice([-1, 1], vals.shape)
+    w = jnp.asarray(vals, jnp.float32)
+    exact = quantize(w, "fp8", (0,), "mse").dequantize()
+    np.testing.assert_allclose(np.asarray(exact), vals, rtol=1e-6)
+    assert rel(quantize(w, "fp8", (0,), "absmax").dequantize(), vals) > 1e-3
+    with pytest.raises(ValueError, match="'l2'.*absmax, mse"):
+        quantize(w, "fp8", (0,), "l2")
+
+
+def test_policy_scales_reach_quantize_params():
+    p = init_params(TINY, jax.random.PRNGKey(4))
+    w = p["layers_1"]["mlp"]["down"]["kernel"]
+    for scales in ("absmax", "mse"):
+        qp = quantize_params(p, TINY, "fp8", QuantPolicy(scales=scales))
+        np.testing.assert_array_equal(np.asarray(qp["layers_1"]["mlp"]["down"]["kernel"].scale),
+                                      np.asarray(quantize(w, "fp8", (0,), scales).scale))
+
+
+def test_block_fraction():
+    from checkpoints.presets import SHAPES
+
+    assert QuantPolicy().block_fraction(TINY) == 1.0
+    assert QuantPolicy(keep_first=1, keep_last=1).block_fraction(TINY) == pytest.approx(1 / 3)
+    # per block (embed 64, mlp 128, 4 heads / 2 kv heads of 16): q, o 64*64; k, v 64*32;
+    # gate, up, down 64*128
+    per = {"q": 4096, "k": 2048, "v": 2048, "o": 4096, "gate": 8192, "up": 8192, "down": 8192}
+    pol = QuantPolicy(keep=("layers_*/attn/k/kernel", "layers_*/attn/v/kernel"))
+    assert pol.block_fraction(TINY) == pytest.approx(1 - 4096 / sum(per.values()))
+    # Llama-3-8B: one block of 32 kept = 1/32 of the block bytes
+    assert QuantPolicy(keep_last=1).block_fraction(SHAPES["llama3-8b"]) == pytest.approx(31 / 32)
