@@ -102,7 +102,7 @@ def _make_llm(args, max_num_seqs: int, warmup: bool = True):
               quantization=args.quantization, num_pages=args.num_pages,
               gpu_memory_utilization=args.gpu_memory_utilization,
               decode_steps=args.decode_steps, kv_cache_dtype=args.kv_cache_dtype,
-              mesh=args.mesh)
+              mesh=args.mesh, kv_admission=args.kv_admission)
     if warmup:
         start = time.perf_counter()
         n = llm.warmup()
@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--kv-admission", choices=["optimistic", "reserve"], default="optimistic",
+                    help="reserve: admit a request only while every running one can grow to "
+                         "its max_tokens (no preemption)")
     ap.add_argument("--decode-steps", type=int, default=8,
                     help="decode steps per compiled call (1 = sync every token)")
     ap.add_argument("--peer", choices=["hf"], default=None)

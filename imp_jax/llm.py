@@ -87,6 +87,10 @@ class LLM:
       mesh: run tensor / data parallel: a jax.sharding.Mesh from imp_jax.sharding.make_mesh, or
         a string such as "tp=4" / "tp=2,dp=4" (made over the visible devices).
       sharding_rules: imp_jax.sharding.ShardingRules; default tensor_parallel() (Megatron).
+      kv_admission: "optimistic" (admit while the first chunk's pages are free, preempt and
+        recompute when the pool runs out, like vLLM) or "reserve" (admit only while every
+        running request can grow to its max_tokens, never preempt, like TensorRT-LLM's
+        guaranteed-no-evict; best for offline jobs with long outputs).
     """
 
     def __init__(self, model: str = "smollm2-135m", *, dtype=None, max_model_len: int | None = None,
@@ -96,7 +100,7 @@ class LLM:
                  long_prefill_token_threshold: int = 0, attn_impl: str = "auto",
                  quantization: str | None = None, kv_cache_dtype: str = "auto",
                  decode_steps: int = 1, loaded: LoadedModel | None = None, mesh=None,
-                 sharding_rules=None):
+                 sharding_rules=None, kv_admission: str = "optimistic"):
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -155,7 +159,7 @@ class LLM:
                                 max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
                                 enable_prefix_caching=enable_prefix_caching,
                                 long_prefill_token_threshold=long_prefill_token_threshold,
-                                decode_steps=decode_steps)
+                                decode_steps=decode_steps, kv_admission=kv_admission)
 
     def warmup(self) -> int:
         """Compile every decode and prompt-chunk program up front (servers and benchmarks call

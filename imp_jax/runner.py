@@ -36,6 +36,10 @@ class StepSeq:
     history: Sequence[int] | None = None  # prompt + output ids, for penalties
     prompt_len: int = 0  # how much of history is prompt (repetition penalty covers it)
     banned: Sequence[int] = ()  # token ids that must not be sampled (EOS before min_tokens)
+    # decode_steps only: how many of the block's steps this row runs (None = all); a row that
+    # reaches its length limit inside a block stops writing K/V there (its later tokens are
+    # garbage the engine never reads), so it needs pages for `steps` tokens only
+    steps: int | None = None
 
 
 @dataclasses.dataclass
@@ -137,14 +141,17 @@ class ModelRunner:
         tokens = np.zeros(S, np.int32)
         positions = np.zeros(S, np.int32)
         page_table = np.zeros((S, P), np.int32)
-        valid = np.zeros(S, bool)
+        limit = np.zeros(S, np.int32)  # steps each row runs; 0 = a padding row
         for i, s in enumerate(seqs):
-            end = s.start_pos + num_steps
-            if end > self.max_model_len or len(s.pages) * self.page_size < end:
-                raise ValueError(f"sequence {i}: {num_steps} steps from position {s.start_pos} "
+            steps = num_steps if s.steps is None else s.steps
+            if not 0 <= steps <= num_steps:
+                raise ValueError(f"sequence {i}: steps={steps}, allowed 0..{num_steps}")
+            end = s.start_pos + steps
+            if steps and (end > self.max_model_len or len(s.pages) * self.page_size < end):
+                raise ValueError(f"sequence {i}: {steps} steps from position {s.start_pos} "
                                  f"need pages for {end} tokens (max_model_len "
                                  f"{self.max_model_len}), got {len(s.pages)} pages")
-            tokens[i], positions[i], valid[i] = s.token_ids[0], s.start_pos, True
+            tokens[i], positions[i], limit[i] = s.token_ids[0], s.start_pos, steps
             page_table[i, :len(s.pages)] = s.pages
         if continue_previous:
             if self._last_tokens is None or self._last_tokens.shape != tokens.shape:
@@ -152,7 +159,7 @@ class ModelRunner:
                                  f"the same {S} rows")
             tokens = self._last_tokens
         sampling = _pad_rows(sampling, S)
-        args = (self.model, self.params, self.cache, tokens, positions, page_table, valid,
+        args = (self.model, self.params, self.cache, tokens, positions, page_table, limit,
                 sampling)
         kwargs = dict(num_steps=num_steps, num_logprobs=num_logprobs)
         if compile_only:
@@ -375,7 +382,7 @@ def _powers(lo: int, hi: int) -> list[int]:
 
 @functools.partial(jax.jit, donate_argnums=(2,),
                    static_argnames=("model", "num_steps", "num_logprobs"))
-def _decode_loop(model: Transformer, params, cache, tokens, positions, page_table, valid,
+def _decode_loop(model: Transformer, params, cache, tokens, positions, page_table, limit,
                  sampling, *, num_steps: int, num_logprobs: int):
     _count_trace(model)
     S = tokens.shape[0]
@@ -385,9 +392,11 @@ def _decode_loop(model: Transformer, params, cache, tokens, positions, page_tabl
 
     def body(i, carry):
         cache, tokens, positions, outs = carry
-        page = jnp.take_along_axis(page_table, (positions // page_size)[:, None], axis=1)[:, 0]
+        valid = i < limit  # padding rows (limit 0) and rows past their length limit: no write
+        page = jnp.take_along_axis(page_table, (positions // page_size)[:, None], axis=1,
+                                   mode="clip")[:, 0]
         slots = jnp.where(valid, page * page_size + positions % page_size, -1)
-        # padding rows see one (garbage, never written) key so no row divides by zero
+        # invalid rows see one (garbage, never written) key so no row divides by zero
         seq_lens = jnp.where(valid, positions + 1, 1)
         meta = AttentionMetadata(slots, page_table, seq_lens, query_start, rows, 1)
         logits, cache = model.apply({"params": params}, tokens, positions, cache, meta)

@@ -317,3 +317,30 @@ def test_warmup_compiles_every_program_the_engine_uses(model, alone, threads):
     assert llm.runner.num_compiles == before + n  # nothing compiled after warm-up
     for ids, out in zip(ps, outs):
         assert out.token_ids == alone(ids)
+
+
+def test_rows_that_reach_their_length_inside_a_block_stop_there(model, alone):
+    # max_tokens 5..12 under 4-step blocks: most blocks hold a row that ends inside them. They
+    # still run as blocks (no fall back to single steps), and every row's tokens, its pages
+    # and the other rows' tokens come out as if each request ran alone.
+    llm = make_llm(model, decode_steps=4, max_num_seqs=8)
+    ps = prompts(8, seed=11)
+    params = [SamplingParams(temperature=0, max_tokens=5 + i, ignore_eos=True)
+              for i in range(8)]
+    outs = llm.generate(ps, params, use_tqdm=False)
+    kinds = llm.engine.stats["step_kinds"]
+    assert kinds["decode_block"][0] >= 2 and kinds.get("decode", [0])[0] <= 1
+    for ids, p, out in zip(ps, params, outs):
+        assert out.token_ids == alone(ids)[:p.max_tokens]
+    bm = llm.engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages
+
+
+def test_reserve_admission_never_preempts_and_changes_nothing(model, alone):
+    llm = make_llm(model, num_pages=14, max_num_seqs=6, kv_admission="reserve",
+                   decode_steps=4)
+    ps = prompts(6, seed=2)  # the tiny pool of test_preemption_under_a_tiny_pool...
+    outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    assert llm.engine.stats["preemptions"] == 0
+    for ids, out in zip(ps, outs):
+        assert out.token_ids == alone(ids)

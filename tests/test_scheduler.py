@@ -111,9 +111,10 @@ class Driver:
         assert self.bm.num_free_pages == self.bm.num_usable_pages
 
 
-def make(num_pages=64, page_size=4, max_num_seqs=8, budget=32, threshold=0, max_model_len=None, caching=True):
+def make(num_pages=64, page_size=4, max_num_seqs=8, budget=32, threshold=0, max_model_len=None, caching=True,
+         kv_admission="optimistic"):
     bm = BlockManager(num_pages, page_size, enable_prefix_caching=caching)
-    return Driver(Scheduler(bm, max_num_seqs, budget, threshold, max_model_len))
+    return Driver(Scheduler(bm, max_num_seqs, budget, threshold, max_model_len, kv_admission))
 
 
 # ------------------------------------------------------------------ budget and chunking
@@ -195,6 +196,46 @@ def test_preemption_tiny_pool_all_finish_once() -> None:
     assert d.s.num_preemptions > 0
     assert any(q.num_preemptions > 0 for q in seqs)
     d.check_done(seqs)
+
+
+def test_reserve_admission_never_preempts() -> None:
+    # The pool of the test above: "optimistic" preempts there; "reserve" admits a request only
+    # while every running one can reach prompt + max_tokens (30 tokens = 8 pages of 4).
+    d = make(num_pages=10, page_size=4, max_num_seqs=6, budget=64, kv_admission="reserve")
+    seqs = [d.add(f"r{i}", [i] * 10, 20) for i in range(6)]
+    peak = 0
+    while d.s.has_unfinished():
+        assert d.steps < 2000, "no progress"
+        d.step()
+        peak = max(peak, len(d.s.running))
+        assert sum(d.s._final_pages(q) for q in d.s.running) <= d.bm.num_usable_pages
+    assert d.s.num_preemptions == 0 and peak == 1  # 2 x 8 pages > 9: one at a time
+    d.check_done(seqs)
+
+
+def test_reserve_admission_runs_what_fits_together() -> None:
+    d = make(num_pages=33, page_size=4, max_num_seqs=8, budget=64, kv_admission="reserve")
+    seqs = [d.add(f"r{i}", [i] * 6, 10) for i in range(8)]  # 16 tokens = 4 pages each
+    d.step()
+    assert len(d.s.running) == 8 and d.s.can_admit_next() is False
+    d.run()
+    assert d.s.num_preemptions == 0
+    d.check_done(seqs)
+    with pytest.raises(ValueError, match="kv_admission must be one of"):
+        make(kv_admission="greedy")
+
+
+def test_can_admit_next_matches_schedule() -> None:
+    d = make(num_pages=12, page_size=4, max_num_seqs=2, budget=16)
+    assert not d.s.can_admit_next()  # nobody waiting
+    d.add("a", [1] * 8, 4)
+    assert d.s.can_admit_next()
+    d.step()
+    d.add("b", [2] * 8, 4)
+    d.add("c", [3] * 8, 4)
+    assert d.s.can_admit_next()  # a row and pages for b
+    d.step()
+    assert len(d.s.running) == 2 and not d.s.can_admit_next()  # the batch is full
 
 
 def test_preempts_newest_and_requeues_at_front() -> None:

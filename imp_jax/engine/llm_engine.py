@@ -100,13 +100,15 @@ class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer, *, eos_token_ids: Iterable[int] = (),
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
                  enable_prefix_caching: bool = True, long_prefill_token_threshold: int = 0,
-                 decode_steps: int = 1, async_decode: bool = True):
+                 decode_steps: int = 1, async_decode: bool = True,
+                 kv_admission: str = "optimistic"):
         self.runner, self.tokenizer = runner, tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(runner.cache.num_pages, runner.page_size,
                                           enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
-                                   long_prefill_token_threshold, runner.max_model_len)
+                                   long_prefill_token_threshold, runner.max_model_len,
+                                   kv_admission)
         self.decode_steps = decode_steps  # decode steps per compiled call (see _decode_block)
         # Dispatch decode block N+1 before reading block N (see _dispatch_ahead).
         self.async_decode = async_decode
@@ -220,7 +222,7 @@ class LLMEngine:
             if sched.is_empty:
                 return []
             n_steps = self._decode_block(sched)
-            seqs, tensors, num_logprobs = self._prepare(sched)
+            seqs, tensors, num_logprobs = self._prepare(sched, block=n_steps)
             t1 = time.perf_counter()
             if n_steps > 1:
                 out = self.runner.decode_steps(seqs, tensors, n_steps, num_logprobs)
@@ -288,10 +290,10 @@ class LLMEngine:
 
     def _decode_block(self, sched: SchedulerOutput) -> int:
         """How many decode steps to run in one compiled call: `decode_steps` when every
-        scheduled sequence is a plain decode that cannot finish by length inside the block;
-        else 1. Stops (EOS, stop strings) inside a block are found
-        afterwards and the extra tokens dropped. Waiting requests only block it while the batch
-        has room for them (a full batch admits nobody until a request finishes anyway)."""
+        scheduled sequence is a plain decode; else 1. A sequence that reaches its length limit
+        inside the block runs only its remaining steps (`_steps_left`); stops (EOS, stop
+        strings) inside a block are found afterwards and the extra tokens dropped. A waiting
+        request holds blocks back only when it could start now (see `_reserve`)."""
         n = self.decode_steps
         if n <= 1:
             return 1
@@ -304,31 +306,34 @@ class LLMEngine:
                 return 1
         return n if self._reserve(sched, n) else 1
 
+    def _steps_left(self, seq: Sequence) -> int:
+        """Decode steps seq may still run before it finishes by length."""
+        return self.scheduler.max_total_tokens(seq) - seq.num_tokens
+
     def _reserve(self, sched: SchedulerOutput, tokens: int) -> bool:
-        """Allocate pages for `tokens` more tokens of every scheduled decode, if a block of
-        them may run: nobody waits for a free batch row (a full batch admits nobody until a
-        request finishes anyway), nobody can finish by length within them, and the pages exist
-        for everyone at once (not each on its own)."""
+        """Allocate pages for up to `tokens` more tokens of every scheduled decode (each
+        capped by its `_steps_left`), if a block of them may run: no waiting request could
+        start now (it would wait a whole block), and the pages exist for everyone at once (not
+        each on its own)."""
         sched_, bm = self.scheduler, self.block_manager
-        if sched_.waiting and len(sched_.running) < sched_.max_num_seqs:
+        if sched_.can_admit_next():
             return False
-        if any(sched_.max_total_tokens(ss.seq) - ss.seq.num_tokens < tokens
-               for ss in sched.scheduled):
-            return False
-        if sum(bm.num_new_pages_needed(ss.seq, tokens) for ss in sched.scheduled) \
+        grow = [min(tokens, self._steps_left(ss.seq)) for ss in sched.scheduled]
+        if sum(bm.num_new_pages_needed(ss.seq, g) for ss, g in zip(sched.scheduled, grow)) \
                 > bm.num_free_pages:
             return False
-        for ss in sched.scheduled:
-            bm.allocate(ss.seq, tokens)
+        for ss, g in zip(sched.scheduled, grow):
+            bm.allocate(ss.seq, g)
         return True
 
     def _dispatch_ahead(self, sched: SchedulerOutput, n: int):
         """Dispatch the decode block after `sched`'s (not yet read) block of n steps, fed by its
         last tokens on the device; returns (its SchedulerOutput, its SampleOutput) or None.
 
-        Only when the next step would be the same block anyway: every sequence still running
-        and unable to finish by length within both blocks, nobody waiting for a free batch
-        row, pages for both blocks. A sequence that stops (EOS, stop string) or is aborted in
+        Only when the next step would be the same block anyway: every sequence still running,
+        one at least with steps left after this block, no waiting request that could start,
+        pages for both blocks (rows that reach their length limit stop writing where they do,
+        see `_prepare`). A sequence that stops (EOS, stop string) or is aborted in
         the first block wastes its row of the second, whose tokens `Scheduler.update` drops;
         its pages may go to another sequence, whose writes the device orders after this
         block's."""
@@ -336,16 +341,20 @@ class LLMEngine:
                 ss.seq.status is not SequenceStatus.RUNNING
                 or ss.seq.num_computed_tokens != ss.start_pos for ss in sched.scheduled):
             return None
+        if all(self._steps_left(ss.seq) <= n for ss in sched.scheduled):
+            return None  # everyone finishes by length in this block
         if not self._reserve(sched, 2 * n):  # both blocks: this one's tokens are not read yet
             return None
         nxt = SchedulerOutput([ScheduledSeq(ss.seq, 1, ss.start_pos + n, True)
                                for ss in sched.scheduled])
-        seqs, tensors, num_logprobs = self._prepare(nxt, ahead=n)
+        seqs, tensors, num_logprobs = self._prepare(nxt, ahead=n, block=n)
         out = self.runner.decode_steps(seqs, tensors, n, num_logprobs, continue_previous=True)
         self.stats["blocks_ahead"] += 1
         return nxt, out
 
-    def _prepare(self, sched: SchedulerOutput, ahead: int = 0):
+    def _prepare(self, sched: SchedulerOutput, ahead: int = 0, block: int = 0):
+        """StepSeqs + sampling tensors of a step; `block` > 1: a decode block of that many
+        steps, `ahead` steps after the block whose tokens are not read yet."""
         seqs, params, seeds, steps = [], [], [], []
         num_logprobs = 0
         for ss in sched.scheduled:
@@ -360,10 +369,14 @@ class LLMEngine:
             wants_logits = (seq.max_cached_tokens is not None
                             and ss.start_pos < seq.num_prompt_tokens)
             ids = [0] if ahead else seq.token_ids_slice(ss.start_pos, ss.end_pos)
+            row_steps = None
+            if block > 1:  # rows that reach their length limit inside the block stop there
+                row_steps = max(0, min(block, self._steps_left(seq) - ahead))
             seqs.append(StepSeq(ids, ss.start_pos,
                                 seq.page_ids, all_logits=wants_logits,
                                 history=seq.all_token_ids if penalties else None,
-                                prompt_len=seq.num_prompt_tokens, banned=banned))
+                                prompt_len=seq.num_prompt_tokens, banned=banned,
+                                steps=row_steps))
             params.append(p)
             seeds.append(sample.seed)
             steps.append(seq.num_output_tokens + ahead)

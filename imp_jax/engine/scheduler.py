@@ -29,6 +29,9 @@ from imp_jax.engine.block_manager import BlockManager
 from imp_jax.engine.sequence import Sequence, SequenceStatus
 
 
+KV_ADMISSION = ("optimistic", "reserve")
+
+
 @dataclass
 class ScheduledSeq:
     seq: Sequence
@@ -69,10 +72,18 @@ class Scheduler:
         max_num_batched_tokens: int,
         long_prefill_token_threshold: int = 0,
         max_model_len: int | None = None,
+        kv_admission: str = "optimistic",
     ) -> None:
         """long_prefill_token_threshold: cap on one sequence's prefill chunk per step
         (0 = only the step budget caps it). max_model_len: longest allowed sequence
-        (prompt + generated); None = only the page pool limits it."""
+        (prompt + generated); None = only the page pool limits it.
+
+        kv_admission: "optimistic" (vLLM's policy) admits a request when its first chunk's
+        pages are free, and preempts when running sequences outgrow the pool; "reserve"
+        (TensorRT-LLM's guaranteed-no-evict) admits it only when the pages every running
+        sequence and it can still grow into (each up to `max_total_tokens`) fit the pool, so
+        nothing is ever preempted. "reserve" suits offline jobs with known max_tokens (long
+        outputs under "optimistic" preempt and recompute, e.g. 1000 in / 1000 out)."""
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < max_num_seqs:
@@ -82,6 +93,8 @@ class Scheduler:
                 f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
                 f"max_num_seqs ({max_num_seqs})"
             )
+        if kv_admission not in KV_ADMISSION:
+            raise ValueError(f"kv_admission must be one of {KV_ADMISSION}, got {kv_admission!r}")
         if long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {long_prefill_token_threshold}")
         self.bm = block_manager
@@ -89,6 +102,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.max_model_len = max_model_len
+        self.kv_admission = kv_admission
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: index 0 oldest
         self._live: dict[str, Sequence] = {}  # request_id -> unfinished sequence
@@ -192,6 +206,35 @@ class Scheduler:
     def get(self, request_id: str) -> Sequence | None:
         return self._live.get(request_id)
 
+    # ------------------------------------------------------------------ admission
+    def _final_pages(self, seq: Sequence) -> int:
+        """Pages seq holds once it reaches max_total_tokens (no prefix sharing assumed)."""
+        return -(-self.max_total_tokens(seq) // self.bm.page_size)
+
+    def _reserved_pages(self) -> int:
+        """"reserve" admission: pages the running sequences may still grow into, plus those
+        they hold (their final size)."""
+        return sum(self._final_pages(s) for s in self.running)
+
+    def _reserve_allows(self, seq: Sequence, reserved: int) -> bool:
+        return (self.kv_admission != "reserve" or not self.running
+                or reserved + self._final_pages(seq) <= self.bm.num_usable_pages)
+
+    def can_admit_next(self) -> bool:
+        """Whether the next schedule() would admit the head of the waiting queue (a batch row,
+        its first chunk's pages, and the reserve policy); the engine only holds decode blocks
+        back for a request that can actually start."""
+        if not self.waiting or len(self.running) >= self.max_num_seqs:
+            return False
+        seq = self.waiting[0]
+        n = min(seq.num_uncomputed_tokens, self.max_num_batched_tokens)
+        if self.long_prefill_token_threshold:
+            n = min(n, self.long_prefill_token_threshold)
+        need = -(-(seq.num_computed_tokens + n) // self.bm.page_size) - len(seq.page_ids)
+        if need > self.bm.num_free_pages:
+            return False
+        return self.kv_admission != "reserve" or self._reserve_allows(seq, self._reserved_pages())
+
     # ------------------------------------------------------------------ scheduling
     def requeue_all(self) -> int:
         """Preempt every running sequence (newest first to the front, so FCFS order holds):
@@ -266,8 +309,11 @@ class Scheduler:
 
         # Admit waiting requests only if nothing was preempted this step: memory is tight, and
         # admitting would just preempt again next step (thrashing).
+        reserved = self._reserved_pages() if self.kv_admission == "reserve" else 0
         while not out.preempted and self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
+            if not self._reserve_allows(seq, reserved):
+                break  # FCFS: nobody jumps the queue
             cached = self.bm.match_prefix(seq, record_stats=False)
             n = min(seq.num_uncomputed_tokens, budget)
             if self.long_prefill_token_threshold:
@@ -281,6 +327,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            reserved += self._final_pages(seq)
             ss = ScheduledSeq(seq, n, seq.num_computed_tokens, seq.num_computed_tokens + n == seq.num_tokens)
             out.scheduled.append(ss)
             scheduled[seq.request_id] = ss
