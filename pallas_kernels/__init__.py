@@ -11,8 +11,8 @@ k_scale / v_scale: float32 [P, page, KVH] scales of float8_e4m3fn or int8 pages 
 and KV head, imp_jax/cache.py's layout); the kernel dequantizes the tiles it reads, the
 reference the pages it gathers.
 
-Dispatch: on a GPU, decode steps go to `decode_mgpu.py` with IMP_JAX_DECODE=mgpu (when it
-covers them); prompt steps the Mosaic GPU kernel covers (`use_flash_prefill`) run
+Dispatch: on a GPU, decode steps go to `decode_mgpu.py` when it covers them
+(IMP_JAX_DECODE=triton opts out); prompt steps the Mosaic GPU kernel covers (`use_flash_prefill`) run
 `flash_prefill.py` (FA3-style: TMA K/V page gathers, two wgmma warpgroups, work list longest
 first). Otherwise, on a GPU (or with interpret=True) the Pallas kernel of `paged_decode.py` runs, in its
 decode form (one query block holding all max_query_len tokens, split-K over pages) when
@@ -75,11 +75,11 @@ DECODE_KERNELS = ("triton", "mgpu")
 
 
 def decode_kernel() -> str:
-    """$IMP_JAX_DECODE: which kernel runs decode steps on a GPU, "triton" (paged_decode.py,
-    the default) or "mgpu" (decode_mgpu.py, Mosaic GPU: TMA page gathers into a 4-stage ring,
-    wgmma); decode_mgpu covers bf16/f16 pages without soft-cap or window, the rest stays on
-    Triton."""
-    choice = os.environ.get("IMP_JAX_DECODE", "triton")
+    """$IMP_JAX_DECODE: which kernel runs decode steps on a GPU, "mgpu" (decode_mgpu.py, the
+    default: Mosaic GPU, TMA page gathers into a 3-stage ring, wgmma; 1.1-2.0x the Triton
+    kernel on H200, docs/kernels_notes.md) or "triton" (paged_decode.py). decode_mgpu covers
+    bf16/f16 pages without soft-cap or window; the rest stays on Triton."""
+    choice = os.environ.get("IMP_JAX_DECODE", "mgpu")
     if choice not in DECODE_KERNELS:
         raise ValueError(f"IMP_JAX_DECODE={choice!r}; allowed: {', '.join(DECODE_KERNELS)}")
     return choice
