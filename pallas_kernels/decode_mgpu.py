@@ -132,8 +132,9 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     already fills the SMs, one split (no partials, no combine). Otherwise as many splits as fit
     in one wave (a second, partial wave would double the time of a short step), but no split
     shorter than 2 blocks at the longest context (each CTA pays a Q load + ring fill)."""
-    # 128-key blocks in a 3-stage ring won 9 of the 10 rows of the first GPU sweep (H200,
-    # 2026-11-28, docs/kernels_notes.md): 1.05-1.46x 64-key blocks in 4 stages.
+    # 128-key blocks in a 3-stage ring beat 64-key blocks in 4 stages on 7 of the 9 rows of
+    # the first GPU run where both ran (H200, 2026-11-28, docs/kernels_notes.md), by up to
+    # 1.46x; they lost (by <= 7%) at 1 and 8 x 4k.
     if block_kv is None:
         block_kv = 128 if page_size <= 128 else page_size
     if num_stages is None:
