@@ -106,6 +106,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: index 0 oldest
         self._live: dict[str, Sequence] = {}  # request_id -> unfinished sequence
+        self._max_total: dict[str, int] = {}  # request_id -> max_total_tokens, while live
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ requests
@@ -115,11 +116,16 @@ class Scheduler:
         max_tokens=None means "until the context is full": the context is max_model_len,
         and never more than the page pool can hold for one sequence.
         """
+        limit = self._max_total.get(seq.request_id)
+        if limit is not None:  # asked per row per step: kept while the request is live
+            return limit
         limit = self.bm.capacity_tokens
         if self.max_model_len is not None:
             limit = min(limit, self.max_model_len)
         if seq.max_tokens is not None:
             limit = min(limit, seq.num_prompt_tokens + seq.max_tokens)
+        if seq.request_id in self._live:
+            self._max_total[seq.request_id] = limit
         return limit
 
     def check_fits(self, seq: Sequence) -> None:
@@ -188,6 +194,7 @@ class Scheduler:
         """Mark seq finished (reason: "stop", "length", "abort", ...) and free its pages."""
         if self._live.pop(seq.request_id, None) is not seq:
             raise ValueError(f"{seq.request_id!r} is not an unfinished request of this scheduler")
+        self._max_total.pop(seq.request_id, None)
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         else:
