@@ -1,0 +1,106 @@
+"""Where a profiled run spent its device time, as text: the top ops/kernels of a jax.profiler trace.
+
+    python3 -m imp_jax.cli bench throughput ... --profile $OUT/trace     # any jax.profiler.trace dir
+    python3 benchmarks/trace_summary.py $OUT/trace --top 25 [--json $OUT/summary.json]
+
+A trace directory holds `plugins/profile/<run>/<host>.trace.json.gz` (Chrome trace format): one
+process per device or host ("/device:GPU:0", "/host:CPU", ...), complete events ("ph": "X")
+with microsecond durations. Device traces are tens to hundreds of MB, too big to bring back from
+the GPU machine; this prints, per process (device processes only when there are any), the busy
+time, the wall span, and the top events by total duration, also rolled up by "family" (the
+name without its numeric suffixes, so fusion.12 and fusion.40 add up). Kernel names tell GEMM
+algorithms and Pallas kernels apart; `hlo_op` (when the trace records it) names the XLA op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+
+_SUFFIX = re.compile(r"([._-]?\d+)+$")
+
+
+def family(name: str) -> str:
+    """fusion.12 -> fusion, loop_add_fusion_3 -> loop_add_fusion, gemm -> gemm."""
+    return _SUFFIX.sub("", name) or name
+
+
+def find_traces(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    found = sorted(glob.glob(os.path.join(path, "**", "*.trace.json.gz"), recursive=True))
+    if not found:
+        raise SystemExit(f"no *.trace.json.gz under {path!r} (a jax.profiler.trace directory?)")
+    return found[-1:]  # the newest run (directories are named by time)
+
+
+def summarize(trace_file: str, top: int = 25) -> dict:
+    with gzip.open(trace_file, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    device = {pid for pid, n in procs.items() if "/device:" in n}
+    keep = device or set(procs) or {e["pid"] for e in spans}
+    out = {"trace": trace_file, "processes": []}
+    for pid in sorted(keep):
+        mine = [e for e in spans if e["pid"] == pid]
+        if not mine:
+            continue
+        by_name, by_family = collections.Counter(), collections.Counter()
+        calls = collections.Counter()
+        for e in mine:
+            name = e.get("args", {}).get("hlo_op") or e["name"]
+            by_name[name] += e["dur"]
+            by_family[family(name)] += e["dur"]
+            calls[name] += 1
+        busy = sum(by_name.values())
+        start = min(e["ts"] for e in mine)
+        end = max(e["ts"] + e["dur"] for e in mine)
+        out["processes"].append({
+            "process": procs.get(pid, str(pid)), "events": len(mine),
+            "busy_ms": busy / 1e3, "span_ms": (end - start) / 1e3,
+            "top": [{"name": n, "ms": d / 1e3, "calls": calls[n], "share": d / busy}
+                    for n, d in by_name.most_common(top)],
+            "families": [{"family": n, "ms": d / 1e3, "share": d / busy}
+                         for n, d in by_family.most_common(top)],
+        })
+    return out
+
+
+def render(summary: dict) -> str:
+    lines = [f"trace: {summary['trace']}"]
+    for p in summary["processes"]:
+        lines.append(f"\n## {p['process']}: {p['events']} events, busy {p['busy_ms']:.1f} ms "
+                     f"(summed over its threads/streams) in a span of {p['span_ms']:.1f} ms")
+        lines.append("| ms | share | calls | op / kernel |\n| --- | --- | --- | --- |")
+        lines += [f"| {t['ms']:.2f} | {100 * t['share']:.1f}% | {t['calls']} | {t['name'][:110]} |"
+                  for t in p["top"]]
+        lines.append("\n| ms | share | family |\n| --- | --- | --- |")
+        lines += [f"| {t['ms']:.2f} | {100 * t['share']:.1f}% | {t['family'][:110]} |"
+                  for t in p["families"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace", help="a jax.profiler.trace directory or one .trace.json.gz file")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--json", default=None, help="also save the summary here")
+    args = ap.parse_args(argv)
+    summary = summarize(find_traces(args.trace)[0], args.top)
+    print(render(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

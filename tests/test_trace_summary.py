@@ -1,0 +1,40 @@
+"""benchmarks/trace_summary.py on a real jax.profiler trace of a jitted function (CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "trace_summary.py")
+_spec = importlib.util.spec_from_file_location("trace_summary", _PATH)
+ts = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ts)
+
+
+def test_family_strips_numeric_suffixes():
+    assert ts.family("fusion.12") == "fusion"
+    assert ts.family("loop_add_fusion_3") == "loop_add_fusion"
+    assert ts.family("gemm") == "gemm"
+    assert ts.family("7") == "7"
+
+
+def test_summary_of_a_profiled_run(tmp_path, capsys):
+    f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
+    x = jnp.ones((128, 128))
+    f(x).block_until_ready()  # compile outside the trace
+    with jax.profiler.trace(str(tmp_path / "trace")):
+        for _ in range(5):
+            f(x).block_until_ready()
+    out = tmp_path / "summary.json"
+    assert ts.main([str(tmp_path / "trace"), "--top", "5", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    (proc,) = summary["processes"]  # no device process on CPU: the host's
+    assert proc["busy_ms"] > 0 and proc["span_ms"] > 0 and 0 < len(proc["top"]) <= 5
+    assert all(t["ms"] >= 0 and t["calls"] >= 1 for t in proc["top"])
+    assert abs(sum(t["share"] for t in proc["families"]) - 1) < 1e-6 or len(proc["families"]) == 5
+    assert any("PjitFunction" in t["name"] for t in proc["top"])  # the 5 calls of f
+    assert "| ms | share | calls |" in capsys.readouterr().out
