@@ -120,7 +120,9 @@ class LLM:
             from imp_jax.sharding import param_shardings
 
             shardings_fn = lambda cfg: param_shardings(cfg, mesh, sharding_rules)  # noqa: E731
-        self.model = loaded or load_model(model, dtype, shardings=shardings_fn)
+        # random shapes are generated already quantized (never whole in full precision)
+        self.model = loaded or load_model(model, dtype, shardings=shardings_fn,
+                                          random_quantization=quantization)
         cfg = self.model.cfg
         params = self.model.params
         if quantization is not None:
@@ -133,7 +135,10 @@ class LLM:
         elif not 1 <= max_model_len <= limit:
             raise ValueError(f"max_model_len must be in [1, {limit}] for this model, got "
                              f"{max_model_len}")
-        dtype = jax.tree.leaves(self.model.params)[0].dtype
+        # the compute dtype: that of the first leaf that is not a quantized weight
+        is_quant = lambda x: hasattr(x, "q") and hasattr(x, "scale")  # noqa: E731
+        dtype = next(leaf.dtype for leaf in jax.tree.leaves(self.model.params, is_leaf=is_quant)
+                     if not is_quant(leaf))
         cache_dtype = _kv_cache_dtype(kv_cache_dtype, dtype)
         if num_pages is None:
             per_token = KVCache.bytes_per_token(cfg, cache_dtype)

@@ -329,13 +329,22 @@ def place(x, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
+def leaf_shardings(sharding: NamedSharding, leaf):
+    """The sharding(s) of a param leaf placed by its weight's `sharding`: a QuantArray gets a
+    QuantArray of shardings (its scale's size-1 dims replicated), a plain array `sharding`."""
+    if not (hasattr(leaf, "q") and hasattr(leaf, "scale")):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (leaf.scale.ndim - len(sharding.spec))
+    sspec = P(*[None if leaf.scale.shape[i] == 1 else spec[i] for i in range(leaf.scale.ndim)])
+    return dataclasses.replace(leaf, q=sharding, scale=NamedSharding(sharding.mesh, sspec))
+
+
 def _place_leaf(leaf, sharding: NamedSharding):
-    if hasattr(leaf, "q") and hasattr(leaf, "scale"):  # quant.QuantArray: scale dims of size 1
-        spec = tuple(sharding.spec) + (None,) * (leaf.scale.ndim - len(sharding.spec))
-        sspec = P(*[None if leaf.scale.shape[i] == 1 else spec[i] for i in range(leaf.scale.ndim)])
-        return dataclasses.replace(leaf, q=place(leaf.q, sharding),
-                                   scale=place(leaf.scale, NamedSharding(sharding.mesh, sspec)))
-    return place(leaf, sharding)
+    target = leaf_shardings(sharding, leaf)
+    if target is sharding:
+        return place(leaf, sharding)
+    return dataclasses.replace(leaf, q=place(leaf.q, target.q), scale=place(leaf.scale,
+                                                                           target.scale))
 
 
 def shard_params(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh,

@@ -293,3 +293,28 @@ def test_block_fraction():
     assert pol.block_fraction(TINY) == pytest.approx(1 - 4096 / sum(per.values()))
     # Llama-3-8B: one block of 32 kept = 1/32 of the block bytes
     assert QuantPolicy(keep_last=1).block_fraction(SHAPES["llama3-8b"]) == pytest.approx(31 / 32)
+
+
+def test_random_shapes_are_generated_already_quantized(monkeypatch):
+    # One jitted init + quantize (no full-precision copy alive at once) gives exactly what
+    # quantizing the plain random weights gives, and an LLM runs on it. (The tiny shape has 2
+    # blocks, which the default policy's keep-first/last would both keep.)
+    import imp_jax
+    from imp_jax import quant
+    from imp_jax.loaders import load_model
+
+    monkeypatch.setattr(quant, "DEFAULT_POLICY", QuantPolicy(keep_first=0, keep_last=0))
+
+    fused = load_model("random:tiny", "bfloat16", random_quantization="fp8")
+    plain = load_model("random:tiny", "bfloat16")
+    want = quantize_params(plain.params, plain.cfg, "fp8")
+    assert jax.tree.structure(fused.params) == jax.tree.structure(want)
+    assert any(isinstance(x, QuantArray) for x in jax.tree.leaves(
+        fused.params, is_leaf=lambda x: isinstance(x, QuantArray)))
+    for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(want)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    llm = imp_jax.LLM("random:tiny", dtype="bfloat16", quantization="fp8", max_model_len=32)
+    out = llm.generate([[5, 6, 7]], max_tokens=4, ignore_eos=True, temperature=0,
+                       use_tqdm=False)
+    assert len(out[0].token_ids) == 4

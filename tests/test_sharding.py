@@ -294,6 +294,33 @@ def check_load_into_shards():
     got = load_model(os.path.join(DATA, "tiny", "qwen3"), "float32", shardings=fn).params
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # random weights generated already quantized, straight into their shards (q split like
+    # the weight, per-channel scales split on their output axis)
+    from imp_jax import quant
+    from imp_jax.quant import QuantArray, QuantPolicy, quantize_params
+
+    keep = quant.DEFAULT_POLICY  # tiny has 2 blocks: quantize both
+    quant.DEFAULT_POLICY = QuantPolicy(keep_first=0, keep_last=0)
+    try:
+        m = load_model("random:tiny", "float32", shardings=fn, random_quantization="fp8")
+        want = quantize_params(load_model("random:tiny", "float32").params, m.cfg, "fp8")
+    finally:
+        quant.DEFAULT_POLICY = keep
+    is_q = lambda x: isinstance(x, QuantArray)  # noqa: E731
+    quantized = 0
+    for a, b, s in zip(jax.tree.leaves(m.params, is_leaf=is_q),
+                       jax.tree.leaves(want, is_leaf=is_q), jax.tree.leaves(fn(m.cfg))):
+        if is_q(a):
+            quantized += 1
+            assert a.q.sharding.is_equivalent_to(s, a.q.ndim), a.q.sharding
+            assert len(a.scale.addressable_shards) == 8
+            a, b = (a.q, a.scale), (b.q, b.scale)
+        else:
+            a, b = (a,), (b,)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    assert quantized > 0
+    out["random_fp8_quantized_leaves"] = quantized
     return out
 
 

@@ -26,11 +26,17 @@ class LoadedModel:
     source: str
 
 
-def load_model(model: str, dtype=None, shardings=None) -> LoadedModel:
+def load_model(model: str, dtype=None, shardings=None,
+               random_quantization: str | None = None) -> LoadedModel:
     """shardings: optional `cfg -> NamedSharding tree` (imp_jax.sharding.param_shardings): every
     format then places each weight straight into its shards (orbax restores into them; GGUF and
     safetensors go host -> shards; random weights are generated sharded), so no device ever
-    holds a whole copy of a model that only fits across several."""
+    holds a whole copy of a model that only fits across several.
+
+    random_quantization: for "random:<shape>" only, generate the weights already quantized
+    (imp_jax.quant modes), init and quantization in one jitted call, so the full-precision
+    weights are never all alive at once (a 70B shape in fp8 on 2 x 80 GB); the values equal
+    quantizing the plain random weights."""
     from checkpoints.presets import PRESETS, SHAPES, resolve_preset
     from imp_jax.tokenizer import Tokenizer
 
@@ -44,8 +50,24 @@ def load_model(model: str, dtype=None, shardings=None) -> LoadedModel:
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
         cfg = SHAPES[shape]
-        init = jax.jit(lambda key: init_params(cfg, key, dtype),
-                       out_shardings=shardings(cfg) if shardings is not None else None)
+        out = shardings(cfg) if shardings is not None else None
+
+        def init(key):
+            params = init_params(cfg, key, dtype)
+            if random_quantization is None:
+                return params
+            from imp_jax.quant import quantize_params
+
+            return quantize_params(params, cfg, random_quantization)
+
+        if out is not None and random_quantization is not None:
+            from imp_jax.quant import abstract_quantized
+            from imp_jax.sharding import leaf_shardings
+
+            target = abstract_quantized(cfg, dtype, random_quantization)
+            out = jax.tree.map(leaf_shardings, out, target,
+                               is_leaf=lambda x: hasattr(x, "q") and hasattr(x, "scale"))
+        init = jax.jit(init, out_shardings=out)
         return LoadedModel(cfg, init(jax.random.key(0)), None, {}, model)
     if os.path.isfile(model) and model.endswith(".gguf"):
         from imp_jax.loaders.gguf_file import load_gguf
