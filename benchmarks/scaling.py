@@ -267,11 +267,13 @@ def _b64(t):
 # the two results). 70B bf16 is 141 GB: tp=4 and up on 80 GB cards.
 GPU_AR = dict(min_mib=1, max_mib=1024, reps=7, target_ms=25)
 _70B = dict(model=B70, tag="70b", min_s=100)
+# 70B in fp8 (weights generated already quantized: 70 GB, ~35 GB per GPU at tp=2)
+_70B_FP8 = dict(model=B70, tag="70b-fp8", min_s=100, args=LAT_GPU + ("--quantization", "fp8"))
 PRESET_CONFIGS = {
     "h100x2": (2, GPU_AR, [_lat(1), _lat(2), _thr(1), _thr(2)]),
-    "h100x2-more": (2, None, [_b64(1), _b64(2), _thr(1, 2)]),
+    "h100x2-more": (2, None, [_lat(2, **_70B_FP8), _b64(1), _b64(2), _thr(1, 2)]),
     "h100x4": (4, GPU_AR, [_lat(1), _lat(2), _lat(4), _lat(4, **_70B), _thr(1), _thr(4)]),
-    "h100x4-more": (4, None, [_thr(2), _thr(2, 2), _b64(1), _b64(4)]),
+    "h100x4-more": (4, None, [_lat(2, **_70B_FP8), _thr(2), _thr(2, 2), _b64(1), _b64(4)]),
     "h100x8": (8, GPU_AR, [_lat(1), _lat(2), _lat(4), _lat(8), _lat(4, **_70B),
                            _lat(8, **_70B)]),
     "h100x8-more": (8, None, [_thr(1), _thr(8), _thr(4), _thr(8, model=B70, tag="70b", min_s=200),
