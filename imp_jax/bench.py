@@ -198,9 +198,10 @@ def bench_throughput(args) -> list[dict]:
         prompts = [rng.integers(10, cfg.vocab_size - 10, size=n).tolist() for n in in_lens]
         params = [SamplingParams(temperature=0, max_tokens=int(n), ignore_eos=True)
                   for n in out_lens]
-        # a first pass over other prompts meets the shapes of a real run (mixed steps, batch
-        # sizes) without leaving prefix-cache hits for the timed one
-        warm = min(len(prompts), args.max_num_seqs)
+        # a short first pass over other prompts runs each kind of step once (the warm-up
+        # already compiled every program) without leaving prefix-cache hits for the timed one;
+        # a full batch of long prompts here cost a minute of device time per run
+        warm = min(len(prompts), args.max_num_seqs, 64)
         llm.generate([rng.integers(10, cfg.vocab_size - 10, size=n).tolist()
                       for n in in_lens[:warm]],
                      [p.clone(max_tokens=min(p.max_tokens, 24)) for p in params[:warm]],
