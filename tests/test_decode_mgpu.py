@@ -21,9 +21,7 @@ sweeps) vs the reference.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -36,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from tests import mgpu_interpret  # noqa: E402
 from pallas_kernels.decode_mgpu import (DecodeConfig, choose_config,  # noqa: E402
                                         decode_kernel_call, paged_decode_mgpu, smem_bytes,
                                         supported)
@@ -208,54 +207,23 @@ def test_oversized_config_rejected():
 # ------------------------------------------------------------------------------------------------
 
 def _interpret_worker():
-    """Runs every CASE in interpret mode (+ one with the race detector); prints one JSON line
-    {name: [rel, pad_max, nan]} (a string when the case raised)."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
-    res = {}
-    for case in CASES:
-        try:
-            res[case[0]] = list(run_case(case, interpret=True))
-        except Exception as e:  # noqa: BLE001  (reported per case)
-            res[case[0]] = f"{type(e).__name__}: {e}"[:2000]
-    try:  # happens-before race detector (vector clocks over barriers / TMA / SMEM accesses)
-        r = run_case(CASES[1], interpret=plgpu.InterpretGPUParams(detect_races=True))
-        res["races"] = [*r, bool(ipc.get_races().races_found)]
-    except Exception as e:  # noqa: BLE001
-        res["races"] = f"{type(e).__name__}: {e}"[:2000]
-    print("RESULTS " + json.dumps(res), flush=True)
+    mgpu_interpret.worker(CASES, run_case, CASES[1])
 
 
 @pytest.fixture(scope="module")
 def interpret_results():
-    env = dict(os.environ, NPROC="16", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret-worker"],
-                          env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULTS "):
-            return json.loads(line[len("RESULTS "):])
-    raise AssertionError(f"interpret worker failed (rc={proc.returncode}):\n"
-                         f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return mgpu_interpret.results(__file__)
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret cases are CPU-only")
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_interpret_vs_reference(case, interpret_results):
-    r = interpret_results[case[0]]
-    assert not isinstance(r, str), r
-    err, pad_max, has_nan = r
-    assert not has_nan
-    assert pad_max == 0.0
-    assert err < TOL, err
+    mgpu_interpret.check_case(interpret_results[case[0]], TOL)
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret cases are CPU-only")
 def test_interpret_no_races(interpret_results):
-    r = interpret_results["races"]
-    assert not isinstance(r, str), r
-    err, pad_max, has_nan, races = r
-    assert err < TOL and not has_nan and pad_max == 0.0
-    assert not races
+    mgpu_interpret.check_no_races(interpret_results["races"], TOL)
 
 
 # ------------------------------------------------------------------------------------------------

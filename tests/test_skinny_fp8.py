@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imp_jax.quant import quantize, quantize_activations
 from pallas_kernels import fp8_gemm as fg
 from pallas_kernels import skinny_fp8 as sf
+from tests.test_gemm import operands, rel  # per-token / per-channel fp8 operands
 
 # Llama-3-8B decode weights [N, K] as (K, N); gate / up also separately
 LLAMA8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
@@ -22,21 +22,6 @@ LLAMA8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
 DECODE_M = (1, 4, 8, 16, 32, 64)
 Cfg = sf.SkinnyFp8Config
 
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def operands(M, K, N, key=0):
-    """Per-token quantized activations (row magnitudes spread over decades), per-channel
-    quantized weights in [N, K] (K-major)."""
-    kx, kw, ks = jax.random.split(jax.random.PRNGKey(key), 3)
-    x = jax.random.normal(kx, (M, K)) * jnp.exp(2 * jax.random.normal(ks, (M, 1)))
-    w = jax.random.t(kw, 5.0, (N, K)) * 0.05
-    xq, xs = quantize_activations(x, 1)
-    wa = quantize(w, "fp8", (1,))
-    return xq, xs, wa.q, wa.scale.reshape(N)
 
 
 def abstract_args(M, K, N):
