@@ -4,7 +4,8 @@ test_decode_mgpu.py.
 Interpret mode needs a bigger XLA CPU thread pool than the suite's process has, so each test
 file runs its cases in ONE subprocess (the file itself, run as a script with
 `--interpret-worker`) that prints one JSON line {case name: [rel err, max |padding|, nan], ...,
-"races": [..., races found]}; the tests then read their case's entry.
+"races": [..., races found]}; the tests then read their case's entry. `paged_case` builds the
+random ragged batches over shuffled pages that both kernels' tests use.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import json
 import os
 import subprocess
 import sys
+
+import jax.numpy as jnp
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,3 +66,33 @@ def check_no_races(r, tol: float) -> None:
     err, pad_max, has_nan, races = r
     assert err < tol and not has_nan and pad_max == 0.0
     assert not races
+
+
+def paged_case(seed, qlens, seq_lens, H, KVH, D, page, T_pad=0, S_pad=0, dtype=jnp.bfloat16):
+    """(q [T, H, D], k_pages, v_pages, page_table, seq_lens, query_start): random values (never
+    zeros), each sequence's pages a random subset of the pool, `S_pad` empty padding sequences
+    and `T_pad` padding tokens after the last one."""
+    rng = np.random.default_rng(seed)
+    qlens = list(qlens) + [0] * S_pad
+    seq_lens = list(seq_lens) + [0] * S_pad
+    S = len(qlens)
+    max_pages = max(1, max(-(-L // page) for L in seq_lens))
+    P = S * max_pages + 2
+    perm = rng.permutation(np.arange(1, P))[: S * max_pages].reshape(S, max_pages).astype(np.int32)
+    for s, L in enumerate(seq_lens):     # padding entries point at page 0
+        perm[s, -(-L // page):] = 0
+    qs = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
+    T = int(qs[-1]) + T_pad
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    kp = rng.standard_normal((P, page, KVH, D)).astype(np.float32)
+    vp = rng.standard_normal((P, page, KVH, D)).astype(np.float32)
+    return (jnp.asarray(q, dtype), jnp.asarray(kp, dtype), jnp.asarray(vp, dtype),
+            jnp.asarray(perm), jnp.asarray(np.array(seq_lens, np.int32)), jnp.asarray(qs))
+
+
+def rel(a, b) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+

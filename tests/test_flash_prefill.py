@@ -57,29 +57,8 @@ CASES = [
 ]
 
 
-def make_case(seed, qlens, seq_lens, H, KVH, D, page, T_pad=0, S_pad=0, dtype=jnp.bfloat16):
-    rng = np.random.default_rng(seed)
-    qlens = list(qlens) + [0] * S_pad
-    seq_lens = list(seq_lens) + [0] * S_pad
-    S = len(qlens)
-    max_pages = max(1, max(-(-L // page) for L in seq_lens))
-    P = S * max_pages + 2
-    perm = rng.permutation(np.arange(1, P))[: S * max_pages].reshape(S, max_pages).astype(np.int32)
-    for s, L in enumerate(seq_lens):     # padding entries point at page 0
-        perm[s, -(-L // page):] = 0
-    qs = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
-    T = int(qs[-1]) + T_pad
-    q = rng.standard_normal((T, H, D)).astype(np.float32)
-    kp = rng.standard_normal((P, page, KVH, D)).astype(np.float32)
-    vp = rng.standard_normal((P, page, KVH, D)).astype(np.float32)
-    return (jnp.asarray(q, dtype), jnp.asarray(kp, dtype), jnp.asarray(vp, dtype),
-            jnp.asarray(perm), jnp.asarray(np.array(seq_lens, np.int32)), jnp.asarray(qs))
-
-
-def rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+make_case = mgpu_interpret.paged_case
+rel = mgpu_interpret.rel
 
 
 def run_case(case, *, interpret, config=None):
