@@ -15,8 +15,10 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +53,28 @@ def results(test_file: str) -> dict:
             return json.loads(line[len("RESULTS "):])
     raise AssertionError(f"interpret worker failed (rc={proc.returncode}):\n"
                          f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def make_tests(test_file: str, cases, tol: float):
+    """(interpret_results fixture, test_interpret_vs_reference, test_interpret_no_races) for a
+    test module to bind at module level (pytest collects them there)."""
+    on_gpu = pytest.mark.skipif(jax.default_backend() == "gpu",
+                                reason="interpret cases are CPU-only")
+
+    @pytest.fixture(scope="module")
+    def interpret_results():
+        return results(test_file)
+
+    @on_gpu
+    @pytest.mark.parametrize("case", cases, ids=[c[0] for c in cases])
+    def test_interpret_vs_reference(case, interpret_results):
+        check_case(interpret_results[case[0]], tol)
+
+    @on_gpu
+    def test_interpret_no_races(interpret_results):
+        check_no_races(interpret_results["races"], tol)
+
+    return interpret_results, test_interpret_vs_reference, test_interpret_no_races
 
 
 def check_case(r, tol: float) -> None:

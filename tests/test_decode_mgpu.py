@@ -194,20 +194,8 @@ def _interpret_worker():
     mgpu_interpret.worker(CASES, run_case, CASES[1])
 
 
-@pytest.fixture(scope="module")
-def interpret_results():
-    return mgpu_interpret.results(__file__)
-
-
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret cases are CPU-only")
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_interpret_vs_reference(case, interpret_results):
-    mgpu_interpret.check_case(interpret_results[case[0]], TOL)
-
-
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="interpret cases are CPU-only")
-def test_interpret_no_races(interpret_results):
-    mgpu_interpret.check_no_races(interpret_results["races"], TOL)
+interpret_results, test_interpret_vs_reference, test_interpret_no_races = \
+    mgpu_interpret.make_tests(__file__, CASES, TOL)
 
 
 # ------------------------------------------------------------------------------------------------
