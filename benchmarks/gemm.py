@@ -116,6 +116,24 @@ def run_variant(row, label, call, x, ws, ss, ref, *, reps, budget, work, unit):
     return rec
 
 
+def _scheduled_rows(schedule, budget, meta):
+    """(name, K, N, M, phase, row) of each ((name, K, N), M, phase) the budget leaves time for:
+    a "main" phase starts the (layer, M) row in meta["rows"], a "sweep" adds to it; skipped
+    problems are listed in meta["skipped_problems"]."""
+    rows = {}
+    for (name, K, N), M, phase in schedule:
+        if budget.left() <= 0:
+            meta.setdefault("skipped_problems", []).append(f"{name} M={M} {phase}")
+            continue
+        if phase == "main":
+            row = rows[(name, M)] = dict(layer=name, M=M, K=K, N=N)
+            meta["rows"].append(row)
+        else:
+            row = rows[(name, M)]
+        print(f"  {name}: M={M} K={K} N={N} ({phase})", flush=True)
+        yield name, K, N, M, phase, row
+
+
 def cfg_str(cfg) -> str:
     """A config by its non-default fields (plus the CTA tile for the FP8 GEMM)."""
     import dataclasses
@@ -291,17 +309,7 @@ def skinny_part(args, out_path):
     schedule = [((name, K, N), M, "main") for M in Ms for name, K, N in shapes]
     schedule += [((name, K, N), M, "sweep") for M in sweep_ms if M in Ms
                  for name, K, N in shapes]
-    rows = {}
-    for (name, K, N), M, phase in schedule:
-        if budget.left() <= 0:
-            meta.setdefault("skipped_problems", []).append(f"{name} M={M} {phase}")
-            continue
-        if phase == "main":
-            row = rows[(name, M)] = dict(layer=name, M=M, K=K, N=N)
-            meta["rows"].append(row)
-        else:
-            row = rows[(name, M)]
-        print(f"  {name}: M={M} K={K} N={N} ({phase})", flush=True)
+    for name, K, N, M, phase, row in _scheduled_rows(schedule, budget, meta):
         try:
             R = 2 if interp else max(2, min(16, math.ceil(0.25e9 / (K * N))))  # >= ~0.25 GB
             kx, kw = jax.random.split(jax.random.PRNGKey(zlib.crc32(f"{name}{M}".encode()) % 1000))
@@ -399,17 +407,7 @@ def skinny_fp8_part(args, out_path):
             schedule += [((name, K, N), M, "sweep") for name, K, N in shapes]
     schedule += [((name, K, N), M, "sweep") for M in sweep_ms if M in Ms[1:]
                  for name, K, N in shapes]
-    rows = {}
-    for (name, K, N), M, phase in schedule:
-        if budget.left() <= 0:
-            meta.setdefault("skipped_problems", []).append(f"{name} M={M} {phase}")
-            continue
-        if phase == "main":
-            row = rows[(name, M)] = dict(layer=name, M=M, K=K, N=N)
-            meta["rows"].append(row)
-        else:
-            row = rows[(name, M)]
-        print(f"  {name}: M={M} K={K} N={N} ({phase})", flush=True)
+    for name, K, N, M, phase, row in _scheduled_rows(schedule, budget, meta):
         try:
             R = 2 if interp else max(2, min(16, math.ceil(0.25e9 / (K * N))))  # >= ~0.25 GB
             kx, kw = jax.random.split(jax.random.PRNGKey(zlib.crc32(f"f{name}{M}".encode()) % 999))
