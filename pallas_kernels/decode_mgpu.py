@@ -60,6 +60,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.flash_prefill import check_ring
+
 LOG2E = math.log2(math.e)
 NEG = -1e30                    # log-sum-exp of a split that saw no key (the combine's convention)
 SMEM_BYTES_H100 = 227 * 1024
@@ -75,18 +77,9 @@ class DecodeConfig:
     compat: bool = False       # interpret-safe PV path (P via SMEM, separate accumulator)
 
     def validate(self, D: int, page_size: int):
-        if self.block_kv % 64 or self.block_kv <= 0:
-            raise ValueError(f"block_kv must be a multiple of 64, got {self.block_kv}")
-        if self.num_stages < 1:
-            raise ValueError("num_stages must be >= 1")
         if self.num_splits < 1:
             raise ValueError("num_splits must be >= 1")
-        if not (self.block_kv % page_size == 0 or page_size % self.block_kv == 0):
-            raise ValueError(f"block_kv={self.block_kv} and page_size={page_size} must divide "
-                             "one another")
-        need = smem_bytes(self, D)
-        if need > SMEM_BYTES_H100:
-            raise ValueError(f"config {self} needs {need} B of SMEM (> {SMEM_BYTES_H100})")
+        check_ring(self, page_size, smem_bytes(self, D), min_stages=1)
 
 
 def smem_bytes(cfg: DecodeConfig, D: int, itemsize: int = 2) -> int:

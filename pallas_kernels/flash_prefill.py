@@ -83,16 +83,21 @@ class FlashConfig:
     def validate(self, D: int, page_size: int):
         if self.block_q != 64:
             raise ValueError(f"block_q must be 64 (one wgmma M per warpgroup), got {self.block_q}")
-        if self.block_kv % 64:
-            raise ValueError(f"block_kv must be a multiple of 64, got {self.block_kv}")
-        if self.num_stages < 2:
-            raise ValueError("num_stages must be >= 2")
-        if not (self.block_kv % page_size == 0 or page_size % self.block_kv == 0):
-            raise ValueError(f"block_kv={self.block_kv} and page_size={page_size} must divide one "
-                             "another")
-        need = smem_bytes(self, D)
-        if need > SMEM_BYTES_H100:
-            raise ValueError(f"config {self} needs {need} B of SMEM (> {SMEM_BYTES_H100})")
+        check_ring(self, page_size, smem_bytes(self, D), min_stages=2)
+
+
+def check_ring(cfg, page_size: int, smem: int, min_stages: int) -> None:
+    """The K/V ring rules both Mosaic GPU attention kernels share: blocks of whole 64-key
+    wgmma tiles, pages that tile a block (or blocks a page), the SMEM budget."""
+    if cfg.block_kv % 64 or cfg.block_kv <= 0:
+        raise ValueError(f"block_kv must be a multiple of 64, got {cfg.block_kv}")
+    if cfg.num_stages < min_stages:
+        raise ValueError(f"num_stages must be >= {min_stages}, got {cfg.num_stages}")
+    if not (cfg.block_kv % page_size == 0 or page_size % cfg.block_kv == 0):
+        raise ValueError(f"block_kv={cfg.block_kv} and page_size={page_size} must divide one "
+                         "another")
+    if smem > SMEM_BYTES_H100:
+        raise ValueError(f"config {cfg} needs {smem} B of SMEM (> {SMEM_BYTES_H100})")
 
 
 def smem_bytes(cfg: FlashConfig, D: int, itemsize: int = 2) -> int:
