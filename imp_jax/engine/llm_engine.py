@@ -35,6 +35,14 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None  # per token: {sampled id and top-N: logprob}
     cumulative_logprob: float = 0.0
 
+    def snapshot(self) -> "CompletionOutput":
+        """A copy the engine will not mutate (it appends to this one's lists); built directly,
+        not with dataclasses.replace: the engine takes one per request per step."""
+        return CompletionOutput(self.index, self.text, list(self.token_ids), self.finish_reason,
+                                self.stop_reason,
+                                None if self.logprobs is None else list(self.logprobs),
+                                self.cumulative_logprob)
+
 
 @dataclasses.dataclass
 class RequestOutput:
@@ -88,9 +96,7 @@ class _Request:
     def output(self) -> RequestOutput:
         return RequestOutput(
             self.request_id, self.prompt, self.prompt_ids,
-            [dataclasses.replace(s.out, token_ids=list(s.out.token_ids),
-                                 logprobs=None if s.out.logprobs is None else list(s.out.logprobs))
-             for s in self.samples],
+            [s.out.snapshot() for s in self.samples],
             all(s.out.finish_reason is not None for s in self.samples),
             None if self.prompt_logprobs is None else list(self.prompt_logprobs),
             dict(self.metrics))
@@ -240,8 +246,11 @@ class LLMEngine:
         # The one host sync: the sampled tokens decide what runs next.
         tokens = np.asarray(out.tokens)  # [n_steps, rows]
         t2 = time.perf_counter()
-        lps, top_ids, top_lps = (np.asarray(a) for a in (out.logprobs, out.top_ids,
-                                                          out.top_logprobs))
+        # Python lists: the loop below reads one element per token, and numpy scalar
+        # indexing costs microseconds each at ~1000 rows x 8 steps per block
+        lps, top_ids, top_lps = (np.asarray(a).tolist() for a in (out.logprobs, out.top_ids,
+                                                                   out.top_logprobs))
+        tokens = tokens.tolist()
         if logits is not None:
             self._prompt_logprobs(sched, seqs, result)
         touched: dict[str, _Request] = {}
@@ -255,17 +264,18 @@ class LLMEngine:
             if k:  # the block's k-th token of each decode, as if scheduled on its own
                 sched = SchedulerOutput([ScheduledSeq(ss.seq, 1, ss.start_pos + 1, True)
                                          for ss in sched.scheduled])
-            sampled = {ss.seq.request_id: int(tokens[k, i])
+            toks = tokens[k]
+            sampled = {ss.seq.request_id: toks[i]
                        for i, ss in enumerate(sched.scheduled) if ss.is_last_chunk}
             grew = {s.request_id for s in self.scheduler.update(sched, sampled)}
+            now = time.monotonic()
             for i, ss in enumerate(sched.scheduled):
                 if ss.seq.request_id not in grew:
                     continue  # mid-prompt chunk, or finished earlier in the block
                 req, sample = self._by_seq[ss.seq.request_id]
                 self.stats["generation_tokens"] += 1
-                req.metrics.setdefault("first_token_time", time.monotonic())
-                self._append(req, sample, int(tokens[k, i]), lps[k, i], top_ids[k, i],
-                             top_lps[k, i])
+                req.metrics.setdefault("first_token_time", now)
+                self._append(req, sample, toks[i], lps[k][i], top_ids[k][i], top_lps[k][i])
         outputs = []
         for req in touched.values():
             if req.held and req.samples[0].out.token_ids:  # the prompt's pages are cached now
