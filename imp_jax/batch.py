@@ -455,6 +455,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-admission", choices=["optimistic", "reserve"], default="optimistic",
+                   help="reserve: admit a request only while every running one can grow to its "
+                        "max_tokens, never preempt (long outputs)")
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="lines submitted to the engine at once (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -472,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
               quantization=args.quantization, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
-              num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization)
+              num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
+              kv_admission=args.kv_admission)
     try:
         counts = run_batch(llm, args.input, args.output, progress=not args.no_progress,
                            model_name=args.served_model_name, default_model=args.model,

@@ -246,7 +246,9 @@ def test_resume_after_sigkill(llm, tmp_path):
     n_first = first.count(b"\n")
     assert 5 <= n_first < n
 
-    done = subprocess.run([sys.executable, "-m", "imp_jax.cli", *args], cwd=ROOT,
+    # the resumed job admits with "reserve" (no preemption): the answers must not change
+    done = subprocess.run([sys.executable, "-m", "imp_jax.cli", *args, "--kv-admission",
+                           "reserve"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     final = out.read_bytes()

@@ -34,6 +34,9 @@ def parser() -> argparse.ArgumentParser:
                    help="decode steps per compiled call: fewer host syncs, chunkier streams")
     p.add_argument("--quantization", default=None,
                    choices=[None, "fp8", "fp8-weight-only", "int8"])
+    p.add_argument("--kv-admission", choices=["optimistic", "reserve"], default="optimistic",
+                   help="reserve: admit a request only while every running one can grow to its "
+                        "max_tokens, never preempt")
     p.add_argument("--max-waiting", type=int, default=512,
                    help="queued requests before 503 + Retry-After")
     p.add_argument("--drain-timeout", type=float, default=30.0,
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
               max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=not args.no_prefix_caching,
-              quantization=args.quantization, decode_steps=args.decode_steps)
+              quantization=args.quantization, decode_steps=args.decode_steps,
+              kv_admission=args.kv_admission)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     return serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=name,
                  max_waiting=args.max_waiting, drain_timeout=args.drain_timeout,
