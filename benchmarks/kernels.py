@@ -165,6 +165,15 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
             q, kp, vp, pt, ln, qs, max_query_len=1, scale=scale, config=cfg,
             interpret=interpret, **sc)
 
+    def record(key, label, cfg, t, err):
+        """One timed config of a kernel: appended to row[key + "_all"] and printed."""
+        us = t / n_calls * 1e6
+        rec = dict(cfg=str(cfg), us=us, tbs=bytes_read / (us * 1e-6) / 1e12, rel_err=err)
+        row.setdefault(f"{key}_all", []).append(rec)
+        print(f"  B={B} ctx={ctx} page={page} kv={kv} {label}{cfg}: {us:9.1f} us  "
+              f"{rec['tbs']:.2f} TB/s  err={err}", flush=True)
+        return rec
+
     best, first_out, seen = None, None, set()
     for cfg_kw in configs:
         if best is not None and deadline is not None and time.time() > deadline:
@@ -185,12 +194,8 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
         except Exception as e:  # noqa: BLE001 -- report and go on
             print(f"  cfg {cfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        us = t / n_calls * 1e6
-        rec = dict(cfg=str(cfg), us=us, tbs=bytes_read / (us * 1e-6) / 1e12, rel_err=err)
-        row.setdefault("ours_all", []).append(rec)
-        print(f"  B={B} ctx={ctx} page={page} kv={kv} {cfg}: {us:9.1f} us  "
-              f"{rec['tbs']:.2f} TB/s  err={err}", flush=True)
-        if best is None or us < best["us"]:
+        rec = record("ours", "", cfg, t, err)
+        if best is None or rec["us"] < best["us"]:
             best = rec
     if best is not None:
         row.update(ours_us=best["us"], ours_tbs=best["tbs"], ours_cfg=best["cfg"])
@@ -246,12 +251,8 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
             row.setdefault("mgpu_failed", []).append(f"{mcfg}: {type(e).__name__}: "
                                                      f"{str(e)[:200]}")
             continue
-        us = t / n_calls * 1e6
-        rec = dict(cfg=str(mcfg), us=us, tbs=bytes_read / (us * 1e-6) / 1e12, rel_err=merr)
-        row.setdefault("mgpu_all", []).append(rec)
-        print(f"  B={B} ctx={ctx} page={page} kv={kv} mgpu {mcfg}: {us:9.1f} us  "
-              f"{rec['tbs']:.2f} TB/s  err={merr}", flush=True)
-        if mbest is None or us < mbest["us"]:
+        rec = record("mgpu", "mgpu ", mcfg, t, merr)
+        if mbest is None or rec["us"] < mbest["us"]:
             mbest = rec
     if mbest is not None:
         row.update(mgpu_us=mbest["us"], mgpu_tbs=mbest["tbs"], mgpu_cfg=mbest["cfg"],

@@ -135,8 +135,10 @@ class LLM:
         elif not 1 <= max_model_len <= limit:
             raise ValueError(f"max_model_len must be in [1, {limit}] for this model, got "
                              f"{max_model_len}")
+        from imp_jax.quant import QuantArray
+
         # the compute dtype: that of the first leaf that is not a quantized weight
-        is_quant = lambda x: hasattr(x, "q") and hasattr(x, "scale")  # noqa: E731
+        is_quant = lambda x: isinstance(x, QuantArray)  # noqa: E731
         dtype = next(leaf.dtype for leaf in jax.tree.leaves(self.model.params, is_leaf=is_quant)
                      if not is_quant(leaf))
         cache_dtype = _kv_cache_dtype(kv_cache_dtype, dtype)

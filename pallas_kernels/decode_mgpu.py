@@ -60,7 +60,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.flash_prefill import check_ring
+from pallas_kernels.flash_prefill import check_ring, softmax_state
 
 LOG2E = math.log2(math.e)
 NEG = -1e30                    # log-sum-exp of a split that saw no key (the combine's convention)
@@ -138,9 +138,13 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         num_splits = 1 if base >= num_sms else num_sms // base
         num_splits = min(num_splits, max(1, max_blocks // 2))
     num_splits = max(1, min(int(num_splits), max_blocks))
-    cfg = DecodeConfig(block_kv=block_kv, num_stages=num_stages, num_splits=num_splits,
-                       compat=compat)
-    # Fit SMEM (deep rings at D=128 with block_kv=128): drop stages until it does.
+    return fit_smem(DecodeConfig(block_kv=block_kv, num_stages=num_stages,
+                                 num_splits=num_splits, compat=compat), D)
+
+
+def fit_smem(cfg: DecodeConfig, D: int) -> DecodeConfig:
+    """Drop ring stages (down to 2) until the config fits SMEM (deep rings of 128-key blocks
+    at D=128, or the compat path's extra P buffer)."""
     while smem_bytes(cfg, D) > SMEM_BYTES_H100 and cfg.num_stages > 2:
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
     return cfg
@@ -199,11 +203,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 q_smem[...] = qst[...]
                 plgpu.commit_smem()
 
-                m_i = plgpu.layout_cast(jnp.full((MQ,), -jnp.inf, jnp.float32),
-                                        plgpu.Layout.WGMMA.reduce(1))
-                l_i = plgpu.layout_cast(jnp.full((MQ,), 0.0, jnp.float32),
-                                        plgpu.Layout.WGMMA.reduce(1))
-                acc = plgpu.layout_cast(jnp.full((MQ, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+                m_i, l_i, acc = softmax_state(MQ, D)
 
                 def kv_step(t, carry, masked: bool):
                     acc, m_i, l_i = carry
@@ -426,13 +426,11 @@ def resolve_config(q_shape, k_pages_shape, page_table_shape, *, interpret=None,
     _, _, D = q_shape
     _, page_size, KVH, _ = k_pages_shape
     S, max_pages = page_table_shape
-    # Interpret mode runs neither pl.run_state nor a register-LHS wgmma: use the compat PV
-    # (whose P staging buffer the heuristic then fits into SMEM too).
-    compat = interpret is not None
-    cfg = config if config is not None else choose_config(S, KVH, max_pages, page_size, D,
-                                                          compat=compat)
-    if compat and not cfg.compat:
-        cfg = dataclasses.replace(cfg, compat=True)
+    cfg = config if config is not None else choose_config(S, KVH, max_pages, page_size, D)
+    if interpret is not None and not cfg.compat:
+        # Interpret mode runs neither pl.run_state nor a register-LHS wgmma: use the compat PV,
+        # whose P staging buffer may cost the ring a stage.
+        cfg = fit_smem(dataclasses.replace(cfg, compat=True), D)
     cfg.validate(D, page_size)
     return cfg
 

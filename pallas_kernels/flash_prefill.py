@@ -86,6 +86,15 @@ class FlashConfig:
         check_ring(self, page_size, smem_bytes(self, D), min_stages=2)
 
 
+def softmax_state(rows: int, D: int):
+    """Online-softmax state in the WGMMA register layouts, as both Mosaic GPU attention kernels
+    start it: running max -inf, running sum 0 (per row), f32 accumulator [rows, D] of zeros."""
+    row = plgpu.Layout.WGMMA.reduce(1)
+    return (plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), row),
+            plgpu.layout_cast(jnp.full((rows,), 0.0, jnp.float32), row),
+            plgpu.layout_cast(jnp.full((rows, D), 0.0, jnp.float32), plgpu.Layout.WGMMA))
+
+
 def check_ring(cfg, page_size: int, smem: int, min_stages: int) -> None:
     """The K/V ring rules both Mosaic GPU attention kernels share: blocks of whole 64-key
     wgmma tiles, pages that tile a block (or blocks a page), the SMEM budget."""
@@ -251,11 +260,7 @@ def _build_kernel(*, T, H, D, KVH, page_size, n_tiles, cfg: FlashConfig, scale: 
                 qo_smem[...] = stage[...]
                 plgpu.commit_smem()
 
-                m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32),
-                                        plgpu.Layout.WGMMA.reduce(1))
-                l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32),
-                                        plgpu.Layout.WGMMA.reduce(1))
-                acc = plgpu.layout_cast(jnp.full((bq, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+                m_i, l_i, acc = softmax_state(bq, D)
 
                 @pl.when(kv_steps > 0)
                 def _():

@@ -324,16 +324,22 @@ def _build(M: int, K: int, N: int, in_dtype, out_dtype, cfg: Fp8GemmConfig, inte
     )
 
 
+def kmajor_dims(xq: jax.Array, wq: jax.Array) -> tuple[int, int, int]:
+    """(M, K, N) of xq [M, K] @ wq[N, K].T, or an error naming both shapes."""
+    M, K = xq.shape
+    N, K2 = wq.shape
+    if K2 != K:
+        raise ValueError(f"xq is [M={M}, K={K}] but wq is [N={N}, K={K2}] (K-major layout)")
+    return M, K, N
+
+
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "out_dtype"))
 def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Array, *,
                config: Fp8GemmConfig | None = None, interpret: bool = False,
                out_dtype=jnp.bfloat16) -> jax.Array:
     """xq [M, K] e4m3, x_scale [M] (or [M, 1]) f32, wq [N, K] e4m3 (K-major), w_scale [N] f32
     -> [M, N] out_dtype. M is padded to the CTA tile (padding rows get scale 0)."""
-    M, K = xq.shape
-    N, K2 = wq.shape
-    if K2 != K:
-        raise ValueError(f"xq is [M={M}, K={K}] but wq is [N={N}, K={K2}] (K-major layout)")
+    M, K, N = kmajor_dims(xq, wq)
     cfg = config or choose_config(M, K, N)
     if cfg is None or not supported(M, K, N, cfg):
         raise ValueError(f"fp8_matmul: N={N}, K={K} not tiled by {cfg}")

@@ -73,7 +73,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.fp8_gemm import FP8, SMEM_LIMIT, _transforms, fp8_matmul_ref
+from pallas_kernels.fp8_gemm import FP8, SMEM_LIMIT, _transforms, fp8_matmul_ref, kmajor_dims
 
 NUM_SMS_H100 = 132
 HBM_TBS = 2.94  # measured weight-streaming ceiling on the H100 (../shared/GPU.md)
@@ -301,10 +301,7 @@ def skinny_fp8_matmul_t(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scal
                         out_dtype=jnp.bfloat16) -> jax.Array:
     """xq [M, K] e4m3, x_scale [M] (or [M, 1]) f32, wq [N, K] e4m3 (K-major), w_scale [N] (or
     [N, 1] / [1, N]) f32 -> yT [N, M] out_dtype (the kernel's own layout)."""
-    M, K = xq.shape
-    N, K2 = wq.shape
-    if K2 != K:
-        raise ValueError(f"xq is [M={M}, K={K}] but wq is [N={N}, K={K2}] (K-major layout)")
+    M, K, N = kmajor_dims(xq, wq)
     cfg = config or choose_config(M, K, N)
     if cfg is None or not _valid(M, K, N, cfg):
         raise ValueError(f"skinny_fp8_matmul: M={M}, K={K}, N={N} not tiled by {cfg}")

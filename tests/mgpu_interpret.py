@@ -120,3 +120,12 @@ def rel(a, b) -> float:
     b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
+
+def paged_shapes(T, H, KVH, D, S, max_pages, page, dtype=jnp.bfloat16):
+    """ShapeDtypeStructs of (q, k_pages, v_pages, page_table, seq_lens, query_start) for
+    lowering a paged-attention kernel without data (pool: S * max_pages pages + page 0)."""
+    pool = jax.ShapeDtypeStruct((S * max_pages + 1, page, KVH, D), dtype)
+    return (jax.ShapeDtypeStruct((T, H, D), dtype), pool, pool,
+            jax.ShapeDtypeStruct((S, max_pages), jnp.int32),
+            jax.ShapeDtypeStruct((S,), jnp.int32), jax.ShapeDtypeStruct((S + 1,), jnp.int32))
+

@@ -128,12 +128,7 @@ def test_heuristic(B, ctx):
 def lower(B, ctx, *, page=16, H=32, KVH=8, D=128, cfg=None, T=None):
     T = B if T is None else T
     mp = ctx // page
-    shapes = (jax.ShapeDtypeStruct((T, H, D), jnp.bfloat16),
-              jax.ShapeDtypeStruct((B * mp + 1, page, KVH, D), jnp.bfloat16),
-              jax.ShapeDtypeStruct((B * mp + 1, page, KVH, D), jnp.bfloat16),
-              jax.ShapeDtypeStruct((B, mp), jnp.int32),
-              jax.ShapeDtypeStruct((B,), jnp.int32),
-              jax.ShapeDtypeStruct((B + 1,), jnp.int32))
+    shapes = mgpu_interpret.paged_shapes(T, H, KVH, D, B, mp, page)
     f = jax.jit(lambda *a: decode_kernel_call(*a, scale=D ** -0.5, config=cfg))
     return f.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
 

@@ -136,12 +136,7 @@ LOWER_CONFIGS = [
 def test_lowers_for_hopper(D, page, G, cfg):
     T, KVH, S, max_pages = 512, 2, 3, -(-640 // page)
     H = KVH * G
-    shapes = (jax.ShapeDtypeStruct((T, H, D), jnp.bfloat16),
-              jax.ShapeDtypeStruct((S * max_pages + 1, page, KVH, D), jnp.bfloat16),
-              jax.ShapeDtypeStruct((S * max_pages + 1, page, KVH, D), jnp.bfloat16),
-              jax.ShapeDtypeStruct((S, max_pages), jnp.int32),
-              jax.ShapeDtypeStruct((S,), jnp.int32),
-              jax.ShapeDtypeStruct((S + 1,), jnp.int32))
+    shapes = mgpu_interpret.paged_shapes(T, H, KVH, D, S, max_pages, page)
     f = jax.jit(lambda *a: flash_prefill(*a, scale=D ** -0.5, max_query_len=T, config=cfg))
     text = f.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

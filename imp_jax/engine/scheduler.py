@@ -227,6 +227,13 @@ class Scheduler:
         return (self.kv_admission != "reserve" or not self.running
                 or reserved + self._final_pages(seq) <= self.bm.num_usable_pages)
 
+    def _first_chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens an admitted request computes in its first step."""
+        n = min(seq.num_uncomputed_tokens, budget)
+        if self.long_prefill_token_threshold:
+            n = min(n, self.long_prefill_token_threshold)
+        return n
+
     def can_admit_next(self) -> bool:
         """Whether the next schedule() would admit the head of the waiting queue (a batch row,
         its first chunk's pages, and the reserve policy); the engine only holds decode blocks
@@ -234,9 +241,7 @@ class Scheduler:
         if not self.waiting or len(self.running) >= self.max_num_seqs:
             return False
         seq = self.waiting[0]
-        n = min(seq.num_uncomputed_tokens, self.max_num_batched_tokens)
-        if self.long_prefill_token_threshold:
-            n = min(n, self.long_prefill_token_threshold)
+        n = self._first_chunk(seq, self.max_num_batched_tokens)
         need = -(-(seq.num_computed_tokens + n) // self.bm.page_size) - len(seq.page_ids)
         if need > self.bm.num_free_pages:
             return False
@@ -322,9 +327,7 @@ class Scheduler:
             if not self._reserve_allows(seq, reserved):
                 break  # FCFS: nobody jumps the queue
             cached = self.bm.match_prefix(seq, record_stats=False)
-            n = min(seq.num_uncomputed_tokens, budget)
-            if self.long_prefill_token_threshold:
-                n = min(n, self.long_prefill_token_threshold)
+            n = self._first_chunk(seq, budget)
             if not self.bm.can_allocate(seq, n):
                 self.bm.free(seq)  # undo the prefix attach; FCFS: nobody jumps the queue
                 seq.num_cached_tokens = 0

@@ -65,8 +65,7 @@ def load_model(model: str, dtype=None, shardings=None,
             from imp_jax.sharding import leaf_shardings
 
             target = abstract_quantized(cfg, dtype, random_quantization)
-            out = jax.tree.map(leaf_shardings, out, target,
-                               is_leaf=lambda x: hasattr(x, "q") and hasattr(x, "scale"))
+            out = jax.tree.map(leaf_shardings, out, target)  # a QuantArray where out has a leaf
         init = jax.jit(init, out_shardings=out)
         return LoadedModel(cfg, init(jax.random.key(0)), None, {}, model)
     if os.path.isfile(model) and model.endswith(".gguf"):
