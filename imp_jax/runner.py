@@ -196,7 +196,7 @@ class ModelRunner:
             seqs = [StepSeq([0] * t, 0, [0] * -(-t // self.page_size))]
             steps.append((self._step, (seqs, one, 0, rows), {}))
         if threads is None:
-            threads = int(os.environ.get("IMP_JAX_COMPILE_THREADS", min(8, os.cpu_count() or 1)))
+            threads = _compile_threads()
         if threads > 1:
             programs = [m(*a, **kw, compile_only=True) for m, a, kw in steps]
             with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -327,6 +327,16 @@ class ModelRunner:
             return _Program(_forward, args, kwargs)
         out, logits, self.cache = _forward(*args, **kwargs)
         return StepOutput(out, logits, np.asarray(query_start[:n]))
+
+
+def _compile_threads() -> int:
+    """$IMP_JAX_COMPILE_THREADS (a positive integer), else up to 8."""
+    value = os.environ.get("IMP_JAX_COMPILE_THREADS")
+    if value is None:
+        return min(8, os.cpu_count() or 1)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"IMP_JAX_COMPILE_THREADS={value!r}; allowed: a positive integer")
+    return int(value)
 
 
 @dataclasses.dataclass

@@ -344,3 +344,11 @@ def test_reserve_admission_never_preempts_and_changes_nothing(model, alone):
     assert llm.engine.stats["preemptions"] == 0
     for ids, out in zip(ps, outs):
         assert out.token_ids == alone(ids)
+
+
+def test_a_bad_compile_thread_count_is_named(model, monkeypatch):
+    llm = make_llm(model)
+    monkeypatch.setenv("IMP_JAX_COMPILE_THREADS", "eight")
+    with pytest.raises(ValueError, match="IMP_JAX_COMPILE_THREADS='eight'; allowed: a positive"):
+        llm.warmup()
+
