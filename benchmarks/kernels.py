@@ -19,6 +19,7 @@ time per call = median / N. Achieved bandwidth counts K+V bytes read once (the f
 
   PYTHONPATH=$PWD python benchmarks/kernels.py [--reps 10] [--full | --quick] [--kv bf16,fp8]
       [--budget-s S] [--out DIR] [--autotune [--cache F]] [--smoke]
+      [--shapes 1024x256,64x1024] [--mgpu-sweep]
 
 --quick: bf16 only, B in {1, 8, 64} x ctx {1k, 2k, 4k, 16k} (B=8 x 2k first, with the whole
 mgpu config sweep), each kernel's default config plus one alternative for mgpu, the reference as
@@ -327,6 +328,11 @@ def main():
     ap.add_argument("--mgpu-only", action="store_true",
                     help="skip our Triton kernel; time the Mosaic GPU kernel vs the peer")
     ap.add_argument("--no-mgpu", action="store_true", help="skip the Mosaic GPU kernel")
+    ap.add_argument("--shapes", default=None,
+                    help="comma list of BATCHxCTX (page 16), e.g. 1024x256,64x1024: these "
+                         "cases instead of the mode's table")
+    ap.add_argument("--mgpu-sweep", action="store_true",
+                    help="every case: the whole Mosaic GPU config sweep (MGPU_SWEEP)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--budget-s", type=float, default=None,
@@ -363,6 +369,12 @@ def main():
     else:
         shapes, reps, max_calls = DEFAULT_SHAPES, args.reps, 16
         budget = 150.0 if args.budget_s is None else args.budget_s
+    if args.shapes:
+        try:
+            shapes = [(int(b), int(c), 16) for b, c in
+                      (x.lower().split("x") for x in args.shapes.split(",") if x.strip())]
+        except ValueError:
+            ap.error(f"--shapes {args.shapes!r}: expected BATCHxCTX,... (e.g. 1024x256)")
     deadline = None if budget is None else t_start + budget
     cases = [(B, ctx, page, kv) for (B, ctx, page) in shapes for kv in kvs]
 
@@ -406,7 +418,7 @@ def main():
             mgpu_configs = []
         elif smoke:
             mgpu_configs = MGPU_SMOKE
-        elif args.full or (B, ctx) == (8, 2048):   # the headline row: whole sweep
+        elif args.full or args.mgpu_sweep or (B, ctx) == (8, 2048):  # headline row: all
             mgpu_configs = MGPU_SWEEP
         elif args.quick:
             mgpu_configs = MGPU_QUICK

@@ -145,7 +145,12 @@ def bench_latency(args) -> list[dict]:
         else:
             for b in batches:
                 peer_rows.extend(hf_peer(shape, b, input_len, output_len))
-    llm = _make_llm(args, max(batches), warmup=False)  # each batch size warms up itself
+    llm = _make_llm(args, max(batches), warmup=False)
+    # the programs these batches use, compiled in parallel (a 70B shape's are minutes one by one)
+    start = time.perf_counter()
+    n = llm.warmup(max_prompt_tokens=max(batches) * input_len)
+    print(f"warm-up: compiled {n} programs in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
     cfg = llm.config
     kv_dtype = llm.runner.cache.k[0].dtype
     weight_bytes = step_weight_bytes(llm)
@@ -155,7 +160,7 @@ def bench_latency(args) -> list[dict]:
         # Warm up on other prompts of the same shape: the same prompts would be prefix-cache
         # hits in the timed pass, which would then prefill only the last page.
         warm = _random_prompts(b, input_len, cfg.vocab_size, seed=10_000 + b)
-        _timed_batch(llm, warm, output_len)  # compiles every bucket the timed pass uses
+        _timed_batch(llm, warm, output_len)  # runs each program once before the timed pass
         steps0, host0 = llm.engine.stats["steps"], llm.engine.stats["host_time"]
         with PowerMeter() as power:
             ctx = _profile(args.profile)
@@ -314,6 +319,11 @@ class _NoProfile:
         return False
 
 
+# XLA on GPU replays each step as CUDA graphs ("command buffers"); a profile then shows one
+# opaque command_buffer_N per graph. Off under --profile: the kernels appear by name.
+NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="
+
+
 def _profile(path):
     if not path:
         return _NoProfile()
@@ -429,10 +439,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="throughput: run only the --peer (e.g. on another GPU, in parallel)")
     ap.add_argument("--peer-batches", default="64,128,256",
                     help="throughput --peer hf: HF batch sizes to try (the best is the peer)")
-    ap.add_argument("--profile", default=None, help="write a jax.profiler trace here")
+    ap.add_argument("--profile", default=None,
+                    help="write a jax.profiler trace here (with XLA's CUDA-graph command "
+                         "buffers off, so the trace names every kernel, not one graph per step)")
     ap.add_argument("--json", default=None, help="save results as JSON")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.profile:  # read when the backend starts, so before anything touches a device
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + NO_COMMAND_BUFFERS
+                                   ).strip()
     import jax
 
     rows = bench_latency(args) if args.mode == "latency" else bench_throughput(args)

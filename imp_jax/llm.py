@@ -168,12 +168,19 @@ class LLM:
                                 long_prefill_token_threshold=long_prefill_token_threshold,
                                 decode_steps=decode_steps, kv_admission=kv_admission)
 
-    def warmup(self) -> int:
+    def warmup(self, max_prompt_tokens: int | None = None) -> int:
         """Compile every decode and prompt-chunk program up front (servers and benchmarks call
-        this so no request pays for a compile); returns the number of programs compiled."""
+        this so no request pays for a compile); returns the number of programs compiled.
+
+        max_prompt_tokens: compile prompt chunks only up to this many tokens (a benchmark that
+        knows its prompts); default the scheduler's per-step token budget."""
         sched = self.engine.scheduler
-        return self.runner.warmup(sched.max_num_seqs, sched.max_num_batched_tokens,
-                                  self.engine.decode_steps)
+        tokens = sched.max_num_batched_tokens
+        if max_prompt_tokens is not None:
+            if max_prompt_tokens < 1:
+                raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+            tokens = min(tokens, max_prompt_tokens)
+        return self.runner.warmup(sched.max_num_seqs, tokens, self.engine.decode_steps)
 
     @property
     def config(self):

@@ -24,12 +24,15 @@ materialise a dequantized weight: `(x @ q) * scale`. The conversion of q fuses i
 operand load (XLA on GPU; `pallas_kernels/skinny_gemm.py` does it explicitly for decode).
 
 GEMM kernels on GPU (`$IMP_JAX_GEMM`, read at trace time; `set_gemm_backend` overrides it)
-  "auto" (default)   flattened M <= $IMP_JAX_GEMM_MAX_M (64): `pallas_kernels.skinny_gemm` (Triton,
-                     weight streamed once, dequantized in registers) for every mode -- "fp8" too:
-                     at decode sizes the dot is bound by the weight bytes, so the activations stay
-                     bf16 (weight-only numerics, slightly *more* accurate than W8A8); larger M:
+  "auto" (default)   flattened M <= $IMP_JAX_GEMM_MAX_M (64), on a GPU: XLA's weight-only dot
+                     (the 8-bit weight converted inside the dot's operand load) for every mode --
+                     "fp8" too: at decode sizes the dot is bound by the weight bytes, so the
+                     activations stay bf16 (weight-only numerics, slightly *more* accurate than
+                     W8A8). Measured on an H200 (docs/quant_notes.md, session 4): batch-1 decode
+                     257.6 tok/s this way, 158.9 with the skinny kernel, 224.4 in bf16. Larger M:
                      XLA (`AUTO_LARGE_M` flips "fp8" mode to the Mosaic FP8 GEMM once measured).
-  "pallas"           both kernels: the skinny one for small M, `pallas_kernels.fp8_gemm` (Mosaic
+  "pallas"           both kernels: `pallas_kernels.skinny_gemm` (Triton, weight streamed once,
+                     dequantized in registers) for small M, `pallas_kernels.fp8_gemm` (Mosaic
                      GPU wgmma, e4m3 x e4m3 -> f32, scales in the epilogue) for "fp8" at large M.
   "xla"              XLA dot_general everywhere (the reference path).
   "interpret"        the "pallas" choices with the kernels interpreted (CPU tests).
@@ -110,11 +113,14 @@ def _single_device(a) -> bool:
 
 def _gemm_plan(w: jax.Array, x_dtype, mode: str, M: int, K: int, N: int,
                allow_large: bool = True) -> tuple[str | None, bool]:
-    """(kernel, interpret): kernel is "skinny", "fp8" or None (XLA) for this matmul."""
+    """(kernel, interpret): kernel is "skinny", "fp8", "weight-only" (XLA's dot on the weight
+    converted to the activation dtype, whatever the mode) or None (XLA, the mode's own math)."""
     backend = gemm_backend()
     if backend == "xla":
         return None, False
     interpret = backend == "interpret"
+    if backend == "auto" and M <= gemm_max_m() and jax.default_backend() == "gpu":
+        return "weight-only", False  # faster than the skinny kernel end to end (module doc)
     if not interpret and (jax.default_backend() != "gpu" or not _single_device(w)):
         return None, False
     if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -191,7 +197,7 @@ class QuantArray:
         K, N = math.prod(self.shape[:dims]), math.prod(out_shape)
         M = math.prod(x.shape[:x.ndim - dims])
         kernel, interpret = _gemm_plan(self.q, x.dtype, self.mode, M, K, N)
-        if kernel is not None and M > 0:  # 2-D around the kernel: [M, K] @ [K, N]
+        if kernel in ("skinny", "fp8") and M > 0:  # 2-D around the kernel: [M, K] @ [K, N]
             x2, q2, s2 = x.reshape(M, K), self.q.reshape(K, N), out_scale.reshape(N)
             if kernel == "skinny":  # weight-only in registers, every mode (see module doc)
                 from pallas_kernels.skinny_gemm import skinny_gemm
@@ -202,7 +208,7 @@ class QuantArray:
                 y2 = fp8_matmul(xq, x_scale, q2.T, s2, interpret=interpret, out_dtype=x.dtype)
             return y2.reshape(x.shape[:x.ndim - dims] + out_shape)
         contract = (tuple(range(x.ndim - dims, x.ndim)), tuple(range(dims)))
-        if self.mode == "fp8":
+        if self.mode == "fp8" and kernel != "weight-only":
             xq, x_scale = quantize_activations(x, dims)
             y = jax.lax.dot_general(xq, self.q, (contract, ((), ())),
                                     preferred_element_type=jnp.float32)
@@ -228,7 +234,7 @@ class QuantArray:
             y2 = skinny_gemm(x.reshape(M, K), self.q, row_scale, interpret=interpret,
                              w_layout="nk", out_dtype=jnp.float32)
             return y2.reshape(x.shape[:-1] + (N,))
-        if self.mode == "fp8":
+        if self.mode == "fp8" and kernel != "weight-only":
             xq, x_scale = quantize_activations(x, 1)
             y = jax.lax.dot_general(xq, self.q, contract, preferred_element_type=jnp.float32)
             return y * x_scale[..., None] * row_scale
@@ -405,11 +411,17 @@ def abstract_quantized(cfg: ModelConfig, dtype, mode: str,
         if not policy.selects(path, spec, cfg):
             return jax.ShapeDtypeStruct(spec.shape, dtype)
         contract = (1,) if path[-1] == "embedding" else spec.contract
-        sshape = tuple(1 if d in contract else n for d, n in enumerate(spec.shape))
-        return QuantArray(jax.ShapeDtypeStruct(spec.shape, storage_dtype(mode)),
-                          jax.ShapeDtypeStruct(sshape, jnp.float32), mode, tuple(contract))
+        return abstract_quantized_leaf(spec, dtype, mode, contract)
 
     return map_specs(one, param_specs(cfg))
+
+
+def abstract_quantized_leaf(spec: ArraySpec, dtype, mode: str,
+                            contract: tuple[int, ...]) -> QuantArray:
+    """ShapeDtypeStructs of one weight quantized over its `contract` axes."""
+    sshape = tuple(1 if d in contract else n for d, n in enumerate(spec.shape))
+    return QuantArray(jax.ShapeDtypeStruct(spec.shape, storage_dtype(mode)),
+                      jax.ShapeDtypeStruct(sshape, jnp.float32), mode, tuple(contract))
 
 
 def quant_meta(params: dict[str, Any]) -> dict[str, Any] | None:

@@ -103,12 +103,14 @@ def map_specs(fn: Callable[[tuple[str, ...], ArraySpec], Any], specs) -> Any:
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict[str, Any]:
     """Random params for `cfg`: benchmarks of a named shape and tests need no downloads."""
 
-    def make(path, spec):
-        # crc32, not hash(): str hashes change from process to process.
-        leaf_key = jax.random.fold_in(key, zlib.crc32("/".join(path).encode()) % (2**31))
-        return spec.initializer(leaf_key, dtype)
+    return map_specs(lambda path, spec: spec.initializer(leaf_key(key, path), dtype),
+                     param_specs(cfg))
 
-    return map_specs(make, param_specs(cfg))
+
+def leaf_key(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
+    """The random key of one param leaf: any subset of leaves can be generated alone."""
+    # crc32, not hash(): str hashes change from process to process.
+    return jax.random.fold_in(key, zlib.crc32("/".join(path).encode()) % (2**31))
 
 
 def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict[str, Any]:

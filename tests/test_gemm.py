@@ -234,6 +234,29 @@ def test_quantized_dot_t_dispatch(backend, mode):
     assert rel(y, ref) < (0.06 if mode == "fp8" else 1e-2)
 
 
+def test_auto_small_m_on_gpu_is_xla_weight_only(backend, monkeypatch):
+    """"auto" on a GPU sends decode-sized dots (M <= 64) of every mode to XLA's weight-only dot
+    (measured faster than the skinny kernel end to end); larger M keeps the mode's own math."""
+    table = jax.random.t(jax.random.PRNGKey(10), 5.0, (320, 64)) * 0.1  # [vocab, embed]
+    qt = quantize(table, "fp8", (1,))
+    qa = quantize(jax.random.t(jax.random.PRNGKey(11), 5.0, (64, 4, 16)) * 0.1, "fp8", (0,))
+    wo = lambda q: QuantArray(q.q, q.scale, "fp8-weight-only", q.contract)  # noqa: E731
+    x = jax.random.normal(jax.random.PRNGKey(12), (3, 64), jnp.bfloat16)
+    backend("auto")
+    w8a8 = qa.quantized_dot(x, 1), qt.quantized_dot_t(x)  # CPU: W8A8 at every size
+    monkeypatch.setattr(quant.jax, "default_backend", lambda: "gpu")
+    assert quant._gemm_plan(qa.q, jnp.bfloat16, "fp8", 64, 64, 64) == ("weight-only", False)
+    assert quant._gemm_plan(qa.q, jnp.bfloat16, "fp8", 65, 64, 64)[0] is None
+    y, yt = qa.quantized_dot(x, 1), qt.quantized_dot_t(x)
+    np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                  np.asarray(wo(qa).quantized_dot(x, 1), np.float32))
+    np.testing.assert_array_equal(np.asarray(yt), np.asarray(wo(qt).quantized_dot_t(x)))
+    assert 0 < rel(y, w8a8[0]) < 0.06 and 0 < rel(yt, w8a8[1]) < 0.06  # not W8A8, but close
+    backend("xla")  # the reference path keeps W8A8
+    np.testing.assert_array_equal(np.asarray(qa.quantized_dot(x, 1), np.float32),
+                                  np.asarray(w8a8[0], np.float32))
+
+
 def test_env_var(monkeypatch, backend):
     monkeypatch.setenv(quant.GEMM_ENV, "xla")
     assert quant.gemm_backend() == "xla"
