@@ -115,6 +115,9 @@ def supported(q_shape, k_pages_shape, dtype=None, max_query_len: int = 1, *, k_d
     return True
 
 
+SHORT_CTX = 512  # page-table spans up to this many keys count as short (choose_config)
+
+
 def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128, *,
                   block_kv: int | None = None, num_stages: int | None = None,
                   num_splits: int | None = None, compat: bool = False,
@@ -127,11 +130,14 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     shorter than 2 blocks at the longest context (each CTA pays a Q load + ring fill)."""
     # 128-key blocks in a 3-stage ring beat 64-key blocks in 4 stages on 7 of the 9 rows of
     # the first GPU run where both ran (H200, 2026-11-28, docs/kernels_notes.md), by up to
-    # 1.46x; they lost (by <= 7%) at 1 and 8 x 4k.
+    # 1.46x; they lost (by <= 7%) at 1 and 8 x 4k. At short contexts (<= SHORT_CTX keys, a
+    # CTA has 2-4 blocks of 128) 64-key blocks in 6 stages won: 1024 x 256 -16%, 256 x 512
+    # -4%; at 64 x 1k they lost by 13% (H200, session 4, same table).
+    short = max_pages * page_size <= SHORT_CTX and page_size <= 64
     if block_kv is None:
-        block_kv = 128 if page_size <= 128 else page_size
+        block_kv = 64 if short else 128 if page_size <= 128 else page_size
     if num_stages is None:
-        num_stages = 3
+        num_stages = 6 if short and block_kv == 64 else 3
     max_blocks = -(-(max_pages * page_size) // block_kv)
     if num_splits is None:
         base = max(1, S * KVH)

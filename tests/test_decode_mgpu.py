@@ -57,6 +57,8 @@ CASES = [
     ("g2_d64_p32_many_pad_split2", [50], 4, 2, 64, 32, 2, 5, C(64, 2, 2), "bf16"),
     ("g16_d64_p16_split5", [333, 90], 16, 1, 64, 16, 0, 0, C(64, 4, 5), "bf16"),
     ("g4_d128_p16_default_f16", [1000, 33], 8, 2, 128, 16, 0, 0, None, "f16"),
+    # the short-table default: a 6-stage ring deeper than the 1-4 blocks a sequence has
+    ("g4_d128_p16_deep_ring_short", [250, 37, 1], 8, 2, 128, 16, 0, 1, C(64, 6, 1), "bf16"),
 ]
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16}
 
@@ -111,10 +113,13 @@ def test_supported():
 
 
 @pytest.mark.parametrize("B,ctx", [(B, c) for B in (1, 8, 64, 256)
-                                   for c in (1024, 2048, 4096, 16384, 32768)])
+                                   for c in (1024, 2048, 4096, 16384, 32768)]
+                         + [(1024, 256), (256, 512), (1, 64)])
 def test_heuristic(B, ctx):
     cfg = choose_config(B, 8, ctx // 16, 16, 128)
     assert smem_bytes(cfg, 128) <= 227 * 1024
+    # short page tables: 64-key blocks in a deep ring (the H200 sweep's winner there)
+    assert (cfg.block_kv, cfg.num_stages) == ((64, 6) if ctx <= 512 else (128, 3))
     ctas = B * 8 * cfg.num_splits
     assert cfg.num_splits == 1 or ctas <= 132          # one wave when splitting
     assert B * 8 < 132 or cfg.num_splits == 1
@@ -133,7 +138,8 @@ def lower(B, ctx, *, page=16, H=32, KVH=8, D=128, cfg=None, T=None):
     return f.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
 
 
-BENCH_SHAPES = [(B, c) for B in (1, 8, 64, 256) for c in (1024, 2048, 4096, 16384, 32768)]
+BENCH_SHAPES = ([(B, c) for B in (1, 8, 64, 256) for c in (1024, 2048, 4096, 16384, 32768)]
+                + [(1024, 256), (256, 512), (4, 64)])  # short tables: 64-key blocks, 6 stages
 
 
 @pytest.mark.parametrize("B,ctx", BENCH_SHAPES, ids=[f"B{b}-ctx{c}" for b, c in BENCH_SHAPES])
@@ -239,7 +245,7 @@ def bench_like_case(B, ctx, page=16, H=32, KVH=8, D=128, pad_seqs=0, seed=0):
 
 
 GPU_SHAPES = [(8, 2048), (1, 1024), (1, 32768), (8, 16384), (64, 1024), (64, 4096),
-              (256, 1024)]
+              (256, 1024), (256, 256)]
 
 
 @gpu
