@@ -1,7 +1,7 @@
 """Where a profiled run spent its device time, as text: the top ops/kernels of a jax.profiler trace.
 
     python3 -m imp_jax.cli bench throughput ... --profile $OUT/trace     # any jax.profiler.trace dir
-    python3 benchmarks/trace_summary.py $OUT/trace --top 25 [--json $OUT/summary.json]
+    python3 benchmarks/trace_summary.py $OUT/trace --top 25 [--gaps 10] [--json $OUT/summary.json]
 
 A trace directory holds `plugins/profile/<run>/<host>.trace.json.gz` (Chrome trace format): one
 process per device or host ("/device:GPU:0", "/host:CPU", ...), complete events ("ph": "X")
@@ -10,6 +10,10 @@ the GPU machine; this prints, per process (device processes only when there are 
 time, the wall span, and the top events by total duration, also rolled up by "family" (the
 name without its numeric suffixes, so fusion.12 and fusion.40 add up). Kernel names tell GEMM
 algorithms and Pallas kernels apart; `hlo_op` (when the trace records it) names the XLA op.
+
+Idle time: the span minus the union of the process's events (over all its streams), and the
+`--gaps` longest idle gaps with the events on either side, so a host-bound run shows where the
+device waited (a gap after each step's last kernel: the host's turn).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import collections
 import glob
 import gzip
+import heapq
 import json
 import os
 import re
@@ -40,7 +45,32 @@ def find_traces(path: str) -> list[str]:
     return found[-1:]  # the newest run (directories are named by time)
 
 
-def summarize(trace_file: str, top: int = 25) -> dict:
+def idle_gaps(events: list[dict], n: int) -> tuple[float, list[dict], dict]:
+    """(busy union in us, the n longest gaps, gap counts by size) of one process's events."""
+    iv = sorted((e["ts"], e["ts"] + e["dur"], _name(e)) for e in events)
+    covered, gaps = 0.0, []
+    seg_start, cur_end, cur_name = iv[0]
+    for start, end, name in iv[1:]:
+        if start > cur_end:
+            gaps.append((start - cur_end, cur_end - iv[0][0], cur_name, name))
+            covered += cur_end - seg_start
+            seg_start = start
+        if end > cur_end:
+            cur_end, cur_name = end, name
+    covered += cur_end - seg_start
+    sizes = {f">{lim} ms": dict(count=sum(g[0] > lim * 1e3 for g in gaps),
+                                ms=sum(g[0] for g in gaps if g[0] > lim * 1e3) / 1e3)
+             for lim in (0.1, 1, 10)}
+    top = [dict(ms=d / 1e3, at_ms=at / 1e3, after=a, before=b)
+           for d, at, a, b in heapq.nlargest(n, gaps)]
+    return covered, top, sizes
+
+
+def _name(e: dict) -> str:
+    return e.get("args", {}).get("hlo_op") or e["name"]
+
+
+def summarize(trace_file: str, top: int = 25, gaps: int = 10) -> dict:
     with gzip.open(trace_file, "rt") as f:
         events = json.load(f)["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in events
@@ -56,16 +86,18 @@ def summarize(trace_file: str, top: int = 25) -> dict:
         by_name, by_family = collections.Counter(), collections.Counter()
         calls = collections.Counter()
         for e in mine:
-            name = e.get("args", {}).get("hlo_op") or e["name"]
+            name = _name(e)
             by_name[name] += e["dur"]
             by_family[family(name)] += e["dur"]
             calls[name] += 1
         busy = sum(by_name.values())
         start = min(e["ts"] for e in mine)
         end = max(e["ts"] + e["dur"] for e in mine)
+        covered, longest, sizes = idle_gaps(mine, gaps)
         out["processes"].append({
             "process": procs.get(pid, str(pid)), "events": len(mine),
             "busy_ms": busy / 1e3, "span_ms": (end - start) / 1e3,
+            "idle_ms": (end - start - covered) / 1e3, "gaps": longest, "gap_sizes": sizes,
             "top": [{"name": n, "ms": d / 1e3, "calls": calls[n], "share": d / busy}
                     for n, d in by_name.most_common(top)],
             "families": [{"family": n, "ms": d / 1e3, "share": d / busy}
@@ -85,6 +117,14 @@ def render(summary: dict) -> str:
         lines.append("\n| ms | share | family |\n| --- | --- | --- |")
         lines += [f"| {t['ms']:.2f} | {100 * t['share']:.1f}% | {t['family'][:110]} |"
                   for t in p["families"]]
+        sizes = ", ".join(f"{k}: {v['count']} ({v['ms']:.1f} ms)"
+                          for k, v in p["gap_sizes"].items())
+        lines.append(f"\nidle {p['idle_ms']:.1f} ms of the span (no event on any stream); "
+                     f"gaps {sizes}")
+        if p["gaps"]:
+            lines.append("| gap ms | at ms | after | before |\n| --- | --- | --- | --- |")
+            lines += [f"| {g['ms']:.2f} | {g['at_ms']:.1f} | {g['after'][:50]} | "
+                      f"{g['before'][:50]} |" for g in p["gaps"]]
     return "\n".join(lines)
 
 
@@ -92,9 +132,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace", help="a jax.profiler.trace directory or one .trace.json.gz file")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--gaps", type=int, default=10, help="list this many longest idle gaps")
     ap.add_argument("--json", default=None, help="also save the summary here")
     args = ap.parse_args(argv)
-    summary = summarize(find_traces(args.trace)[0], args.top)
+    summary = summarize(find_traces(args.trace)[0], args.top, args.gaps)
     print(render(summary))
     if args.json:
         with open(args.json, "w") as f:

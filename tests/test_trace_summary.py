@@ -38,3 +38,18 @@ def test_summary_of_a_profiled_run(tmp_path, capsys):
     assert abs(sum(t["share"] for t in proc["families"]) - 1) < 1e-6 or len(proc["families"]) == 5
     assert any("PjitFunction" in t["name"] for t in proc["top"])  # the 5 calls of f
     assert "| ms | share | calls |" in capsys.readouterr().out
+    # 5 host-synchronised calls: the process idles between them, and the gaps say where
+    assert 0 <= proc["idle_ms"] < proc["span_ms"]
+    gaps = [g["ms"] for g in proc["gaps"]]
+    assert gaps == sorted(gaps, reverse=True) and all(g > 0 for g in gaps)
+    assert proc["gap_sizes"][">0.1 ms"]["count"] >= sum(g > 0.1 for g in gaps)
+
+
+def test_idle_gaps_of_known_intervals():
+    ev = [dict(ts=0, dur=10, name="a"), dict(ts=5, dur=10, name="b"),  # overlap: busy 0-15
+          dict(ts=1015, dur=5, name="c"), dict(ts=3020, dur=1, name="d")]
+    covered, top, sizes = ts.idle_gaps(ev, 5)
+    assert covered == 15 + 5 + 1
+    assert [(g["ms"], g["after"], g["before"]) for g in top] == [(2.0, "c", "d"),
+                                                                  (1.0, "b", "c")]
+    assert sizes[">1 ms"] == dict(count=1, ms=2.0) and sizes[">0.1 ms"]["count"] == 2
