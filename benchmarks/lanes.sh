@@ -39,3 +39,9 @@ for file in "$@"; do
 done
 wait
 tail -n 25 "$out"/lane*.log
+# the device tool brings back at most 8 files: past that, everything but the logs in one archive
+if (( $(find "$out" -type f | wc -l) > 8 )); then
+    tar czf /tmp/lanes_results.tgz -C "$out" --exclude='lane*.log' . \
+        && find "$out" -mindepth 1 -type f ! -name 'lane*.log' -delete \
+        && find "$out" -mindepth 1 -type d -empty -delete && mv /tmp/lanes_results.tgz "$out/"
+fi
