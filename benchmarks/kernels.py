@@ -34,8 +34,8 @@ of docs/kernels_notes.md x 3 dtypes and the full config sweep (no budget unless 
 harness and the numerics, not speed.
 
 --autotune: per case, also run pallas_kernels.autotune.tune over the default candidates plus the
-sweep (same looped timing), and store the winner per (device kind, shape bucket, KV dtype) in the
-autotune cache ($IMP_JAX_AUTOTUNE_CACHE or ~/.cache/imp_jax/autotune.json; --cache overrides).
+sweep (same looped timing), for the Triton kernel and (bf16 pages) decode_mgpu, and store each
+winner per (kernel, device kind, shape bucket, KV dtype) in the autotune cache ($IMP_JAX_AUTOTUNE_CACHE or ~/.cache/imp_jax/autotune.json; --cache overrides).
 
 Prints a table last and writes JSON to $OUT (or --out) after every case.
 """
@@ -258,6 +258,23 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
     if mbest is not None:
         row.update(mgpu_us=mbest["us"], mgpu_tbs=mbest["tbs"], mgpu_cfg=mbest["cfg"],
                    mgpu_err=mbest["rel_err"])
+    if tune and mgpu_ok and not interpret:  # decode_mgpu's own bucket (kernel="mgpu" keys)
+        mkey = autotune.make_key(q.shape, k_pages.shape, pts[0].shape, 1, q.dtype,
+                                 kernel="mgpu")
+        mjit = {}
+
+        def mrun(cfg):
+            if cfg not in mjit:
+                mjit[cfg] = looped(lambda q, kp, vp, pt, ln, sc: decode_mgpu.paged_decode_mgpu(
+                    q, kp, vp, pt, ln, qs, scale=scale, config=cfg))
+            return mjit[cfg](q, k_pages, v_pages, pts, lens, sc)
+
+        won = autotune.tune(mkey, autotune.default_candidates(mkey) + list(mseen), mrun,
+                            reps=reps, calls_per_run=n_calls)
+        entry = autotune.load_cache().get(mkey.id, {}) if won is not None else {}
+        row.update(mgpu_tuned_key=mkey.id, mgpu_tuned_cfg=str(won), mgpu_tuned_us=entry.get("us"))
+        print(f"  autotune {mkey.id}: {won} {entry.get('us')} us -> {autotune.cache_path()}",
+              flush=True)
 
     if run_peer:
         try:

@@ -20,9 +20,10 @@ max_query_len * (H // KVH) <= 64, else in its prefill form (query blocks of ~64 
 skipping). Shapes the kernel does not cover (non power-of-two head_dim / group / page size) and
 non-GPU backends without interpret use `reference.ragged_paged_attention_ref`.
 
-Launch config: `autotune.lookup` of the static-shape bucket key (device kind, dtype, KV page
-dtype when it differs, head_dim, group, page size, pow2 batch / context buckets, decode vs
-prefill) picks the cached autotuned winner (~/.cache/imp_jax/autotune.json or
+Launch config (Triton kernel and decode_mgpu, each with its own entries): `autotune.lookup` of
+the static-shape bucket key (kernel, device kind, dtype, KV page dtype when it differs,
+head_dim, group, page size, pow2 batch / context buckets, decode vs prefill) picks the cached
+autotuned winner (~/.cache/imp_jax/autotune.json or
 $IMP_JAX_AUTOTUNE_CACHE), else `choose_config`'s heuristic. With IMP_JAX_AUTOTUNE=1 a missing
 bucket is tuned once, at trace time.
 """
@@ -100,8 +101,12 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_star
     if on_gpu and decode_kernel() == "mgpu" and decode_mgpu.supported(
             q.shape, k_pages.shape, q.dtype, max_query_len, k_dtype=k_pages.dtype,
             soft_cap=soft_cap, sliding_window=sliding_window, k_scale=k_scale):
+        key = autotune.make_key(q.shape, k_pages.shape, page_table.shape, 1, q.dtype,
+                                kernel="mgpu")
+        autotune.maybe_tune(key)  # no-op unless IMP_JAX_AUTOTUNE=1
         return decode_mgpu.paged_decode_mgpu(q, k_pages, v_pages, page_table, seq_lens,
-                                             query_start, scale=float(scale), max_query_len=1)
+                                             query_start, scale=float(scale), max_query_len=1,
+                                             config=autotune.lookup(key))
     use_kernel = ((interpret or on_gpu) and supported(q.shape, k_pages.shape, k_pages.dtype))
     if not use_kernel:
         return ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_start,

@@ -1,4 +1,7 @@
-"""Autotuning of the paged-attention launch config, per (device kind, shape bucket).
+"""Autotuning of the paged-attention launch configs, per (kernel, device kind, shape bucket).
+
+Two kernels are tuned: the Triton kernel (`paged_decode.KernelConfig`) and the Mosaic GPU
+decode kernel (`decode_mgpu.DecodeConfig`: ring shape and splits; keys with kernel="mgpu").
 
     key = make_key(q.shape, k_pages.shape, page_table.shape, max_query_len, q.dtype)  # static
     cfg = lookup(key)            # cached winner, else choose_config's heuristic (cold start)
@@ -73,6 +76,7 @@ class ShapeKey:
     ctx_bucket: int         # next pow2 of max_pages * page_size
     mode: str               # "decode" | "prefill"
     kv_dtype: str = ""      # page dtype if not the query dtype (e.g. "float8_e4m3fn", "int8")
+    kernel: str = "triton"  # "triton" (paged_decode.py) | "mgpu" (decode_mgpu.py): own winners
     # exact dims of the problem the key was made from: not part of the identity
     S: int = field(default=0, compare=False)
     max_query_len: int = field(default=1, compare=False)
@@ -83,15 +87,29 @@ class ShapeKey:
         return (f"{self.device_kind}|{self.dtype}|D{self.head_dim}|G{self.group}|"
                 f"KVH{self.kv_heads}|page{self.page_size}|B{self.batch_bucket}|"
                 f"ctx{self.ctx_bucket}|{self.mode}" + (f"|kv{self.kv_dtype}" if self.kv_dtype
-                                                        else ""))
+                                                        else "")
+                + (f"|{self.kernel}" if self.kernel != "triton" else ""))
 
     def __str__(self) -> str:
         return self.id
 
-    def heuristic(self, **overrides) -> KernelConfig:
-        """choose_config for the exact dims this key came from (overrides as in choose_config)."""
+    def heuristic(self, **overrides):
+        """The kernel's choose_config for the exact dims this key came from (overrides as in
+        that choose_config): a KernelConfig, or a decode_mgpu.DecodeConfig for "mgpu" keys."""
+        if self.kernel == "mgpu":
+            from pallas_kernels import decode_mgpu
+            return decode_mgpu.choose_config(max(1, self.S), self.kv_heads,
+                                             max(1, self.max_pages), self.page_size,
+                                             self.head_dim, **overrides)
         return choose_config(max(1, self.S), self.kv_heads, self.group, self.max_query_len,
                              max(1, self.max_pages), self.page_size, **overrides)
+
+    @property
+    def config_class(self) -> type:
+        if self.kernel == "mgpu":
+            from pallas_kernels.decode_mgpu import DecodeConfig
+            return DecodeConfig
+        return KernelConfig
 
 
 def device_kind() -> str:
@@ -102,7 +120,7 @@ def device_kind() -> str:
 
 
 def make_key(q_shape, k_shape, page_table_shape, max_query_len: int, dtype,
-             *, kind: str | None = None, kv_dtype=None) -> ShapeKey:
+             *, kind: str | None = None, kv_dtype=None, kernel: str = "triton") -> ShapeKey:
     """Key of q [T,H,D], k_pages [P,page,KVH,D], page_table [S,max_pages] (static shapes).
 
     kv_dtype: the page dtype; part of the key only when it differs from dtype (8-bit pages
@@ -117,7 +135,7 @@ def make_key(q_shape, k_shape, page_table_shape, max_query_len: int, dtype,
     return ShapeKey(device_kind=device_kind() if kind is None else kind,
                     dtype=jnp.dtype(dtype).name, kv_dtype=kvd, head_dim=D, group=G, kv_heads=KVH,
                     page_size=page, batch_bucket=bucket(S), ctx_bucket=bucket(max_pages * page),
-                    mode="decode" if Q * G <= 64 else "prefill",
+                    mode="decode" if Q * G <= 64 else "prefill", kernel=kernel,
                     S=S, max_query_len=Q, max_pages=max_pages)
 
 
@@ -200,29 +218,32 @@ def save_entry(key: ShapeKey | str, entry: dict, path: str | None = None) -> Non
         _memo.pop(path, None)
 
 
-def _config_from_entry(entry: dict) -> KernelConfig | None:
+def _config_from_entry(entry: dict, cls: type = KernelConfig):
     try:
-        fields = {f.name for f in dataclasses.fields(KernelConfig)}
+        fields = {f.name for f in dataclasses.fields(cls)}
         cfg = {k: v for k, v in entry["config"].items() if k in fields}
-        return KernelConfig(**cfg)
+        return cls(**cfg)
     except Exception:  # noqa: BLE001 -- a bad entry is a miss
         return None
 
 
-def cached(key: ShapeKey, path: str | None = None) -> KernelConfig | None:
+def cached(key: ShapeKey, path: str | None = None):
     """The stored winner of key's bucket as stored (not adapted to the exact shape), or None."""
     entry = load_cache(path).get(key.id)
     if entry is None:
         return None
-    cfg = _config_from_entry(entry)
+    cfg = _config_from_entry(entry, key.config_class)
     if cfg is None:
         warnings.warn(f"autotune cache entry {key.id} is malformed, ignored", RuntimeWarning,
                       stacklevel=2)
     return cfg
 
 
-def adapt(key: ShapeKey, cfg: KernelConfig) -> KernelConfig:
+def adapt(key: ShapeKey, cfg):
     """Re-apply a (bucket's) winner to key's exact dims through choose_config's overrides."""
+    if key.kernel == "mgpu":  # splits are clamped to this shape's blocks, stages to SMEM
+        return key.heuristic(block_kv=cfg.block_kv, num_stages=cfg.num_stages,
+                             num_splits=cfg.num_splits, compat=cfg.compat)
     over = dict(block_k_tokens=cfg.pages_per_block * key.page_size, num_splits=cfg.num_splits,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 prefetch_pages=cfg.prefetch_pages)
@@ -231,7 +252,7 @@ def adapt(key: ShapeKey, cfg: KernelConfig) -> KernelConfig:
     return key.heuristic(**over)
 
 
-def lookup(key: ShapeKey, path: str | None = None) -> KernelConfig:
+def lookup(key: ShapeKey, path: str | None = None):
     """Config for the kernel: the cached winner of key's bucket if any, else the heuristic."""
     cfg = cached(key, path)
     if cfg is None:
@@ -303,9 +324,18 @@ def tune(key: ShapeKey, candidates: Iterable[KernelConfig], run_fn: Callable[[Ke
     return best
 
 
-def default_candidates(key: ShapeKey) -> list[KernelConfig]:
-    """The heuristic plus variations of block size, splits, stages, warps and prefetch."""
+# decode_mgpu (block_kv, num_stages) pairs that won somewhere on the H200 (docs/kernels_notes.md)
+MGPU_RINGS = ((128, 3), (64, 6), (64, 2), (64, 4), (128, 2))
+
+
+def default_candidates(key: ShapeKey) -> list:
+    """The heuristic plus variations of block size, splits, stages, warps and prefetch (for
+    "mgpu" keys: ring shapes x split counts)."""
     h = key.heuristic()
+    if key.kernel == "mgpu":
+        over = [dict()] + [dict(block_kv=b, num_stages=st) for b, st in MGPU_RINGS] + \
+            [dict(num_splits=sp) for sp in {1, max(1, h.num_splits // 2), h.num_splits * 2}]
+        return list(dict.fromkeys(key.heuristic(**o) for o in over))
     bk = h.pages_per_block * key.page_size
     over = [dict()]
     for b in sorted({32, 64, 128} | {bk}):
@@ -376,6 +406,9 @@ def tune_shape(key: ShapeKey, *, candidates: Sequence[KernelConfig] | None = Non
     scale = 1.0 / math.sqrt(key.head_dim)
 
     def run_fn(cfg):
+        if key.kernel == "mgpu":
+            from pallas_kernels.decode_mgpu import paged_decode_mgpu
+            return paged_decode_mgpu(*args, scale=scale, config=cfg, interpret=interpret)
         return paged_attention_kernel(*args, max_query_len=key.max_query_len, scale=scale,
                                       soft_cap=soft_cap, sliding_window=sliding_window,
                                       config=cfg, interpret=interpret, **scales)

@@ -234,3 +234,89 @@ def test_env_enabled_tunes_once_at_trace_time(monkeypatch):
     assert autotune.cached(key) in cands
     ref = ragged_paged_attention_ref(q, kp, vp, pt, sl, qs, **kw)
     assert rel(out, ref) < 2e-5
+
+
+# ---------------------------------------------------------------------- decode_mgpu's own keys
+
+def mgpu_key(S=8, max_pages=64, page=16, kind="H200"):
+    return autotune.make_key((S, 32, 128), (1000, page, 8, 128), (S, max_pages), 1,
+                             jnp.bfloat16, kind=kind, kernel="mgpu")
+
+
+def test_mgpu_keys_configs_and_candidates():
+    from pallas_kernels import decode_mgpu
+
+    k, t = mgpu_key(), key_of(kind="H200")
+    assert k != t and k.id == t.id + "|mgpu" and k.config_class is decode_mgpu.DecodeConfig
+    assert k.heuristic() == decode_mgpu.choose_config(8, 8, 64, 16, 128)
+    for key in (k, mgpu_key(S=1024, max_pages=16), mgpu_key(S=1, max_pages=2048)):
+        cands = autotune.default_candidates(key)
+        assert cands[0] == key.heuristic() and len(set(cands)) == len(cands) >= 5
+        for c in cands:  # every candidate is a launchable config for this shape
+            assert isinstance(c, decode_mgpu.DecodeConfig)
+            c.validate(128, 16)
+
+
+def test_mgpu_winner_round_trip_and_adapt(cache_file):
+    from pallas_kernels import decode_mgpu
+
+    k = mgpu_key(S=64, max_pages=64)                      # 1k keys: 8 blocks of 128
+    cands = [k.heuristic(block_kv=b, num_stages=s) for b, s in ((128, 3), (64, 6), (64, 2))]
+    cost = dict(zip(cands, (3e-3, 1e-3, 2e-3)))
+    clock = FakeClock()
+
+    def run_fn(cfg):
+        clock.t += cost[cfg]
+        return jnp.zeros(())
+
+    assert autotune.tune(k, cands, run_fn, reps=2, timer=clock) == cands[1]
+    assert autotune.cached(k) == cands[1] and autotune.lookup(k) == cands[1]
+    assert autotune.cached(key_of(S=64, max_pages=64, kind="H200")) is None  # Triton: no entry
+    # a winner with more splits than a smaller shape of the same bucket has blocks: clamped
+    autotune.save_entry(k, dict(config=dataclasses.asdict(
+        decode_mgpu.DecodeConfig(block_kv=128, num_stages=3, num_splits=16))))
+    small = mgpu_key(S=33, max_pages=40)                  # same bucket, 5 blocks of 128
+    assert small == k and autotune.lookup(small).num_splits == 5
+
+
+def test_entry_point_passes_the_mgpu_winner(monkeypatch):
+    """On a GPU, decode steps decode_mgpu covers get the cached winner of their mgpu key. The
+    Mosaic GPU kernel does not run on this CPU, so a stand-in records the config it is given and
+    returns the reference (test_decode_mgpu.py runs the kernel itself)."""
+    from pallas_kernels import decode_mgpu
+
+    q, kp, vp, pt, sl, qs = make_case(4, seq_lens=[300, 5, 200], qlens=[1, 1, 1], KVH=2, G=4,
+                                      D=64, page=16)
+    q, kp, vp = (x.astype(jnp.bfloat16) for x in (q, kp, vp))
+    kw = dict(max_query_len=1, scale=0.125)
+    key = autotune.make_key(q.shape, kp.shape, pt.shape, 1, q.dtype, kernel="mgpu")
+    winner = decode_mgpu.DecodeConfig(block_kv=64, num_stages=2, num_splits=2)
+    assert winner != key.heuristic()
+    assert autotune.adapt(key, winner) == winner
+    autotune.save_entry(key, dict(config=dataclasses.asdict(winner), us=1.0))
+    seen = []
+
+    def stand_in(*a, config=None, **k):
+        seen.append(config)
+        return ragged_paged_attention_ref(*a, scale=k["scale"], max_query_len=1)
+
+    monkeypatch.setattr(decode_mgpu, "paged_decode_mgpu", stand_in)
+    monkeypatch.setattr(pallas_kernels.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv("IMP_JAX_DECODE", "mgpu")
+    assert decode_mgpu.supported(q.shape, kp.shape, q.dtype, 1, k_dtype=kp.dtype)
+    pallas_kernels.ragged_paged_attention(q, kp, vp, pt, sl, qs, **kw)
+    assert seen == [winner]
+    os.remove(os.environ[autotune.CACHE_ENV])             # no winner: the heuristic
+    pallas_kernels.ragged_paged_attention(q, kp, vp, pt, sl, qs, **kw)
+    assert seen[-1] == key.heuristic()
+
+
+@pytest.mark.gpu
+def test_mgpu_tune_shape_on_gpu(cache_file):
+    """The real thing: tune an mgpu bucket on synthetic inputs, then run the winner."""
+    k = autotune.make_key((64, 32, 128), (2000, 16, 8, 128), (64, 32), 1, jnp.bfloat16,
+                          kernel="mgpu")
+    won = autotune.tune_shape(k, reps=3)
+    assert won is not None and autotune.lookup(k) == autotune.adapt(k, won)
+    entry = json.loads(cache_file.read_text())["entries"][k.id]
+    assert len(entry["timings_us"]) >= 5 and not entry["failed"]
