@@ -201,7 +201,7 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
     if best is not None:
         row.update(ours_us=best["us"], ours_tbs=best["tbs"], ours_cfg=best["cfg"])
 
-    if tune:
+    if tune and configs:  # the Triton kernel's bucket (not under --mgpu-only)
         akey = autotune.make_key(q.shape, k_pages.shape, pts[0].shape, 1, q.dtype,
                                  kv_dtype=k_pages.dtype)
         cands = autotune.default_candidates(akey)
@@ -258,7 +258,7 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
     if mbest is not None:
         row.update(mgpu_us=mbest["us"], mgpu_tbs=mbest["tbs"], mgpu_cfg=mbest["cfg"],
                    mgpu_err=mbest["rel_err"])
-    if tune and mgpu_ok and not interpret:  # decode_mgpu's own bucket (kernel="mgpu" keys)
+    if tune and mgpu_ok and mgpu_configs and not interpret:  # decode_mgpu's own bucket
         mkey = autotune.make_key(q.shape, k_pages.shape, pts[0].shape, 1, q.dtype,
                                  kernel="mgpu")
         mjit = {}
@@ -392,6 +392,8 @@ def main():
                       (x.lower().split("x") for x in args.shapes.split(",") if x.strip())]
         except ValueError:
             ap.error(f"--shapes {args.shapes!r}: expected BATCHxCTX,... (e.g. 1024x256)")
+        if not shapes or any(b < 1 or c < 16 for b, c, _ in shapes):
+            ap.error(f"--shapes {args.shapes!r}: batch >= 1 and context >= 16 (one page)")
     deadline = None if budget is None else t_start + budget
     cases = [(B, ctx, page, kv) for (B, ctx, page) in shapes for kv in kvs]
 

@@ -41,7 +41,8 @@ wait
 tail -n 25 "$out"/lane*.log
 # the device tool brings back at most 8 files: past that, everything but the logs in one archive
 if (( $(find "$out" -type f | wc -l) > 8 )); then
-    tar czf /tmp/lanes_results.tgz -C "$out" --exclude='lane*.log' . \
+    tar czf /tmp/lanes_results.tgz -C "$out" --exclude='lane*.log' \
+        --exclude=lanes_results.tgz . \
         && find "$out" -mindepth 1 -type f ! -name 'lane*.log' -delete \
         && find "$out" -mindepth 1 -type d -empty -delete && mv /tmp/lanes_results.tgz "$out/"
 fi

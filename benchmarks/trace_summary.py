@@ -11,6 +11,11 @@ time, the wall span, and the top events by total duration, also rolled up by "fa
 name without its numeric suffixes, so fusion.12 and fusion.40 add up). Kernel names tell GEMM
 algorithms and Pallas kernels apart; `hlo_op` (when the trace records it) names the XLA op.
 
+GPU traces also carry lines derived from the kernels ("XLA Ops", "XLA Modules", "Steps": one
+event spans many kernels). When a process has "Stream" lines, only those count, so busy time is
+kernel time; the other lines are listed with their event counts. (Summaries made before this
+rule, session 4's, summed every line: their busy time is an upper bound.)
+
 Idle time: the span minus the union of the process's events (over all its streams), and the
 `--gaps` longest idle gaps with the events on either side, so a host-bound run shows where the
 device waited (a gap after each step's last kernel: the host's turn).
@@ -75,6 +80,8 @@ def summarize(trace_file: str, top: int = 25, gaps: int = 10) -> dict:
         events = json.load(f)["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): str(e["args"].get("name", "")) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and "args" in e}
     spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
     device = {pid for pid, n in procs.items() if "/device:" in n}
     keep = device or set(procs) or {e["pid"] for e in spans}
@@ -83,6 +90,11 @@ def summarize(trace_file: str, top: int = 25, gaps: int = 10) -> dict:
         mine = [e for e in spans if e["pid"] == pid]
         if not mine:
             continue
+        lines = collections.Counter(threads.get((pid, e.get("tid")), str(e.get("tid")))
+                                    for e in mine)
+        streams = {tid for (p, tid), n in threads.items() if p == pid and "stream" in n.lower()}
+        if streams:  # kernels only: derived op / module lines would count them twice
+            mine = [e for e in mine if e.get("tid") in streams]
         by_name, by_family = collections.Counter(), collections.Counter()
         calls = collections.Counter()
         for e in mine:
@@ -96,6 +108,7 @@ def summarize(trace_file: str, top: int = 25, gaps: int = 10) -> dict:
         covered, longest, sizes = idle_gaps(mine, gaps)
         out["processes"].append({
             "process": procs.get(pid, str(pid)), "events": len(mine),
+            "lines": dict(lines), "streams_only": bool(streams),
             "busy_ms": busy / 1e3, "span_ms": (end - start) / 1e3,
             "idle_ms": (end - start - covered) / 1e3, "gaps": longest, "gap_sizes": sizes,
             "top": [{"name": n, "ms": d / 1e3, "calls": calls[n], "share": d / busy}
@@ -109,8 +122,10 @@ def summarize(trace_file: str, top: int = 25, gaps: int = 10) -> dict:
 def render(summary: dict) -> str:
     lines = [f"trace: {summary['trace']}"]
     for p in summary["processes"]:
+        what = "its stream lines" if p["streams_only"] else "all its lines"
         lines.append(f"\n## {p['process']}: {p['events']} events, busy {p['busy_ms']:.1f} ms "
-                     f"(summed over its threads/streams) in a span of {p['span_ms']:.1f} ms")
+                     f"(summed over {what}) in a span of {p['span_ms']:.1f} ms")
+        lines.append("lines (events): " + ", ".join(f"{n} ({c})" for n, c in p["lines"].items()))
         lines.append("| ms | share | calls | op / kernel |\n| --- | --- | --- | --- |")
         lines += [f"| {t['ms']:.2f} | {100 * t['share']:.1f}% | {t['calls']} | {t['name'][:110]} |"
                   for t in p["top"]]

@@ -453,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = bench_latency(args) if args.mode == "latency" else bench_throughput(args)
     device = jax.devices()[0].device_kind
     for r in rows:
+        if args.profile:  # the figures of a profiled run are not comparable with others
+            r.setdefault("profiled_without_command_buffers", True)
         r.setdefault("mesh", args.mesh)
         r.setdefault("device", device)
         r.setdefault("date", time.strftime("%Y-%m-%d"))

@@ -77,7 +77,7 @@ DECODE_KERNELS = ("triton", "mgpu")
 
 def decode_kernel() -> str:
     """$IMP_JAX_DECODE: which kernel runs decode steps on a GPU, "mgpu" (decode_mgpu.py, the
-    default: Mosaic GPU, TMA page gathers into a 3-stage ring, wgmma; 1.1-2.0x the Triton
+    default: Mosaic GPU, TMA page gathers into an SMEM ring, wgmma; 1.1-2.0x the Triton
     kernel on H200, docs/kernels_notes.md) or "triton" (paged_decode.py). decode_mgpu covers
     bf16/f16 pages without soft-cap or window; the rest stays on Triton."""
     choice = os.environ.get("IMP_JAX_DECODE", "mgpu")

@@ -17,8 +17,8 @@ decode kernel (`decode_mgpu.DecodeConfig`: ring shape and splits; keys with kern
 * The cache is one JSON file: $IMP_JAX_AUTOTUNE_CACHE, else ~/.cache/imp_jax/autotune.json.
   Writes are atomic (temp file + os.replace, merged with what is on disk at write time). A
   corrupt or unreadable file is ignored with a warning (treated as empty), never an error.
-* A cached winner is stored as its KernelConfig fields and re-applied through
-  `choose_config`'s overrides, so it is clamped to the exact shape (e.g. splits <= page blocks,
+* A cached winner is stored as its config's fields (KernelConfig, or DecodeConfig for mgpu keys)
+  and re-applied through the kernel's `choose_config` overrides, so it is clamped to the exact shape (e.g. splits <= page blocks,
   decode's block_q = max_query_len).
 * Tuning never runs silently in the hot path. It runs on an explicit `tune(...)` /
   `tune_shape(...)` call (benchmarks/kernels.py --autotune), or, when IMP_JAX_AUTOTUNE=1, once
@@ -281,10 +281,10 @@ def time_candidate(run_fn: Callable[[Any], Any], cand, *, reps: int = 5, warmup:
     return statistics.median(ts)
 
 
-def tune(key: ShapeKey, candidates: Iterable[KernelConfig], run_fn: Callable[[KernelConfig], Any],
+def tune(key: ShapeKey, candidates: Iterable, run_fn: Callable[[Any], Any],
          *, reps: int = 5, warmup: int = 1, timer: Callable[[], float] = time.perf_counter,
          calls_per_run: int = 1, save: bool = True, path: str | None = None
-         ) -> KernelConfig | None:
+         ):
     """Time each candidate once (median of reps after warm-up), store and return the fastest.
 
     run_fn(config) runs the kernel with that config and returns its output (blocked on).
@@ -395,9 +395,9 @@ def synthetic_scales(key: ShapeKey, num_pages: int, seed: int = 0) -> dict:
                 v_scale=jax.random.uniform(kb, shape, jnp.float32, 0.005, 0.02))
 
 
-def tune_shape(key: ShapeKey, *, candidates: Sequence[KernelConfig] | None = None,
+def tune_shape(key: ShapeKey, *, candidates: Sequence | None = None,
                interpret: bool = False, reps: int = 5, soft_cap=None, sliding_window=None,
-               path: str | None = None) -> KernelConfig | None:
+               path: str | None = None):
     """Tune key's bucket on synthetic inputs of key's exact shape and store the winner."""
     from pallas_kernels.paged_decode import paged_attention_kernel
 
@@ -427,9 +427,19 @@ def maybe_tune(key: ShapeKey, **kw) -> None:
     so the tuning runs eagerly in a helper thread (joined) on synthetic inputs, even while an
     outer jit is tracing. Any failure (e.g. no memory for the synthetic pool next to the KV
     cache) is logged and the heuristic is used."""
-    if not enabled() or key.id in _tried or cached(key) is not None:
+    if not enabled():
         return
-    _tried.add(key.id)
+    with _tune_lock:  # warm-up traces programs in several threads: one tuning at a time
+        if key.id in _tried or cached(key) is not None:
+            return
+        _tried.add(key.id)
+        _tune_in_thread(key, kw)
+
+
+_tune_lock = threading.Lock()
+
+
+def _tune_in_thread(key: ShapeKey, kw: dict) -> None:
     err: list[BaseException] = []
 
     def work():

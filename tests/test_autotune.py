@@ -251,7 +251,9 @@ def test_mgpu_keys_configs_and_candidates():
     assert k.heuristic() == decode_mgpu.choose_config(8, 8, 64, 16, 128)
     for key in (k, mgpu_key(S=1024, max_pages=16), mgpu_key(S=1, max_pages=2048)):
         cands = autotune.default_candidates(key)
-        assert cands[0] == key.heuristic() and len(set(cands)) == len(cands) >= 5
+        assert cands[0] == key.heuristic() and len(cands) >= 5
+        rings = {(c.block_kv, c.num_stages) for c in cands}
+        assert {(128, 3), (64, 6), (64, 2)} <= rings  # the H200 sweep's winners are tried
         for c in cands:  # every candidate is a launchable config for this shape
             assert isinstance(c, decode_mgpu.DecodeConfig)
             c.validate(128, 16)

@@ -57,8 +57,9 @@ CASES = [
     ("g2_d64_p32_many_pad_split2", [50], 4, 2, 64, 32, 2, 5, C(64, 2, 2), "bf16"),
     ("g16_d64_p16_split5", [333, 90], 16, 1, 64, 16, 0, 0, C(64, 4, 5), "bf16"),
     ("g4_d128_p16_default_f16", [1000, 33], 8, 2, 128, 16, 0, 0, None, "f16"),
-    # the short-table default: a 6-stage ring deeper than the 1-4 blocks a sequence has
-    ("g4_d128_p16_deep_ring_short", [250, 37, 1], 8, 2, 128, 16, 0, 1, C(64, 6, 1), "bf16"),
+    # a 6-stage ring deeper than the 1-4 blocks a sequence has (D=64: at D=128 interpret
+    # mode's compat buffer costs the ring a stage, test_deep_ring_keeps_its_stages)
+    ("g4_d64_p16_deep_ring_short", [250, 37, 1], 8, 2, 64, 16, 0, 1, C(64, 6, 1), "bf16"),
 ]
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16}
 
@@ -124,6 +125,18 @@ def test_heuristic(B, ctx):
     assert cfg.num_splits == 1 or ctas <= 132          # one wave when splitting
     assert B * 8 < 132 or cfg.num_splits == 1
     assert cfg.num_splits * 2 * cfg.block_kv <= max(ctx, 2 * cfg.block_kv)
+
+
+def test_deep_ring_keeps_its_stages():
+    """The interpret case above really runs 6 stages; on the GPU (no compat buffer) the
+    short-table default keeps 6 at D=128 too."""
+    from pallas_kernels.decode_mgpu import resolve_config
+    case = next(c for c in CASES if c[0] == "g4_d64_p16_deep_ring_short")
+    _, lens, H, KVH, D, page, S_pad, T_pad, cfg, _ = case
+    shapes = ((len(lens) + T_pad, H, D), (64, page, KVH, D), (len(lens) + S_pad, 16))
+    assert resolve_config(*shapes, interpret=True, config=cfg).num_stages == 6
+    gpu_cfg = resolve_config((4, 32, 128), (64, 16, 8, 128), (4, 16))
+    assert (gpu_cfg.block_kv, gpu_cfg.num_stages) == (64, 6)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -296,7 +296,7 @@ def test_block_fraction():
 
 
 def test_random_shapes_are_generated_already_quantized(monkeypatch):
-    # One jitted init + quantize (no full-precision copy alive at once) gives exactly what
+    # Init + quantize leaf by leaf (no full-precision copy alive at once) gives exactly what
     # quantizing the plain random weights gives, and an LLM runs on it. (The tiny shape has 2
     # blocks, which the default policy's keep-first/last would both keep.)
     import imp_jax

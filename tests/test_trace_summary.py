@@ -53,3 +53,24 @@ def test_idle_gaps_of_known_intervals():
     assert [(g["ms"], g["after"], g["before"]) for g in top] == [(2.0, "c", "d"),
                                                                   (1.0, "b", "c")]
     assert sizes[">1 ms"] == dict(count=1, ms=2.0) and sizes[">0.1 ms"]["count"] == 2
+
+
+def test_stream_lines_only_when_the_trace_has_them(tmp_path):
+    """A GPU-like trace: kernels on a Stream line, and a derived "XLA Ops" line spanning them
+    (and the gap between them). Only the stream counts: busy = kernel time, the gap stays idle."""
+    import gzip
+
+    ev = [dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
+          dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #7(Compute)")),
+          dict(ph="M", name="thread_name", pid=1, tid=2, args=dict(name="XLA Ops")),
+          dict(ph="X", pid=1, tid=7, ts=0, dur=100, name="k1", args=dict(hlo_op="dot.1")),
+          dict(ph="X", pid=1, tid=7, ts=600, dur=100, name="k2", args=dict(hlo_op="dot.2")),
+          dict(ph="X", pid=1, tid=2, ts=0, dur=700, name="while.3")]
+    f = tmp_path / "t.trace.json.gz"
+    with gzip.open(f, "wt") as fh:
+        json.dump(dict(traceEvents=ev), fh)
+    (p,) = ts.summarize(str(f))["processes"]
+    assert p["streams_only"] and p["lines"] == {"Stream #7(Compute)": 2, "XLA Ops": 1}
+    assert p["busy_ms"] == 0.2 and p["span_ms"] == 0.7 and abs(p["idle_ms"] - 0.5) < 1e-9
+    assert [t["name"] for t in p["top"]] == ["dot.1", "dot.2"]
+

@@ -86,9 +86,9 @@ def load_model(model: str, dtype=None, shardings=None,
     holds a whole copy of a model that only fits across several.
 
     random_quantization: for "random:<shape>" only, generate the weights already quantized
-    (imp_jax.quant modes), init and quantization in one jitted call, so the full-precision
-    weights are never all alive at once (a 70B shape in fp8 on 2 x 80 GB); the values equal
-    quantizing the plain random weights."""
+    (imp_jax.quant modes), each leaf initialised and quantized on its own (`random_params`),
+    so the full-precision weights are never all alive at once (a 70B shape in fp8 on 2 GPUs);
+    the values equal quantizing the plain random weights."""
     from checkpoints.presets import PRESETS, SHAPES, resolve_preset
     from imp_jax.tokenizer import Tokenizer
 
