@@ -62,6 +62,9 @@ BF16_CEIL_TFLOPS = 791.0  # XLA bf16 matmul 8192^3, H100 (GPU.md)
 HBM_CEIL_TBS = 2.94  # bf16 GEMV-like weight read, H100 (GPU.md)
 LLAMA8B = (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672),
            ("down", 14336, 4096), ("lm_head", 4096, 128256))
+# the model's weights as they are stored today (q, k, v and gate, up separate): --split-shapes
+# sets them beside the fused shapes above, to see what fusing them would buy at decode sizes
+LLAMA8B_SPLIT = (("q", 4096, 4096), ("k_or_v", 4096, 1024), ("gate_or_up", 4096, 14336))
 
 
 class Budget:
@@ -303,6 +306,8 @@ def skinny_part(args, out_path):
         shapes, Ms, sweep_ms = (("tiny", 512, 256),), (1, 16), (1, 16)
     else:
         shapes, Ms, sweep_ms = LLAMA8B, (1, 4, 16, 64), (1, 16)
+        if args.split_shapes:
+            shapes = LLAMA8B_SPLIT + LLAMA8B
     if args.ms:
         Ms = tuple(int(m) for m in args.ms.split(","))
     # M-major (decode at batch 1 first); the config sweeps after every main row
@@ -598,6 +603,8 @@ def main():
     ap.add_argument("--total-s", type=float, default=None,
                     help="--part all: wall-clock target for both parts (default 170)")
     ap.add_argument("--reps", type=int, default=10, help="timed runs per variant (median)")
+    ap.add_argument("--split-shapes", action="store_true",
+                    help="skinny part: also the unfused q / k / v / gate / up shapes, first")
     ap.add_argument("--interpret", action="store_true",
                     help="CPU dry run: tiny shapes, kernels interpreted")
     ap.add_argument("--ms", default=None, help="skinny parts: comma-separated M (default "
@@ -628,6 +635,8 @@ def main():
                 cmd.append("--interpret")
             if args.ms:
                 cmd += ["--ms", args.ms]
+            if args.split_shapes:
+                cmd.append("--split-shapes")
             t = time.time()
             try:  # budget + startup + the variant running when the budget ends (a hang: killed)
                 rc = subprocess.call(cmd, timeout=budget + (600 if args.interpret else 35))
