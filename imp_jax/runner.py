@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import os
 import threading
 from typing import Any, Sequence
@@ -138,21 +139,28 @@ class ModelRunner:
         S = bucket(n, lo=4)
         P = self.max_pages_per_seq if self.fixed_shapes else bucket(
             max(len(s.pages) for s in seqs), lo=16, hi=self.max_pages_per_seq)
+        steps = np.fromiter((num_steps if s.steps is None else s.steps for s in seqs),
+                            np.int64, n)
+        bad = np.flatnonzero((steps < 0) | (steps > num_steps))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"sequence {i}: steps={steps[i]}, allowed 0..{num_steps}")
+        page_table, counts = _page_rows(seqs, S, P)
+        starts = np.fromiter((s.start_pos for s in seqs), np.int64, n)
+        ends = starts + steps
+        bad = np.flatnonzero((steps > 0) & ((ends > self.max_model_len)
+                                            | (counts * self.page_size < ends)))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"sequence {i}: {steps[i]} steps from position {starts[i]} "
+                             f"need pages for {ends[i]} tokens (max_model_len "
+                             f"{self.max_model_len}), got {counts[i]} pages")
         tokens = np.zeros(S, np.int32)
+        tokens[:n] = np.fromiter((s.token_ids[0] for s in seqs), np.int32, n)
         positions = np.zeros(S, np.int32)
-        page_table = np.zeros((S, P), np.int32)
+        positions[:n] = starts
         limit = np.zeros(S, np.int32)  # steps each row runs; 0 = a padding row
-        for i, s in enumerate(seqs):
-            steps = num_steps if s.steps is None else s.steps
-            if not 0 <= steps <= num_steps:
-                raise ValueError(f"sequence {i}: steps={steps}, allowed 0..{num_steps}")
-            end = s.start_pos + steps
-            if steps and (end > self.max_model_len or len(s.pages) * self.page_size < end):
-                raise ValueError(f"sequence {i}: {steps} steps from position {s.start_pos} "
-                                 f"need pages for {end} tokens (max_model_len "
-                                 f"{self.max_model_len}), got {len(s.pages)} pages")
-            tokens[i], positions[i], limit[i] = s.token_ids[0], s.start_pos, steps
-            page_table[i, :len(s.pages)] = s.pages
+        limit[:n] = steps
         if continue_previous:
             if self._last_tokens is None or self._last_tokens.shape != tokens.shape:
                 raise ValueError("continue_previous needs a previous decode_steps call over "
@@ -255,45 +263,50 @@ class ModelRunner:
     def _step(self, seqs, sampling, num_logprobs, rows: int | None = None, *,
               compile_only: bool = False) -> StepOutput:
         n = len(seqs)
-        qlens = [len(s.token_ids) for s in seqs]
-        total = sum(qlens)
+        qlens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, n)
+        total = int(qlens.sum())
         # Few, coarse buckets: every distinct shape is a compile (seconds on a CPU). A step
         # with any prompt chunk uses max_query_len = T, so (S, T, P) fixes the program.
-        decode = max(qlens) == 1
+        decode = int(qlens.max()) == 1
         S = rows or bucket(n, lo=4)
         T = bucket(total, lo=16)
         Q = 1 if decode else T
         P = self.max_pages_per_seq if self.fixed_shapes else bucket(
             max(len(s.pages) for s in seqs), lo=16, hi=self.max_pages_per_seq)
 
+        # Built with whole-array numpy ops (no per-sequence loop: ~1000 rows per step)
+        starts = np.fromiter((s.start_pos for s in seqs), np.int64, n)
+        ends = starts + qlens
+        over = np.flatnonzero(ends > self.max_model_len)
+        if over.size:
+            i = int(over[0])
+            raise ValueError(f"sequence {i} reaches {ends[i]} tokens, over max_model_len "
+                             f"{self.max_model_len}")
+        page_table, counts = _page_rows(seqs, S, P)
+        needed = -(-ends // self.page_size)
+        short = np.flatnonzero(counts < needed)
+        if short.size:
+            i = int(short[0])
+            raise ValueError(f"sequence {i} needs {needed[i]} pages for {ends[i]} tokens, "
+                             f"got {counts[i]}")
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(qlens, out=offsets[1:])
+        row = np.repeat(np.arange(n), qlens)
+        pos = np.arange(total) - offsets[row] + starts[row]
         tokens = np.zeros(T, np.int32)
+        tokens[:total] = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs),
+                                     np.int32, total)
         positions = np.zeros(T, np.int32)
+        positions[:total] = pos
         slots = np.full(T, -1, np.int32)
-        page_table = np.zeros((S, P), np.int32)
+        slots[:total] = page_table[row, pos // self.page_size] * self.page_size \
+            + pos % self.page_size
         seq_lens = np.zeros(S, np.int32)
+        seq_lens[:n] = ends
         query_start = np.full(S + 1, total, np.int32)
+        query_start[:n] = offsets[:-1]
         last = np.zeros(S, np.int32)
-        offset = 0
-        for i, s in enumerate(seqs):
-            end_pos = s.start_pos + qlens[i]
-            if end_pos > self.max_model_len:
-                raise ValueError(f"sequence {i} reaches {end_pos} tokens, over max_model_len "
-                                 f"{self.max_model_len}")
-            needed = -(-end_pos // self.page_size)
-            if len(s.pages) < needed:
-                raise ValueError(f"sequence {i} needs {needed} pages for {end_pos} tokens, "
-                                 f"got {len(s.pages)}")
-            pages = np.asarray(s.pages, np.int32)
-            pos = np.arange(s.start_pos, end_pos, dtype=np.int32)
-            tokens[offset:offset + qlens[i]] = s.token_ids
-            positions[offset:offset + qlens[i]] = pos
-            slots[offset:offset + qlens[i]] = pages[pos // self.page_size] * self.page_size \
-                + pos % self.page_size
-            page_table[i, :len(pages)] = pages
-            seq_lens[i] = end_pos
-            query_start[i] = offset
-            offset += qlens[i]
-            last[i] = offset - 1
+        last[:n] = offsets[1:] - 1
 
         return_logits = any(s.all_logits for s in seqs)
         logits_indices = np.arange(T, dtype=np.int32) if return_logits else last
@@ -327,6 +340,26 @@ class ModelRunner:
             return _Program(_forward, args, kwargs)
         out, logits, self.cache = _forward(*args, **kwargs)
         return StepOutput(out, logits, np.asarray(query_start[:n]))
+
+
+def _page_rows(seqs: Sequence[StepSeq], S: int, P: int) -> tuple[np.ndarray, np.ndarray]:
+    """(page_table i32[S, P], each sequence's page count): row i holds seqs[i].pages, padded
+    with page 0 (never a sequence's). One scatter, not a row assignment per sequence."""
+    n = len(seqs)
+    counts = np.fromiter((len(s.pages) for s in seqs), np.int64, n)
+    wide = np.flatnonzero(counts > P)
+    if wide.size:
+        i = int(wide[0])
+        raise ValueError(f"sequence {i} has {counts[i]} pages, more than the {P} a page-table "
+                         "row holds (max_model_len / page_size)")
+    table = np.zeros((S, P), np.int32)
+    total = int(counts.sum())
+    if total:
+        rows = np.repeat(np.arange(n), counts)
+        cols = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        table[rows, cols] = np.fromiter(itertools.chain.from_iterable(s.pages for s in seqs),
+                                        np.int32, total)
+    return table, counts
 
 
 def _compile_threads() -> int:
