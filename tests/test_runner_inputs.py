@@ -94,3 +94,17 @@ def test_bad_inputs_name_the_sequence(runner):
     with pytest.raises(ValueError, match=r"sequence 0: 4 steps from position 6 need pages for "
                                          r"10 tokens"):
         runner.decode_steps([StepSeq([1], 6, [9]), ok], t, 4, compile_only=True)
+
+
+def test_host_step_benchmark_runs(capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "host_step.py")
+    spec = importlib.util.spec_from_file_location("host_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--rows", "8", "--pages", "3", "--reps", "2"]) == 0
+    assert "8 decode rows x 3 pages" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["--rows", "0"])
