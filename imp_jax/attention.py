@@ -34,22 +34,24 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
     the query heads), attention runs per device on its own heads under `shard_map`: a Pallas
     call has no partitioning rule, and GSPMD would otherwise gather q and the whole pools."""
     kwargs = dict(max_query_len=meta.max_query_len, scale=scale, sliding_window=sliding_window)
-    if k_scale is not None:
-        kwargs.update(k_scale=k_scale, v_scale=v_scale)
     if resolve_impl(impl) == "pallas":
         from pallas_kernels import ragged_paged_attention as fn
     else:
         from pallas_kernels.reference import ragged_paged_attention_ref as fn
 
-    def local(q, k_pages, v_pages, page_table, seq_lens, query_start):
-        return fn(q, k_pages, v_pages, page_table, seq_lens, query_start, **kwargs)
+    def local(q, k_pages, v_pages, page_table, seq_lens, query_start, k_scale, v_scale):
+        scales = {} if k_scale is None else dict(k_scale=k_scale, v_scale=v_scale)
+        return fn(q, k_pages, v_pages, page_table, seq_lens, query_start, **kwargs, **scales)
 
-    args = (q, k_pages, v_pages, meta.page_table, meta.seq_lens, meta.query_start)
-    if mesh is None or not heads_axis or k_scale is not None:
+    args = (q, k_pages, v_pages, meta.page_table, meta.seq_lens, meta.query_start, k_scale,
+            v_scale)
+    if mesh is None or not heads_axis:
         return local(*args)
     from jax.sharding import PartitionSpec as P
 
     heads = P(None, heads_axis, None)  # q and out: [T, H, D]
     pools = P(None, None, heads_axis, None)  # [pages, page, KVH, D]
-    return jax.shard_map(local, mesh=mesh, in_specs=(heads, pools, pools, P(), P(), P()),
+    scales = P(None, None, heads_axis)  # 8-bit pools' scales [pages, page, KVH], or None
+    return jax.shard_map(local, mesh=mesh,
+                         in_specs=(heads, pools, pools, P(), P(), P(), scales, scales),
                          out_specs=heads, check_vma=False)(*args)

@@ -296,12 +296,25 @@ def cache_sharding(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = N
 
 
 def cache_shardings(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = None,
-                    num_pages: int = 2, page_size: int = 16):
-    """A KVCache-shaped tree of shardings (every layer's k and v pool)."""
+                    num_pages: int = 2, page_size: int = 16, quantized: bool = False):
+    """A KVCache-shaped tree of shardings (every layer's k and v pool, and for 8-bit pools
+    their k_scale / v_scale pools)."""
     from imp_jax.cache import KVCache
 
     s = cache_sharding(cfg, mesh, rules, num_pages, page_size)
-    return KVCache(k=[s] * cfg.num_layers, v=[s] * cfg.num_layers)
+    L = cfg.num_layers
+    if not quantized:
+        return KVCache(k=[s] * L, v=[s] * L)
+    ss = scale_sharding(s)
+    return KVCache(k=[s] * L, v=[s] * L, k_scale=[ss] * L, v_scale=[ss] * L)
+
+
+def scale_sharding(pool: NamedSharding) -> NamedSharding:
+    """An 8-bit pool's scales [pages, page, kv_heads] are split like the pool
+    [pages, page, kv_heads, head_dim] itself, without its head_dim axis: each device keeps the
+    scales of the K/V it holds."""
+    spec = tuple(pool.spec) + (None,) * (4 - len(pool.spec))
+    return NamedSharding(pool.mesh, P(*spec[:3]))
 
 
 def batch_sharding(mesh: Mesh, rules: ShardingRules, n: int) -> NamedSharding:
@@ -365,14 +378,15 @@ def _get(tree, path):
     return tree
 
 
-def sharded_zeros(shape, dtype, sharding: NamedSharding) -> jax.Array:
-    """Zeros created directly in their shards (no full-size host or device-0 copy)."""
-    return _zeros_fn(tuple(shape), jnp.dtype(dtype), sharding)()
+def sharded_zeros(shape, dtype, sharding: NamedSharding, value: float = 0) -> jax.Array:
+    """Zeros (or `value`) created directly in their shards (no full-size host or device-0
+    copy)."""
+    return _fill_fn(tuple(shape), jnp.dtype(dtype), sharding, value)()
 
 
 @functools.lru_cache(maxsize=64)
-def _zeros_fn(shape, dtype, sharding):  # one compile per pool shape, not one per layer
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+def _fill_fn(shape, dtype, sharding, value):  # one compile per pool shape, not one per layer
+    return jax.jit(lambda: jnp.full(shape, value, dtype), out_shardings=sharding)
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -416,7 +430,13 @@ def sharded_model_class():
                 tokens, positions = wsc(tokens, bsh), wsc(positions, bsh)
                 meta = dataclasses.replace(meta, slot_mapping=wsc(meta.slot_mapping, bsh))
             csh = NamedSharding(self.mesh, self.cache_spec)
-            pin = lambda c: KVCache([wsc(k, csh) for k in c.k], [wsc(v, csh) for v in c.v])  # noqa
+            ssh = scale_sharding(csh)
+
+            def pin(c):
+                scales = {} if c.k_scale is None else dict(
+                    k_scale=[wsc(s, ssh) for s in c.k_scale],
+                    v_scale=[wsc(s, ssh) for s in c.v_scale])
+                return KVCache([wsc(k, csh) for k in c.k], [wsc(v, csh) for v in c.v], **scales)
             logits, cache = super().__call__(tokens, positions, pin(cache), meta)
             # Pin the logits vocab-split first (as the lm_head leaves them), then gather: without
             # the first constraint GSPMD may all-gather the lm_head *weight* instead.
@@ -477,24 +497,32 @@ def shard_runner(runner, mesh: Mesh, rules: ShardingRules | None = None, *,
     num_pages = num_pages or old.num_pages
     page_size = page_size or old.page_size
     dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else old.k[0].dtype
-    if is_quantized(dtype):
-        raise ValueError(f"kv_cache_dtype={dtype.name!r} (8-bit pages + scale pools) is not "
-                         "supported on a mesh yet (the scale pools have no sharding rule); "
-                         "use 'auto' with mesh=...")
-    csh = cache_shardings(eff, mesh, rules, num_pages, page_size)
+    quantized = is_quantized(dtype)  # 8-bit pages + f32 scale pools, split alike
+    csh = cache_shardings(eff, mesh, rules, num_pages, page_size, quantized)
     shape = kv_page_spec(num_pages, page_size, eff).shape
     if keep_cache and old is not None:
         move = lambda pool, sh: place(_repeat(pool, r, 2) if r > 1 else pool, sh)  # noqa: E731
-        cache = KVCache([move(p, s) for p, s in zip(old.k, csh.k)],
-                        [move(p, s) for p, s in zip(old.v, csh.v)])
+        cache = KVCache(*([move(p, s) for p, s in zip(pools, shs)] for pools, shs in
+                          zip(_pools(old), _pools(csh))))
     else:
         runner.cache = old = None  # free the unsharded pool before allocating the shards
+        scales = {}
+        if quantized:  # scale 1 where nothing is written yet, as KVCache.create
+            scales = {name: [sharded_zeros(shape[:-1], jnp.float32, s, 1.0)
+                             for s in getattr(csh, name)] for name in ("k_scale", "v_scale")}
         cache = KVCache([sharded_zeros(shape, dtype, s) for s in csh.k],
-                        [sharded_zeros(shape, dtype, s) for s in csh.v])
+                        [sharded_zeros(shape, dtype, s) for s in csh.v], **scales)
     runner.params, runner.cache = params, cache
     runner.model = sharded_model(runner.model, eff, mesh, rules)
     runner.sharding = ShardingPlan(mesh, rules, eff, csh)
     return runner
+
+
+def _pools(cache) -> tuple[list, ...]:
+    """(k, v) or (k, v, k_scale, v_scale) of a KVCache (of arrays or of shardings)."""
+    if cache.k_scale is None:
+        return cache.k, cache.v
+    return cache.k, cache.v, cache.k_scale, cache.v_scale
 
 
 # ----------------------------------------------------------------------------- inspection
@@ -628,6 +656,8 @@ def memory_plan(cfg: ModelConfig, mesh: Mesh | Mapping[str, int] | str,
     rules = rules or tensor_parallel()
     shape = _mesh_shape(mesh)
     _check_axes_exist(rules, shape)
+    from imp_jax.cache import is_quantized
+
     item = jnp.dtype(dtype).itemsize
     citem = jnp.dtype(cache_dtype or dtype).itemsize
     eff = effective_config(cfg, shape, rules)
@@ -640,9 +670,12 @@ def memory_plan(cfg: ModelConfig, mesh: Mesh | Mapping[str, int] | str,
 
     map_specs(visit, param_specs(eff))
     pool = kv_page_spec(max(kv_pages, 1), page_size, eff)
-    pool_n = _shard_numel(pool.shape, partition_spec("kv_pages", pool, shape, rules), shape)
-    cache = 2 * eff.num_layers * pool_n * citem if kv_pages else 0
-    per_token = 2 * eff.num_layers * pool_n * citem // (max(kv_pages, 1) * page_size)
+    pspec = partition_spec("kv_pages", pool, shape, rules)
+    pool_bytes = _shard_numel(pool.shape, pspec, shape) * citem
+    if is_quantized(cache_dtype or dtype):  # + an f32 scale per token and KV head
+        pool_bytes += _shard_numel(pool.shape[:3], P(*tuple(pspec)[:3]), shape) * 4
+    cache = 2 * eff.num_layers * pool_bytes if kv_pages else 0
+    per_token = 2 * eff.num_layers * pool_bytes // (max(kv_pages, 1) * page_size)
     total_params = sum(math.prod(s.shape) for s in jax.tree.leaves(
         param_specs(cfg), is_leaf=lambda x: isinstance(x, ArraySpec))) * item
     total_cache = kv_pages * page_size * KVCache.bytes_per_token(cfg, cache_dtype or dtype)
@@ -660,7 +693,8 @@ def split_dp(mesh: Mesh) -> list[Mesh]:
 __all__ = [
     "MESH_AXES", "LOGICAL_AXES", "make_mesh", "parse_mesh", "ShardingRules", "tensor_parallel",
     "tp_dp", "data_parallel", "partition_spec", "kv_repeat", "effective_config",
-    "repeat_kv_params", "param_shardings", "cache_sharding", "cache_shardings", "batch_sharding",
+    "repeat_kv_params", "param_shardings", "cache_sharding", "cache_shardings", "scale_sharding",
+    "batch_sharding",
     "replicated", "place", "shard_params", "sharded_zeros", "ShardingPlan", "shard_runner",
     "sharded_model", "step_args", "step_hlo", "collectives", "count_collectives",
     "weight_all_gathers", "MemoryPlan", "memory_plan", "split_dp",

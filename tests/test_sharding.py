@@ -57,10 +57,11 @@ def _load(name):
     return load_hf_dir(os.path.join(DATA, "tiny", name), jnp.float32)
 
 
-def _runner(cfg, params):
+def _runner(cfg, params, cache_dtype=None):
     from imp_jax.runner import ModelRunner
 
-    return ModelRunner(cfg, params, num_pages=32, page_size=PAGE, max_model_len=64)
+    return ModelRunner(cfg, params, num_pages=32, page_size=PAGE, max_model_len=64,
+                       cache_dtype=cache_dtype)
 
 
 def _run(runner, ids, n_new=5):
@@ -225,6 +226,45 @@ def check_equivalence(name, model, tp, dp, fallback, baselines):
             "kv_shard_shape": list(k.addressable_shards[0].data.shape)}
 
 
+# 8-bit KV pools on a mesh: the scale pools are split like the pages (KV heads), repeated with
+# them when tp > kv_heads, and read under the same shard_map as the pages
+FP8_KV_CASES = [("llama3", 2, "repeat"), ("mistral", 4, "repeat"), ("llama3", 4, "replicate")]
+
+
+def check_fp8_kv():
+    import jax.numpy as jnp
+    import numpy as np
+
+    from imp_jax import sharding
+
+    out = {}
+    for model, tp, fallback in FP8_KV_CASES:
+        cfg, params = _load(model)
+        ids = [int(t) for t in np.random.default_rng(11).integers(0, cfg.vocab_size, 13)]
+        ref_logits, ref_greedy = _run(_runner(cfg, params, jnp.float8_e4m3fn), ids)
+        rules = sharding.tensor_parallel(fallback)
+        mesh = _mesh(tp, 1)
+        runner = sharding.shard_runner(_runner(cfg, params, jnp.float8_e4m3fn), mesh, rules)
+        logits, greedy = _run(runner, ids)
+        c = runner.cache
+        assert c.k[0].dtype == jnp.float8_e4m3fn and c.k_scale is not None
+        assert c.k_scale[0].sharding.is_equivalent_to(sharding.scale_sharding(
+            c.k[0].sharding), 3), (c.k_scale[0].sharding, c.k[0].sharding)
+        assert c.k_scale[0].shape == c.k[0].shape[:3]
+        err = float(np.abs(logits - ref_logits).max())
+        assert err < ATOL, f"{model} tp={tp}: max |logits diff| {err}"
+        assert greedy == ref_greedy, (greedy, ref_greedy)
+        dev = mesh.devices.flat[0]
+        on_dev = sum(sh.data.nbytes for pools in (c.k, c.v, c.k_scale, c.v_scale)
+                     for x in pools for sh in x.addressable_shards if sh.device == dev)
+        plan = sharding.memory_plan(cfg, mesh, rules, jnp.float32, kv_pages=32, page_size=PAGE,
+                                    cache_dtype=jnp.float8_e4m3fn)
+        assert plan.cache_bytes == on_dev, (plan.cache_bytes, on_dev)
+        out[f"{model} tp={tp} {fallback}"] = {"max_abs_err": err,
+                                              "scale_spec": str(c.k_scale[0].sharding.spec)}
+    return out
+
+
 def check_hlo():
     """Megatron pattern in the compiled decode step: per layer one all-reduce after the o
     projection and one after the down projection, and no all-gather of a weight."""
@@ -345,6 +385,7 @@ def main(out_path: str) -> None:
     baselines = {}
     for case in CASES:
         record(case[0], check_equivalence, *case, baselines)
+    record("fp8_kv", check_fp8_kv)
     record("hlo", check_hlo)
     record("memory_plan", check_memory_plan)
     record("load_into_shards", check_load_into_shards)
@@ -399,6 +440,11 @@ def test_bad_layouts_fail_early_naming_array_and_axis(results):
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
 def test_sharded_logits_and_greedy_equal_single_device(results, case):
     _assert_ok(results, case)
+
+
+def test_fp8_kv_cache_on_a_mesh_equals_single_device(results):
+    info = _assert_ok(results, "fp8_kv")
+    assert len(info) == len(FP8_KV_CASES)
 
 
 def test_decode_hlo_has_megatron_all_reduces_and_no_weight_all_gather(results):
