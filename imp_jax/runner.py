@@ -112,9 +112,13 @@ class ModelRunner:
         return any(a.is_deleted() for a in jax.tree.leaves(self.cache))
 
     def reset_cache(self) -> None:
-        """A fresh, zeroed KV cache of the same shapes and shardings (the old one was lost)."""
-        self.cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
-                                  self.cache)
+        """A fresh KV cache of the same shapes and shardings (the old one was lost): zero
+        pages, and scale 1 in 8-bit pools' scale pools, as `KVCache.create` makes them."""
+        fresh = lambda v: lambda a: jnp.full(a.shape, v, a.dtype, device=a.sharding)  # noqa
+        c = self.cache
+        scales = {} if c.k_scale is None else dict(
+            k_scale=[fresh(1.0)(a) for a in c.k_scale], v_scale=[fresh(1.0)(a) for a in c.v_scale])
+        self.cache = KVCache([fresh(0)(a) for a in c.k], [fresh(0)(a) for a in c.v], **scales)
 
     @property
     def num_compiles(self) -> int:
@@ -147,6 +151,7 @@ class ModelRunner:
             raise ValueError(f"sequence {i}: steps={steps[i]}, allowed 0..{num_steps}")
         page_table, counts = _page_rows(seqs, S, P)
         starts = np.fromiter((s.start_pos for s in seqs), np.int64, n)
+        _check_starts(starts)
         ends = starts + steps
         bad = np.flatnonzero((steps > 0) & ((ends > self.max_model_len)
                                             | (counts * self.page_size < ends)))
@@ -276,6 +281,7 @@ class ModelRunner:
 
         # Built with whole-array numpy ops (no per-sequence loop: ~1000 rows per step)
         starts = np.fromiter((s.start_pos for s in seqs), np.int64, n)
+        _check_starts(starts)
         ends = starts + qlens
         over = np.flatnonzero(ends > self.max_model_len)
         if over.size:
@@ -340,6 +346,13 @@ class ModelRunner:
             return _Program(_forward, args, kwargs)
         out, logits, self.cache = _forward(*args, **kwargs)
         return StepOutput(out, logits, np.asarray(query_start[:n]))
+
+
+def _check_starts(starts: np.ndarray) -> None:
+    bad = np.flatnonzero(starts < 0)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"sequence {i}: start_pos={starts[i]}, allowed >= 0")
 
 
 def _page_rows(seqs: Sequence[StepSeq], S: int, P: int) -> tuple[np.ndarray, np.ndarray]:

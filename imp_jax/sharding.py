@@ -501,9 +501,15 @@ def shard_runner(runner, mesh: Mesh, rules: ShardingRules | None = None, *,
     csh = cache_shardings(eff, mesh, rules, num_pages, page_size, quantized)
     shape = kv_page_spec(num_pages, page_size, eff).shape
     if keep_cache and old is not None:
+        have = (old.k[0].dtype, old.num_pages, old.page_size)
+        if have != (dtype, num_pages, page_size):
+            raise ValueError(f"keep_cache=True moves the cache as it is ({have[0].name}, "
+                             f"{have[1]} pages of {have[2]}); it cannot become "
+                             f"{dtype.name}, {num_pages} pages of {page_size}: pass "
+                             "keep_cache=False for a new cache")
         move = lambda pool, sh: place(_repeat(pool, r, 2) if r > 1 else pool, sh)  # noqa: E731
-        cache = KVCache(*([move(p, s) for p, s in zip(pools, shs)] for pools, shs in
-                          zip(_pools(old), _pools(csh))))
+        cache = KVCache(*([move(p, s) for p, s in zip(pools, shs, strict=True)]
+                          for pools, shs in zip(_pools(old), _pools(csh), strict=True)))
     else:
         runner.cache = old = None  # free the unsharded pool before allocating the shards
         scales = {}

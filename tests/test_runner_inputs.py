@@ -89,6 +89,8 @@ def test_bad_inputs_name_the_sequence(runner):
         runner._step([ok, StepSeq([1], 16, [7, 8])], t, 0, compile_only=True)
     with pytest.raises(ValueError, match=r"sequence 0 has 13 pages, more than the 12"):
         runner._step([StepSeq([1], 0, list(range(1, 14))), ok], t, 0, compile_only=True)
+    with pytest.raises(ValueError, match=r"sequence 1: start_pos=-1, allowed >= 0"):
+        runner._step([ok, StepSeq([1], -1, [5])], t, 0, compile_only=True)
     with pytest.raises(ValueError, match=r"sequence 1: steps=9, allowed 0\.\.4"):
         runner.decode_steps([ok, StepSeq([1], 0, [9], steps=9)], t, 4, compile_only=True)
     with pytest.raises(ValueError, match=r"sequence 0: 4 steps from position 6 need pages for "

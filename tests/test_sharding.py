@@ -228,7 +228,10 @@ def check_equivalence(name, model, tp, dp, fallback, baselines):
 
 # 8-bit KV pools on a mesh: the scale pools are split like the pages (KV heads), repeated with
 # them when tp > kv_heads, and read under the same shard_map as the pages
-FP8_KV_CASES = [("llama3", 2, "repeat"), ("mistral", 4, "repeat"), ("llama3", 4, "replicate")]
+FP8_KV_CASES = [("llama3", 2, "repeat", "float8_e4m3fn", False),
+                ("mistral", 4, "repeat", "float8_e4m3fn", True),  # the filled cache moved
+                ("llama3", 4, "replicate", "float8_e4m3fn", False),
+                ("qwen2", 2, "repeat", "int8", True)]
 
 
 def check_fp8_kv():
@@ -238,16 +241,20 @@ def check_fp8_kv():
     from imp_jax import sharding
 
     out = {}
-    for model, tp, fallback in FP8_KV_CASES:
+    for model, tp, fallback, kv, keep in FP8_KV_CASES:
+        kv = jnp.dtype(kv)
         cfg, params = _load(model)
         ids = [int(t) for t in np.random.default_rng(11).integers(0, cfg.vocab_size, 13)]
-        ref_logits, ref_greedy = _run(_runner(cfg, params, jnp.float8_e4m3fn), ids)
+        ref_logits, ref_greedy = _run(_runner(cfg, params, kv), ids)
         rules = sharding.tensor_parallel(fallback)
         mesh = _mesh(tp, 1)
-        runner = sharding.shard_runner(_runner(cfg, params, jnp.float8_e4m3fn), mesh, rules)
+        one = _runner(cfg, params, kv)
+        if keep:  # a cache with a prompt in it, moved into its shards: scales move with it
+            _run(one, ids[:5], n_new=1)
+        runner = sharding.shard_runner(one, mesh, rules, keep_cache=keep)
         logits, greedy = _run(runner, ids)
         c = runner.cache
-        assert c.k[0].dtype == jnp.float8_e4m3fn and c.k_scale is not None
+        assert c.k[0].dtype == kv and c.k_scale is not None
         assert c.k_scale[0].sharding.is_equivalent_to(sharding.scale_sharding(
             c.k[0].sharding), 3), (c.k_scale[0].sharding, c.k[0].sharding)
         assert c.k_scale[0].shape == c.k[0].shape[:3]
@@ -258,10 +265,17 @@ def check_fp8_kv():
         on_dev = sum(sh.data.nbytes for pools in (c.k, c.v, c.k_scale, c.v_scale)
                      for x in pools for sh in x.addressable_shards if sh.device == dev)
         plan = sharding.memory_plan(cfg, mesh, rules, jnp.float32, kv_pages=32, page_size=PAGE,
-                                    cache_dtype=jnp.float8_e4m3fn)
+                                    cache_dtype=kv)
         assert plan.cache_bytes == on_dev, (plan.cache_bytes, on_dev)
-        out[f"{model} tp={tp} {fallback}"] = {"max_abs_err": err,
-                                              "scale_spec": str(c.k_scale[0].sharding.spec)}
+        out[f"{model} tp={tp} {fallback} {kv.name} keep={keep}"] = {
+            "max_abs_err": err, "scale_spec": str(c.k_scale[0].sharding.spec)}
+        runner.reset_cache()  # fresh pools keep their shardings; scales back to 1
+        assert float(runner.cache.k_scale[0].min()) == 1.0 == float(runner.cache.v_scale[0].max())
+        assert runner.cache.k_scale[0].sharding == c.k_scale[0].sharding
+    cfg, params = _load("llama3")  # keep_cache cannot change the pool's dtype
+    _expect_error(lambda: sharding.shard_runner(_runner(cfg, params), _mesh(2, 1), keep_cache=True,
+                                                cache_dtype=jnp.float8_e4m3fn),
+                  "keep_cache=True moves the cache as it is (float32", "float8_e4m3fn")
     return out
 
 
