@@ -12,8 +12,9 @@ name without its numeric suffixes, so fusion.12 and fusion.40 add up). Kernel na
 algorithms and Pallas kernels apart; `hlo_op` (when the trace records it) names the XLA op.
 
 GPU traces also carry lines derived from the kernels ("XLA Ops", "XLA Modules", "Steps": one
-event spans many kernels). When a process has "Stream" lines, only those count, so busy time is
-kernel time; the other lines are listed with their event counts. (Summaries made before this
+event spans many kernels). When a device process has "Stream" lines, only those count, so busy
+time is kernel time; the other lines are listed with their event counts. (Host processes keep
+every line: their threads may have "stream" in their names too. Summaries made before this
 rule, session 4's, summed every line: their busy time is an upper bound.)
 
 Idle time: the span minus the union of the process's events (over all its streams), and the
@@ -92,7 +93,9 @@ def summarize(trace_file: str, top: int = 25, gaps: int = 10) -> dict:
             continue
         lines = collections.Counter(threads.get((pid, e.get("tid")), str(e.get("tid")))
                                     for e in mine)
-        streams = {tid for (p, tid), n in threads.items() if p == pid and "stream" in n.lower()}
+        streams = set() if pid not in device else {  # GPU processes only (host threads too
+            tid for (p, tid), n in threads.items()      # may carry "stream" in their names)
+            if p == pid and "stream" in n.lower()}
         if streams:  # kernels only: derived op / module lines would count them twice
             mine = [e for e in mine if e.get("tid") in streams]
         by_name, by_family = collections.Counter(), collections.Counter()
