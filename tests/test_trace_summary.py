@@ -74,3 +74,20 @@ def test_stream_lines_only_when_the_trace_has_them(tmp_path):
     assert p["busy_ms"] == 0.2 and p["span_ms"] == 0.7 and abs(p["idle_ms"] - 0.5) < 1e-9
     assert [t["name"] for t in p["top"]] == ["dot.1", "dot.2"]
 
+
+
+def test_host_process_keeps_every_line(tmp_path):
+    """A host (non-device) process keeps all its threads, even one named like a stream (the
+    engine's streaming threads are): only GPU processes drop their derived lines."""
+    import gzip
+
+    ev = [dict(ph="M", name="process_name", pid=3, args=dict(name="/host:CPU")),
+          dict(ph="M", name="thread_name", pid=3, tid=1, args=dict(name="python")),
+          dict(ph="M", name="thread_name", pid=3, tid=2, args=dict(name="imp_jax-stream")),
+          dict(ph="X", pid=3, tid=1, ts=0, dur=50, name="PjitFunction(f)"),
+          dict(ph="X", pid=3, tid=2, ts=100, dur=20, name="step")]
+    f = tmp_path / "h.trace.json.gz"
+    with gzip.open(f, "wt") as fh:
+        json.dump(dict(traceEvents=ev), fh)
+    (p,) = ts.summarize(str(f))["processes"]
+    assert not p["streams_only"] and {t["name"] for t in p["top"]} == {"PjitFunction(f)", "step"}
