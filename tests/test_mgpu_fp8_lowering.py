@@ -1,0 +1,83 @@
+"""What Mosaic GPU lowers for 8-bit K/V tiles (CPU, Hopper target): the building blocks of the
+planned 8-bit-page decode kernel (docs/kernels_notes.md). e4m3 -> bf16 conversion is not
+among them on this toolchain (the ptxas in use converts e4m3 to f16 only), so the plan computes
+in f16."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+FP8, F16 = jnp.float8_e4m3fn, jnp.float16
+B, D, N, M = 64, 128, 16, 64
+SW8 = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))   # 8-bit rows of 128
+SW16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))   # 16-bit rows of 64
+SW16_N = (plgpu.TilingTransform((8, N)), plgpu.SwizzleTransform(N * 2))  # 16-bit rows of N
+
+
+def _lowers(entry, out_shape, *in_shapes):
+    kernel = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct(out_shape, jnp.float32))
+    text = jax.jit(kernel).trace(*in_shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def _load_two(a_ref, b_ref, a_smem, b_smem, bar):
+    plgpu.copy_gmem_to_smem(a_ref, a_smem, bar.at[0])
+    plgpu.copy_gmem_to_smem(b_ref, b_smem, bar.at[1])
+    plgpu.barrier_wait(bar.at[0])
+    plgpu.barrier_wait(bar.at[1])
+
+
+def _store(o_smem, o_ref, value):
+    o_smem[...] = value
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref)
+    plgpu.wait_smem_to_gmem(0)
+
+
+@pytest.mark.parametrize("softmax_max", [False, True])
+def test_fp8_k_as_f16_register_lhs_and_a_max_over_keys(softmax_max):
+    """S^T [keys, queries] = K [keys, D] (e4m3 upcast to f16 in registers) @ Q^T [D, queries]
+    (the swap-A/B orientation: few query rows in wgmma's N), then the softmax max over keys,
+    the accumulator's M axis."""
+    def entry(k_ref, q_ref, o_ref):
+        def body(k_smem, q_smem, o_smem, bar):
+            _load_two(k_ref, q_ref, k_smem, q_smem, bar)
+            k = k_smem[...].astype(F16)
+
+            def mm(acc_ref):
+                plgpu.wgmma(acc_ref, k, q_smem)
+                return acc_ref[...]
+            st = pl.run_scoped(mm, plgpu.ACC((B, N), jnp.float32))
+            if softmax_max:
+                st = st - jax.lax.broadcast_in_dim(st.max(axis=0), st.shape, [1])
+            _store(o_smem, o_ref, st)
+        pl.run_scoped(body, plgpu.SMEM((B, D), FP8, transforms=SW8),
+                      plgpu.SMEM((D, N), F16, transforms=SW16_N),
+                      plgpu.SMEM((B, N), jnp.float32), plgpu.Barrier(num_barriers=2))
+    _lowers(entry, (B, N), jax.ShapeDtypeStruct((B, D), FP8), jax.ShapeDtypeStruct((D, N), F16))
+
+
+def test_fp8_v_converted_to_an_f16_smem_tile_for_pv():
+    """O [64, D] = P [64, keys] (f16 registers) @ V [keys, D]: V is MN-major for this product, so
+    its e4m3 tile is converted into an f16 SMEM tile first (8-bit wgmma operands must be
+    K-major, and a register V^T needs a transpose Mosaic GPU does not lower)."""
+    def entry(v_ref, p_ref, o_ref):
+        def body(v8, v16, p_smem, o_smem, bar):
+            _load_two(v_ref, p_ref, v8, p_smem, bar)
+            v16[...] = v8[...].astype(F16)
+            plgpu.commit_smem()
+            p = p_smem[...]
+
+            def mm(acc_ref):
+                plgpu.wgmma(acc_ref, p, v16)
+                return acc_ref[...]
+            _store(o_smem, o_ref, pl.run_scoped(mm, plgpu.ACC((M, D), jnp.float32)))
+        pl.run_scoped(body, plgpu.SMEM((B, D), FP8, transforms=SW8),
+                      plgpu.SMEM((B, D), F16, transforms=SW16),
+                      plgpu.SMEM((M, B), F16, transforms=SW16),
+                      plgpu.SMEM((M, D), jnp.float32), plgpu.Barrier(num_barriers=2))
+    _lowers(entry, (M, D), jax.ShapeDtypeStruct((B, D), FP8), jax.ShapeDtypeStruct((M, B), F16))
