@@ -81,3 +81,26 @@ def test_fp8_v_converted_to_an_f16_smem_tile_for_pv():
                       plgpu.SMEM((M, B), F16, transforms=SW16),
                       plgpu.SMEM((M, D), jnp.float32), plgpu.Barrier(num_barriers=2))
     _lowers(entry, (M, D), jax.ShapeDtypeStruct((B, D), FP8), jax.ShapeDtypeStruct((M, B), F16))
+
+
+def test_per_key_scales_from_a_contiguous_smem_vector():
+    """S [64, keys] (f16 wgmma) times each key's scale, a contiguous f32 [keys] SMEM vector
+    broadcast over S's columns: what a stage needs if the scale pools are page-contiguous per
+    KV head ([P, KVH, page]: one >= 16-byte TMA box per page)."""
+    def entry(q_ref, k_ref, s_ref, o_ref):
+        def body(q_smem, k_smem, sc_smem, o_smem, bar):
+            _load_two(q_ref, k_ref, q_smem, k_smem, bar)
+            plgpu.copy_gmem_to_smem(s_ref, sc_smem, bar.at[2])
+            plgpu.barrier_wait(bar.at[2])
+
+            def mm(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_smem.transpose((1, 0)))
+                return acc_ref[...]
+            st = pl.run_scoped(mm, plgpu.ACC((M, B), jnp.float32))
+            sc = plgpu.load(sc_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+            _store(o_smem, o_ref, st * jax.lax.broadcast_in_dim(sc, st.shape, [1]))
+        pl.run_scoped(body, plgpu.SMEM((M, D), F16, transforms=SW16),
+                      plgpu.SMEM((B, D), F16, transforms=SW16), plgpu.SMEM((B,), jnp.float32),
+                      plgpu.SMEM((M, B), jnp.float32), plgpu.Barrier(num_barriers=3))
+    _lowers(entry, (M, B), jax.ShapeDtypeStruct((M, D), F16), jax.ShapeDtypeStruct((B, D), F16),
+            jax.ShapeDtypeStruct((B,), jnp.float32))
