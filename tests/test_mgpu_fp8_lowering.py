@@ -97,7 +97,7 @@ def test_per_key_scales_from_a_contiguous_smem_vector():
                 plgpu.wgmma(acc_ref, q_smem, k_smem.transpose((1, 0)))
                 return acc_ref[...]
             st = pl.run_scoped(mm, plgpu.ACC((M, B), jnp.float32))
-            sc = plgpu.load(sc_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+            sc = plgpu.load(sc_smem, layout=plgpu.Layout.WGMMA.reduce(0))
             _store(o_smem, o_ref, st * jax.lax.broadcast_in_dim(sc, st.shape, [1]))
         pl.run_scoped(body, plgpu.SMEM((M, D), F16, transforms=SW16),
                       plgpu.SMEM((B, D), F16, transforms=SW16), plgpu.SMEM((B,), jnp.float32),
