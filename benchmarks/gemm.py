@@ -291,6 +291,17 @@ def fp8_part(args, out_path):
 # ------------------------------------------------------------------------------- (b) skinny
 
 
+def _ms(args, default: tuple[int, ...]) -> tuple[int, ...]:
+    """--ms (comma-separated M values) or the part's default."""
+    return tuple(int(m) for m in args.ms.split(",")) if args.ms else default
+
+
+def _rotations(K: int, N: int, interp: bool) -> int:
+    """Weight buffers a timed jit cycles through: >= ~0.25 GB of 8-bit weights, so the 50 MB L2
+    cannot serve them (2 in interpret mode)."""
+    return 2 if interp else max(2, min(16, math.ceil(0.25e9 / (K * N))))
+
+
 def skinny_part(args, out_path):
     import jax
     import jax.numpy as jnp
@@ -308,15 +319,14 @@ def skinny_part(args, out_path):
         shapes, Ms, sweep_ms = LLAMA8B, (1, 4, 16, 64), (1, 16)
         if args.split_shapes:
             shapes = LLAMA8B_SPLIT + LLAMA8B
-    if args.ms:
-        Ms = tuple(int(m) for m in args.ms.split(","))
+    Ms = _ms(args, Ms)
     # M-major (decode at batch 1 first); the config sweeps after every main row
     schedule = [((name, K, N), M, "main") for M in Ms for name, K, N in shapes]
     schedule += [((name, K, N), M, "sweep") for M in sweep_ms if M in Ms
                  for name, K, N in shapes]
     for name, K, N, M, phase, row in _scheduled_rows(schedule, budget, meta):
         try:
-            R = 2 if interp else max(2, min(16, math.ceil(0.25e9 / (K * N))))  # >= ~0.25 GB
+            R = _rotations(K, N, interp)
             kx, kw = jax.random.split(jax.random.PRNGKey(zlib.crc32(f"{name}{M}".encode()) % 1000))
             x = jax.random.normal(kx, (M, K), jnp.bfloat16)
             wts = [jax.random.normal(jax.random.fold_in(kw, r), (K, N), jnp.bfloat16) * 0.02
@@ -402,8 +412,7 @@ def skinny_fp8_part(args, out_path):
         shapes, Ms, sweep_ms, n_sweep = (("tiny", 512, 256),), (1, 16), (1,), 2
     else:
         shapes, Ms, sweep_ms, n_sweep = LLAMA8B, (1, 16, 64, 4), (1, 16), 5
-    if args.ms:
-        Ms = tuple(int(m) for m in args.ms.split(","))
+    Ms = _ms(args, Ms)
     # what matters most first: batch-1 rows and their sweep (TUNED), then the larger batches
     schedule = []
     for M in Ms:
@@ -414,7 +423,7 @@ def skinny_fp8_part(args, out_path):
                  for name, K, N in shapes]
     for name, K, N, M, phase, row in _scheduled_rows(schedule, budget, meta):
         try:
-            R = 2 if interp else max(2, min(16, math.ceil(0.25e9 / (K * N))))  # >= ~0.25 GB
+            R = _rotations(K, N, interp)
             kx, kw = jax.random.split(jax.random.PRNGKey(zlib.crc32(f"f{name}{M}".encode()) % 999))
             x = jax.random.normal(kx, (M, K), jnp.bfloat16)
             wts = [jax.random.normal(jax.random.fold_in(kw, r), (N, K), jnp.bfloat16) * 0.02

@@ -152,6 +152,26 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
             return acc
         return jax.jit(f)
 
+    compiled = {}  # (kernel, config) -> its looped jit: the sweep's compile is the tuner's too
+
+    def looped_config(kind, cfg, make_call):
+        if (kind, cfg) not in compiled:
+            compiled[kind, cfg] = looped(make_call(cfg))
+        return compiled[kind, cfg]
+
+    def tune_bucket(prefix, akey, cands, kind, make_call):
+        """autotune.tune over cands with the sweep's looped timing; results into row."""
+        won = autotune.tune(akey, cands, lambda cfg: looped_config(kind, cfg, make_call)(
+            q, k_pages, v_pages, pts, lens, sc), reps=reps, calls_per_run=n_calls)
+        entry = autotune.load_cache().get(akey.id, {}) if won is not None else {}
+        row.update({f"{prefix}tuned_key": akey.id, f"{prefix}tuned_cfg": str(won),
+                    f"{prefix}tuned_us": entry.get("us"),
+                    f"{prefix}tuned_n": len(entry.get("timings_us", {})),
+                    f"{prefix}tuned_failed": len(entry.get("failed", {}))})
+        print(f"  autotune {akey.id}: {won} {entry.get('us')} us "
+              f"({row[prefix + 'tuned_n']} timed, {row[prefix + 'tuned_failed']} failed) -> "
+              f"{autotune.cache_path()}", flush=True)
+
     ref_out = None
     if run_ref:
         ref_call = lambda q, kp, vp, pt, ln, sc: ragged_paged_attention_ref(  # noqa: E731
@@ -191,7 +211,8 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
                 first_out = jax.jit(call)(q, k_pages, v_pages, pts[0], lens, sc)
                 err = rel(first_out, ref_out) if ref_out is not None else None
                 row["ours_err"] = err
-            t, _ = timeit(looped(call), (q, k_pages, v_pages, pts, lens, sc), reps)
+            t, _ = timeit(looped_config("ours", cfg, ours), (q, k_pages, v_pages, pts, lens, sc),
+                          reps)
         except Exception as e:  # noqa: BLE001 -- report and go on
             print(f"  cfg {cfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
@@ -204,26 +225,15 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
     if tune and configs:  # the Triton kernel's bucket (not under --mgpu-only)
         akey = autotune.make_key(q.shape, k_pages.shape, pts[0].shape, 1, q.dtype,
                                  kv_dtype=k_pages.dtype)
-        cands = autotune.default_candidates(akey)
-        cands += [akey.heuristic(**kw) for kw in configs]
-        jitted = {}
-
-        def run_fn(cfg):
-            if cfg not in jitted:
-                jitted[cfg] = looped(ours(cfg))
-            return jitted[cfg](q, k_pages, v_pages, pts, lens, sc)
-
-        won = autotune.tune(akey, cands, run_fn, reps=reps, calls_per_run=n_calls)
-        entry = autotune.load_cache().get(akey.id, {}) if won is not None else {}
-        row.update(tuned_key=akey.id, tuned_cfg=str(won), tuned_us=entry.get("us"),
-                   tuned_n=len(entry.get("timings_us", {})),
-                   tuned_failed=len(entry.get("failed", {})))
-        print(f"  autotune {akey.id}: {won} {entry.get('us')} us "
-              f"({row['tuned_n']} timed, {row['tuned_failed']} failed) -> {autotune.cache_path()}",
-              flush=True)
+        cands = autotune.default_candidates(akey) + [akey.heuristic(**kw) for kw in configs]
+        tune_bucket("", akey, cands, "ours", ours)
 
     # The Mosaic GPU decode kernel (bf16 pages only): same correctness check, then timed.
     mgpu_ok = decode_mgpu.supported(q.shape, k_pages.shape, q.dtype, 1, k_dtype=k_pages.dtype)
+
+    def mgpu(cfg):
+        return lambda q, kp, vp, pt, ln, sc: decode_mgpu.paged_decode_mgpu(
+            q, kp, vp, pt, ln, qs, scale=scale, config=cfg, interpret=interpret)
     mbest, mseen = None, set()
     for cfg_kw in (mgpu_configs if mgpu_ok else ()):
         if mbest is not None and deadline is not None and time.time() > deadline:
@@ -238,15 +248,15 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
         if mcfg in mseen:
             continue
         mseen.add(mcfg)
-        mcall = (lambda c: lambda q, kp, vp, pt, ln, sc: decode_mgpu.paged_decode_mgpu(  # noqa
-            q, kp, vp, pt, ln, qs, scale=scale, config=c, interpret=interpret))(mcfg)
+        mcall = mgpu(mcfg)
         try:
             mout = jax.jit(mcall)(q, k_pages, v_pages, pts[0], lens, sc)
             merr = rel(mout, ref_out) if ref_out is not None else (
                 rel(mout, first_out) if first_out is not None else None)
             if merr is not None and not merr < 2e-2:
                 raise AssertionError(f"mgpu {mcfg}: rel err {merr} vs the reference")
-            t, _ = timeit(looped(mcall), (q, k_pages, v_pages, pts, lens, sc), reps)
+            t, _ = timeit(looped_config("mgpu", mcfg, mgpu), (q, k_pages, v_pages, pts, lens, sc),
+                          reps)
         except Exception as e:  # noqa: BLE001 -- report and go on
             print(f"  mgpu {mcfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             row.setdefault("mgpu_failed", []).append(f"{mcfg}: {type(e).__name__}: "
@@ -261,20 +271,7 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
     if tune and mgpu_ok and mgpu_configs and not interpret:  # decode_mgpu's own bucket
         mkey = autotune.make_key(q.shape, k_pages.shape, pts[0].shape, 1, q.dtype,
                                  kernel="mgpu")
-        mjit = {}
-
-        def mrun(cfg):
-            if cfg not in mjit:
-                mjit[cfg] = looped(lambda q, kp, vp, pt, ln, sc: decode_mgpu.paged_decode_mgpu(
-                    q, kp, vp, pt, ln, qs, scale=scale, config=cfg))
-            return mjit[cfg](q, k_pages, v_pages, pts, lens, sc)
-
-        won = autotune.tune(mkey, autotune.default_candidates(mkey) + list(mseen), mrun,
-                            reps=reps, calls_per_run=n_calls)
-        entry = autotune.load_cache().get(mkey.id, {}) if won is not None else {}
-        row.update(mgpu_tuned_key=mkey.id, mgpu_tuned_cfg=str(won), mgpu_tuned_us=entry.get("us"))
-        print(f"  autotune {mkey.id}: {won} {entry.get('us')} us -> {autotune.cache_path()}",
-              flush=True)
+        tune_bucket("mgpu_", mkey, autotune.default_candidates(mkey) + list(mseen), "mgpu", mgpu)
 
     if run_peer:
         try:

@@ -42,13 +42,14 @@ def family(name: str) -> str:
     return _SUFFIX.sub("", name) or name
 
 
-def find_traces(path: str) -> list[str]:
+def find_trace(path: str) -> str:
+    """The trace file itself, or the newest one under a jax.profiler.trace directory."""
     if os.path.isfile(path):
-        return [path]
+        return path
     found = sorted(glob.glob(os.path.join(path, "**", "*.trace.json.gz"), recursive=True))
     if not found:
         raise SystemExit(f"no *.trace.json.gz under {path!r} (a jax.profiler.trace directory?)")
-    return found[-1:]  # the newest run (directories are named by time)
+    return found[-1]  # the newest run (directories are named by time)
 
 
 def idle_gaps(events: list[dict], n: int) -> tuple[float, list[dict], dict]:
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gaps", type=int, default=10, help="list this many longest idle gaps")
     ap.add_argument("--json", default=None, help="also save the summary here")
     args = ap.parse_args(argv)
-    summary = summarize(find_traces(args.trace)[0], args.top, args.gaps)
+    summary = summarize(find_trace(args.trace), args.top, args.gaps)
     print(render(summary))
     if args.json:
         with open(args.json, "w") as f:

@@ -50,6 +50,13 @@ class KVCache:
                          v_scale=[jnp.ones(spec.shape[:-1], jnp.float32) for _ in layers])
         return cls(**pools)
 
+    def pools(self) -> tuple[list, ...]:
+        """(k, v), plus (k_scale, v_scale) for 8-bit pools, each a per-layer list:
+        `KVCache(*pools)` rebuilds a cache (of arrays, or of their shardings)."""
+        if self.k_scale is None:
+            return self.k, self.v
+        return self.k, self.v, self.k_scale, self.v_scale
+
     def layer(self, i: int) -> tuple:
         """(k, v, k_scale, v_scale) of layer i; the scales are None for plain pools."""
         if self.k_scale is None:

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imp_jax.config import ModelConfig
-from imp_jax.spec import ArraySpec, map_specs, param_specs
+from imp_jax.spec import ArraySpec, get_path, map_specs, param_specs
 
 MODES = ("fp8", "fp8-weight-only", "int8")
 FP8 = jnp.float8_e4m3fn
@@ -383,14 +383,8 @@ def quantize_params(params: dict[str, Any], cfg: ModelConfig, mode: str,
     check_mode(mode)
     policy = DEFAULT_POLICY if policy is None else policy
 
-    def lookup(path):
-        node = params
-        for k in path:
-            node = node[k]
-        return node
-
     def one(path, spec):
-        w = lookup(path)
+        w = get_path(params, path)
         if isinstance(w, QuantArray) or not policy.selects(path, spec, cfg):
             return w
         if tuple(w.shape) != spec.shape:

@@ -114,11 +114,9 @@ class ModelRunner:
     def reset_cache(self) -> None:
         """A fresh KV cache of the same shapes and shardings (the old one was lost): zero
         pages, and scale 1 in 8-bit pools' scale pools, as `KVCache.create` makes them."""
-        fresh = lambda v: lambda a: jnp.full(a.shape, v, a.dtype, device=a.sharding)  # noqa
-        c = self.cache
-        scales = {} if c.k_scale is None else dict(
-            k_scale=[fresh(1.0)(a) for a in c.k_scale], v_scale=[fresh(1.0)(a) for a in c.v_scale])
-        self.cache = KVCache([fresh(0)(a) for a in c.k], [fresh(0)(a) for a in c.v], **scales)
+        fills = (0, 0, 1, 1)  # pages, then scales (8-bit pools only)
+        self.cache = KVCache(*([jnp.full(a.shape, v, a.dtype, device=a.sharding) for a in pool]
+                               for pool, v in zip(self.cache.pools(), fills)))
 
     @property
     def num_compiles(self) -> int:
@@ -145,18 +143,14 @@ class ModelRunner:
             max(len(s.pages) for s in seqs), lo=16, hi=self.max_pages_per_seq)
         steps = np.fromiter((num_steps if s.steps is None else s.steps for s in seqs),
                             np.int64, n)
-        bad = np.flatnonzero((steps < 0) | (steps > num_steps))
-        if bad.size:
-            i = int(bad[0])
+        if (i := _first((steps < 0) | (steps > num_steps))) is not None:
             raise ValueError(f"sequence {i}: steps={steps[i]}, allowed 0..{num_steps}")
         page_table, counts = _page_rows(seqs, S, P)
         starts = np.fromiter((s.start_pos for s in seqs), np.int64, n)
         _check_starts(starts)
         ends = starts + steps
-        bad = np.flatnonzero((steps > 0) & ((ends > self.max_model_len)
-                                            | (counts * self.page_size < ends)))
-        if bad.size:
-            i = int(bad[0])
+        if (i := _first((steps > 0) & ((ends > self.max_model_len)
+                                       | (counts * self.page_size < ends)))) is not None:
             raise ValueError(f"sequence {i}: {steps[i]} steps from position {starts[i]} "
                              f"need pages for {ends[i]} tokens (max_model_len "
                              f"{self.max_model_len}), got {counts[i]} pages")
@@ -283,16 +277,12 @@ class ModelRunner:
         starts = np.fromiter((s.start_pos for s in seqs), np.int64, n)
         _check_starts(starts)
         ends = starts + qlens
-        over = np.flatnonzero(ends > self.max_model_len)
-        if over.size:
-            i = int(over[0])
+        if (i := _first(ends > self.max_model_len)) is not None:
             raise ValueError(f"sequence {i} reaches {ends[i]} tokens, over max_model_len "
                              f"{self.max_model_len}")
         page_table, counts = _page_rows(seqs, S, P)
         needed = -(-ends // self.page_size)
-        short = np.flatnonzero(counts < needed)
-        if short.size:
-            i = int(short[0])
+        if (i := _first(counts < needed)) is not None:
             raise ValueError(f"sequence {i} needs {needed[i]} pages for {ends[i]} tokens, "
                              f"got {counts[i]}")
         offsets = np.zeros(n + 1, np.int64)
@@ -348,10 +338,14 @@ class ModelRunner:
         return StepOutput(out, logits, np.asarray(query_start[:n]))
 
 
+def _first(mask: np.ndarray) -> int | None:
+    """Index of the first True (the sequence an input error names), or None."""
+    hit = np.flatnonzero(mask)
+    return int(hit[0]) if hit.size else None
+
+
 def _check_starts(starts: np.ndarray) -> None:
-    bad = np.flatnonzero(starts < 0)
-    if bad.size:
-        i = int(bad[0])
+    if (i := _first(starts < 0)) is not None:
         raise ValueError(f"sequence {i}: start_pos={starts[i]}, allowed >= 0")
 
 
@@ -360,9 +354,7 @@ def _page_rows(seqs: Sequence[StepSeq], S: int, P: int) -> tuple[np.ndarray, np.
     with page 0 (never a sequence's). One scatter, not a row assignment per sequence."""
     n = len(seqs)
     counts = np.fromiter((len(s.pages) for s in seqs), np.int64, n)
-    wide = np.flatnonzero(counts > P)
-    if wide.size:
-        i = int(wide[0])
+    if (i := _first(counts > P)) is not None:
         raise ValueError(f"sequence {i} has {counts[i]} pages, more than the {P} a page-table "
                          "row holds (max_model_len / page_size)")
     table = np.zeros((S, P), np.int32)

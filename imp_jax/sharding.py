@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imp_jax.cache import is_quantized
 from imp_jax.config import ModelConfig
-from imp_jax.spec import ArraySpec, kv_page_spec, map_specs, param_specs
+from imp_jax.spec import ArraySpec, get_path, kv_page_spec, map_specs, param_specs
 
 MESH_AXES = ("dp", "tp")
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "pages", "batch")
@@ -368,18 +368,13 @@ def shard_params(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh,
     eff = effective_config(cfg, mesh, rules)
     shardings = param_shardings(eff, mesh, rules)  # validates before anything moves
     params = repeat_kv_params(params, cfg, eff.num_kv_heads // cfg.num_kv_heads)
-    return eff, _map_with_params(lambda path, _, leaf: _place_leaf(leaf, _get(shardings, path)),
+    return eff, _map_with_params(lambda path, _, leaf: _place_leaf(leaf,
+                                                                  get_path(shardings, path)),
                                  param_specs(eff), params)
 
 
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def sharded_zeros(shape, dtype, sharding: NamedSharding, value: float = 0) -> jax.Array:
-    """Zeros (or `value`) created directly in their shards (no full-size host or device-0
+def sharded_full(shape, dtype, sharding: NamedSharding, value: float = 0) -> jax.Array:
+    """An array of `value` created directly in its shards (no full-size host or device-0
     copy)."""
     return _fill_fn(tuple(shape), jnp.dtype(dtype), sharding, value)()
 
@@ -432,11 +427,9 @@ def sharded_model_class():
             csh = NamedSharding(self.mesh, self.cache_spec)
             ssh = scale_sharding(csh)
 
-            def pin(c):
-                scales = {} if c.k_scale is None else dict(
-                    k_scale=[wsc(s, ssh) for s in c.k_scale],
-                    v_scale=[wsc(s, ssh) for s in c.v_scale])
-                return KVCache([wsc(k, csh) for k in c.k], [wsc(v, csh) for v in c.v], **scales)
+            def pin(c):  # pages, then scales (8-bit pools only)
+                return KVCache(*([wsc(a, sh) for a in pool]
+                                 for pool, sh in zip(c.pools(), (csh, csh, ssh, ssh))))
             logits, cache = super().__call__(tokens, positions, pin(cache), meta)
             # Pin the logits vocab-split first (as the lm_head leaves them), then gather: without
             # the first constraint GSPMD may all-gather the lm_head *weight* instead.
@@ -509,26 +502,18 @@ def shard_runner(runner, mesh: Mesh, rules: ShardingRules | None = None, *,
                              "keep_cache=False for a new cache")
         move = lambda pool, sh: place(_repeat(pool, r, 2) if r > 1 else pool, sh)  # noqa: E731
         cache = KVCache(*([move(p, s) for p, s in zip(pools, shs, strict=True)]
-                          for pools, shs in zip(_pools(old), _pools(csh), strict=True)))
+                          for pools, shs in zip(old.pools(), csh.pools(), strict=True)))
     else:
         runner.cache = old = None  # free the unsharded pool before allocating the shards
-        scales = {}
-        if quantized:  # scale 1 where nothing is written yet, as KVCache.create
-            scales = {name: [sharded_zeros(shape[:-1], jnp.float32, s, 1.0)
-                             for s in getattr(csh, name)] for name in ("k_scale", "v_scale")}
-        cache = KVCache([sharded_zeros(shape, dtype, s) for s in csh.k],
-                        [sharded_zeros(shape, dtype, s) for s in csh.v], **scales)
+        # pages zero, scales (8-bit pools only) 1 where nothing is written yet, as KVCache.create
+        kinds = ((shape, dtype, 0), (shape, dtype, 0), (shape[:-1], jnp.float32, 1),
+                 (shape[:-1], jnp.float32, 1))
+        cache = KVCache(*([sharded_full(shp, dt, s, v) for s in shs]
+                          for shs, (shp, dt, v) in zip(csh.pools(), kinds)))
     runner.params, runner.cache = params, cache
     runner.model = sharded_model(runner.model, eff, mesh, rules)
     runner.sharding = ShardingPlan(mesh, rules, eff, csh)
     return runner
-
-
-def _pools(cache) -> tuple[list, ...]:
-    """(k, v) or (k, v, k_scale, v_scale) of a KVCache (of arrays or of shardings)."""
-    if cache.k_scale is None:
-        return cache.k, cache.v
-    return cache.k, cache.v, cache.k_scale, cache.v_scale
 
 
 # ----------------------------------------------------------------------------- inspection
@@ -701,7 +686,7 @@ __all__ = [
     "tp_dp", "data_parallel", "partition_spec", "kv_repeat", "effective_config",
     "repeat_kv_params", "param_shardings", "cache_sharding", "cache_shardings", "scale_sharding",
     "batch_sharding",
-    "replicated", "place", "shard_params", "sharded_zeros", "ShardingPlan", "shard_runner",
+    "replicated", "place", "shard_params", "sharded_full", "ShardingPlan", "shard_runner",
     "sharded_model", "step_args", "step_hlo", "collectives", "count_collectives",
     "weight_all_gathers", "MemoryPlan", "memory_plan", "split_dp",
 ]

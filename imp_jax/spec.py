@@ -107,6 +107,13 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict[str
                      param_specs(cfg))
 
 
+def get_path(tree, path: tuple[str, ...]):
+    """The node of a nested dict (params, shardings) at a spec path."""
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
 def leaf_key(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
     """The random key of one param leaf: any subset of leaves can be generated alone."""
     # crc32, not hash(): str hashes change from process to process.

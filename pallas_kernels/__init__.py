@@ -45,10 +45,12 @@ __all__ = ["ragged_paged_attention", "ragged_paged_attention_ref", "paged_attent
 
 
 def kernel_config(q, k_pages, page_table, max_query_len: int, *, interpret: bool = False,
-                  soft_cap=None, sliding_window=None) -> KernelConfig:
-    """The launch config for these (static) shapes: cached autotuned winner, else heuristic."""
+                  soft_cap=None, sliding_window=None, kernel: str = "triton"):
+    """The launch config of `kernel` ("triton": a KernelConfig, "mgpu": a
+    decode_mgpu.DecodeConfig) for these (static) shapes: cached autotuned winner, else the
+    kernel's heuristic."""
     key = autotune.make_key(q.shape, k_pages.shape, page_table.shape, max_query_len, q.dtype,
-                            kv_dtype=k_pages.dtype)
+                            kv_dtype=k_pages.dtype, kernel=kernel)
     autotune.maybe_tune(key, interpret=interpret, soft_cap=soft_cap,
                         sliding_window=sliding_window)  # no-op unless IMP_JAX_AUTOTUNE=1
     return autotune.lookup(key)
@@ -101,12 +103,9 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_star
     if on_gpu and decode_kernel() == "mgpu" and decode_mgpu.supported(
             q.shape, k_pages.shape, q.dtype, max_query_len, k_dtype=k_pages.dtype,
             soft_cap=soft_cap, sliding_window=sliding_window, k_scale=k_scale):
-        key = autotune.make_key(q.shape, k_pages.shape, page_table.shape, 1, q.dtype,
-                                kernel="mgpu")
-        autotune.maybe_tune(key)  # no-op unless IMP_JAX_AUTOTUNE=1
-        return decode_mgpu.paged_decode_mgpu(q, k_pages, v_pages, page_table, seq_lens,
-                                             query_start, scale=float(scale), max_query_len=1,
-                                             config=autotune.lookup(key))
+        return decode_mgpu.paged_decode_mgpu(
+            q, k_pages, v_pages, page_table, seq_lens, query_start, scale=float(scale),
+            max_query_len=1, config=kernel_config(q, k_pages, page_table, 1, kernel="mgpu"))
     use_kernel = ((interpret or on_gpu) and supported(q.shape, k_pages.shape, k_pages.dtype))
     if not use_kernel:
         return ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_start,

@@ -51,21 +51,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.flash_prefill import check_ring, softmax_state
+from pallas_kernels.flash_prefill import (LOG2E, SMEM_BYTES_H100, check_ring, interpret_params,
+                                          softmax_state)
+# NEG: log-sum-exp of a split that saw no key (the combine's convention)
+from pallas_kernels.paged_decode import NEG, NUM_SMS_H100, combine_splits
 
-LOG2E = math.log2(math.e)
-NEG = -1e30                    # log-sum-exp of a split that saw no key (the combine's convention)
-SMEM_BYTES_H100 = 227 * 1024
-NUM_SMS_H100 = 132
 MQ = 64                        # query rows of one wgmma (the G real rows are padded to it)
 
 
@@ -394,37 +391,6 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
     )
 
 
-def _combine(query_start, o_sp, lse, *, G, H, T, dtype, interpret):
-    """Merge the split partials with paged_decode.py's Pallas (Triton) combine kernel: same
-    [S, KVH, query blocks = 1, splits, M, D] layout, log2-domain lse, row r -> head h*G + r,
-    rows r >= G ignored; it also zeroes the padding tokens. Returns [T, H, D]."""
-    from pallas_kernels.paged_decode import _combine_kernel
-    S, KVH, _, nsplit, M, D = o_sp.shape
-    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
-    kern = functools.partial(_combine_kernel, num_splits=nsplit, G=G, H=H, block_q=1, M=M, D=D,
-                             T=T, S=S)
-    out = pl.pallas_call(
-        kern, grid=(S, KVH, 1),
-        in_specs=[whole((S + 1,)),
-                  pl.BlockSpec((None, None, None, nsplit, M, D),
-                               lambda s, h, b: (s, h, b, 0, 0, 0)),
-                  pl.BlockSpec((None, None, None, nsplit, M), lambda s, h, b: (s, h, b, 0, 0))],
-        out_specs=whole((T * H, D)),
-        out_shape=jax.ShapeDtypeStruct((T * H, D), dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
-        interpret=interpret, name=f"imp_decode_mgpu_combine_M{M}_sp{nsplit}",
-    )(query_start, o_sp, lse)
-    return out.reshape(T, H, D)
-
-
-def _interpret_params(interpret):
-    if interpret is True:
-        return plgpu.InterpretGPUParams()
-    if interpret is False or interpret is None:
-        return None
-    return interpret
-
-
 def resolve_config(q_shape, k_pages_shape, page_table_shape, *, interpret=None,
                    config: DecodeConfig | None = None) -> DecodeConfig:
     """The config a call runs with: `config` or the heuristic, forced to `compat` in interpret
@@ -459,7 +425,7 @@ def decode_kernel_call(q, k_pages, v_pages, page_table, seq_lens, query_start, *
     _, page_size, KVH, _ = k_pages.shape
     S, _ = page_table.shape
     _check(q, k_pages, v_pages, 1)
-    interp = _interpret_params(interpret)
+    interp = interpret_params(interpret)
     cfg = resolve_config(q.shape, k_pages.shape, page_table.shape, interpret=interp,
                          config=config)
     kern = _build_kernel(T=T, S=S, H=H, D=D, KVH=KVH, page_size=page_size, cfg=cfg,
@@ -480,13 +446,12 @@ def paged_decode_mgpu(q, k_pages, v_pages, page_table, seq_lens, query_start, *,
     T, H, _ = q.shape
     KVH = k_pages.shape[2]
     _check(q, k_pages, v_pages, max_query_len)
-    interp = _interpret_params(interpret)
-    cfg = resolve_config(q.shape, k_pages.shape, page_table.shape, interpret=interp,
-                         config=config)
     out = decode_kernel_call(q, k_pages, v_pages, page_table, seq_lens, query_start,
-                             scale=scale, interpret=interpret, config=cfg)
-    if cfg.num_splits == 1:
+                             scale=scale, interpret=interpret, config=config)
+    if not isinstance(out, tuple):  # one split: rows written in place
         return out
     o_sp, lse = out
-    return _combine(query_start.astype(jnp.int32), o_sp, lse, G=H // KVH, H=H, T=T,
-                    dtype=q.dtype, interpret=interp is not None)
+    return combine_splits(query_start.astype(jnp.int32), o_sp, lse, G=H // KVH, H=H, T=T,
+                          block_q=1, dtype=q.dtype,
+                          interpret=interpret_params(interpret) is not None,
+                          name="imp_decode_mgpu_combine")

@@ -474,7 +474,10 @@ def _build_kernel(*, T, H, D, KVH, page_size, n_tiles, cfg: FlashConfig, scale: 
     )
 
 
-def _interpret_params(interpret):
+def interpret_params(interpret):
+    """`interpret` (False / True / a `plgpu.InterpretGPUParams`) as the Mosaic GPU kernels take
+    it: None to compile for the GPU, else the interpret-mode parameters (shared by both
+    Mosaic GPU attention kernels)."""
     if interpret is True:
         return plgpu.InterpretGPUParams()
     if interpret is False or interpret is None:
@@ -494,7 +497,7 @@ def flash_prefill(q, k_pages, v_pages, page_table, seq_lens, query_start, *, sca
                          f"{k_pages.shape}")
     if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
         raise ValueError("q, k_pages and v_pages must share a dtype")
-    interp = _interpret_params(interpret)
+    interp = interpret_params(interpret)
     cfg = config if config is not None else default_config(D, page_size,
                                                            compat=interp is not None)
     if interp is not None and not cfg.compat:

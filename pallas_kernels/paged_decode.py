@@ -375,6 +375,18 @@ def paged_attention_kernel(q, k_pages, v_pages, page_table, seq_lens, query_star
         out_shape=[jax.ShapeDtypeStruct((S, KVH, nqb, nsplit, M, D), jnp.float32),
                    jax.ShapeDtypeStruct((S, KVH, nqb, nsplit, M), jnp.float32)],
         compiler_params=params, interpret=interpret, name=name)(*args)
+    return combine_splits(query_start, o_sp, lse, G=G, H=H, T=T, block_q=block_q,
+                          dtype=q.dtype, interpret=interpret, name="imp_paged_attn_combine")
+
+
+def combine_splits(query_start, o_sp, lse, *, G: int, H: int, T: int, block_q: int, dtype,
+                   interpret, name: str):
+    """Merge split-K partials (o_sp f32 [S, KVH, query blocks, splits, M, D], lse log2-domain
+    [S, KVH, query blocks, splits, M]; row r of a block -> head h*G + r, rows past G ignored)
+    into [T, H, D] with the Pallas combine kernel, which also zeroes the padding tokens. Both
+    split-K kernels (this one and decode_mgpu.py) end with it."""
+    S, KVH, nqb, nsplit, M, D = o_sp.shape
+    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
     combine = functools.partial(_combine_kernel, num_splits=nsplit, G=G, H=H, block_q=block_q,
                                 M=M, D=D, T=T, S=S)
     out = pl.pallas_call(
@@ -384,9 +396,9 @@ def paged_attention_kernel(q, k_pages, v_pages, page_table, seq_lens, query_star
                                lambda s, h, b: (s, h, b, 0, 0, 0)),
                   pl.BlockSpec((None, None, None, nsplit, M), lambda s, h, b: (s, h, b, 0, 0))],
         out_specs=whole((T * H, D)),
-        out_shape=jax.ShapeDtypeStruct((T * H, D), q.dtype),
+        out_shape=jax.ShapeDtypeStruct((T * H, D), dtype),
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
-        interpret=interpret, name=f"imp_paged_attn_combine_M{M}_sp{nsplit}")(query_start, o_sp, lse)
+        interpret=interpret, name=f"{name}_M{M}_sp{nsplit}")(query_start, o_sp, lse)
     return out.reshape(T, H, D)
 
 

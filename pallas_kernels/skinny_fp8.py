@@ -218,7 +218,7 @@ def skinny_fp8_ref(xq, x_scale, wq, w_scale, *, out_dtype=jnp.bfloat16):
     return fp8_matmul_ref(xq, x_scale, wq, w_scale, w_layout="nk", out_dtype=out_dtype)
 
 
-def _build(Mp: int, K: int, N: int, cfg: SkinnyFp8Config, out_dtype, interpret: bool):
+def _build(Mp: int, K: int, N: int, cfg: SkinnyFp8Config, out_dtype):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     tile_n, tile_k, splits = cfg.tile_n, cfg.tile_k, cfg.splits
@@ -311,7 +311,7 @@ def skinny_fp8_matmul_t(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scal
         xq = jnp.pad(xq, ((0, Mp - M), (0, 0)))
         xs = jnp.pad(xs, (0, Mp - M))
     ws = w_scale.reshape(N).astype(jnp.float32)
-    call = _build(Mp, K, N, cfg, jnp.dtype(out_dtype), interpret)
+    call = _build(Mp, K, N, cfg, jnp.dtype(out_dtype))
     ctx = contextlib.nullcontext()
     if interpret:
         import jax.experimental.pallas.mosaic_gpu as plgpu

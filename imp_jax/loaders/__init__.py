@@ -34,7 +34,7 @@ def random_params(cfg, dtype, shardings=None, quantization: str | None = None):
     at once (33 GB per device for the 8B shape in fp8 at tp=2; a 70B shape ran out of memory)."""
     from imp_jax import quant
     from imp_jax.sharding import leaf_shardings
-    from imp_jax.spec import leaf_key, map_specs, param_specs
+    from imp_jax.spec import get_path, leaf_key, map_specs, param_specs
 
     if quantization is not None:
         quant.check_mode(quantization)
@@ -42,7 +42,7 @@ def random_params(cfg, dtype, shardings=None, quantization: str | None = None):
 
     def one(path, spec):
         mode = quantization if quantization and policy.selects(path, spec, cfg) else None
-        sharding = None if shardings is None else _nested(shardings, path)
+        sharding = None if shardings is None else get_path(shardings, path)
         contract = ()
         if mode:
             contract = (1,) if path[-1] == "embedding" else spec.contract
@@ -54,12 +54,6 @@ def random_params(cfg, dtype, shardings=None, quantization: str | None = None):
                             contract=contract, scales=policy.scales, sharding=sharding)
 
     return map_specs(one, param_specs(cfg))
-
-
-def _nested(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "dtype", "mode", "contract", "scales",
