@@ -318,3 +318,41 @@ def test_random_shapes_are_generated_already_quantized(monkeypatch):
     out = llm.generate([[5, 6, 7]], max_tokens=4, ignore_eos=True, temperature=0,
                        use_tqdm=False)
     assert len(out[0].token_ids) == 4
+
+
+def test_block_scale_simulation_with_one_group_is_per_channel_fp8(monkeypatch):
+    """benchmarks/quant_block_scales.py: with one group spanning the contracted dims, its
+    simulated weights equal dequantizing the real per-channel fp8 QuantArrays; smaller groups
+    fit the weights at least as well (each group's scale is <= the channel's)."""
+    import importlib.util
+
+    from imp_jax import quant
+    from imp_jax.loaders import load_model
+    from imp_jax.spec import get_path, map_specs, param_specs
+
+    monkeypatch.setattr(quant, "DEFAULT_POLICY", QuantPolicy(keep_first=0, keep_last=0))
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quant_block_scales.py")
+    spec = importlib.util.spec_from_file_location("quant_block_scales", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    m = load_model("random:tiny", "bfloat16")
+    policy = quant.DEFAULT_POLICY
+    whole = mod.block_fp8(m.params, m.cfg, 10**9, policy)
+    grouped = mod.block_fp8(m.params, m.cfg, 16, policy)
+    real = quantize_params(m.params, m.cfg, "fp8-weight-only", policy)
+    checked = []
+
+    def one(p, s):
+        q = get_path(real, p)
+        if not isinstance(q, QuantArray):
+            return
+        deq = (q.q.astype(jnp.float32) * q.scale).astype(jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(get_path(whole, p), np.float32),
+                                      np.asarray(deq, np.float32))
+        w = np.asarray(get_path(m.params, p), np.float32)
+        err = lambda a: float(np.sum((np.asarray(a, np.float32) - w) ** 2))  # noqa: E731
+        assert err(get_path(grouped, p)) <= err(deq) * 1.01
+        checked.append("/".join(p))
+
+    map_specs(one, param_specs(m.cfg))
+    assert len(checked) >= 7

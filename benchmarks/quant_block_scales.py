@@ -1,0 +1,71 @@
+"""FP8 accuracy of the default policy per mode, and block-wise weight scales simulated (CPU).
+
+    PYTHONPATH=$PWD python benchmarks/quant_block_scales.py
+
+SmolLM2-135M (the default model), tests/data/text in chunks of 512, scored by quant.py's Scorer
+(bf16 activations; perplexity, KL and top-1 vs bf16, paired standard error). Rows:
+* fp8 (W8A8), fp8-weight-only and int8 under the default policy (first and last block in bf16);
+* fp8 weight-only with one scale per (group of K, output channel), simulated: each selected
+  weight is replaced by its dequantized bf16 value (the kernels take no block scales).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quant as qb  # noqa: E402  (benchmarks/quant.py: model, text, Scorer)
+
+from imp_jax.quant import (FP8, FP8_MAX, DEFAULT_POLICY, QuantPolicy,  # noqa: E402
+                           cast_unquantized, quantize_params)
+from imp_jax.spec import get_path, map_specs, param_specs  # noqa: E402
+
+
+def block_fp8(params, cfg, group: int, policy=DEFAULT_POLICY):
+    """params with every weight `policy` selects replaced by its fp8 value under one scale per
+    (group of `group` contracted elements, output channel), dequantized to bf16."""
+    def one(path, spec):
+        w = get_path(params, path)
+        if not policy.selects(path, spec, cfg):
+            return w
+        contract = (1,) if path[-1] == "embedding" else spec.contract
+        perm = tuple(contract) + tuple(d for d in range(w.ndim) if d not in contract)
+        wt = jnp.transpose(jnp.asarray(w, jnp.float32), perm)
+        K = math.prod(wt.shape[:len(contract)])
+        g = group if K % group == 0 else K
+        wg = wt.reshape(K // g, g, -1)
+        s = jnp.maximum(jnp.max(jnp.abs(wg), axis=1, keepdims=True), 1e-12) / FP8_MAX
+        deq = (jnp.clip(wg / s, -FP8_MAX, FP8_MAX).astype(FP8).astype(jnp.float32) * s)
+        return jnp.transpose(deq.reshape(wt.shape), tuple(np.argsort(perm))).astype(jnp.bfloat16)
+    return map_specs(one, param_specs(cfg))
+
+
+def main() -> int:
+    _, cfg, params, tok = qb.load_model()
+    bf16 = cast_unquantized(params, jnp.bfloat16)
+    ids = qb.eval_text(tok)
+    chunks = [c for c in (ids[i:i + 512] for i in range(0, len(ids), 512)) if len(c) >= 2]
+    score = qb.Scorer(cfg, bf16, chunks, 512)
+    ref = score(bf16)["ppl"]
+    rows = [(f"{mode} (default policy)", quantize_params(bf16, cfg, mode))
+            for mode in ("fp8", "fp8-weight-only", "int8")]
+    rows += [(f"fp8 weight-only, scales per {g} keys x output channel (simulated)",
+              block_fp8(bf16, cfg, g)) for g in (64, 32)]
+    rows.append(("fp8 weight-only, per 64 keys, every block quantized (simulated)",
+                 block_fp8(bf16, cfg, 64, QuantPolicy())))
+    print(f"| variant | ppl | vs bf16 ({ref:.3f}) | KL vs bf16 | top-1 vs bf16 | SE % |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, p in rows:
+        r = score(p)
+        print(f"| {name} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref - 1):+.2f}% | {r['kl']:.4f} | "
+              f"{100 * r['top1']:.1f}% | {r['se_pct']:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
