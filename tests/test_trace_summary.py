@@ -36,7 +36,10 @@ def test_summary_of_a_profiled_run(tmp_path, capsys):
     assert proc["busy_ms"] > 0 and proc["span_ms"] > 0 and 0 < len(proc["top"]) <= 5
     assert all(t["ms"] >= 0 and t["calls"] >= 1 for t in proc["top"])
     assert abs(sum(t["share"] for t in proc["families"]) - 1) < 1e-6 or len(proc["families"]) == 5
-    assert any("PjitFunction" in t["name"] for t in proc["top"])  # the 5 calls of f
+    # the 5 calls of f, looked up over every event name (the top 5 by time can be other host
+    # frames: a loaded machine once spent 2 s in stop_trace, above everything else)
+    (full,) = ts.summarize(ts.find_trace(str(tmp_path / "trace")), top=10_000)["processes"]
+    assert any("PjitFunction" in t["name"] and t["calls"] >= 5 for t in full["top"])
     assert "| ms | share | calls |" in capsys.readouterr().out
     # 5 host-synchronised calls: the process idles between them, and the gaps say where
     assert 0 <= proc["idle_ms"] < proc["span_ms"]
