@@ -402,7 +402,7 @@ def run_batch(llm, input_path: str, output_path: str, progress: bool = True, *,
 
     def step() -> None:
         nonlocal jobs_in_flight
-        for out in engine.step():
+        for out in engine.step(finished_only=True):
             if not out.finished or out.request_id not in pending:
                 continue
             job, i = pending.pop(out.request_id)

@@ -274,35 +274,22 @@ class SamplingTensors:
         s = n if pad_to is None else int(pad_to)
         if s < n:
             raise ValueError(f"pad_to must be >= len(params)={n}, got {pad_to}")
-        temperature = np.zeros(s, np.float32)
-        top_k = np.zeros(s, np.int32)
-        top_p = np.ones(s, np.float32)
-        min_p = np.zeros(s, np.float32)
-        presence = np.zeros(s, np.float32)
-        frequency = np.zeros(s, np.float32)
-        repetition = np.ones(s, np.float32)
-        seed = np.zeros(s, np.uint32)
-        step = np.zeros(s, np.int32)
-        for i, p in enumerate(params):
-            temperature[i] = p.temperature
-            top_k[i] = max(p.top_k, 0)
-            top_p[i] = p.top_p
-            min_p[i] = p.min_p
-            presence[i] = p.presence_penalty
-            frequency[i] = p.frequency_penalty
-            repetition[i] = p.repetition_penalty
-            seed[i] = int(seeds[i]) & 0xFFFFFFFF
-            step[i] = int(steps[i])
+
+        def col(values, dtype, pad):  # one array per field: no per-element numpy stores
+            out = np.full(s, pad, dtype)
+            out[:n] = np.fromiter(values, dtype, n)
+            return out
+
         return SamplingTensors(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            presence_penalty=presence,
-            frequency_penalty=frequency,
-            repetition_penalty=repetition,
-            seed=seed,
-            step=step,
+            temperature=col((p.temperature for p in params), np.float32, 0),
+            top_k=col((max(p.top_k, 0) for p in params), np.int32, 0),
+            top_p=col((p.top_p for p in params), np.float32, 1),
+            min_p=col((p.min_p for p in params), np.float32, 0),
+            presence_penalty=col((p.presence_penalty for p in params), np.float32, 0),
+            frequency_penalty=col((p.frequency_penalty for p in params), np.float32, 0),
+            repetition_penalty=col((p.repetition_penalty for p in params), np.float32, 1),
+            seed=col((int(x) & 0xFFFFFFFF for x in seeds), np.uint32, 0),
+            step=col((int(x) for x in steps), np.int32, 0),
         )
 
 

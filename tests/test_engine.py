@@ -116,13 +116,29 @@ def test_thousand_requests_none_lost_or_duplicated(model):
     ids = [engine.add_request(p, sp) for p, sp in zip(ps, params)]
     finished = []
     while engine.has_unfinished_requests():
-        finished += [o for o in engine.step() if o.finished]
+        # every other step unfiltered: finished_only must return the same finished requests
+        outs = engine.step(finished_only=bool(engine.stats["steps"] % 2))
+        finished += [o for o in outs if o.finished]
     assert sorted(o.request_id for o in finished) == sorted(ids)  # each exactly once
     for o in finished:
         assert len(o.token_ids) == params[int(o.request_id)].max_tokens
     bm = engine.block_manager
     assert bm.num_free_pages == bm.num_usable_pages
     bm.check_invariants()
+
+
+def test_finished_only_steps_return_just_the_finished_requests(model):
+    llm = make_llm(model, max_num_seqs=4)
+    engine = llm.engine
+    lengths = {engine.add_request(p, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)):
+               m for p, m in zip(prompts(6, seed=8), (1, 5, 2, 7, 3, 4))}
+    seen = []
+    while engine.has_unfinished_requests():
+        outs = engine.step(finished_only=True)
+        assert all(o.finished for o in outs)
+        seen += outs
+    assert sorted(o.request_id for o in seen) == sorted(lengths)
+    assert all(len(o.token_ids) == lengths[o.request_id] for o in seen)
 
 
 def test_abort_frees_pages_at_once(model):
