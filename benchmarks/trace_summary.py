@@ -25,6 +25,7 @@ device waited (a gap after each step's last kernel: the host's turn).
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import glob
 import gzip
@@ -59,7 +60,7 @@ def idle_gaps(events: list[dict], n: int) -> tuple[float, list[dict], dict]:
     seg_start, cur_end, cur_name = iv[0]
     for start, end, name in iv[1:]:
         if start > cur_end:
-            gaps.append((start - cur_end, cur_end - iv[0][0], cur_name, name))
+            gaps.append((start - cur_end, cur_end - iv[0][0], cur_name, name, cur_end))
             covered += cur_end - seg_start
             seg_start = start
         if end > cur_end:
@@ -68,9 +69,27 @@ def idle_gaps(events: list[dict], n: int) -> tuple[float, list[dict], dict]:
     sizes = {f">{lim} ms": dict(count=sum(g[0] > lim * 1e3 for g in gaps),
                                 ms=sum(g[0] for g in gaps if g[0] > lim * 1e3) / 1e3)
              for lim in (0.1, 1, 10)}
-    top = [dict(ms=d / 1e3, at_ms=at / 1e3, after=a, before=b)
-           for d, at, a, b in heapq.nlargest(n, gaps)]
+    top = [dict(ms=d / 1e3, at_ms=at / 1e3, after=a, before=b, ts=ts)
+           for d, at, a, b, ts in heapq.nlargest(n, gaps)]
     return covered, top, sizes
+
+
+def host_in_gaps(gaps: list[dict], host: list[dict], n: int = 3) -> None:
+    """Name, per gap, the host events that overlap it most (`gap["host"]`: the n longest
+    overlaps by event name): what the host was doing while the device waited. Host events
+    nest (a dispatch inside a Python call), so overlaps of different names can add up to
+    more than the gap."""
+    host = sorted(host, key=lambda e: e["ts"])
+    starts = [e["ts"] for e in host]
+    longest = max((e["dur"] for e in host), default=0)
+    for g in gaps:
+        lo, hi = g["ts"], g["ts"] + g["ms"] * 1e3
+        over = collections.Counter()
+        for e in host[bisect.bisect_left(starts, lo - longest):bisect.bisect_right(starts, hi)]:
+            o = min(hi, e["ts"] + e["dur"]) - max(lo, e["ts"])
+            if o > 0:
+                over[e["name"][:40]] += o
+        g["host"] = [(name, o / 1e3) for name, o in over.most_common(n)]
 
 
 def _name(e: dict) -> str:
@@ -110,6 +129,9 @@ def summarize(trace_file: str, top: int = 25, gaps: int = 10) -> dict:
         start = min(e["ts"] for e in mine)
         end = max(e["ts"] + e["dur"] for e in mine)
         covered, longest, sizes = idle_gaps(mine, gaps)
+        host = [e for e in spans if e["pid"] not in device]
+        if pid in device and host:
+            host_in_gaps(longest, host)
         out["processes"].append({
             "process": procs.get(pid, str(pid)), "events": len(mine),
             "lines": dict(lines), "streams_only": bool(streams),
@@ -141,9 +163,12 @@ def render(summary: dict) -> str:
         lines.append(f"\nidle {p['idle_ms']:.1f} ms of the span (no event on any stream); "
                      f"gaps {sizes}")
         if p["gaps"]:
-            lines.append("| gap ms | at ms | after | before |\n| --- | --- | --- | --- |")
+            lines.append("| gap ms | at ms | after | before | host events in the gap (ms) |\n"
+                         "| --- | --- | --- | --- | --- |")
             lines += [f"| {g['ms']:.2f} | {g['at_ms']:.1f} | {g['after'][:50]} | "
-                      f"{g['before'][:50]} |" for g in p["gaps"]]
+                      f"{g['before'][:50]} | "
+                      + "; ".join(f"{n} {ms:.1f}" for n, ms in g.get("host", [])) + " |"
+                      for g in p["gaps"]]
     return "\n".join(lines)
 
 

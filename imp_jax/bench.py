@@ -256,12 +256,15 @@ def bench_throughput(args) -> list[dict]:
 
 
 def _kinds_delta(before: dict, after: dict) -> dict:
-    """{kind: {"calls", "seconds"}} of the engine's step kinds during a timed pass."""
+    """{kind: {"calls", "seconds", "host_s", "dispatch_s"}} of the engine's step kinds during a
+    timed pass: wall time of the steps, the engine's host work in them, and the time spent in
+    the runner's call (building inputs and enqueueing programs, before the result is read)."""
     out = {}
-    for kind, (calls, secs) in after.items():
-        c0, s0 = before.get(kind, (0, 0.0))
+    for kind, (calls, secs, host, dispatch) in after.items():
+        c0, s0, h0, d0 = before.get(kind, (0, 0.0, 0.0, 0.0))
         if calls > c0:
-            out[kind] = {"calls": calls - c0, "seconds": round(secs - s0, 3)}
+            out[kind] = {"calls": calls - c0, "seconds": round(secs - s0, 3),
+                         "host_s": round(host - h0, 3), "dispatch_s": round(dispatch - d0, 3)}
     return out
 
 
@@ -329,7 +332,12 @@ def _profile(path):
         return _NoProfile()
     import jax
 
-    return jax.profiler.trace(path)
+    options = jax.profiler.ProfileOptions()
+    if os.environ.get("IMP_JAX_PROFILE_PYTHON") == "1":
+        # every Python call becomes a host event (slower host): says what the host did while
+        # the device waited (benchmarks/trace_summary.py --gaps)
+        options.python_tracer_level = 1
+    return jax.profiler.trace(path, profiler_options=options)
 
 
 def hf_peer(cfg, batch: int, input_len: int, output_len: int,

@@ -15,6 +15,7 @@ import functools
 import itertools
 import os
 import threading
+import time
 from typing import Any, Sequence
 
 import jax
@@ -96,6 +97,8 @@ class ModelRunner:
         self.fixed_shapes = resolve_impl(attn_impl) == "pallas"
         self.max_num_seqs = max_num_seqs
         self._last_tokens = None  # the last decode_steps call's final tokens (device)
+        self.enqueue_s = 0.0  # host time of the last step() up to its last program's dispatch
+        self._t_start = 0.0
         self.sharding = None  # imp_jax.sharding.ShardingPlan when running on a mesh
         if mesh is not None:
             from imp_jax.sharding import shard_runner
@@ -215,12 +218,17 @@ class ModelRunner:
     # ------------------------------------------------------------------ host side
     def step(self, seqs: Sequence[StepSeq], sampling: SamplingTensors | None = None,
              num_logprobs: int = 0) -> StepOutput:
+        """One step's programs; `self.enqueue_s` is then the host time it took to build their
+        inputs and enqueue them (the engine's per-step breakdown)."""
         if not seqs:
             raise ValueError("step needs at least one sequence")
+        self._t_start = time.perf_counter()
         prompt = [len(s.token_ids) > 1 or s.all_logits for s in seqs]
         if self.fixed_shapes and any(prompt):
             return self._grouped_step(seqs, prompt, sampling, num_logprobs)
-        return self._step(seqs, sampling, num_logprobs)
+        out = self._step(seqs, sampling, num_logprobs)
+        self.enqueue_s = time.perf_counter() - self._t_start
+        return out
 
     def _grouped_step(self, seqs, prompt, sampling, num_logprobs) -> StepOutput:
         """The kernel path runs a step with prompt chunks as several programs: decodes in one,
@@ -238,6 +246,7 @@ class ModelRunner:
                                                                sampling)
             rows = PROMPT_ROWS if prompt[idx[0]] else None
             outs.append(self._step([seqs[i] for i in idx], part, num_logprobs, rows))
+        self.enqueue_s = time.perf_counter() - self._t_start
         if len(groups) == 1:
             return outs[0]
         order = np.argsort(np.concatenate(groups))

@@ -94,3 +94,13 @@ def test_host_process_keeps_every_line(tmp_path):
         json.dump(dict(traceEvents=ev), fh)
     (p,) = ts.summarize(str(f))["processes"]
     assert not p["streams_only"] and {t["name"] for t in p["top"]} == {"PjitFunction(f)", "step"}
+
+
+def test_host_events_in_a_gap_are_named_by_their_overlap():
+    gaps = [dict(ms=2.0, ts=1000.0), dict(ms=0.5, ts=5000.0)]
+    host = [dict(ts=900, dur=600, name="PjitFunction(f)"),  # overlaps 1000-1500
+            dict(ts=1800, dur=1000, name="schedule"),  # overlaps 1800-2800 (gap ends 3000)
+            dict(ts=4000, dur=100, name="elsewhere")]  # in no gap
+    ts.host_in_gaps(gaps, host)
+    assert gaps[0]["host"] == [("schedule", 1.0), ("PjitFunction(f)", 0.5)]
+    assert gaps[1]["host"] == []

@@ -125,7 +125,8 @@ class LLMEngine:
         self.stats = {"steps": 0, "host_time": 0.0, "prompt_tokens": 0, "generation_tokens": 0,
                       "preemptions": 0, "decode_blocks": 0, "blocks_ahead": 0,
                       # per kind of step ("prompt", "mixed", "decode", "decode_block"):
-                      # [calls, wall seconds of step()], the time it took to read its result
+                      # [calls, wall seconds of step(), host seconds (host_time's share),
+                      #  seconds in the runner's call (inputs built, programs enqueued)]
                       "step_kinds": {}}
 
     # ------------------------------------------------------------------ requests
@@ -234,6 +235,7 @@ class LLMEngine:
             if n_steps > 1:
                 out = self.runner.decode_steps(seqs, tensors, n_steps, num_logprobs)
                 logits = None
+        t_dispatch = 0.0
         if n_steps > 1:
             self.stats["decode_blocks"] += 1
             # Queue the next block behind this one before reading it: the device never waits
@@ -241,6 +243,7 @@ class LLMEngine:
             self._ahead = self._dispatch_ahead(sched, n_steps)
         else:
             result = self.runner.step(seqs, tensors, num_logprobs)
+            t_dispatch = self.runner.enqueue_s
             # numpy on the host, not an eager device op (one more compile per shape)
             out, logits = jax.tree.map(lambda a: np.asarray(a)[None], result.sample), \
                 result.logits
@@ -295,10 +298,13 @@ class LLMEngine:
             outputs.append(out)
         self.stats["steps"] += n_steps
         t3 = time.perf_counter()
-        self.stats["host_time"] += (t1 - t0) + (t3 - t2)
-        kind = self.stats["step_kinds"].setdefault(_step_kind(sched, n_steps), [0, 0.0])
+        host = (t1 - t0) + (t3 - t2)
+        self.stats["host_time"] += host
+        kind = self.stats["step_kinds"].setdefault(_step_kind(sched, n_steps), [0, 0.0, 0.0, 0.0])
         kind[0] += 1
         kind[1] += t3 - t0
+        kind[2] += host
+        kind[3] += t_dispatch
         return outputs
 
     def _decode_block(self, sched: SchedulerOutput) -> int:
