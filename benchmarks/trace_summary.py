@@ -74,22 +74,32 @@ def idle_gaps(events: list[dict], n: int) -> tuple[float, list[dict], dict]:
     return covered, top, sizes
 
 
-def host_in_gaps(gaps: list[dict], host: list[dict], n: int = 3) -> None:
-    """Name, per gap, the host events that overlap it most (`gap["host"]`: the n longest
-    overlaps by event name): what the host was doing while the device waited. Host events
-    nest (a dispatch inside a Python call), so overlaps of different names can add up to
-    more than the gap."""
-    host = sorted(host, key=lambda e: e["ts"])
+def host_in_gaps(gaps: list[dict], host: list[dict], n: int = 5) -> None:
+    """Name, per gap, what the host was doing while the device waited: `gap["host"]` holds the
+    n event names with the most *self* time inside the gap (an event's overlap with the gap
+    minus its nested children's, per thread), so the Python tracer's outer frames (generate,
+    step) do not hide the function that actually ran."""
+    host = sorted(host, key=lambda e: (e["ts"], -e["dur"]))
     starts = [e["ts"] for e in host]
     longest = max((e["dur"] for e in host), default=0)
     for g in gaps:
         lo, hi = g["ts"], g["ts"] + g["ms"] * 1e3
-        over = collections.Counter()
+        selft = collections.Counter()
+        stacks: dict = {}  # (pid, tid) -> open events [(end, name)]
         for e in host[bisect.bisect_left(starts, lo - longest):bisect.bisect_right(starts, hi)]:
-            o = min(hi, e["ts"] + e["dur"]) - max(lo, e["ts"])
-            if o > 0:
-                over[e["name"][:40]] += o
-        g["host"] = [(name, o / 1e3) for name, o in over.most_common(n)]
+            end = e["ts"] + e["dur"]
+            o = min(hi, end) - max(lo, e["ts"])
+            if o <= 0:
+                continue
+            stack = stacks.setdefault((e["pid"], e.get("tid")), [])
+            while stack and stack[-1][0] <= e["ts"]:
+                stack.pop()  # ended before this one began: not its parent
+            if stack:
+                selft[stack[-1][1]] -= o  # the parent's time here is this child's
+            name = e["name"][:40]
+            selft[name] += o
+            stack.append((end, name))
+        g["host"] = [(name, t / 1e3) for name, t in selft.most_common(n) if t > 0]
 
 
 def _name(e: dict) -> str:

@@ -96,11 +96,15 @@ def test_host_process_keeps_every_line(tmp_path):
     assert not p["streams_only"] and {t["name"] for t in p["top"]} == {"PjitFunction(f)", "step"}
 
 
-def test_host_events_in_a_gap_are_named_by_their_overlap():
+def test_host_events_in_a_gap_are_named_by_their_self_time():
     gaps = [dict(ms=2.0, ts=1000.0), dict(ms=0.5, ts=5000.0)]
-    host = [dict(ts=900, dur=600, name="PjitFunction(f)"),  # overlaps 1000-1500
-            dict(ts=1800, dur=1000, name="schedule"),  # overlaps 1800-2800 (gap ends 3000)
-            dict(ts=4000, dur=100, name="elsewhere")]  # in no gap
+    host = [dict(ts=0, dur=9000, name="generate", pid=1, tid=1),  # the outer frame
+            dict(ts=900, dur=600, name="dispatch", pid=1, tid=1),  # 1000-1500 in the gap
+            dict(ts=1800, dur=1000, name="schedule", pid=1, tid=1),  # 1800-2800
+            dict(ts=1900, dur=300, name="hash", pid=1, tid=1),  # inside schedule
+            dict(ts=1000, dur=2000, name="other thread", pid=1, tid=2),
+            dict(ts=4000, dur=100, name="elsewhere", pid=1, tid=1)]  # in no gap
     ts.host_in_gaps(gaps, host)
-    assert gaps[0]["host"] == [("schedule", 1.0), ("PjitFunction(f)", 0.5)]
-    assert gaps[1]["host"] == []
+    assert gaps[0]["host"][:2] == [("other thread", 2.0), ("schedule", 0.7)]
+    assert dict(gaps[0]["host"][2:]) == {"dispatch": 0.5, "generate": 0.5}  # a tie
+    assert gaps[1]["host"] == [("generate", 0.5)]
