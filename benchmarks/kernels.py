@@ -94,7 +94,7 @@ def rel(a, b):
 
 
 def make_pools(key, P, page, kv):
-    """K/V pools [P, page, KVH, D] (+ f32 scales [P, page, KVH] for 8-bit pools).
+    """K/V pools [P, page, KVH, D] (+ f32 scales [P, KVH, page] for 8-bit pools).
 
     8-bit pools repeat a random block of <= 4096 pages (the timing reads addresses, not values;
     this keeps the random generation's temporaries small for pools of many GB)."""
@@ -114,7 +114,7 @@ def make_pools(key, P, page, kv):
         return base[rep]
 
     top = 127.0 if kv == "int8" else 64.0
-    scales = lambda k: jax.random.uniform(k, (P, page, KVH), jnp.float32, 0.5, 1.5) / top  # noqa
+    scales = lambda k: jax.random.uniform(k, (P, KVH, page), jnp.float32, 0.5, 1.5) / top  # noqa
     return values(k1), values(k2), dict(k_scale=scales(k3), v_scale=scales(k4))
 
 
@@ -228,12 +228,15 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
         cands = autotune.default_candidates(akey) + [akey.heuristic(**kw) for kw in configs]
         tune_bucket("", akey, cands, "ours", ours)
 
-    # The Mosaic GPU decode kernel (bf16 pages only): same correctness check, then timed.
-    mgpu_ok = decode_mgpu.supported(q.shape, k_pages.shape, q.dtype, 1, k_dtype=k_pages.dtype)
+    # The Mosaic GPU decode kernel (bf16 pages, and fp8 pages with their scales): same
+    # correctness check, then timed.
+    mgpu_ok = decode_mgpu.supported(q.shape, k_pages.shape, q.dtype, 1, k_dtype=k_pages.dtype,
+                                    k_scale=sc.get("k_scale"))
+    kv_itemsize = k_pages.dtype.itemsize
 
     def mgpu(cfg):
         return lambda q, kp, vp, pt, ln, sc: decode_mgpu.paged_decode_mgpu(
-            q, kp, vp, pt, ln, qs, scale=scale, config=cfg, interpret=interpret)
+            q, kp, vp, pt, ln, qs, scale=scale, config=cfg, interpret=interpret, **sc)
     mbest, mseen = None, set()
     for cfg_kw in (mgpu_configs if mgpu_ok else ()):
         if mbest is not None and deadline is not None and time.time() > deadline:
@@ -241,10 +244,12 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
             break
         kw = dict(cfg_kw)
         mult = kw.pop("splits_mult", None)
-        mcfg = decode_mgpu.choose_config(B, KVH, pages_per_seq, page, D, **kw)
+        mcfg = decode_mgpu.choose_config(B, KVH, pages_per_seq, page, D,
+                                         kv_itemsize=kv_itemsize, **kw)
         if mult is not None:
             mcfg = decode_mgpu.choose_config(B, KVH, pages_per_seq, page, D,
-                                             num_splits=mcfg.num_splits * mult, **kw)
+                                             num_splits=mcfg.num_splits * mult,
+                                             kv_itemsize=kv_itemsize, **kw)
         if mcfg in mseen:
             continue
         mseen.add(mcfg)
@@ -270,14 +275,14 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
                    mgpu_err=mbest["rel_err"])
     if tune and mgpu_ok and mgpu_configs and not interpret:  # decode_mgpu's own bucket
         mkey = autotune.make_key(q.shape, k_pages.shape, pts[0].shape, 1, q.dtype,
-                                 kernel="mgpu")
+                                 kv_dtype=k_pages.dtype, kernel="mgpu")
         tune_bucket("mgpu_", mkey, autotune.default_candidates(mkey) + list(mseen), "mgpu", mgpu)
 
     if run_peer:
         try:
             kt = jnp.transpose(k_pages, (2, 0, 1, 3))
             vt = jnp.transpose(v_pages, (2, 0, 1, 3))
-            pscales = {k: jnp.transpose(v, (2, 0, 1)) for k, v in sc.items()}
+            pscales = {k: jnp.transpose(v, (1, 0, 2)) for k, v in sc.items()}  # [KVH, P, page]
             ks = 16 if pages_per_seq % 16 == 0 else 1
             # the deprecated kernel applies no softmax scale: fold it into q
             peer_call = lambda q, kp, vp, pt, ln, psc: peer_mod.paged_attention(  # noqa: E731

@@ -51,7 +51,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
 
     heads = P(None, heads_axis, None)  # q and out: [T, H, D]
     pools = P(None, None, heads_axis, None)  # [pages, page, KVH, D]
-    scales = P(None, None, heads_axis)  # 8-bit pools' scales [pages, page, KVH], or None
+    scales = P(None, heads_axis, None)  # 8-bit pools' scales [pages, KVH, page], or None
     return jax.shard_map(local, mesh=mesh,
                          in_specs=(heads, pools, pools, P(), P(), P(), scales, scales),
                          out_specs=heads, check_vma=False)(*args)

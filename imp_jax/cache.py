@@ -34,8 +34,9 @@ class KVCache:
     k: list[jax.Array]  # per layer: [num_pages, page_size, kv_heads, head_dim]
     v: list[jax.Array]
     # 8-bit pools only (fp8 e4m3 / int8): one float32 scale per token and KV head,
-    # [num_pages, page_size, kv_heads] (4 bytes next to head_dim bytes of values: KV memory and
-    # bandwidth drop ~2x from bf16).
+    # [num_pages, kv_heads, page_size] (4 bytes next to head_dim bytes of values: KV memory and
+    # bandwidth drop ~2x from bf16). A page's scales for one KV head are contiguous, so a
+    # kernel copies them with one TMA box per page (>= 16 bytes; see scale_pool_shape).
     k_scale: list[jax.Array] | None = None
     v_scale: list[jax.Array] | None = None
 
@@ -46,8 +47,9 @@ class KVCache:
         pools = dict(k=[jnp.zeros(spec.shape, dtype) for _ in layers],
                      v=[jnp.zeros(spec.shape, dtype) for _ in layers])
         if is_quantized(dtype):
-            pools.update(k_scale=[jnp.ones(spec.shape[:-1], jnp.float32) for _ in layers],
-                         v_scale=[jnp.ones(spec.shape[:-1], jnp.float32) for _ in layers])
+            shape = scale_pool_shape(spec.shape)
+            pools.update(k_scale=[jnp.ones(shape, jnp.float32) for _ in layers],
+                         v_scale=[jnp.ones(shape, jnp.float32) for _ in layers])
         return cls(**pools)
 
     def pools(self) -> tuple[list, ...]:
@@ -86,6 +88,22 @@ class AttentionMetadata:
     query_start: jax.Array  # int32[S+1]
     logits_indices: jax.Array  # int32[N]: tokens whose logits are returned
     max_query_len: int = dataclasses.field(metadata=dict(static=True), default=1)
+
+
+def scale_pool_shape(pool_shape) -> tuple[int, int, int]:
+    """[num_pages, page_size, kv_heads, head_dim] pool -> its scale pool's
+    [num_pages, kv_heads, page_size]: head-major inside a page, so one KV head's scales of a
+    page are contiguous (the Mosaic GPU decode kernel TMA-copies them; a [.., page, kv_heads]
+    column would be a 4-byte-wide box, below TMA's 16-byte minimum)."""
+    num_pages, page_size, kv_heads = pool_shape[:3]
+    return num_pages, kv_heads, page_size
+
+
+def quantize_pool(pool: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """A whole float pool [P, page, KVH, D] quantized per token and head, as `write_kv` stores
+    it: (8-bit values [P, page, KVH, D], f32 scales [P, KVH, page]). Tests and benchmarks."""
+    values, scales = quantize_kv(pool, dtype)
+    return values, jnp.swapaxes(scales, 1, 2)
 
 
 def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -133,8 +151,9 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
     page, offset = slots // page_size, slots % page_size
     if k_scale is not None:
         (k, ks), (v, vs) = quantize_kv(k, k_pages.dtype), quantize_kv(v, v_pages.dtype)
-        k_scale = k_scale.at[page, offset].set(ks, mode="drop")
-        v_scale = v_scale.at[page, offset].set(vs, mode="drop")
+        # scale pools are [P, KVH, page]: index (page, :, offset) takes [T, KVH] like ks
+        k_scale = k_scale.at[page, :, offset].set(ks, mode="drop")
+        v_scale = v_scale.at[page, :, offset].set(vs, mode="drop")
     k_pages = k_pages.at[page, offset].set(k.astype(k_pages.dtype), mode="drop")
     v_pages = v_pages.at[page, offset].set(v.astype(v_pages.dtype), mode="drop")
     return k_pages, v_pages, k_scale, v_scale

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imp_jax.cache import is_quantized
+from imp_jax.cache import is_quantized, scale_pool_shape
 from imp_jax.config import ModelConfig
 from imp_jax.spec import ArraySpec, get_path, kv_page_spec, map_specs, param_specs
 
@@ -310,11 +310,11 @@ def cache_shardings(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = 
 
 
 def scale_sharding(pool: NamedSharding) -> NamedSharding:
-    """An 8-bit pool's scales [pages, page, kv_heads] are split like the pool
-    [pages, page, kv_heads, head_dim] itself, without its head_dim axis: each device keeps the
-    scales of the K/V it holds."""
+    """An 8-bit pool's scales [pages, kv_heads, page] are split like the pool
+    [pages, page, kv_heads, head_dim] itself (its axes in the scales' order, without head_dim):
+    each device keeps the scales of the K/V it holds."""
     spec = tuple(pool.spec) + (None,) * (4 - len(pool.spec))
-    return NamedSharding(pool.mesh, P(*spec[:3]))
+    return NamedSharding(pool.mesh, P(spec[0], spec[2], spec[1]))
 
 
 def batch_sharding(mesh: Mesh, rules: ShardingRules, n: int) -> NamedSharding:
@@ -500,14 +500,17 @@ def shard_runner(runner, mesh: Mesh, rules: ShardingRules | None = None, *,
                              f"{have[1]} pages of {have[2]}); it cannot become "
                              f"{dtype.name}, {num_pages} pages of {page_size}: pass "
                              "keep_cache=False for a new cache")
-        move = lambda pool, sh: place(_repeat(pool, r, 2) if r > 1 else pool, sh)  # noqa: E731
-        cache = KVCache(*([move(p, s) for p, s in zip(pools, shs, strict=True)]
-                          for pools, shs in zip(old.pools(), csh.pools(), strict=True)))
+        # KV heads are axis 2 of the pages [P, page, KVH, D], axis 1 of the scales [P, KVH, page]
+        move = lambda pool, sh, ax: place(_repeat(pool, r, ax) if r > 1 else pool, sh)  # noqa
+        cache = KVCache(*([move(p, s, ax) for p, s in zip(pools, shs, strict=True)]
+                          for pools, shs, ax in zip(old.pools(), csh.pools(), (2, 2, 1, 1),
+                                                    strict=False)))
     else:
         runner.cache = old = None  # free the unsharded pool before allocating the shards
         # pages zero, scales (8-bit pools only) 1 where nothing is written yet, as KVCache.create
-        kinds = ((shape, dtype, 0), (shape, dtype, 0), (shape[:-1], jnp.float32, 1),
-                 (shape[:-1], jnp.float32, 1))
+        scales = scale_pool_shape(shape)
+        kinds = ((shape, dtype, 0), (shape, dtype, 0), (scales, jnp.float32, 1),
+                 (scales, jnp.float32, 1))
         cache = KVCache(*([sharded_full(shp, dt, s, v) for s in shs]
                           for shs, (shp, dt, v) in zip(csh.pools(), kinds)))
     runner.params, runner.cache = params, cache
@@ -647,7 +650,7 @@ def memory_plan(cfg: ModelConfig, mesh: Mesh | Mapping[str, int] | str,
     rules = rules or tensor_parallel()
     shape = _mesh_shape(mesh)
     _check_axes_exist(rules, shape)
-    from imp_jax.cache import is_quantized
+    from imp_jax.cache import is_quantized, scale_pool_shape
 
     item = jnp.dtype(dtype).itemsize
     citem = jnp.dtype(cache_dtype or dtype).itemsize

@@ -7,12 +7,13 @@
                            scale, soft_cap=None, sliding_window=None, interpret=False,
                            k_scale=None, v_scale=None) -> [T,H,D]
 
-k_scale / v_scale: float32 [P, page, KVH] scales of float8_e4m3fn or int8 pages (one per token
+k_scale / v_scale: float32 [P, KVH, page] scales of float8_e4m3fn or int8 pages (one per token
 and KV head, imp_jax/cache.py's layout); the kernel dequantizes the tiles it reads, the
 reference the pages it gathers.
 
 Dispatch: on a GPU, decode steps go to `decode_mgpu.py` when it covers them
-(IMP_JAX_DECODE=triton opts out); prompt steps the Mosaic GPU kernel covers (`use_flash_prefill`) run
+(IMP_JAX_DECODE=triton opts out; float8_e4m3fn pages only with IMP_JAX_DECODE_8BIT=mgpu, see
+`decode_kernel`); prompt steps the Mosaic GPU kernel covers (`use_flash_prefill`) run
 `flash_prefill.py` (FA3-style: TMA K/V page gathers, two wgmma warpgroups, work list longest
 first). Otherwise, on a GPU (or with interpret=True) the Pallas kernel of `paged_decode.py` runs, in its
 decode form (one query block holding all max_query_len tokens, split-K over pages) when
@@ -88,6 +89,17 @@ def decode_kernel() -> str:
     return choice
 
 
+def decode_kernel_8bit() -> str:
+    """$IMP_JAX_DECODE_8BIT: which kernel reads float8_e4m3fn pages in decode steps on a GPU.
+    "triton" (the default) until decode_mgpu's 8-bit path, tested in interpret mode and lowered
+    for Hopper on CPU, has passed its GPU tests and benchmark (tests/test_decode_mgpu.py -m gpu,
+    benchmarks/kernels.py --kv fp8); "mgpu" opts in now."""
+    choice = os.environ.get("IMP_JAX_DECODE_8BIT", "triton")
+    if choice not in DECODE_KERNELS:
+        raise ValueError(f"IMP_JAX_DECODE_8BIT={choice!r}; allowed: {', '.join(DECODE_KERNELS)}")
+    return choice
+
+
 def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_start, *,
                            max_query_len: int, scale: float, soft_cap: float | None = None,
                            sliding_window: int | None = None, interpret: bool = False,
@@ -100,12 +112,14 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_star
         return flash_prefill.flash_prefill(q, k_pages, v_pages, page_table, seq_lens,
                                            query_start, scale=float(scale),
                                            max_query_len=int(max_query_len))
-    if on_gpu and decode_kernel() == "mgpu" and decode_mgpu.supported(
+    mgpu = decode_kernel() == "mgpu" and (k_scale is None or decode_kernel_8bit() == "mgpu")
+    if on_gpu and mgpu and decode_mgpu.supported(
             q.shape, k_pages.shape, q.dtype, max_query_len, k_dtype=k_pages.dtype,
             soft_cap=soft_cap, sliding_window=sliding_window, k_scale=k_scale):
         return decode_mgpu.paged_decode_mgpu(
             q, k_pages, v_pages, page_table, seq_lens, query_start, scale=float(scale),
-            max_query_len=1, config=kernel_config(q, k_pages, page_table, 1, kernel="mgpu"))
+            max_query_len=1, config=kernel_config(q, k_pages, page_table, 1, kernel="mgpu"),
+            k_scale=k_scale, v_scale=v_scale)
     use_kernel = ((interpret or on_gpu) and supported(q.shape, k_pages.shape, k_pages.dtype))
     if not use_kernel:
         return ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_start,

@@ -100,7 +100,8 @@ class ShapeKey:
             from pallas_kernels import decode_mgpu
             return decode_mgpu.choose_config(max(1, self.S), self.kv_heads,
                                              max(1, self.max_pages), self.page_size,
-                                             self.head_dim, **overrides)
+                                             self.head_dim, kv_itemsize=1 if self.kv_dtype
+                                             else 2, **overrides)
         return choose_config(max(1, self.S), self.kv_heads, self.group, self.max_query_len,
                              max(1, self.max_pages), self.page_size, **overrides)
 
@@ -385,11 +386,12 @@ def synthetic_inputs(key: ShapeKey, *, pool_bytes_max: float = 1.0e9, seed: int 
 
 
 def synthetic_scales(key: ShapeKey, num_pages: int, seed: int = 0) -> dict:
-    """{k_scale, v_scale} (float32 [P, page, KVH]) for 8-bit page keys, else {}."""
+    """{k_scale, v_scale} (float32 [P, KVH, page], the cache's layout) for 8-bit page keys,
+    else {}."""
     if not key.kv_dtype:
         return {}
     ka, kb = jax.random.split(jax.random.PRNGKey(seed + 1))
-    shape = (num_pages, key.page_size, key.kv_heads)
+    shape = (num_pages, key.kv_heads, key.page_size)
     return dict(k_scale=jax.random.uniform(ka, shape, jnp.float32, 0.005, 0.02),
                 v_scale=jax.random.uniform(kb, shape, jnp.float32, 0.005, 0.02))
 
@@ -407,7 +409,8 @@ def tune_shape(key: ShapeKey, *, candidates: Sequence | None = None,
     def run_fn(cfg):
         if key.kernel == "mgpu":
             from pallas_kernels.decode_mgpu import paged_decode_mgpu
-            return paged_decode_mgpu(*args, scale=scale, config=cfg, interpret=interpret)
+            return paged_decode_mgpu(*args, scale=scale, config=cfg, interpret=interpret,
+                                     **scales)
         return paged_attention_kernel(*args, max_query_len=key.max_query_len, scale=scale,
                                       soft_cap=soft_cap, sliding_window=sliding_window,
                                       config=cfg, interpret=interpret, **scales)

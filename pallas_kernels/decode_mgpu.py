@@ -2,10 +2,12 @@
 producer warpgroup), built to stream the KV cache at HBM bandwidth.
 
 Contract: `reference.ragged_paged_attention_ref` for decode steps (max_query_len == 1), no
-soft-cap / sliding window, float pages of q's dtype (bf16 / f16):
+soft-cap / sliding window, float pages of q's dtype (bf16 / f16), or float8_e4m3fn pages with
+their per-token-per-head f32 scales (imp_jax/cache.py's layout, [P, KVH, page]):
 
     paged_decode_mgpu(q[T,H,D], k_pages[P,page,KVH,D], v_pages, page_table i32[S,max_pages],
-                      seq_lens i32[S], query_start i32[S+1], *, scale, max_query_len=1) -> [T,H,D]
+                      seq_lens i32[S], query_start i32[S+1], *, scale, max_query_len=1,
+                      k_scale=None, v_scale=None) -> [T,H,D]
 
 Sequence s owns token query_start[s] when query_start[s+1] - query_start[s] == 1 (0: a padding
 sequence, no token) and that token attends keys 0..seq_lens[s]-1. Tokens at or beyond
@@ -42,6 +44,14 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
 * Q arrives by TMA in an unswizzled staging buffer (a G-row box at any token / head offset;
   Mosaic only TMAs into a swizzled buffer at 8-row-aligned offsets) and is re-laid out once
   into the swizzled buffer wgmma reads (flash_prefill.py does the same).
+* **8-bit (e4m3) pages.** The ring holds the 8-bit tiles (half the bytes of a bf16 stage) and
+  each stage's per-key scales: one TMA box of `page` f32 per page and KV head, contiguous in
+  the [P, KVH, page] scale pools. The consumer converts a stage to q's dtype in registers
+  (e4m3 -> f32, times the key's scale, -> bf16: this toolchain's ptxas converts e4m3 straight
+  to f16 only) into one bf16 tile per K and V, releases the 8-bit stage at once, and runs the
+  same wgmmas on the converted tiles. Dequantizing K and V before the products keeps every
+  wgmma in bf16 (8-bit wgmma operands must be K-major, which V is not; see
+  docs/kernels_notes.md) and the numerics those of the reference, which dequantizes first.
 * `compat=True`: the interpret-mode-safe PV step (P through SMEM into a fresh accumulator that
   is added), because GPU interpret mode runs neither `pl.run_state` nor a register-LHS wgmma.
   It also compiles for the GPU (slower). The default keeps P in registers.
@@ -64,6 +74,8 @@ from pallas_kernels.flash_prefill import (LOG2E, SMEM_BYTES_H100, check_ring, in
 from pallas_kernels.paged_decode import NEG, NUM_SMS_H100, combine_splits
 
 MQ = 64                        # query rows of one wgmma (the G real rows are padded to it)
+FP8 = jnp.float8_e4m3fn        # the 8-bit page dtype this kernel reads (with scales)
+CONVERT_ROWS = 64              # 8-bit tile rows converted per register pass (register pressure)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +85,21 @@ class DecodeConfig:
     num_splits: int = 1        # split-K partitions of each sequence's KV blocks
     compat: bool = False       # interpret-safe PV path (P via SMEM, separate accumulator)
 
-    def validate(self, D: int, page_size: int):
+    def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
         if self.num_splits < 1:
             raise ValueError("num_splits must be >= 1")
-        check_ring(self, page_size, smem_bytes(self, D), min_stages=1)
+        check_ring(self, page_size, smem_bytes(self, D, kv_itemsize=kv_itemsize), min_stages=1)
 
 
-def smem_bytes(cfg: DecodeConfig, D: int, itemsize: int = 2) -> int:
+def smem_bytes(cfg: DecodeConfig, D: int, itemsize: int = 2, kv_itemsize: int | None = None
+               ) -> int:
+    """SMEM of a CTA; kv_itemsize 1: 8-bit pages (ring of 8-bit tiles + per-key f32 scales,
+    and one converted K and V tile of q's dtype)."""
+    kv_itemsize = itemsize if kv_itemsize is None else kv_itemsize
     q = 2 * MQ * D * itemsize                       # swizzled Q + unswizzled Q/O staging
-    ring = 2 * cfg.num_stages * cfg.block_kv * D * itemsize
+    ring = 2 * cfg.num_stages * cfg.block_kv * D * kv_itemsize
+    if kv_itemsize != itemsize:
+        ring += 2 * cfg.num_stages * cfg.block_kv * 4 + 2 * cfg.block_kv * D * itemsize
     if cfg.compat:
         ring += MQ * cfg.block_kv * itemsize        # P staged through SMEM
     part = (MQ * D * 4 + MQ * 4) if cfg.num_splits > 1 else 0   # f32 partial O + lse
@@ -93,8 +111,6 @@ def supported(q_shape, k_pages_shape, dtype=None, max_query_len: int = 1, *, k_d
     """Whether this kernel covers a decode step with these shapes (else use another path)."""
     if int(max_query_len) != 1 or soft_cap is not None or sliding_window is not None:
         return False
-    if k_scale is not None:
-        return False
     if len(q_shape) != 3 or len(k_pages_shape) != 4:
         return False
     _, H, D = q_shape
@@ -102,7 +118,10 @@ def supported(q_shape, k_pages_shape, dtype=None, max_query_len: int = 1, *, k_d
     ok_dtypes = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if dtype is not None and jnp.dtype(dtype) not in ok_dtypes:
         return False
-    if k_dtype is not None and (dtype is None or jnp.dtype(k_dtype) != jnp.dtype(dtype)):
+    if k_scale is not None:  # 8-bit pages: e4m3 only (int8 stays on the Triton kernel)
+        if k_dtype is None or jnp.dtype(k_dtype) != jnp.dtype(FP8):
+            return False
+    elif k_dtype is not None and (dtype is None or jnp.dtype(k_dtype) != jnp.dtype(dtype)):
         return False
     if D != Dk or D not in (64, 128) or KVH <= 0 or H % KVH or H // KVH > MQ:
         return False
@@ -118,7 +137,7 @@ SHORT_CTX = 512  # page-table spans up to this many keys count as short (choose_
 def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128, *,
                   block_kv: int | None = None, num_stages: int | None = None,
                   num_splits: int | None = None, compat: bool = False,
-                  num_sms: int = NUM_SMS_H100) -> DecodeConfig:
+                  num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -142,13 +161,13 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         num_splits = min(num_splits, max(1, max_blocks // 2))
     num_splits = max(1, min(int(num_splits), max_blocks))
     return fit_smem(DecodeConfig(block_kv=block_kv, num_stages=num_stages,
-                                 num_splits=num_splits, compat=compat), D)
+                                 num_splits=num_splits, compat=compat), D, kv_itemsize)
 
 
-def fit_smem(cfg: DecodeConfig, D: int) -> DecodeConfig:
+def fit_smem(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> DecodeConfig:
     """Drop ring stages (down to 2) until the config fits SMEM (deep rings of 128-key blocks
-    at D=128, or the compat path's extra P buffer)."""
-    while smem_bytes(cfg, D) > SMEM_BYTES_H100 and cfg.num_stages > 2:
+    at D=128, the compat path's extra P buffer, 8-bit pages' converted tiles)."""
+    while smem_bytes(cfg, D, kv_itemsize=kv_itemsize) > SMEM_BYTES_H100 and cfg.num_stages > 2:
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
     return cfg
 
@@ -164,8 +183,10 @@ def partial_rows(G: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float, dtype,
-                  interpret):
+                  interpret, kv_dtype=None):
     G = H // KVH
+    kv_dtype = jnp.dtype(dtype if kv_dtype is None else kv_dtype)
+    quant = kv_dtype == jnp.dtype(FP8)        # 8-bit pages + per-key scales
     B, stages, splits = cfg.block_kv, cfg.num_stages, cfg.num_splits
     if B >= page_size:
         n_cp, rows_cp = B // page_size, page_size
@@ -174,16 +195,26 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
     c_log2 = float(scale) * LOG2E
     MP = partial_rows(G)
 
-    def kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, out_refs, scoped):
+    def convert(src8, scales, dst):
+        """An 8-bit [B, D] stage -> q's dtype in `dst`, each key (row) times its scale; in
+        passes of CONVERT_ROWS rows (a 128 x 128 tile in f32 would need 128 registers per
+        thread at once)."""
+        n = min(CONVERT_ROWS, B)
+        for r in range(0, B, n):
+            x = src8.at[pl.ds(r, n)][...].astype(jnp.float32)
+            sc = scales.at[pl.ds(r, n)][...]
+            dst.at[pl.ds(r, n)][...] = (x * lax.broadcast_in_dim(sc, x.shape, [0])).astype(dtype)
+        plgpu.commit_smem()
+
+    def kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, out_refs, scoped):
         s = lax.axis_index("seq")
         h = lax.axis_index("kvh")
         j = lax.axis_index("split")
         wg = lax.axis_index("wg")
         q_smem, qst, ring, (k_bars, v_bars, q_bar), (k_cons, v_cons) = scoped
+        k_smem, v_smem, p_smem, ks_smem, vs_smem, k16, v16 = ring[:7]
         if splits > 1:
-            k_smem, v_smem, p_smem, ost, lse_smem = ring
-        else:
-            k_smem, v_smem, p_smem = ring
+            ost, lse_smem = ring[7:]
 
         seq_len = sl_ref[s]
         tok = qs_ref[s]
@@ -212,12 +243,18 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     acc, m_i, l_i = carry
                     slot = lax.rem(t, jnp.int32(stages))
                     plgpu.barrier_wait(k_bars.at[slot])
+                    k_tile = k_smem.at[slot]
+                    if quant:  # converted, the 8-bit stage goes straight back to the producer
+                        convert(k_tile, ks_smem.at[slot], k16)
+                        plgpu.barrier_arrive(k_cons.at[slot])
+                        k_tile = k16
 
                     def compute_qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
                         return acc_ref[...]
                     sc = pl.run_scoped(compute_qk, plgpu.ACC((MQ, B), jnp.float32))
-                    plgpu.barrier_arrive(k_cons.at[slot])
+                    if not quant:
+                        plgpu.barrier_arrive(k_cons.at[slot])
                     if masked:
                         cols = plgpu.broadcasted_iota(jnp.int32, (MQ, B), 1,
                                                       layout=plgpu.Layout.WGMMA)
@@ -230,19 +267,25 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     l_i = l_i * alpha + p.sum(axis=1)
                     p16 = p.astype(dtype)
                     plgpu.barrier_wait(v_bars.at[slot])
+                    v_tile = v_smem.at[slot]
+                    if quant:
+                        convert(v_tile, vs_smem.at[slot], v16)
+                        plgpu.barrier_arrive(v_cons.at[slot])
+                        v_tile = v16
                     if not cfg.compat:
                         def compute_pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                            plgpu.wgmma(acc_ref, p16, v_tile)
                         acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
                     else:
                         p_smem[...] = p16
                         plgpu.commit_smem()
 
                         def compute_pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                            plgpu.wgmma(acc_ref, p_smem, v_tile)
                             return acc_ref[...]
                         acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((MQ, D), jnp.float32))
-                    plgpu.barrier_arrive(v_cons.at[slot])
+                    if not quant:
+                        plgpu.barrier_arrive(v_cons.at[slot])
                     return acc, m_new, l_i
 
                 carry = (acc, m_i, l_i)
@@ -303,15 +346,21 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     ids.append(pt_ref[s, col])
                 return tuple(ids)
 
-            def issue(t, slot, pool, smem, bar, pages):
+            def issue(t, slot, pool, smem, bar, pages, scales, scale_smem):
                 for c, page in enumerate(pages):
                     if n_cp > 1 or B == page_size:
                         src = pool.at[page, :, h]
+                        keys = pl.ds(0, rows_cp)
                     else:       # page_size > block_kv: the block is a slice of one page
                         off = lax.rem((b0 + t) * B, jnp.int32(page_size))
-                        src = pool.at[page, pl.ds(pl.multiple_of(off, B), rows_cp), h]
+                        keys = pl.ds(pl.multiple_of(off, B), rows_cp)
+                        src = pool.at[page, keys, h]
                     dst = smem.at[slot, pl.ds(c * rows_cp, rows_cp)] if n_cp > 1 else smem.at[slot]
                     plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+                    if quant:   # the same keys' scales: contiguous in the [P, KVH, page] pool
+                        plgpu.copy_gmem_to_smem(scales.at[page, h, keys],
+                                                scale_smem.at[slot, pl.ds(c * rows_cp, rows_cp)],
+                                                bar.at[slot])
 
             def kv_loop(t, pages):
                 slot = lax.rem(t, jnp.int32(stages))
@@ -322,12 +371,12 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 @pl.when(t >= stages)
                 def _():
                     plgpu.barrier_wait(k_cons.at[slot])
-                issue(t, slot, k_ref, k_smem, k_bars, pages)
+                issue(t, slot, k_ref, k_smem, k_bars, pages, ks_ref, ks_smem)
 
                 @pl.when(t >= stages)
                 def _():
                     plgpu.barrier_wait(v_cons.at[slot])
-                issue(t, slot, v_ref, v_smem, v_bars, pages)
+                issue(t, slot, v_ref, v_smem, v_bars, pages, vs_ref, vs_smem)
                 return nxt
 
             @pl.when(nsteps > 0)
@@ -342,33 +391,45 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 plgpu.barrier_wait(k_cons.at[slot])
                 plgpu.barrier_wait(v_cons.at[slot])
 
-    def entry(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs):
+    def entry(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs):
+        ks_ref, vs_ref, *out_refs = refs if quant else (None, None, *refs)
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
+        # the ring's tiles: rows of D elements of the page dtype, swizzled by their byte width
+        sw = min(128, D * kv_dtype.itemsize)
+        kv_tiles = (plgpu.TilingTransform((8, sw // kv_dtype.itemsize)),
+                    plgpu.SwizzleTransform(sw))
         q_smem = plgpu.SMEM((MQ, D), dtype, transforms=(tiling, swizzle))
         qst = plgpu.SMEM((MQ, D), dtype)             # unswizzled Q-in / O-out staging
-        kb = plgpu.SMEM((stages, B, D), dtype, transforms=(tiling, swizzle))
-        vb = plgpu.SMEM((stages, B, D), dtype, transforms=(tiling, swizzle))
+        kb = plgpu.SMEM((stages, B, D), kv_dtype, transforms=kv_tiles)
+        vb = plgpu.SMEM((stages, B, D), kv_dtype, transforms=kv_tiles)
         pb = (plgpu.SMEM((MQ, B), dtype, transforms=(tiling, swizzle)) if cfg.compat
               else None)
+        if quant:   # each stage's per-key scales, and one converted K and V tile
+            conv = (plgpu.SMEM((stages, B), jnp.float32), plgpu.SMEM((stages, B), jnp.float32),
+                    plgpu.SMEM((B, D), dtype, transforms=(tiling, swizzle)),
+                    plgpu.SMEM((B, D), dtype, transforms=(tiling, swizzle)))
+        else:
+            conv = (None, None, None, None)
         if splits > 1:
             part = (plgpu.SMEM((MQ, D), jnp.float32), plgpu.SMEM((MQ,), jnp.float32))
-            ring = plgpu.RefUnion((kb, vb, pb), part)
+            ring = plgpu.RefUnion((kb, vb, pb, *conv), part)
         else:
-            ring = (kb, vb, pb)
+            ring = (kb, vb, pb, *conv)
 
         def body(q_s, q_st, ring_refs, bars, cons):
             if splits > 1:
-                # A RefUnion iterates as its groups: ((k, v, p), (ost, lse)).
-                (kr, vr, pr), (o_st, lse_st) = ring_refs
-                ring_refs = (kr, vr, pr, o_st, lse_st)
-            kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, out_refs,
+                # A RefUnion iterates as its groups: ((k, v, p, scales..), (ost, lse)).
+                main, part_refs = ring_refs
+                ring_refs = (*main, *part_refs)
+            kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, out_refs,
                    (q_s, q_st, ring_refs, bars, cons))
 
+        copies = n_cp * (2 if quant else 1)          # TMA copies per stage: tiles (+ scales)
         pl.run_scoped(
             body, q_smem, qst, ring,
-            (plgpu.Barrier(num_arrivals=n_cp, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=n_cp, num_barriers=stages),
+            (plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
              plgpu.Barrier()),
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)),
             collective_axes="wg",
@@ -392,62 +453,81 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
 
 
 def resolve_config(q_shape, k_pages_shape, page_table_shape, *, interpret=None,
-                   config: DecodeConfig | None = None) -> DecodeConfig:
+                   config: DecodeConfig | None = None, kv_itemsize: int = 2) -> DecodeConfig:
     """The config a call runs with: `config` or the heuristic, forced to `compat` in interpret
-    mode, validated."""
+    mode, validated. kv_itemsize 1: 8-bit pages."""
     _, _, D = q_shape
     _, page_size, KVH, _ = k_pages_shape
     S, max_pages = page_table_shape
-    cfg = config if config is not None else choose_config(S, KVH, max_pages, page_size, D)
+    cfg = config if config is not None else choose_config(S, KVH, max_pages, page_size, D,
+                                                          kv_itemsize=kv_itemsize)
     if interpret is not None and not cfg.compat:
         # Interpret mode runs neither pl.run_state nor a register-LHS wgmma: use the compat PV,
         # whose P staging buffer may cost the ring a stage.
-        cfg = fit_smem(dataclasses.replace(cfg, compat=True), D)
-    cfg.validate(D, page_size)
+        cfg = fit_smem(dataclasses.replace(cfg, compat=True), D, kv_itemsize)
+    cfg.validate(D, page_size, kv_itemsize)
     return cfg
 
 
-def _check(q, k_pages, v_pages, max_query_len):
-    if not supported(q.shape, k_pages.shape, q.dtype, max_query_len, k_dtype=k_pages.dtype):
+def _check(q, k_pages, v_pages, max_query_len, k_scale=None, v_scale=None):
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("give both k_scale and v_scale, or neither")
+    if not supported(q.shape, k_pages.shape, q.dtype, max_query_len, k_dtype=k_pages.dtype,
+                     k_scale=k_scale):
         raise ValueError(f"paged_decode_mgpu does not support q{q.shape} {q.dtype} / pages "
-                         f"{k_pages.shape} {k_pages.dtype} / max_query_len={max_query_len}")
-    if v_pages.dtype != q.dtype:
-        raise ValueError("q, k_pages and v_pages must share a dtype")
+                         f"{k_pages.shape} {k_pages.dtype} (scales given: "
+                         f"{k_scale is not None}) / max_query_len={max_query_len}; float pages "
+                         "must have q's dtype, 8-bit pages must be float8_e4m3fn with scales")
+    if v_pages.dtype != k_pages.dtype:
+        raise ValueError(f"k_pages ({k_pages.dtype}) and v_pages ({v_pages.dtype}) must share "
+                         "a dtype")
+    if k_scale is not None:
+        P, page, KVH, _ = k_pages.shape
+        for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if sc.shape != (P, KVH, page):
+                raise ValueError(f"{name} has shape {sc.shape}; the scale pools are "
+                                 f"[pages, kv_heads, page] = {(P, KVH, page)}")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "config"))
 def decode_kernel_call(q, k_pages, v_pages, page_table, seq_lens, query_start, *, scale: float,
-                       interpret=False, config: DecodeConfig | None = None):
+                       interpret=False, config: DecodeConfig | None = None, k_scale=None,
+                       v_scale=None):
     """The Mosaic GPU kernel alone: o [T, H, D] when config.num_splits == 1, else the f32
     partials (o_sp [S, KVH, 1, splits, M, D], lse [S, KVH, 1, splits, M]). Lowers for Hopper on
     a CPU (the Triton combine needs a GPU to lower), so the lowering tests use it."""
     T, H, D = q.shape
     _, page_size, KVH, _ = k_pages.shape
     S, _ = page_table.shape
-    _check(q, k_pages, v_pages, 1)
+    _check(q, k_pages, v_pages, 1, k_scale, v_scale)
     interp = interpret_params(interpret)
     cfg = resolve_config(q.shape, k_pages.shape, page_table.shape, interpret=interp,
-                         config=config)
+                         config=config, kv_itemsize=k_pages.dtype.itemsize)
     kern = _build_kernel(T=T, S=S, H=H, D=D, KVH=KVH, page_size=page_size, cfg=cfg,
-                         scale=float(scale), dtype=q.dtype, interpret=interp)
+                         scale=float(scale), dtype=q.dtype, interpret=interp,
+                         kv_dtype=k_pages.dtype)
+    scales = () if k_scale is None else (k_scale.astype(jnp.float32),
+                                         v_scale.astype(jnp.float32))
     return kern(seq_lens.astype(jnp.int32), query_start.astype(jnp.int32),
-                page_table.astype(jnp.int32), q, k_pages, v_pages)
+                page_table.astype(jnp.int32), q, k_pages, v_pages, *scales)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "max_query_len", "interpret", "config"))
 def paged_decode_mgpu(q, k_pages, v_pages, page_table, seq_lens, query_start, *, scale: float,
                       max_query_len: int = 1, interpret=False,
-                      config: DecodeConfig | None = None):
+                      config: DecodeConfig | None = None, k_scale=None, v_scale=None):
     """Paged decode attention (Mosaic GPU kernel [+ the split-K combine]); see the module
     docstring. One launch with one split, two with several.
 
     interpret: False (compile for the GPU), True or a `plgpu.InterpretGPUParams` (GPU interpret
-    mode on any backend; forces the `compat` PV path)."""
+    mode on any backend; forces the `compat` PV path). k_scale / v_scale: f32 [P, KVH, page]
+    scales of float8_e4m3fn pages (None for float pages)."""
     T, H, _ = q.shape
     KVH = k_pages.shape[2]
-    _check(q, k_pages, v_pages, max_query_len)
+    _check(q, k_pages, v_pages, max_query_len, k_scale, v_scale)
     out = decode_kernel_call(q, k_pages, v_pages, page_table, seq_lens, query_start,
-                             scale=scale, interpret=interpret, config=config)
+                             scale=scale, interpret=interpret, config=config, k_scale=k_scale,
+                             v_scale=v_scale)
     if not isinstance(out, tuple):  # one split: rows written in place
         return out
     o_sp, lse = out

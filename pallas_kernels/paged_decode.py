@@ -14,7 +14,7 @@ the smallest Triton dot). Prefill / mixed steps use query blocks of `block_q` to
 same code (causal block skipping: a query block only walks pages up to its last position).
 
 Quantized pools: float8_e4m3fn or int8 pages with one float32 scale per token and KV head
-(`k_scale`/`v_scale` [P, page, KVH], the layout of imp_jax/cache.py). The kernel loads the
+(`k_scale`/`v_scale` [P, KVH, page], the layout of imp_jax/cache.py). The kernel loads the
 8-bit tile, converts it to the query dtype (exact: every e4m3 and int8 value is a bf16 value)
 and applies the scales outside the dots: K's scale multiplies the logit columns, V's scale
 multiplies the probability columns before the PV dot (see `_attn_kernel`).
@@ -309,7 +309,7 @@ def paged_attention_kernel(q, k_pages, v_pages, page_table, seq_lens, query_star
                            interpret: bool = False, k_scale=None, v_scale=None):
     """Ragged paged attention with the reference's exact contract, via the Pallas kernel.
 
-    k_scale / v_scale: float32 [P, page, KVH] per-token-per-head scales of 8-bit (float8_e4m3fn
+    k_scale / v_scale: float32 [P, KVH, page] per-token-per-head scales of 8-bit (float8_e4m3fn
     or int8) pages; None for float pages. `query_start[0]` must be 0 (tokens before it are
     not written); tokens from `query_start[S]` to T get zeros."""
     T, H, D = q.shape
@@ -354,7 +354,7 @@ def paged_attention_kernel(q, k_pages, v_pages, page_table, seq_lens, query_star
                 whole((T * H, D)), pool, pool]
     args = [seq_lens, query_start, page_table, qf, k_pages, v_pages]
     if quantized:
-        scales = pl.BlockSpec((P, page_size, None), lambda s, h, b, k: (0, 0, h))
+        scales = pl.BlockSpec((P, None, page_size), lambda s, h, b, k: (0, h, 0))
         in_specs += [scales, scales]
         args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
     params = pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)

@@ -71,8 +71,11 @@ def ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_
     k = k_pages[page_table].reshape(S, C, KVH, D)                          # [S, C, KVH, D]
     v = v_pages[page_table].reshape(S, C, KVH, D)
     if k_scale is not None:  # fp8 / int8 pages: dequantize only what was gathered
-        k = k.astype(jnp.float32) * k_scale[page_table].reshape(S, C, KVH, 1)
-        v = v.astype(jnp.float32) * v_scale[page_table].reshape(S, C, KVH, 1)
+        # scale pools [P, KVH, page] -> per gathered key [S, C, KVH, 1]
+        ks = jnp.swapaxes(k_scale[page_table], 2, 3).reshape(S, C, KVH, 1)
+        vs = jnp.swapaxes(v_scale[page_table], 2, 3).reshape(S, C, KVH, 1)
+        k = k.astype(jnp.float32) * ks
+        v = v.astype(jnp.float32) * vs
     qg = q_seq.reshape(S, Q, KVH, G, D)
 
     hi = jax.lax.Precision.HIGHEST

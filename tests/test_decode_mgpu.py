@@ -60,8 +60,14 @@ CASES = [
     # a 6-stage ring deeper than the 1-4 blocks a sequence has (D=64: at D=128 interpret
     # mode's compat buffer costs the ring a stage, test_deep_ring_keeps_its_stages)
     ("g4_d64_p16_deep_ring_short", [250, 37, 1], 8, 2, 64, 16, 0, 1, C(64, 6, 1), "bf16"),
+    # float8_e4m3fn pages with per-token-per-head scales (bf16 queries): the scale boxes per
+    # page, the page > block slice, 1- and 2-pass conversions (64 / 128 keys), splits
+    ("g4_d128_p16_fp8_direct", [100, 37, 1], 8, 2, 128, 16, 1, 2, C(64, 2, 1), "fp8"),
+    ("g4_d64_p16_fp8_split3", [300, 129, 16], 8, 2, 64, 16, 0, 0, C(64, 2, 3), "fp8"),
+    ("g4_d128_p128_fp8_gt_block", [130, 257], 8, 2, 128, 128, 1, 0, C(64, 2, 1), "fp8"),
+    ("g4_d128_p16_b128_fp8_split2", [300, 129], 8, 2, 128, 16, 0, 0, C(128, 2, 2), "fp8"),
 ]
-DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16}
+DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "fp8": jnp.bfloat16}  # fp8: q's dtype
 
 
 def make_case(seed, seq_lens, H, KVH, D, page, S_pad=0, T_pad=0, dtype=jnp.bfloat16):
@@ -73,9 +79,22 @@ def make_case(seed, seq_lens, H, KVH, D, page, S_pad=0, T_pad=0, dtype=jnp.bfloa
 rel = mgpu_interpret.rel
 
 
-def check(args, out, scale):
+def quantized(args, seed=0):
+    """The case with float8_e4m3fn pages: values spread over ~2 decades per token and head (a
+    wrong or missing scale shows), quantized by the cache's own quantizer; (args, scales)."""
+    from imp_jax.cache import quantize_pool
+
+    q, kp, vp, pt, sl, qs = args
+    rng = np.random.default_rng(seed)
+    mag = lambda: jnp.asarray(np.exp(rng.uniform(-2, 2, kp.shape[:3] + (1,))), jnp.float32)
+    k8, ks = quantize_pool(kp.astype(jnp.float32) * mag(), jnp.float8_e4m3fn)
+    v8, vs = quantize_pool(vp.astype(jnp.float32) * mag(), jnp.float8_e4m3fn)
+    return (q, k8, v8, pt, sl, qs), dict(k_scale=ks, v_scale=vs)
+
+
+def check(args, out, scale, scales=None):
     """(rel err vs reference, max |padding token rows|, any NaN)."""
-    ref = ragged_paged_attention_ref(*args, scale=scale, max_query_len=1)
+    ref = ragged_paged_attention_ref(*args, scale=scale, max_query_len=1, **(scales or {}))
     n_real = int(np.asarray(args[5])[-1])
     o = np.asarray(out.astype(jnp.float32))
     return rel(out, ref), float(np.abs(o[n_real:]).max(initial=0.0)), bool(np.isnan(o).any())
@@ -86,9 +105,13 @@ def run_case(case, *, interpret, config="case"):
     if config != "case":
         cfg = config
     args = make_case(0, lens, H, KVH, D, page, S_pad, T_pad, DTYPES[dt])
+    scales = None
+    if dt == "fp8":
+        args, scales = quantized(args)
     scale = D ** -0.5
-    out = paged_decode_mgpu(*args, scale=scale, interpret=interpret, config=cfg)
-    return check(args, out, scale)
+    out = paged_decode_mgpu(*args, scale=scale, interpret=interpret, config=cfg,
+                            **(scales or {}))
+    return check(args, out, scale, scales)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,7 +126,12 @@ def test_supported():
     assert not supported((8, 32, 128), (9, 16, 8, 128), jnp.bfloat16, 1, soft_cap=30.0)
     assert not supported((8, 32, 128), (9, 16, 8, 128), jnp.bfloat16, 1, sliding_window=64)
     assert not supported((8, 32, 128), (9, 16, 8, 128), jnp.bfloat16, 1,
-                         k_dtype=jnp.float8_e4m3fn)                       # 8-bit pages
+                         k_dtype=jnp.float8_e4m3fn)                       # 8-bit, no scales
+    ones = jnp.ones((9, 8, 16))
+    assert supported((8, 32, 128), (9, 16, 8, 128), jnp.bfloat16, 1,
+                     k_dtype=jnp.float8_e4m3fn, k_scale=ones)              # e4m3 + scales
+    assert not supported((8, 32, 128), (9, 16, 8, 128), jnp.bfloat16, 1,
+                         k_dtype=jnp.int8, k_scale=ones)                  # int8: Triton
     assert not supported((8, 32, 128), (9, 16, 8, 128), jnp.float32, 1)
     assert not supported((8, 32, 256), (9, 16, 8, 256), jnp.bfloat16, 1)
     assert not supported((8, 32, 96), (9, 16, 8, 96), jnp.bfloat16, 1)
@@ -143,10 +171,18 @@ def test_deep_ring_keeps_its_stages():
 # CPU: Mosaic GPU lowering (Hopper)
 # ------------------------------------------------------------------------------------------------
 
-def lower(B, ctx, *, page=16, H=32, KVH=8, D=128, cfg=None, T=None):
+def lower(B, ctx, *, page=16, H=32, KVH=8, D=128, cfg=None, T=None, fp8=False):
     T = B if T is None else T
     mp = ctx // page
     shapes = mgpu_interpret.paged_shapes(T, H, KVH, D, B, mp, page)
+    if fp8:  # e4m3 pages + their [P, KVH, page] f32 scale pools
+        q, pool, _, pt, sl, qs = shapes
+        pool = jax.ShapeDtypeStruct(pool.shape, jnp.float8_e4m3fn)
+        sc = jax.ShapeDtypeStruct((pool.shape[0], KVH, page), jnp.float32)
+        f = jax.jit(lambda q, k, v, pt, sl, qs, ks, vs: decode_kernel_call(
+            q, k, v, pt, sl, qs, scale=D ** -0.5, config=cfg, k_scale=ks, v_scale=vs))
+        return f.trace(q, pool, pool, pt, sl, qs, sc, sc).lower(
+            lowering_platforms=("cuda",)).as_text()
     f = jax.jit(lambda *a: decode_kernel_call(*a, scale=D ** -0.5, config=cfg))
     return f.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -195,6 +231,32 @@ def test_lowers_configs(B, ctx, shape_kw, cfg_kw):
     assert "mosaic_gpu" in lower(B, ctx, cfg=cfg, **shape_kw)
 
 
+FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
+             (8, 2048, {}, dict(num_splits=4)), (8, 2048, dict(page=128), dict(num_splits=2)),
+             (8, 2048, dict(page=32, D=64, H=8, KVH=8), {}),
+             (64, 4096, {}, dict(block_kv=64, num_stages=6))]
+
+
+@pytest.mark.parametrize("B,ctx,shape_kw,cfg_kw", FP8_LOWER,
+                         ids=[f"{i}-B{b}-ctx{c}" for i, (b, c, _, _) in enumerate(FP8_LOWER)])
+def test_fp8_pages_lower(B, ctx, shape_kw, cfg_kw):
+    """The 8-bit path (e4m3 tiles + scale boxes in the ring, conversion to bf16 tiles) lowers
+    for Hopper at benchmark shapes, splits, page > block and head_dim 64."""
+    page, D, KVH = shape_kw.get("page", 16), shape_kw.get("D", 128), shape_kw.get("KVH", 8)
+    cfg = choose_config(B, KVH, ctx // page, page, D, kv_itemsize=1, **cfg_kw)
+    assert "mosaic_gpu" in lower(B, ctx, cfg=cfg, fp8=True, **shape_kw)
+
+
+def test_fp8_scales_must_have_the_cache_layout():
+    q, pool, _, pt, sl, qs = mgpu_interpret.paged_shapes(2, 8, 2, 64, 2, 4, 16)
+    k8 = jnp.zeros(pool.shape, jnp.float8_e4m3fn)
+    old = jnp.ones((pool.shape[0], 16, 2))  # [P, page, KVH]: the layout before session 5
+    with pytest.raises(ValueError, match=r"k_scale has shape .*\[pages, kv_heads, page\]"):
+        paged_decode_mgpu(jnp.zeros(q.shape, q.dtype), k8, k8, jnp.zeros(pt.shape, jnp.int32),
+                          jnp.zeros(sl.shape, jnp.int32), jnp.zeros(qs.shape, jnp.int32),
+                          scale=0.1, k_scale=old, v_scale=old, interpret=True)
+
+
 def test_oversized_config_rejected():
     with pytest.raises(ValueError, match="SMEM"):
         DecodeConfig(block_kv=128, num_stages=4).validate(128, 16)
@@ -229,7 +291,8 @@ def test_gpu_small_cases(case, cfg):
     kw = GPU_CONFIGS[cfg]
     config = "case" if kw is None else choose_config(
         len(lens) + case[6], KVH, max(-(-L // page) for L in lens), page, D,
-        num_splits=case[8].num_splits if case[8] is not None else None, **kw)
+        num_splits=case[8].num_splits if case[8] is not None else None,
+        kv_itemsize=1 if case[9] == "fp8" else 2, **kw)
     if config != "case" and page > config.block_kv and page % config.block_kv:
         pytest.skip("page/block mismatch")
     err, pad_max, has_nan = run_case(case, interpret=False, config=config)

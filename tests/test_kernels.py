@@ -13,6 +13,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from imp_jax.cache import scale_pool_shape
 from pallas_kernels import (choose_config, paged_attention_kernel, ragged_paged_attention,
                             ragged_paged_attention_ref)
 
@@ -236,13 +237,13 @@ KV8 = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
 def quantize_case(case, kv, seed=0):
     """The case's float pages, spread over ~2 decades per token and head (so a wrong or missing
     scale shows), quantized per token and head by the cache's own quantizer."""
-    from imp_jax.cache import quantize_kv
+    from imp_jax.cache import quantize_pool
 
     q, kp, vp, pt, sl, qs = case
     rng = np.random.default_rng(seed)
     mag = lambda: jnp.asarray(np.exp(rng.uniform(-2.5, 2.5, kp.shape[:3] + (1,))), jnp.float32)
-    k8, ks = quantize_kv(kp.astype(jnp.float32) * mag(), KV8[kv])
-    v8, vs = quantize_kv(vp.astype(jnp.float32) * mag(), KV8[kv])
+    k8, ks = quantize_pool(kp.astype(jnp.float32) * mag(), KV8[kv])
+    v8, vs = quantize_pool(vp.astype(jnp.float32) * mag(), KV8[kv])
     return (q, k8, v8, pt, sl, qs), dict(k_scale=ks, v_scale=vs)
 
 
@@ -256,7 +257,8 @@ def test_reference_8bit_vs_naive(kv):
                                        G=2, D=16, page=8), kv)
     q, k8, v8, pt, sl, qs = case
     ref = ragged_paged_attention_ref(*case, max_query_len=9, scale=0.3, sliding_window=6, **sc)
-    deq = lambda x, s: x.astype(jnp.float32) * s[..., None]  # noqa: E731
+    # scales [P, KVH, page] -> [P, page, KVH, 1] against the values [P, page, KVH, D]
+    deq = lambda x, s: x.astype(jnp.float32) * jnp.swapaxes(s, 1, 2)[..., None]  # noqa: E731
     exp = naive(q, deq(k8, sc["k_scale"]), deq(v8, sc["v_scale"]), pt, sl, qs, scale=0.3,
                 sliding_window=6)
     assert rel(ref, exp) < 1e-5
@@ -274,7 +276,7 @@ def test_reference_8bit_vs_naive(kv):
 def test_decode_kernel_8bit_pages(kv, G, D, page, lens, dtype):
     case, scales = quantize_case(make_case(11, seq_lens=lens, qlens=[1] * len(lens), KVH=2, G=G,
                                            D=D, page=page, dtype=dtype), kv)
-    assert case[1].dtype == KV8[kv] and scales["k_scale"].shape == case[1].shape[:3]
+    assert case[1].dtype == KV8[kv] and scales["k_scale"].shape == scale_pool_shape(case[1].shape)
     out, ref = _run(case, 1, scales=scales)
     assert rel(out, ref) < Q8_TOL[dtype]
     check_padding_zero(out, case[5])
@@ -424,5 +426,5 @@ def test_autotune_key_separates_8bit_pages():
     assert len({plain.id, i8.id, f8.id}) == 3 and i8.id.endswith("|kvint8")
     q, kp, vp, pt, sl, qs = autotune.synthetic_inputs(i8, pool_bytes_max=2e6)
     sc = autotune.synthetic_scales(i8, kp.shape[0])
-    assert kp.dtype == jnp.int8 and sc["k_scale"].shape == kp.shape[:3]
+    assert kp.dtype == jnp.int8 and sc["k_scale"].shape == scale_pool_shape(kp.shape)
     assert autotune.synthetic_scales(plain, 4) == {}

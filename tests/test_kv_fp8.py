@@ -63,7 +63,7 @@ def _pools(kv, k, v, P, page, KVH, D):
         return write_kv(jnp.zeros((P, page, KVH, D)), jnp.zeros((P, page, KVH, D)), k, v, slots)
     dt = KV8[kv]
     return write_kv(jnp.zeros((P, page, KVH, D), dt), jnp.zeros((P, page, KVH, D), dt), k, v,
-                    slots, jnp.ones((P, page, KVH)), jnp.ones((P, page, KVH)))
+                    slots, jnp.ones((P, KVH, page)), jnp.ones((P, KVH, page)))
 
 
 @pytest.mark.parametrize("kv,bound", [("fp8", 0.08), ("int8", 0.02)])
@@ -102,7 +102,7 @@ def test_kv_cache_dtype_names_and_bytes():
     assert per_head[INT8] == per_head[FP8] == cfg.head_dim + 4            # values + f32 scale
     assert per_head[jnp.bfloat16] == 2 * cfg.head_dim
     cache = KVCache.create(cfg, 8, 4, jnp.int8)
-    assert cache.k[0].dtype == INT8 and cache.k_scale[0].shape == (8, 4, cfg.num_kv_heads)
+    assert cache.k[0].dtype == INT8 and cache.k_scale[0].shape == (8, cfg.num_kv_heads, 4)
     kw = dict(loaded=model, max_model_len=64, page_size=4, max_num_seqs=2, num_pages=16)
     for bad in ("int4", "fp8_e5m2", "INT8"):
         with pytest.raises(ValueError, match=f"kv_cache_dtype.*'int8'.*got '{bad}'"):

@@ -239,6 +239,7 @@ def check_fp8_kv():
     import numpy as np
 
     from imp_jax import sharding
+    from imp_jax.cache import scale_pool_shape
 
     out = {}
     for model, tp, fallback, kv, keep in FP8_KV_CASES:
@@ -257,7 +258,7 @@ def check_fp8_kv():
         assert c.k[0].dtype == kv and c.k_scale is not None
         assert c.k_scale[0].sharding.is_equivalent_to(sharding.scale_sharding(
             c.k[0].sharding), 3), (c.k_scale[0].sharding, c.k[0].sharding)
-        assert c.k_scale[0].shape == c.k[0].shape[:3]
+        assert c.k_scale[0].shape == scale_pool_shape(c.k[0].shape)
         err = float(np.abs(logits - ref_logits).max())
         assert err < ATOL, f"{model} tp={tp}: max |logits diff| {err}"
         assert greedy == ref_greedy, (greedy, ref_greedy)
