@@ -268,18 +268,17 @@ class LLMEngine:
             if k:  # the block's k-th token of each decode, as if scheduled on its own
                 sched = SchedulerOutput([ScheduledSeq(ss.seq, 1, ss.start_pos + 1, True)
                                          for ss in sched.scheduled])
-            toks = tokens[k]
-            sampled = {ss.seq.request_id: toks[i]
-                       for i, ss in enumerate(sched.scheduled) if ss.is_last_chunk}
-            grew = {s.request_id for s in self.scheduler.update(sched, sampled)}
+            toks, lps_k, ids_k, tlps_k = tokens[k], lps[k], top_ids[k], top_lps[k]
+            # rows that got a token (not mid-prompt chunks, not finished earlier in the block)
+            grew = self.scheduler.update_rows(sched, toks)
+            self.stats["generation_tokens"] += len(grew)
             now = time.monotonic()
-            for i, ss in enumerate(sched.scheduled):
-                if ss.seq.request_id not in grew:
-                    continue  # mid-prompt chunk, or finished earlier in the block
-                req, sample = self._by_seq[ss.seq.request_id]
-                self.stats["generation_tokens"] += 1
-                req.metrics.setdefault("first_token_time", now)
-                self._append(req, sample, toks[i], lps[k][i], top_ids[k][i], top_lps[k][i])
+            scheduled, by_seq = sched.scheduled, self._by_seq
+            for i in grew:
+                req, sample = by_seq[scheduled[i].seq.request_id]
+                if "first_token_time" not in req.metrics:
+                    req.metrics["first_token_time"] = now
+                self._append(req, sample, toks[i], lps_k[i], ids_k[i], tlps_k[i])
         outputs = []
         for req in touched.values():
             if req.held and req.samples[0].out.token_ids:  # the prompt's pages are cached now

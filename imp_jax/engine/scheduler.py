@@ -364,14 +364,22 @@ class Scheduler:
         entries are ignored). Returns the sequences that got a new token, in batch order; the
         caller checks each for stop conditions and calls `finish`.
         """
+        rows = [sampled.get(ss.seq.request_id) for ss in output.scheduled]
+        return [output.scheduled[i].seq for i in self.update_rows(output, rows)]
+
+    def update_rows(self, output: SchedulerOutput, tokens) -> list[int]:
+        """`update` with the sampled tokens as a list aligned with `output.scheduled` (row i's
+        token at tokens[i]; rows that are not a last chunk ignore theirs). Returns the indices
+        of the rows that got a new token: the engine's per-step path, with no per-row dicts."""
         grew = []
-        for ss in output.scheduled:
+        commit = self.bm.commit_computed
+        for i, ss in enumerate(output.scheduled):
             seq = ss.seq
             if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != ss.start_pos:
                 continue  # aborted (or otherwise released) after schedule(); its work is moot
             seq.num_computed_tokens += ss.num_new_tokens
-            self.bm.commit_computed(seq)
+            commit(seq)
             if ss.is_last_chunk:
-                seq.output_token_ids.append(int(sampled[seq.request_id]))
-                grew.append(seq)
+                seq.output_token_ids.append(int(tokens[i]))
+                grew.append(i)
         return grew
