@@ -90,6 +90,11 @@ class AttentionMetadata:
     max_query_len: int = dataclasses.field(metadata=dict(static=True), default=1)
 
 
+# What a fresh cache holds, per entry of `KVCache.pools()`: zero pages, and scale 1 in the
+# 8-bit pools' scale pools (a page nothing has written dequantizes to zeros).
+POOL_FILLS = (0, 0, 1, 1)
+
+
 def scale_pool_shape(pool_shape) -> tuple[int, int, int]:
     """[num_pages, page_size, kv_heads, head_dim] pool -> its scale pool's
     [num_pages, kv_heads, page_size]: head-major inside a page, so one KV head's scales of a

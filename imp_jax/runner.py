@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imp_jax.attention import resolve_impl
-from imp_jax.cache import AttentionMetadata, KVCache
+from imp_jax.cache import POOL_FILLS, AttentionMetadata, KVCache
 from imp_jax.config import ModelConfig
 from imp_jax.models.llama import Transformer
 from imp_jax.sampling import SampleOutput, SamplingTensors, sample, token_counts
@@ -51,6 +51,7 @@ class StepOutput:
     sample: SampleOutput | None  # one row per StepSeq (padded rows beyond)
     logits: jax.Array | None  # [T_bucket, vocab] f32 when any StepSeq asked for all_logits
     token_offsets: np.ndarray  # flat index of each StepSeq's first token in `logits`
+    enqueue_s: float = 0.0  # host time to build the inputs and enqueue the step's programs
 
 
 def bucket(n: int, lo: int = 1, hi: int | None = None) -> int:
@@ -97,8 +98,6 @@ class ModelRunner:
         self.fixed_shapes = resolve_impl(attn_impl) == "pallas"
         self.max_num_seqs = max_num_seqs
         self._last_tokens = None  # the last decode_steps call's final tokens (device)
-        self.enqueue_s = 0.0  # host time of the last step() up to its last program's dispatch
-        self._t_start = 0.0
         self.sharding = None  # imp_jax.sharding.ShardingPlan when running on a mesh
         if mesh is not None:
             from imp_jax.sharding import shard_runner
@@ -117,9 +116,8 @@ class ModelRunner:
     def reset_cache(self) -> None:
         """A fresh KV cache of the same shapes and shardings (the old one was lost): zero
         pages, and scale 1 in 8-bit pools' scale pools, as `KVCache.create` makes them."""
-        fills = (0, 0, 1, 1)  # pages, then scales (8-bit pools only)
         self.cache = KVCache(*([jnp.full(a.shape, v, a.dtype, device=a.sharding) for a in pool]
-                               for pool, v in zip(self.cache.pools(), fills)))
+                               for pool, v in zip(self.cache.pools(), POOL_FILLS)))
 
     @property
     def num_compiles(self) -> int:
@@ -218,19 +216,19 @@ class ModelRunner:
     # ------------------------------------------------------------------ host side
     def step(self, seqs: Sequence[StepSeq], sampling: SamplingTensors | None = None,
              num_logprobs: int = 0) -> StepOutput:
-        """One step's programs; `self.enqueue_s` is then the host time it took to build their
+        """One step's programs; the output's `enqueue_s` is the host time it took to build their
         inputs and enqueue them (the engine's per-step breakdown)."""
         if not seqs:
             raise ValueError("step needs at least one sequence")
-        self._t_start = time.perf_counter()
+        t0 = time.perf_counter()
         prompt = [len(s.token_ids) > 1 or s.all_logits for s in seqs]
         if self.fixed_shapes and any(prompt):
-            return self._grouped_step(seqs, prompt, sampling, num_logprobs)
+            return self._grouped_step(seqs, prompt, sampling, num_logprobs, t0)
         out = self._step(seqs, sampling, num_logprobs)
-        self.enqueue_s = time.perf_counter() - self._t_start
+        out.enqueue_s = time.perf_counter() - t0
         return out
 
-    def _grouped_step(self, seqs, prompt, sampling, num_logprobs) -> StepOutput:
+    def _grouped_step(self, seqs, prompt, sampling, num_logprobs, t0: float) -> StepOutput:
         """The kernel path runs a step with prompt chunks as several programs: decodes in one,
         prompt chunks in groups of PROMPT_ROWS. The kernel's prefill pads every sequence to
         the step's token bucket, so decodes must not ride along, and a fixed row count keeps
@@ -246,8 +244,9 @@ class ModelRunner:
                                                                sampling)
             rows = PROMPT_ROWS if prompt[idx[0]] else None
             outs.append(self._step([seqs[i] for i in idx], part, num_logprobs, rows))
-        self.enqueue_s = time.perf_counter() - self._t_start
+        enqueue_s = time.perf_counter() - t0  # before the merge below reads the results
         if len(groups) == 1:
+            outs[0].enqueue_s = enqueue_s
             return outs[0]
         order = np.argsort(np.concatenate(groups))
         sample = None
@@ -266,7 +265,7 @@ class ModelRunner:
                 parts.append(np.asarray(o.logits))
                 base += o.logits.shape[0]
             logits = np.concatenate(parts)
-        return StepOutput(sample, logits, offsets)
+        return StepOutput(sample, logits, offsets, enqueue_s)
 
     def _step(self, seqs, sampling, num_logprobs, rows: int | None = None, *,
               compile_only: bool = False) -> StepOutput:

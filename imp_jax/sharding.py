@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imp_jax.cache import is_quantized, scale_pool_shape
+from imp_jax.cache import POOL_FILLS, is_quantized, scale_pool_shape
 from imp_jax.config import ModelConfig
 from imp_jax.spec import ArraySpec, get_path, kv_page_spec, map_specs, param_specs
 
@@ -311,10 +311,16 @@ def cache_shardings(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = 
 
 def scale_sharding(pool: NamedSharding) -> NamedSharding:
     """An 8-bit pool's scales [pages, kv_heads, page] are split like the pool
-    [pages, page, kv_heads, head_dim] itself (its axes in the scales' order, without head_dim):
-    each device keeps the scales of the K/V it holds."""
-    spec = tuple(pool.spec) + (None,) * (4 - len(pool.spec))
-    return NamedSharding(pool.mesh, P(spec[0], spec[2], spec[1]))
+    [pages, page, kv_heads, head_dim] itself: each device keeps the scales of the K/V it
+    holds."""
+    return NamedSharding(pool.mesh, scale_spec(pool.spec))
+
+
+def scale_spec(pool_spec: P) -> P:
+    """A pool's PartitionSpec [pages, page, kv_heads, head_dim] -> its scale pool's
+    [pages, kv_heads, page] (the same axes in the scales' order, without head_dim)."""
+    spec = tuple(pool_spec) + (None,) * (4 - len(pool_spec))
+    return P(spec[0], spec[2], spec[1])
 
 
 def batch_sharding(mesh: Mesh, rules: ShardingRules, n: int) -> NamedSharding:
@@ -507,12 +513,11 @@ def shard_runner(runner, mesh: Mesh, rules: ShardingRules | None = None, *,
                                                     strict=False)))
     else:
         runner.cache = old = None  # free the unsharded pool before allocating the shards
-        # pages zero, scales (8-bit pools only) 1 where nothing is written yet, as KVCache.create
+        # the fresh contents KVCache.create makes (POOL_FILLS), created in their shards
         scales = scale_pool_shape(shape)
-        kinds = ((shape, dtype, 0), (shape, dtype, 0), (scales, jnp.float32, 1),
-                 (scales, jnp.float32, 1))
+        kinds = ((shape, dtype), (shape, dtype), (scales, jnp.float32), (scales, jnp.float32))
         cache = KVCache(*([sharded_full(shp, dt, s, v) for s in shs]
-                          for shs, (shp, dt, v) in zip(csh.pools(), kinds)))
+                          for shs, (shp, dt), v in zip(csh.pools(), kinds, POOL_FILLS)))
     runner.params, runner.cache = params, cache
     runner.model = sharded_model(runner.model, eff, mesh, rules)
     runner.sharding = ShardingPlan(mesh, rules, eff, csh)
@@ -650,8 +655,6 @@ def memory_plan(cfg: ModelConfig, mesh: Mesh | Mapping[str, int] | str,
     rules = rules or tensor_parallel()
     shape = _mesh_shape(mesh)
     _check_axes_exist(rules, shape)
-    from imp_jax.cache import is_quantized, scale_pool_shape
-
     item = jnp.dtype(dtype).itemsize
     citem = jnp.dtype(cache_dtype or dtype).itemsize
     eff = effective_config(cfg, shape, rules)
@@ -667,7 +670,7 @@ def memory_plan(cfg: ModelConfig, mesh: Mesh | Mapping[str, int] | str,
     pspec = partition_spec("kv_pages", pool, shape, rules)
     pool_bytes = _shard_numel(pool.shape, pspec, shape) * citem
     if is_quantized(cache_dtype or dtype):  # + an f32 scale per token and KV head
-        pool_bytes += _shard_numel(pool.shape[:3], P(*tuple(pspec)[:3]), shape) * 4
+        pool_bytes += _shard_numel(scale_pool_shape(pool.shape), scale_spec(pspec), shape) * 4
     cache = 2 * eff.num_layers * pool_bytes if kv_pages else 0
     per_token = 2 * eff.num_layers * pool_bytes // (max(kv_pages, 1) * page_size)
     total_params = sum(math.prod(s.shape) for s in jax.tree.leaves(

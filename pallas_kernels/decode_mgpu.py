@@ -183,9 +183,9 @@ def partial_rows(G: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float, dtype,
-                  interpret, kv_dtype=None):
+                  interpret, kv_dtype):
     G = H // KVH
-    kv_dtype = jnp.dtype(dtype if kv_dtype is None else kv_dtype)
+    kv_dtype = jnp.dtype(kv_dtype)
     quant = kv_dtype == jnp.dtype(FP8)        # 8-bit pages + per-key scales
     B, stages, splits = cfg.block_kv, cfg.num_stages, cfg.num_splits
     if B >= page_size:

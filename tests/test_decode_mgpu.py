@@ -351,3 +351,14 @@ def test_gpu_splits(splits):
 if __name__ == "__main__":
     if "--interpret-worker" in sys.argv:
         _interpret_worker()
+
+
+def test_decode_kernel_choices_name_a_bad_value(monkeypatch):
+    import pallas_kernels
+
+    assert pallas_kernels.decode_kernel_8bit() == "triton"  # the default until a GPU run
+    monkeypatch.setenv("IMP_JAX_DECODE_8BIT", "mgpu")
+    assert pallas_kernels.decode_kernel_8bit() == "mgpu"
+    monkeypatch.setenv("IMP_JAX_DECODE_8BIT", "fast")
+    with pytest.raises(ValueError, match="IMP_JAX_DECODE_8BIT='fast'; allowed: triton, mgpu"):
+        pallas_kernels.decode_kernel_8bit()

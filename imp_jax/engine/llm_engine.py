@@ -243,7 +243,7 @@ class LLMEngine:
             self._ahead = self._dispatch_ahead(sched, n_steps)
         else:
             result = self.runner.step(seqs, tensors, num_logprobs)
-            t_dispatch = self.runner.enqueue_s
+            t_dispatch = result.enqueue_s
             # numpy on the host, not an eager device op (one more compile per shape)
             out, logits = jax.tree.map(lambda a: np.asarray(a)[None], result.sample), \
                 result.logits
