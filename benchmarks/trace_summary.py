@@ -60,7 +60,7 @@ def idle_gaps(events: list[dict], n: int) -> tuple[float, list[dict], dict]:
     seg_start, cur_end, cur_name = iv[0]
     for start, end, name in iv[1:]:
         if start > cur_end:
-            gaps.append((start - cur_end, cur_end - iv[0][0], cur_name, name, cur_end))
+            gaps.append((start - cur_end, cur_end, cur_name, name))
             covered += cur_end - seg_start
             seg_start = start
         if end > cur_end:
@@ -69,8 +69,8 @@ def idle_gaps(events: list[dict], n: int) -> tuple[float, list[dict], dict]:
     sizes = {f">{lim} ms": dict(count=sum(g[0] > lim * 1e3 for g in gaps),
                                 ms=sum(g[0] for g in gaps if g[0] > lim * 1e3) / 1e3)
              for lim in (0.1, 1, 10)}
-    top = [dict(ms=d / 1e3, at_ms=at / 1e3, after=a, before=b, ts=ts)
-           for d, at, a, b, ts in heapq.nlargest(n, gaps)]
+    top = [dict(ms=d / 1e3, at_ms=(ts - iv[0][0]) / 1e3, after=a, before=b, ts=ts)
+           for d, ts, a, b in heapq.nlargest(n, gaps)]
     return covered, top, sizes
 
 

@@ -91,11 +91,10 @@ class DecodeConfig:
         check_ring(self, page_size, smem_bytes(self, D, kv_itemsize=kv_itemsize), min_stages=1)
 
 
-def smem_bytes(cfg: DecodeConfig, D: int, itemsize: int = 2, kv_itemsize: int | None = None
-               ) -> int:
-    """SMEM of a CTA; kv_itemsize 1: 8-bit pages (ring of 8-bit tiles + per-key f32 scales,
-    and one converted K and V tile of q's dtype)."""
-    kv_itemsize = itemsize if kv_itemsize is None else kv_itemsize
+def smem_bytes(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> int:
+    """SMEM of a CTA (q and the output in a 16-bit dtype); kv_itemsize 1: 8-bit pages (ring of
+    8-bit tiles + per-key f32 scales, and one converted K and V tile of q's dtype)."""
+    itemsize = 2
     q = 2 * MQ * D * itemsize                       # swizzled Q + unswizzled Q/O staging
     ring = 2 * cfg.num_stages * cfg.block_kv * D * kv_itemsize
     if kv_itemsize != itemsize:
