@@ -166,6 +166,8 @@ class ModelRunner:
                 raise ValueError("continue_previous needs a previous decode_steps call over "
                                  f"the same {S} rows")
             tokens = self._last_tokens
+        elif (where := _token_sharding(self.model, S)) is not None:
+            tokens = jax.device_put(tokens, where)  # the sharding the loop leaves them in
         sampling = _pad_rows(sampling, S)
         args = (self.model, self.params, self.cache, tokens, positions, page_table, limit,
                 sampling)
@@ -467,4 +469,13 @@ def _decode_loop(model: Transformer, params, cache, tokens, positions, page_tabl
                          jnp.zeros((num_steps, S, num_logprobs), jnp.float32))
     cache, last, _, outs = jax.lax.fori_loop(0, num_steps, body,
                                              (cache, tokens, positions, empty))
+    if (where := _token_sharding(model, S)) is not None:
+        last = jax.lax.with_sharding_constraint(last, where)
     return outs, last, cache
+
+
+def _token_sharding(model, n: int):
+    """The sharded model's home for n step tokens (`ShardedTransformer.token_sharding`), or None
+    on one device."""
+    fn = getattr(model, "token_sharding", None)
+    return None if fn is None else fn(n)

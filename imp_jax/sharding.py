@@ -423,11 +423,19 @@ def sharded_model_class():
         batch_axes: tuple = ()  # mesh axes of the token axis
         vocab_axes: tuple = ()  # mesh axes of the vocab axis (embedding / lm_head)
 
+        def token_sharding(self, n: int) -> NamedSharding:
+            """Where a step's n tokens live: split over the batch axes when they divide n.
+            The runner commits host tokens here and the decode loop leaves its last tokens
+            here, so a block fed from the previous one hits the program warm-up compiled (jit
+            keys its cache on the inputs' shardings; a numpy input has none)."""
+            size = _axis_size(dict(self.mesh.shape), self.batch_axes) if self.batch_axes else 1
+            split = size > 1 and n % size == 0
+            return NamedSharding(self.mesh, P(self.batch_axes) if split else P())
+
         def __call__(self, tokens, positions, cache, meta):
             wsc = jax.lax.with_sharding_constraint
-            size = _axis_size(dict(self.mesh.shape), self.batch_axes) if self.batch_axes else 1
-            if size > 1 and tokens.shape[0] % size == 0:
-                bsh = NamedSharding(self.mesh, P(self.batch_axes))
+            bsh = self.token_sharding(tokens.shape[0])
+            if bsh.spec != P():
                 tokens, positions = wsc(tokens, bsh), wsc(positions, bsh)
                 meta = dataclasses.replace(meta, slot_mapping=wsc(meta.slot_mapping, bsh))
             csh = NamedSharding(self.mesh, self.cache_spec)

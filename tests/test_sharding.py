@@ -318,6 +318,42 @@ def check_hlo():
     return out
 
 
+def check_engine_warmup():
+    """An engine on a tp=2 x dp=2 mesh with 4-step decode blocks lowers nothing after warm-up
+    (session 5's tp=2 run compiled a decode block mid-run: the block fed from the previous
+    one's device tokens missed the program warm-up built from host tokens) and generates what
+    one device does."""
+    import random
+
+    import jax
+
+    import imp_jax
+    from imp_jax import SamplingParams
+    from imp_jax.loaders import load_model
+
+    lowered = []  # one event per program lowered to XLA, whether or not the disk cache has it
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: lowered.append(event)
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
+    src = os.path.join(DATA, "tiny", "llama3")
+    loaded = load_model(src, "float32")
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(1, 30))] for _ in range(8)]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    out = {}
+    for mesh in (None, _mesh(2, 2)):
+        llm = imp_jax.LLM(src, loaded=loaded, dtype="float32", max_model_len=64, page_size=PAGE,
+                          num_pages=64, max_num_seqs=8, max_num_batched_tokens=32,
+                          decode_steps=4, attn_impl="pallas", mesh=mesh)
+        llm.warmup()
+        before = len(lowered)
+        out[str(mesh is not None)] = [o.token_ids for o in llm.generate(prompts, greedy,
+                                                                         use_tqdm=False)]
+        assert len(lowered) == before, f"{len(lowered) - before} programs lowered after warm-up"
+    assert out["True"] == out["False"]
+    return {"tokens": sum(map(len, out["True"]))}
+
+
 def check_load_into_shards():
     """HF safetensors (single file and sharded) load straight into their shards: every weight that
     the rules split has per-device pieces smaller than the whole, placed on all 8 devices."""
@@ -404,6 +440,7 @@ def main(out_path: str) -> None:
     record("hlo", check_hlo)
     record("memory_plan", check_memory_plan)
     record("load_into_shards", check_load_into_shards)
+    record("engine_warmup", check_engine_warmup)
     results["_total_seconds"] = round(time.time() - t0, 2)
     results["_total_cpu_seconds"] = round(time.process_time(), 2)
     with open(out_path, "w") as f:
@@ -468,6 +505,10 @@ def test_decode_hlo_has_megatron_all_reduces_and_no_weight_all_gather(results):
 
 def test_weights_load_straight_into_their_shards(results):
     assert _assert_ok(results, "load_into_shards")
+
+
+def test_engine_on_a_mesh_compiles_nothing_after_warmup(results):
+    assert _assert_ok(results, "engine_warmup")["tokens"] == 8 * 12
 
 
 def test_memory_plan_matches_placed_shards(results):
