@@ -45,8 +45,9 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   Mosaic only TMAs into a swizzled buffer at 8-row-aligned offsets) and is re-laid out once
   into the swizzled buffer wgmma reads (flash_prefill.py does the same).
 * **8-bit (e4m3) pages.** The ring holds the 8-bit tiles (half the bytes of a bf16 stage) and
-  each stage's per-key scales: one TMA box of `page` f32 per page and KV head, contiguous in
-  the [P, KVH, page] scale pools. The consumer converts a stage to q's dtype in registers
+  each stage's per-key scales: one bulk copy of `page` f32 per page and KV head, contiguous in
+  the [P, KVH, page] scale pools (a plain copy: a tensor TMA would need 128-byte aligned SMEM
+  ends, which 16-key pages' 64-byte scale rows are not). The consumer converts a stage to q's dtype in registers
   (e4m3 -> f32, times the key's scale, -> bf16: this toolchain's ptxas converts e4m3 straight
   to f16 only) into one bf16 tile per K and V, releases the 8-bit stage at once, and runs the
   same wgmmas on the converted tiles. Dequantizing K and V before the products keeps every
@@ -357,9 +358,13 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     dst = smem.at[slot, pl.ds(c * rows_cp, rows_cp)] if n_cp > 1 else smem.at[slot]
                     plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
                     if quant:   # the same keys' scales: contiguous in the [P, KVH, page] pool
+                        # In bounds by construction: a plain bulk copy (16-byte aligned ends),
+                        # not a tensor TMA, whose SMEM end must be 128-byte aligned: 16-key
+                        # pages land at 64-byte offsets (a misaligned address on an H200).
                         plgpu.copy_gmem_to_smem(scales.at[page, h, keys],
                                                 scale_smem.at[slot, pl.ds(c * rows_cp, rows_cp)],
-                                                bar.at[slot])
+                                                bar.at[slot],
+                                                oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
 
             def kv_loop(t, pages):
                 slot = lax.rem(t, jnp.int32(stages))
