@@ -6,7 +6,8 @@
 Every process loads the same tiny checkpoint, joins `jax.distributed`, builds one global
 ("dp", "tp") mesh over all processes' devices, shards a ModelRunner over it and runs the same
 steps (SPMD: every process issues the same program). It writes the teacher-forced logits and
-the greedy continuation; tests/test_sharding.py compares them with a single-process run.
+the greedy continuation, then two decode blocks (the second fed on the device by the first);
+tests/test_sharding.py compares them with a single-process run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,22 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def decode_blocks(runner, token: int, start: int, n: int = 3) -> list[int]:
+    """Two greedy blocks of n decode steps from `token` at `start` (pages 1-5): the second fed
+    on the device by the first's last token (`continue_previous`), as the engine runs them."""
+    import numpy as np
+
+    from imp_jax.runner import StepSeq
+    from imp_jax.sampling import SamplingParams, SamplingTensors
+
+    greedy = SamplingTensors.from_params([SamplingParams(temperature=0)], [0], [0])
+    pages = [1, 2, 3, 4, 5]
+    first = runner.decode_steps([StepSeq([token], start, pages)], greedy, n)
+    second = runner.decode_steps([StepSeq([0], start + n, pages)], greedy, n,
+                                 continue_previous=True)
+    return [int(t) for o in (first, second) for t in np.asarray(o.tokens)[:, 0]]
 
 
 def main() -> None:
@@ -64,8 +81,9 @@ def main() -> None:
         res = runner.step([StepSeq([out[-1]], start, pages, all_logits=True)])
         out.append(int(np.asarray(res.logits)[0].argmax()))
         start += 1
+    block = decode_blocks(runner, out[-1], start)
     np.savez(args.out, logits=logits, greedy=np.asarray(out), ids=np.asarray(ids),
-             devices=n, process_count=jax.process_count())
+             block=np.asarray(block), devices=n, process_count=jax.process_count())
     jax.distributed.shutdown()
 
 

@@ -561,9 +561,14 @@ def test_two_process_distributed_matches_one_process(tmp_path):
         res = runner.step([StepSeq([greedy[-1]], start, pages, all_logits=True)])
         greedy.append(int(np.asarray(res.logits)[0].argmax()))
         start += 1
+    sys.path.insert(0, HERE)
+    from multihost_worker import decode_blocks
+
+    block = decode_blocks(runner, greedy[-1], start)
     for o in outs:
         np.testing.assert_allclose(o["logits"], logits, atol=ATOL, rtol=1e-5)
         assert o["greedy"].tolist() == greedy
+        assert o["block"].tolist() == block
 
 
 if __name__ == "__main__":
