@@ -42,8 +42,10 @@ def greedy(runner, ids, n, first_page=1):
     return out
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + ["llama3_fp8"])
 def test_logits_and_greedy_match_transformers(name):
+    # llama3_fp8: llama3 as a fine-grained FP8 checkpoint (e4m3 weights + weight_scale_inv per
+    # [16, 32] block), against transformers loading the same files (it dequantizes on CPU)
     ref = np.load(os.path.join(DATA, "reference", f"{name.replace('_legacy', '')}.npz"))
     runner = make_runner(name)
     for row in range(ref["input_ids"].shape[0]):
@@ -103,3 +105,42 @@ def test_long_generation_stops_compiling_after_warmup():
     greedy(runner, list(range(30, 37)), 40, first_page=20)
     assert runner.num_compiles == compiled
     assert compiled <= 6  # prefill + a handful of page-table buckets, not one per length
+
+
+def test_fp8_checkpoint_is_llama3_within_fp8_rounding():
+    """The FP8 fixture really is quantized (its logits differ from llama3's beyond float noise)
+    and really is llama3 (within e4m3's rounding)."""
+    fp8, plain = (np.load(os.path.join(DATA, "reference", f"{n}.npz"))["logits"]
+                  for n in ("llama3_fp8", "llama3"))
+    diff = np.abs(fp8 - plain).max()
+    assert 1e-3 < diff < 0.25 * np.abs(plain).max(), diff
+
+
+def test_fp8_checkpoint_errors_name_the_tensor(tmp_path):
+    import json
+    import shutil
+
+    from imp_jax.loaders.hf_dir import _read_fp8, dequantize_fp8
+
+    src = os.path.join(DATA, "tiny", "llama3_fp8")
+    file = os.path.join(src, "model.safetensors")
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, f), tmp_path / f)
+    # an index that lists every tensor of the real file but one weight's scale
+    with open(file, "rb") as f:
+        names = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weight_map = {n: file for n in names if n not in ("__metadata__", name + "_scale_inv")}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=rf"{name} is float8_e4m3fn but {name}_scale_inv is "
+                                         "missing"):
+        load_hf_dir(str(tmp_path), jnp.float32)
+    q = _read_fp8(file, name)
+    with pytest.raises(ValueError, match=r"q_proj.weight: weight \(64, 64\) is not a grid of the "
+                                         r"scale's \(3, 2\) blocks"):
+        dequantize_fp8(q, np.ones((3, 2), np.float32), name)
+    # a scalar scale is one block; E8M0 bytes are powers of two
+    np.testing.assert_array_equal(dequantize_fp8(q, np.float32(0.5), name),
+                                  q.astype(np.float32) * 0.5)
+    np.testing.assert_array_equal(dequantize_fp8(q, np.full((4, 2), 126, np.uint8), name),
+                                  q.astype(np.float32) * 0.5)

@@ -6,8 +6,14 @@ import json
 import os
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
 from imp_jax.config import ModelConfig
 from imp_jax.loaders.weights import build_params
+
+
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
 def _safetensors_files(path: str) -> dict[str, str]:
@@ -39,6 +45,38 @@ def _open(file: str, safe_open):
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
+def _read_fp8(file: str, name: str) -> np.ndarray:
+    """An F8_E4M3 tensor straight from the safetensors layout (an 8-byte little-endian header
+    length, the JSON header with each tensor's dtype, shape and byte range, then the data)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(n))[name]
+        begin, end = info["data_offsets"]
+        f.seek(8 + n + begin)
+        data = f.read(end - begin)
+    return np.frombuffer(data, FP8).reshape(info["shape"])
+
+
+def dequantize_fp8(q: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
+    """A fine-grained FP8 weight (transformers' "fp8" quant_method: float8_e4m3fn [out, in] and
+    `weight_scale_inv` per block, the layout Qwen3-*-FP8 and DeepSeek ship) -> float32.
+
+    The block is the weight's shape over the scale grid's (a scalar scale: one block), as
+    transformers derives it; each value times its block's scale (despite the name, `_inv` is
+    the multiplier). E8M0 scales stored as uint8 mean 2**(byte - 127)."""
+    scale = np.asarray(scale)
+    s = np.exp2(scale.astype(np.float32) - 127) if scale.dtype == np.uint8 else \
+        scale.astype(np.float32)
+    s = s.reshape(1, 1) if s.size == 1 else s
+    rows, cols = q.shape
+    if s.ndim != 2 or rows % s.shape[0] or cols % s.shape[1]:
+        raise ValueError(f"{name}: weight {q.shape} is not a grid of the scale's "
+                         f"{tuple(scale.shape)} blocks")
+    bm, bn = rows // s.shape[0], cols // s.shape[1]
+    x = q.astype(np.float32).reshape(s.shape[0], bm, s.shape[1], bn) * s[:, None, :, None]
+    return x.reshape(rows, cols)
+
+
 def load_hf_dir(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str, Any]]:
     from safetensors import safe_open
 
@@ -50,12 +88,25 @@ def load_hf_dir(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str
     handles: dict[str, Any] = {}
 
     def get(name: str):
+        x = read(name)
+        if x.dtype == FP8:  # a pre-quantized checkpoint: dequantized here, once, on the host
+            scale = name + "_scale_inv"
+            if scale not in where:
+                raise ValueError(f"{path}: {name} is float8_e4m3fn but {scale} is missing; "
+                                 "supported FP8 layout: transformers' fine-grained FP8 "
+                                 "(weight + weight_scale_inv)")
+            x = dequantize_fp8(x, read(scale), name)
+        return x
+
+    def read(name: str):
         file = where[name]
         if file not in handles:
             if not os.path.exists(file):
                 raise FileNotFoundError(f"{file}: listed in the index for {name} but missing")
             handles[file] = _open(file, safe_open)
         try:
+            if handles[file].get_slice(name).get_dtype() == "F8_E4M3":
+                return _read_fp8(file, name)  # safetensors' numpy reader has no float8
             return handles[file].get_tensor(name)
         except Exception as e:
             raise ValueError(f"{file}: cannot read tensor {name} ({e}); is the file truncated?") \

@@ -412,7 +412,51 @@ def make_tiny(fast_tok) -> dict:
 
         if name == "llama3":
             summary["llama3_legacy"] = make_llama3_legacy(cls, out, ref)
+            summary["llama3_fp8"] = make_llama3_fp8(out, ref)
     return summary
+
+
+FP8_BLOCK = [16, 32]  # weight_block_size: [out, in] tiles of every projection (tiny dims)
+
+
+def make_llama3_fp8(src: Path, ref: dict) -> dict:
+    """llama3's weights as a fine-grained FP8 checkpoint (the layout Qwen3-*-FP8 and DeepSeek
+    ship: float8_e4m3fn `*.weight` + float32 `*.weight_scale_inv` per [16, 32] block), quantized
+    by transformers' own `Fp8Quantize`; the reference is transformers loading it back on CPU
+    (which dequantizes with its `Fp8Dequantize`), on llama3's input ids."""
+    from safetensors.torch import load_file, save_file
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    qcfg = FineGrainedFP8Config(weight_block_size=FP8_BLOCK)
+    quantizer = Fp8Quantize(type("Quantizer", (), {"quantization_config": qcfg})())
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    stored = {}
+    for name, value in sorted(tensors.items()):
+        if name.endswith("_proj.weight"):
+            stored.update(quantizer._quantize_one(name, value))
+        else:
+            stored[name] = value
+    assert any(v.dtype == torch.float8_e4m3fn for v in stored.values())
+    out = TINY_DIR / "llama3_fp8"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": FP8_BLOCK}
+    write_json(out / "config.json", config)
+    for f in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, out / f)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.dtype == torch.float32, q.dtype  # dequantized on CPU (no FP8 matmul here)
+    fp8 = model_ref(model, ref["input_ids"])
+    save_npz(REF_DIR / "llama3_fp8.npz", fp8)
+    return _describe(out, fp8)
 
 
 def make_llama3_legacy(cls, src: Path, ref: dict) -> dict:
@@ -515,6 +559,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-gguf", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--fp8-only", action="store_true",
+                    help="only the FP8 checkpoint made from the existing tiny llama3")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     torch.use_deterministic_algorithms(True)
@@ -539,10 +585,15 @@ def main() -> None:
         },
         "seed": SEED,
     })
-    if not args.skip_tiny:
+    if args.fp8_only:  # the rest of meta.json keeps the run that made the other fixtures
+        meta = json.loads(meta_path.read_text())
+        ref = dict(np.load(REF_DIR / "llama3.npz"))
+        meta["tiny"]["llama3_fp8"] = {"date": datetime.date.today().isoformat(),
+                                      **make_llama3_fp8(TINY_DIR / "llama3", ref)}
+    elif not args.skip_tiny:
         fast = build_tokenizer()
         meta["tiny"] = make_tiny(fast)
-    if not args.skip_gguf:
+    if not args.skip_gguf and not args.fp8_only:
         meta["smollm2_gguf"] = make_gguf()
     write_json(meta_path, meta)
     print(json.dumps({k: v for k, v in meta.items() if k not in ("tiny", "smollm2_gguf")}, indent=1))
