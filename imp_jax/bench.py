@@ -6,7 +6,7 @@
     imp-jax bench throughput --model random:llama3-8b --num-prompts 1000 --input-len 128 --output-len 128
     imp-jax bench throughput ... --input-len 128,1000 --output-len 128,1000   # two runs, one warm-up
     imp-jax bench latency ... --peer hf      # HF transformers (eager and static cache + torch.compile)
-    imp-jax bench throughput ... --peer hf   # HF's tokens/s at --peer-batches, best one as the peer
+    imp-jax bench throughput ... --peer hf   # HF's tokens/s at --peer-batches x --peer-modes, best one as the peer
 
 Random weights of a named shape need no download. Every run prints a table and can save JSON.
 """
@@ -144,7 +144,8 @@ def bench_latency(args) -> list[dict]:
             peer_rows.append(dict(mode="hf", error="--peer hf needs a random:<shape> model"))
         else:
             for b in batches:
-                peer_rows.extend(hf_peer(shape, b, input_len, output_len))
+                peer_rows.extend(hf_peer(shape, b, input_len, output_len,
+                                         modes=_peer_modes(args)))
     llm = _make_llm(args, max(batches), warmup=False)
     # the programs these batches use, compiled in parallel (a 70B shape's are minutes one by one)
     start = time.perf_counter()
@@ -239,8 +240,9 @@ def bench_throughput(args) -> list[dict]:
 
         gc.collect()
         for input_len, output_len in _pairs(args):
-            peer = [hf_peer(shape, b, input_len, output_len, modes=("hf-eager",))[0]
-                    for b in _ints(args.peer_batches)] if shape else [
+            peer = [row for b in _ints(args.peer_batches)
+                    for row in hf_peer(shape, b, input_len, output_len,
+                                       modes=_peer_modes(args))] if shape else [
                 dict(mode="hf", error="--peer hf needs a random:<shape> model")]
             rows.extend(peer)
             print("peer:", json.dumps(peer), file=sys.stderr, flush=True)
@@ -266,6 +268,18 @@ def _kinds_delta(before: dict, after: dict) -> dict:
             out[kind] = {"calls": calls - c0, "seconds": round(secs - s0, 3),
                          "host_s": round(host - h0, 3), "dispatch_s": round(dispatch - d0, 3)}
     return out
+
+
+PEER_MODES = ("hf-eager", "hf-static-compile")
+
+
+def _peer_modes(args) -> tuple[str, ...]:
+    modes = tuple(m for m in str(args.peer_modes).split(",") if m)
+    bad = [m for m in modes if m not in PEER_MODES]
+    if bad or not modes:
+        raise SystemExit(f"--peer-modes {args.peer_modes!r}: allowed a comma list of "
+                         f"{', '.join(PEER_MODES)}")
+    return modes
 
 
 def _ints(text: str) -> list[int]:
@@ -447,12 +461,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="throughput: run only the --peer (e.g. on another GPU, in parallel)")
     ap.add_argument("--peer-batches", default="64,128,256",
                     help="throughput --peer hf: HF batch sizes to try (the best is the peer)")
+    ap.add_argument("--peer-modes", default=",".join(PEER_MODES),
+                    help="--peer hf: HF eager and/or static cache + torch.compile (each "
+                         "batch in each mode; throughput takes the best row as the peer)")
     ap.add_argument("--profile", default=None,
                     help="write a jax.profiler trace here (with XLA's CUDA-graph command "
                          "buffers off, so the trace names every kernel, not one graph per step)")
     ap.add_argument("--json", default=None, help="save results as JSON")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    _peer_modes(args)  # a bad --peer-modes fails before anything compiles
     if args.profile:  # read when the backend starts, so before anything touches a device
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + NO_COMMAND_BUFFERS
                                    ).strip()

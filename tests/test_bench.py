@@ -54,3 +54,6 @@ def test_mismatched_length_lists_are_refused(tmp_path):
         _rows(tmp_path, ["throughput", "--input-len", "8,9,10", "--output-len", "4,5"])
     with pytest.raises(SystemExit, match="integers, got '1,x'"):
         _rows(tmp_path, ["latency", "--batch", "1,x"])
+    with pytest.raises(SystemExit, match="--peer-modes 'hf-eager,hf-fast': allowed a comma list "
+                                         "of hf-eager, hf-static-compile"):
+        _rows(tmp_path, ["throughput", "--peer", "hf", "--peer-modes", "hf-eager,hf-fast"])
