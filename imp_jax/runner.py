@@ -232,9 +232,10 @@ class ModelRunner:
 
     def _grouped_step(self, seqs, prompt, sampling, num_logprobs, t0: float) -> StepOutput:
         """The kernel path runs a step with prompt chunks as several programs: decodes in one,
-        prompt chunks in groups of PROMPT_ROWS. The kernel's prefill pads every sequence to
-        the step's token bucket, so decodes must not ride along, and a fixed row count keeps
-        prompt programs to one per token bucket (all compiled by `warmup`)."""
+        prompt chunks in groups of PROMPT_ROWS. The prefill kernels tile each sequence's
+        queries (the Triton kernel's prefill form pads it to the step's token bucket), so a
+        decode riding along would cost a whole tile; and a fixed row count keeps prompt
+        programs to one per token bucket (all compiled by `warmup`)."""
         decodes = [i for i, p in enumerate(prompt) if not p]
         prompts = [i for i, p in enumerate(prompt) if p]
         groups = [prompts[k:k + PROMPT_ROWS] for k in range(0, len(prompts), PROMPT_ROWS)]
