@@ -252,6 +252,7 @@ def bench_throughput(args) -> list[dict]:
                 ours = next(r for r in rows if r["mode"] == "throughput"
                             and r["input_len"] == input_len and r["output_len"] == output_len)
                 ours["hf_best_batch"] = best["batch"]
+                ours["hf_best_mode"] = best["mode"]
                 ours["hf_best_tok_s"] = best["decode_tok_s"]
                 ours["x_hf_best"] = ours["output_tok_s"] / best["decode_tok_s"]
     return rows
@@ -402,15 +403,20 @@ def _hf_generate(model, cfg, batch, input_len, output_len, modes) -> list[dict]:
                    **kwargs)
         # eager needs no compile: a short warm-up; the static cache's shape needs the full one
         warm = gen if kwargs else dict(gen, max_new_tokens=4, min_new_tokens=4)
-        with torch.no_grad():
-            model.generate(ids, **warm)  # warm-up (compiles)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            model.generate(ids, **gen)
-            torch.cuda.synchronize()
-            elapsed = time.perf_counter() - t
-        rows.append(dict(mode=name, batch=batch, input_len=input_len, output_len=output_len,
-                         decode_tok_s=batch * output_len / elapsed))
+        row = dict(mode=name, batch=batch, input_len=input_len, output_len=output_len)
+        try:  # one mode out of memory keeps the other's row
+            with torch.no_grad():
+                model.generate(ids, **warm)  # warm-up (compiles)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                model.generate(ids, **gen)
+                torch.cuda.synchronize()
+                elapsed = time.perf_counter() - t
+            row["decode_tok_s"] = batch * output_len / elapsed
+        except torch.OutOfMemoryError as e:
+            row["error"] = f"out of memory: {str(e)[:80]}"
+            torch.cuda.empty_cache()
+        rows.append(row)
     return rows
 
 

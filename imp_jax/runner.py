@@ -167,7 +167,11 @@ class ModelRunner:
                                  f"the same {S} rows")
             tokens = self._last_tokens
         elif (where := _token_sharding(self.model, S)) is not None:
-            tokens = jax.device_put(tokens, where)  # the sharding the loop leaves them in
+            # the sharding the loop leaves them in; each process places its own shards (a
+            # device_put onto a mesh of several processes would first check, through a blocking
+            # all-gather, that every process passed the same array)
+            host = tokens
+            tokens = jax.make_array_from_callback(host.shape, where, lambda idx: host[idx])
         sampling = _pad_rows(sampling, S)
         args = (self.model, self.params, self.cache, tokens, positions, page_table, limit,
                 sampling)

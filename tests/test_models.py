@@ -107,9 +107,9 @@ def test_long_generation_stops_compiling_after_warmup():
     assert compiled <= 6  # prefill + a handful of page-table buckets, not one per length
 
 
-def test_fp8_checkpoint_is_llama3_within_fp8_rounding():
-    """The FP8 fixture really is quantized (its logits differ from llama3's beyond float noise)
-    and really is llama3 (within e4m3's rounding)."""
+def test_fp8_fixture_is_llama3_within_fp8_rounding():
+    """A check of the fixture, not the loader: transformers' logits on it differ from llama3's
+    beyond float noise (it is quantized) and only by e4m3's rounding (it is llama3)."""
     fp8, plain = (np.load(os.path.join(DATA, "reference", f"{n}.npz"))["logits"]
                   for n in ("llama3_fp8", "llama3"))
     diff = np.abs(fp8 - plain).max()
@@ -120,7 +120,7 @@ def test_fp8_checkpoint_errors_name_the_tensor(tmp_path):
     import json
     import shutil
 
-    from imp_jax.loaders.hf_dir import _read_fp8, dequantize_fp8
+    from imp_jax.loaders.hf_dir import _header, _read_raw, dequantize_fp8
 
     src = os.path.join(DATA, "tiny", "llama3_fp8")
     file = os.path.join(src, "model.safetensors")
@@ -135,12 +135,27 @@ def test_fp8_checkpoint_errors_name_the_tensor(tmp_path):
     with pytest.raises(ValueError, match=rf"{name} is float8_e4m3fn but {name}_scale_inv is "
                                          "missing"):
         load_hf_dir(str(tmp_path), jnp.float32)
-    q = _read_fp8(file, name)
-    with pytest.raises(ValueError, match=r"q_proj.weight: weight \(64, 64\) is not a grid of the "
-                                         r"scale's \(3, 2\) blocks"):
+    q = _read_raw(file, _header(file), name)
+    with pytest.raises(ValueError, match=r"q_proj.weight: weight \(64, 64\) with scale \(3, 2\) "
+                                         r"is not a grid of whole blocks"):
         dequantize_fp8(q, np.ones((3, 2), np.float32), name)
+    with pytest.raises(ValueError, match=r"is not a grid of blocks \(16, 32\)"):
+        dequantize_fp8(q, np.ones((3, 2), np.float32), name, (16, 32))
     # a scalar scale is one block; E8M0 bytes are powers of two
     np.testing.assert_array_equal(dequantize_fp8(q, np.float32(0.5), name),
                                   q.astype(np.float32) * 0.5)
     np.testing.assert_array_equal(dequantize_fp8(q, np.full((4, 2), 126, np.uint8), name),
                                   q.astype(np.float32) * 0.5)
+
+
+def test_fp8_blocks_that_do_not_divide_the_weight_are_partial_at_the_edge():
+    """weight_block_size [128, 128] on a 192 x 64 weight: a 2 x 1 grid whose second row of
+    blocks covers rows 128-191 (not 96 + 96 rows, which the grid alone would suggest)."""
+    import ml_dtypes
+
+    from imp_jax.loaders.hf_dir import dequantize_fp8
+
+    q = np.random.default_rng(0).uniform(-2, 2, (192, 64)).astype(ml_dtypes.float8_e4m3fn)
+    got = dequantize_fp8(q, np.array([[1.0], [2.0]], np.float32), "w", (128, 128))
+    want = q.astype(np.float32) * np.where(np.arange(192) < 128, 1.0, 2.0)[:, None]
+    np.testing.assert_array_equal(got, want)

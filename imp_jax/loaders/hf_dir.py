@@ -45,36 +45,57 @@ def _open(file: str, safe_open):
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
-def _read_fp8(file: str, name: str) -> np.ndarray:
-    """An F8_E4M3 tensor straight from the safetensors layout (an 8-byte little-endian header
-    length, the JSON header with each tensor's dtype, shape and byte range, then the data)."""
+# safetensors dtypes its numpy reader lacks, read from the raw bytes: e4m3 weights and E8M0
+# scales (one exponent byte each, decoded by dequantize_fp8)
+RAW_DTYPES = {"F8_E4M3": FP8, "F8_E8M0": np.dtype(np.uint8)}
+
+
+def _read_raw(file: str, header: dict, name: str) -> np.ndarray:
+    """A tensor straight from the safetensors layout: an 8-byte little-endian header length,
+    the JSON header (each tensor's dtype, shape and byte range after the header), the data."""
+    info = header[name]
+    begin, end = info["data_offsets"]
+    with open(file, "rb") as f:
+        f.seek(header["__start__"] + begin)
+        data = f.read(end - begin)
+    return np.frombuffer(data, RAW_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _header(file: str) -> dict:
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        info = json.loads(f.read(n))[name]
-        begin, end = info["data_offsets"]
-        f.seek(8 + n + begin)
-        data = f.read(end - begin)
-    return np.frombuffer(data, FP8).reshape(info["shape"])
+        return {**json.loads(f.read(n)), "__start__": 8 + n}
 
 
-def dequantize_fp8(q: np.ndarray, scale: np.ndarray, name: str) -> np.ndarray:
+def dequantize_fp8(q: np.ndarray, scale: np.ndarray, name: str,
+                   block: tuple[int, int] | None = None) -> np.ndarray:
     """A fine-grained FP8 weight (transformers' "fp8" quant_method: float8_e4m3fn [out, in] and
-    `weight_scale_inv` per block, the layout Qwen3-*-FP8 and DeepSeek ship) -> float32.
+    `weight_scale_inv` per block, the layout Qwen3-*-FP8 and DeepSeek ship) -> float32: each
+    value times its block's scale (despite the name, `_inv` is the multiplier).
 
-    The block is the weight's shape over the scale grid's (a scalar scale: one block), as
-    transformers derives it; each value times its block's scale (despite the name, `_inv` is
-    the multiplier). E8M0 scales stored as uint8 mean 2**(byte - 127)."""
+    block: config.json's `weight_block_size`; the scale grid is then the weight's shape over it,
+    rounded up (edge blocks are partial: DeepSeek's 576-row projections at 128). Without it, a
+    scalar scale is one block, else the grid must divide the weight. E8M0 scales (uint8)
+    mean 2**(byte - 127)."""
     scale = np.asarray(scale)
     s = np.exp2(scale.astype(np.float32) - 127) if scale.dtype == np.uint8 else \
         scale.astype(np.float32)
-    s = s.reshape(1, 1) if s.size == 1 else s
     rows, cols = q.shape
-    if s.ndim != 2 or rows % s.shape[0] or cols % s.shape[1]:
-        raise ValueError(f"{name}: weight {q.shape} is not a grid of the scale's "
-                         f"{tuple(scale.shape)} blocks")
-    bm, bn = rows // s.shape[0], cols // s.shape[1]
-    x = q.astype(np.float32).reshape(s.shape[0], bm, s.shape[1], bn) * s[:, None, :, None]
-    return x.reshape(rows, cols)
+    if s.size == 1:
+        return q.astype(np.float32) * s.reshape(())
+    if block is not None:
+        bm, bn = block
+        grid = (-(-rows // bm), -(-cols // bn))
+    elif s.ndim == 2 and rows % s.shape[0] == 0 and cols % s.shape[1] == 0:
+        bm, bn = rows // s.shape[0], cols // s.shape[1]
+        grid = s.shape
+    else:
+        grid = None
+    if grid is None or s.shape != tuple(grid):
+        raise ValueError(f"{name}: weight {q.shape} with scale {tuple(scale.shape)} is not a "
+                         f"grid of {'blocks ' + str(tuple(block)) if block else 'whole blocks'}")
+    full = np.repeat(np.repeat(s, bm, axis=0), bn, axis=1)[:rows, :cols]
+    return q.astype(np.float32) * full
 
 
 def load_hf_dir(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str, Any]]:
@@ -84,8 +105,11 @@ def load_hf_dir(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face model directory")
     cfg = ModelConfig.from_hf_file(config_path)
+    with open(config_path) as f:
+        block = (json.load(f).get("quantization_config") or {}).get("weight_block_size")
     where = _safetensors_files(path)
     handles: dict[str, Any] = {}
+    headers: dict[str, dict] = {}
 
     def get(name: str):
         x = read(name)
@@ -95,7 +119,7 @@ def load_hf_dir(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str
                 raise ValueError(f"{path}: {name} is float8_e4m3fn but {scale} is missing; "
                                  "supported FP8 layout: transformers' fine-grained FP8 "
                                  "(weight + weight_scale_inv)")
-            x = dequantize_fp8(x, read(scale), name)
+            x = dequantize_fp8(x, read(scale), name, tuple(block) if block else None)
         return x
 
     def read(name: str):
@@ -105,8 +129,10 @@ def load_hf_dir(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str
                 raise FileNotFoundError(f"{file}: listed in the index for {name} but missing")
             handles[file] = _open(file, safe_open)
         try:
-            if handles[file].get_slice(name).get_dtype() == "F8_E4M3":
-                return _read_fp8(file, name)  # safetensors' numpy reader has no float8
+            if handles[file].get_slice(name).get_dtype() in RAW_DTYPES:
+                if file not in headers:  # safetensors' numpy reader has no float8
+                    headers[file] = _header(file)
+                return _read_raw(file, headers[file], name)
             return handles[file].get_tensor(name)
         except Exception as e:
             raise ValueError(f"{file}: cannot read tensor {name} ({e}); is the file truncated?") \
