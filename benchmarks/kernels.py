@@ -328,8 +328,11 @@ FULL_SWEEP_SMALL = [dict(), dict(prefetch_pages=False), dict(num_stages=3),
 SWEEP = [dict(), dict(num_stages=3), dict(prefetch_pages=False)]
 SWEEP_SMALL = [dict(), dict(num_stages=3), dict(target_programs=1056, num_stages=3)]
 # decode_mgpu.choose_config overrides ("splits_mult": the heuristic's split count times that).
+# 64-key blocks in 2-3 stages fit two CTAs per SM (e4m3 pages too: ~100 KB with the converted
+# tiles), so one CTA's conversion can overlap another's loads.
 MGPU_SWEEP = [dict(), dict(block_kv=128, num_stages=3), dict(block_kv=64, num_stages=6),
-              dict(block_kv=64, num_stages=2), dict(splits_mult=2), dict(num_splits=1),
+              dict(block_kv=64, num_stages=2), dict(block_kv=64, num_stages=3),
+              dict(splits_mult=2), dict(num_splits=1),
               dict(num_splits=1, block_kv=128, num_stages=3)]
 MGPU_QUICK = [dict(), dict(block_kv=128, num_stages=3)]
 MGPU_SMOKE = [dict(), dict(num_splits=2)]        # one split (direct store); split-K + combine
