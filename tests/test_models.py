@@ -159,3 +159,18 @@ def test_fp8_blocks_that_do_not_divide_the_weight_are_partial_at_the_edge():
     got = dequantize_fp8(q, np.array([[1.0], [2.0]], np.float32), "w", (128, 128))
     want = q.astype(np.float32) * np.where(np.arange(192) < 128, 1.0, 2.0)[:, None]
     np.testing.assert_array_equal(got, want)
+
+
+def test_other_quantized_checkpoints_are_refused_by_method(tmp_path):
+    import json
+    import shutil
+
+    src = os.path.join(DATA, "tiny", "llama3")
+    for f in os.listdir(src):
+        shutil.copy(os.path.join(src, f), tmp_path / f)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quant_method='gptq' is not supported; supported: "
+                                         "unquantized checkpoints and 'fp8'"):
+        load_hf_dir(str(tmp_path), jnp.float32)

@@ -106,7 +106,14 @@ def load_hf_dir(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str
         raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face model directory")
     cfg = ModelConfig.from_hf_file(config_path)
     with open(config_path) as f:
-        block = (json.load(f).get("quantization_config") or {}).get("weight_block_size")
+        quant = json.load(f).get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method not in (None, "fp8"):  # GPTQ, AWQ, bitsandbytes, compressed-tensors, ...
+        raise ValueError(f"{path}: quantization_config.quant_method={method!r} is not supported; "
+                         "supported: unquantized checkpoints and 'fp8' (transformers' fine-grained "
+                         "FP8). To quantize at load, pass an unquantized checkpoint with "
+                         "quantization='fp8' / 'fp8-weight-only' / 'int8'")
+    block = quant.get("weight_block_size")
     where = _safetensors_files(path)
     handles: dict[str, Any] = {}
     headers: dict[str, dict] = {}
