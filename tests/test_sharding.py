@@ -341,17 +341,22 @@ def check_engine_warmup():
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randrange(1, 30))] for _ in range(8)]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     out = {}
-    for mesh in (None, _mesh(2, 2)):
-        llm = imp_jax.LLM(src, loaded=loaded, dtype="float32", max_model_len=64, page_size=PAGE,
-                          num_pages=64, max_num_seqs=8, max_num_batched_tokens=32,
-                          decode_steps=4, attn_impl="pallas", mesh=mesh)
-        llm.warmup()
-        before = len(lowered)
-        out[str(mesh is not None)] = [o.token_ids for o in llm.generate(prompts, greedy,
-                                                                         use_tqdm=False)]
-        assert len(lowered) == before, f"{len(lowered) - before} programs lowered after warm-up"
-    assert out["True"] == out["False"]
-    return {"tokens": sum(map(len, out["True"]))}
+    # a float cache, then an 8-bit one (its scale pools split and pinned like the pages)
+    for kv in ("auto", "fp8"):
+        for mesh in (None, _mesh(2, 2)):
+            llm = imp_jax.LLM(src, loaded=loaded, dtype="float32", max_model_len=64,
+                              page_size=PAGE, num_pages=64, max_num_seqs=8,
+                              max_num_batched_tokens=32, decode_steps=4, attn_impl="pallas",
+                              mesh=mesh, kv_cache_dtype=kv)
+            llm.warmup()
+            before = len(lowered)
+            out[kv, mesh is not None] = [o.token_ids
+                                         for o in llm.generate(prompts, greedy, use_tqdm=False)]
+            assert len(lowered) == before, \
+                f"{kv} cache: {len(lowered) - before} programs lowered after warm-up"
+        assert out[kv, True] == out[kv, False], kv
+    return {"tokens": sum(map(len, out["auto", True])),
+            "fp8_equals_float": out["fp8", True] == out["auto", True]}
 
 
 def check_load_into_shards():
