@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import functools
 import itertools
 import os
 import threading
@@ -98,6 +97,7 @@ class ModelRunner:
         self.fixed_shapes = resolve_impl(attn_impl) == "pallas"
         self.max_num_seqs = max_num_seqs
         self._last_tokens = None  # the last decode_steps call's final tokens (device)
+        self.command_buffers = command_buffers()
         self.sharding = None  # imp_jax.sharding.ShardingPlan when running on a mesh
         if mesh is not None:
             from imp_jax.sharding import shard_runner
@@ -176,9 +176,10 @@ class ModelRunner:
         args = (self.model, self.params, self.cache, tokens, positions, page_table, limit,
                 sampling)
         kwargs = dict(num_steps=num_steps, num_logprobs=num_logprobs)
+        loop = _decode_loop_kernel_by_kernel if self.command_buffers == "none" else _decode_loop
         if compile_only:
-            return _Program(_decode_loop, args, kwargs)
-        out, self._last_tokens, self.cache = _decode_loop(*args, **kwargs)
+            return _Program(loop, args, kwargs)
+        out, self._last_tokens, self.cache = loop(*args, **kwargs)
         return out
 
     def warmup(self, max_num_seqs: int, max_num_batched_tokens: int,
@@ -347,9 +348,11 @@ class ModelRunner:
         args = (self.model, self.params, self.cache, tokens, positions, meta, sample_rows,
                 sampling, banned, history)
         kwargs = dict(num_logprobs=num_logprobs, return_logits=return_logits)
+        graphs = self.command_buffers == "all" or (self.command_buffers == "decode" and decode)
+        forward = _forward if graphs else _forward_kernel_by_kernel
         if compile_only:
-            return _Program(_forward, args, kwargs)
-        out, logits, self.cache = _forward(*args, **kwargs)
+            return _Program(forward, args, kwargs)
+        out, logits, self.cache = forward(*args, **kwargs)
         return StepOutput(out, logits, np.asarray(query_start[:n]))
 
 
@@ -415,10 +418,8 @@ def _count_trace(model) -> None:
 
 
 # Module level (not a method) so runners of the same model share compiled programs.
-@functools.partial(jax.jit, donate_argnums=(2,),
-                   static_argnames=("model", "num_logprobs", "return_logits"))
-def _forward(model: Transformer, params, cache, tokens, positions, meta, sample_rows, sampling,
-             banned, history, *, num_logprobs: int, return_logits: bool):
+def _forward_fn(model: Transformer, params, cache, tokens, positions, meta, sample_rows, sampling,
+                banned, history, *, num_logprobs: int, return_logits: bool):
     _count_trace(model)  # runs at trace time only
     logits, cache = model.apply({"params": params}, tokens, positions, cache, meta)
     out = None
@@ -436,6 +437,15 @@ def _forward(model: Transformer, params, cache, tokens, positions, meta, sample_
     return out, (logits if return_logits else None), cache
 
 
+_FORWARD_JIT = dict(donate_argnums=(2,),
+                    static_argnames=("model", "num_logprobs", "return_logits"))
+_forward = jax.jit(_forward_fn, **_FORWARD_JIT)
+# The same step compiled without XLA's CUDA-graph command buffers (IMP_JAX_COMMAND_BUFFERS)
+_NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
+_forward_kernel_by_kernel = jax.jit(_forward_fn, **_FORWARD_JIT,
+                                    compiler_options=_NO_COMMAND_BUFFERS)
+
+
 def _powers(lo: int, hi: int) -> list[int]:
     out = [lo]
     while out[-1] < hi:
@@ -443,10 +453,8 @@ def _powers(lo: int, hi: int) -> list[int]:
     return out
 
 
-@functools.partial(jax.jit, donate_argnums=(2,),
-                   static_argnames=("model", "num_steps", "num_logprobs"))
-def _decode_loop(model: Transformer, params, cache, tokens, positions, page_table, limit,
-                 sampling, *, num_steps: int, num_logprobs: int):
+def _decode_loop_fn(model: Transformer, params, cache, tokens, positions, page_table, limit,
+                    sampling, *, num_steps: int, num_logprobs: int):
     _count_trace(model)
     S = tokens.shape[0]
     page_size = cache.page_size
@@ -477,6 +485,28 @@ def _decode_loop(model: Transformer, params, cache, tokens, positions, page_tabl
     if (where := _token_sharding(model, S)) is not None:
         last = jax.lax.with_sharding_constraint(last, where)
     return outs, last, cache
+
+
+_LOOP_JIT = dict(donate_argnums=(2,), static_argnames=("model", "num_steps", "num_logprobs"))
+_decode_loop = jax.jit(_decode_loop_fn, **_LOOP_JIT)
+_decode_loop_kernel_by_kernel = jax.jit(_decode_loop_fn, **_LOOP_JIT,
+                                        compiler_options=_NO_COMMAND_BUFFERS)
+
+COMMAND_BUFFER_MODES = ("all", "decode", "none")
+
+
+def command_buffers() -> str:
+    """$IMP_JAX_COMMAND_BUFFERS: which programs XLA may replay as CUDA graphs ("command
+    buffers") on a GPU: "all" (XLA's default), "decode" (decode steps and blocks; prompt and
+    mixed-step prompt programs launch kernel by kernel), "none". No effect off the GPU.
+
+    Session 6 found a mixed step's enqueue blocking for nearly the whole step on the GPU only;
+    the A/B of these settings (benchmarks/lanes/next7_*cmdbuf*) decides the default."""
+    value = os.environ.get("IMP_JAX_COMMAND_BUFFERS", "all")
+    if value not in COMMAND_BUFFER_MODES:
+        raise ValueError(f"IMP_JAX_COMMAND_BUFFERS={value!r}; allowed: "
+                         f"{', '.join(COMMAND_BUFFER_MODES)}")
+    return value
 
 
 def _token_sharding(model, n: int):

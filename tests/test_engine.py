@@ -317,13 +317,18 @@ def test_n_samples_share_the_prompt_through_the_prefix_cache(model, alone):
         assert c.token_ids == alone(prompt, p.clone(n=1, seed=5 + i))
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_warmup_compiles_every_program_the_engine_uses(model, alone, threads):
+@pytest.mark.parametrize("threads,command_buffers", [(1, "all"), (3, "all"), (1, "decode"),
+                                                     (1, "none")])
+def test_warmup_compiles_every_program_the_engine_uses(model, alone, threads, command_buffers,
+                                                       monkeypatch):
+    # IMP_JAX_COMMAND_BUFFERS picks, per program kind, a jit compiled with or without XLA's
+    # command buffers: warm-up must compile the same variants the steps then call
     # attn_impl="pallas" fixes the page-table width (the GPU's program set; off the GPU the
     # kernel dispatch falls back to the reference), so warm-up covers every program.
     import jax
 
     jax.clear_caches()  # runners of one model share programs: start from none compiled
+    monkeypatch.setenv("IMP_JAX_COMMAND_BUFFERS", command_buffers)
     llm = make_llm(model, attn_impl="pallas", max_num_batched_tokens=32, decode_steps=4)
     before = llm.runner.num_compiles
     n = llm.runner.warmup(8, 32, 4, threads=threads)
@@ -368,3 +373,10 @@ def test_a_bad_compile_thread_count_is_named(model, monkeypatch):
     with pytest.raises(ValueError, match="IMP_JAX_COMPILE_THREADS='eight'; allowed: a positive"):
         llm.warmup()
 
+
+
+def test_command_buffer_setting_is_validated(model, monkeypatch):
+    monkeypatch.setenv("IMP_JAX_COMMAND_BUFFERS", "some")
+    with pytest.raises(ValueError, match="IMP_JAX_COMMAND_BUFFERS='some'; allowed: all, decode, "
+                                         "none"):
+        make_llm(model)
