@@ -36,7 +36,7 @@ class KVCache:
     # 8-bit pools only (fp8 e4m3 / int8): one float32 scale per token and KV head,
     # [num_pages, kv_heads, page_size] (4 bytes next to head_dim bytes of values: KV memory and
     # bandwidth drop ~2x from bf16). A page's scales for one KV head are contiguous, so a
-    # kernel copies them with one TMA box per page (>= 16 bytes; see scale_pool_shape).
+    # kernel copies them in one piece per page (see scale_pool_shape).
     k_scale: list[jax.Array] | None = None
     v_scale: list[jax.Array] | None = None
 
@@ -98,8 +98,9 @@ POOL_FILLS = (0, 0, 1, 1)
 def scale_pool_shape(pool_shape) -> tuple[int, int, int]:
     """[num_pages, page_size, kv_heads, head_dim] pool -> its scale pool's
     [num_pages, kv_heads, page_size]: head-major inside a page, so one KV head's scales of a
-    page are contiguous (the Mosaic GPU decode kernel TMA-copies them; a [.., page, kv_heads]
-    column would be a 4-byte-wide box, below TMA's 16-byte minimum)."""
+    page are contiguous (the Mosaic GPU decode kernel bulk-copies them; in a
+    [.., page, kv_heads] pool they would be 4-byte elements strided kv_heads apart, which no
+    bulk copy moves)."""
     num_pages, page_size, kv_heads = pool_shape[:3]
     return num_pages, kv_heads, page_size
 

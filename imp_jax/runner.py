@@ -119,6 +119,10 @@ class ModelRunner:
         self.cache = KVCache(*([jnp.full(a.shape, v, a.dtype, device=a.sharding) for a in pool]
                                for pool, v in zip(self.cache.pools(), POOL_FILLS)))
 
+    def _graphs(self, decode: bool) -> bool:
+        """Whether a decode (or prompt) program keeps XLA's command buffers."""
+        return self.command_buffers == "all" or (self.command_buffers == "decode" and decode)
+
     @property
     def num_compiles(self) -> int:
         """Programs traced for this model so far; a test asserts it stops growing after warm-up."""
@@ -166,7 +170,7 @@ class ModelRunner:
                 raise ValueError("continue_previous needs a previous decode_steps call over "
                                  f"the same {S} rows")
             tokens = self._last_tokens
-        elif (where := _token_sharding(self.model, S)) is not None:
+        elif (where := self.model.token_sharding(S)) is not None:
             # the sharding the loop leaves them in; each process places its own shards (a
             # device_put onto a mesh of several processes would first check, through a blocking
             # all-gather, that every process passed the same array)
@@ -176,7 +180,7 @@ class ModelRunner:
         args = (self.model, self.params, self.cache, tokens, positions, page_table, limit,
                 sampling)
         kwargs = dict(num_steps=num_steps, num_logprobs=num_logprobs)
-        loop = _decode_loop_kernel_by_kernel if self.command_buffers == "none" else _decode_loop
+        loop = _decode_loop if self._graphs(decode=True) else _decode_loop_kernel_by_kernel
         if compile_only:
             return _Program(loop, args, kwargs)
         out, self._last_tokens, self.cache = loop(*args, **kwargs)
@@ -348,8 +352,7 @@ class ModelRunner:
         args = (self.model, self.params, self.cache, tokens, positions, meta, sample_rows,
                 sampling, banned, history)
         kwargs = dict(num_logprobs=num_logprobs, return_logits=return_logits)
-        graphs = self.command_buffers == "all" or (self.command_buffers == "decode" and decode)
-        forward = _forward if graphs else _forward_kernel_by_kernel
+        forward = _forward if self._graphs(decode) else _forward_kernel_by_kernel
         if compile_only:
             return _Program(forward, args, kwargs)
         out, logits, self.cache = forward(*args, **kwargs)
@@ -437,13 +440,15 @@ def _forward_fn(model: Transformer, params, cache, tokens, positions, meta, samp
     return out, (logits if return_logits else None), cache
 
 
-_FORWARD_JIT = dict(donate_argnums=(2,),
-                    static_argnames=("model", "num_logprobs", "return_logits"))
-_forward = jax.jit(_forward_fn, **_FORWARD_JIT)
-# The same step compiled without XLA's CUDA-graph command buffers (IMP_JAX_COMMAND_BUFFERS)
-_NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
-_forward_kernel_by_kernel = jax.jit(_forward_fn, **_FORWARD_JIT,
-                                    compiler_options=_NO_COMMAND_BUFFERS)
+def _jit_pair(fn, **kw):
+    """fn jitted with XLA's CUDA-graph command buffers (its default) and without
+    (IMP_JAX_COMMAND_BUFFERS picks per program; separate jits, separate caches)."""
+    return (jax.jit(fn, **kw),
+            jax.jit(fn, **kw, compiler_options={"xla_gpu_enable_command_buffer": ""}))
+
+
+_forward, _forward_kernel_by_kernel = _jit_pair(
+    _forward_fn, donate_argnums=(2,), static_argnames=("model", "num_logprobs", "return_logits"))
 
 
 def _powers(lo: int, hi: int) -> list[int]:
@@ -482,15 +487,13 @@ def _decode_loop_fn(model: Transformer, params, cache, tokens, positions, page_t
                          jnp.zeros((num_steps, S, num_logprobs), jnp.float32))
     cache, last, _, outs = jax.lax.fori_loop(0, num_steps, body,
                                              (cache, tokens, positions, empty))
-    if (where := _token_sharding(model, S)) is not None:
+    if (where := model.token_sharding(S)) is not None:
         last = jax.lax.with_sharding_constraint(last, where)
     return outs, last, cache
 
 
-_LOOP_JIT = dict(donate_argnums=(2,), static_argnames=("model", "num_steps", "num_logprobs"))
-_decode_loop = jax.jit(_decode_loop_fn, **_LOOP_JIT)
-_decode_loop_kernel_by_kernel = jax.jit(_decode_loop_fn, **_LOOP_JIT,
-                                        compiler_options=_NO_COMMAND_BUFFERS)
+_decode_loop, _decode_loop_kernel_by_kernel = _jit_pair(
+    _decode_loop_fn, donate_argnums=(2,), static_argnames=("model", "num_steps", "num_logprobs"))
 
 COMMAND_BUFFER_MODES = ("all", "decode", "none")
 
@@ -508,9 +511,3 @@ def command_buffers() -> str:
                          f"{', '.join(COMMAND_BUFFER_MODES)}")
     return value
 
-
-def _token_sharding(model, n: int):
-    """The sharded model's home for n step tokens (`ShardedTransformer.token_sharding`), or None
-    on one device."""
-    fn = getattr(model, "token_sharding", None)
-    return None if fn is None else fn(n)

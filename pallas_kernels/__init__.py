@@ -91,9 +91,9 @@ def decode_kernel() -> str:
 
 def decode_kernel_8bit() -> str:
     """$IMP_JAX_DECODE_8BIT: which kernel reads float8_e4m3fn pages in decode steps on a GPU.
-    "triton" (the default) until decode_mgpu's 8-bit path, tested in interpret mode and lowered
-    for Hopper on CPU, has passed its GPU tests and benchmark (tests/test_decode_mgpu.py -m gpu,
-    benchmarks/kernels.py --kv fp8); "mgpu" opts in now."""
+    "triton" (the default): on an H200 it was level with or ahead of decode_mgpu's 8-bit path
+    at large batch (603 vs 619 us at 256 x 2048, docs/benchmarks.md session 6), whose
+    in-warpgroup conversion sets its pace; "mgpu" opts in (correct on the GPU since session 6)."""
     choice = os.environ.get("IMP_JAX_DECODE_8BIT", "triton")
     if choice not in DECODE_KERNELS:
         raise ValueError(f"IMP_JAX_DECODE_8BIT={choice!r}; allowed: {', '.join(DECODE_KERNELS)}")

@@ -47,11 +47,11 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
 * **8-bit (e4m3) pages.** The ring holds the 8-bit tiles (half the bytes of a bf16 stage) and
   each stage's per-key scales: one bulk copy of `page` f32 per page and KV head, contiguous in
   the [P, KVH, page] scale pools (a plain copy: a tensor TMA would need 128-byte aligned SMEM
-  ends, which 16-key pages' 64-byte scale rows are not). The consumer converts a stage to q's dtype in registers
-  (e4m3 -> f32, times the key's scale, -> bf16: this toolchain's ptxas converts e4m3 straight
-  to f16 only) into one bf16 tile per K and V, releases the 8-bit stage at once, and runs the
-  same wgmmas on the converted tiles. Dequantizing K and V before the products keeps every
-  wgmma in bf16 (8-bit wgmma operands must be K-major, which V is not; see
+  ends, which 16-key pages' 64-byte scale rows are not). The consumer converts a stage to q's
+  dtype in registers (e4m3 -> f32, times the key's scale, -> bf16: this toolchain's ptxas
+  converts e4m3 straight to f16 only) into one bf16 tile per K and V, releases the 8-bit
+  stage at once, and runs the same wgmmas on the converted tiles. Dequantizing K and V before
+  the products keeps every wgmma in bf16 (8-bit wgmma operands must be K-major, which V is not; see
   docs/kernels_notes.md) and the numerics those of the reference, which dequantizes first.
 * `compat=True`: the interpret-mode-safe PV step (P through SMEM into a fresh accumulator that
   is added), because GPU interpret mode runs neither `pl.run_state` nor a register-LHS wgmma.

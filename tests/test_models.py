@@ -127,15 +127,15 @@ def test_fp8_checkpoint_errors_name_the_tensor(tmp_path):
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(src, f), tmp_path / f)
     # an index that lists every tensor of the real file but one weight's scale
-    with open(file, "rb") as f:
-        names = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header = _header(file)
     name = "model.layers.0.self_attn.q_proj.weight"
-    weight_map = {n: file for n in names if n not in ("__metadata__", name + "_scale_inv")}
+    weight_map = {n: file for n in header
+                  if not n.startswith("__") and n != name + "_scale_inv"}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(ValueError, match=rf"{name} is float8_e4m3fn but {name}_scale_inv is "
                                          "missing"):
         load_hf_dir(str(tmp_path), jnp.float32)
-    q = _read_raw(file, _header(file), name)
+    q = _read_raw(file, header, name)
     with pytest.raises(ValueError, match=r"q_proj.weight: weight \(64, 64\) with scale \(3, 2\) "
                                          r"is not a grid of whole blocks"):
         dequantize_fp8(q, np.ones((3, 2), np.float32), name)

@@ -143,6 +143,11 @@ class Transformer(nn.Module):
     attn_mesh: Any = None  # see Attention; imp_jax.sharding sets both
     attn_heads_axis: Any = None
 
+    def token_sharding(self, n: int):
+        """Where a step's n tokens live: None on one device (imp_jax.sharding's model names a
+        NamedSharding, which the runner commits host tokens to)."""
+        return None
+
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
                  meta: AttentionMetadata) -> tuple[jax.Array, KVCache]:
