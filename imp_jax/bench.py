@@ -214,6 +214,7 @@ def bench_throughput(args) -> list[dict]:
                      use_tqdm=False)
         stats = llm.engine.stats
         before = copy.deepcopy(stats)  # step_kinds is a nested dict
+        traced = llm.runner.num_compiles
         with PowerMeter() as power:
             with _profile(args.profile):
                 start = time.perf_counter()
@@ -230,6 +231,9 @@ def bench_throughput(args) -> list[dict]:
             host_ms_per_step=1e3 * (stats["host_time"] - before["host_time"]) / max(steps, 1),
             blocks_ahead=stats["blocks_ahead"] - before["blocks_ahead"],
             step_kinds=_kinds_delta(before["step_kinds"], stats["step_kinds"]),
+            # programs traced during the timed pass: 0 unless warm-up missed one (a mid-run
+            # compile costs seconds, as session 6's tp=2 run showed)
+            compiles=llm.runner.num_compiles - traced,
             watts=power.watts,
             tokens_per_joule=out_tokens / (power.watts * elapsed) if power.watts else None))
         print("row:", json.dumps(rows[-1]), file=sys.stderr, flush=True)  # survives a kill

@@ -40,6 +40,7 @@ def test_throughput_runs_each_length_pair_once(tmp_path):
     for r in rows:
         assert r["num_prompts"] == 12 and r["output_tok_s"] > 0
         assert r["total_tok_s"] > r["output_tok_s"]
+        assert r["compiles"] == 0  # warm-up compiled every program the timed pass ran
     assert rows[0]["blocks_ahead"] > 0  # 12 tokens at 4 per block: decode blocks ran ahead
     assert "decode_block" in rows[0]["step_kinds"]
     for r in rows:  # 12 prompts through 4 rows: prompt steps ran, each kind timed

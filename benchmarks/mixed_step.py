@@ -1,0 +1,106 @@
+"""One mixed step of the throughput runs, timed by itself with each command-buffer setting:
+P prompt chunks of L tokens beside D decode rows at context C, as the engine's 256-row and
+1024-row runs schedule them. Per mode: the runner's enqueue time, the whole step (to its
+tokens on the host), and the prompt and decode programs alone.
+
+    python benchmarks/mixed_step.py --model random:llama3-8b --prompts 14 --decode 240
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python benchmarks/mixed_step.py ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="random:tiny")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prompts", type=int, default=14, help="prompt chunks in the step (P)")
+    ap.add_argument("--prompt-len", type=int, default=128, help="tokens per chunk (L)")
+    ap.add_argument("--decode", type=int, default=240, help="decode rows (D)")
+    ap.add_argument("--context", type=int, default=192, help="decode rows' context (C)")
+    ap.add_argument("--modes", default="all,decode,none")
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    if min(args.prompts, args.decode) < 0 or min(args.prompt_len, args.context, args.reps) < 1:
+        ap.error("--prompts/--decode must be >= 0, --prompt-len/--context/--reps >= 1")
+    import jax
+
+    from imp_jax.loaders import load_model
+    from imp_jax.runner import COMMAND_BUFFER_MODES, ModelRunner, StepSeq
+    from imp_jax.sampling import SamplingParams, SamplingTensors
+
+    modes = args.modes.split(",")
+    if bad := [m for m in modes if m not in COMMAND_BUFFER_MODES]:
+        ap.error(f"--modes {bad}: allowed {COMMAND_BUFFER_MODES}")
+    page = 16
+    m = load_model(args.model, args.dtype)
+    max_len = max(args.prompt_len, args.context) + page
+    per_seq = -(-max_len // page)
+    rows = args.prompts + args.decode
+    r = ModelRunner(m.cfg, m.params, num_pages=rows * per_seq + 1, page_size=page,
+                    max_model_len=max_len, max_num_seqs=max(rows, 4), dtype=jax.numpy.dtype(args.dtype))
+    rng = np.random.default_rng(0)
+    free = iter(range(1, rows * per_seq + 1))  # page 0 is the dummy steps' page
+    vocab = m.cfg.vocab_size
+    seqs = [StepSeq(rng.integers(0, vocab, args.prompt_len).tolist(), 0,
+                    [next(free) for _ in range(-(-args.prompt_len // page))])
+            for _ in range(args.prompts)]
+    seqs += [StepSeq([int(rng.integers(0, vocab))], args.context - 1,
+                     [next(free) for _ in range(-(-args.context // page))])
+             for _ in range(args.decode)]
+    greedy = SamplingParams(temperature=0)
+
+    def tensors(n):
+        return SamplingTensors.from_params([greedy] * n, list(range(n)), [0] * n)
+
+    parts = {"step": (seqs, lambda s, t: r.step(s, t))}
+    if args.prompts:
+        parts["prompt_group"] = (seqs[:min(16, args.prompts)], lambda s, t: r._step(s, t, 0, 16))
+    if args.decode:
+        parts["decode_group"] = (seqs[args.prompts:], lambda s, t: r._step(s, t, 0))
+
+    def timed(fn, s):
+        t = tensors(len(s))
+        enq, wall = [], []
+        for i in range(args.reps + 1):  # the first call compiles
+            t0 = time.perf_counter()
+            out = fn(s, t)
+            t1 = time.perf_counter()
+            np.asarray(out.sample.tokens)
+            t2 = time.perf_counter()
+            if i:
+                enq.append(t1 - t0)
+                wall.append(t2 - t0)
+        return 1e3 * statistics.median(enq), 1e3 * statistics.median(wall)
+
+    results = []
+    for mode in modes:
+        r.command_buffers = mode
+        for name, (s, fn) in parts.items():
+            enq, wall = timed(fn, s)
+            row = dict(mode=mode, part=name, rows=len(s), enqueue_ms=round(enq, 2),
+                       wall_ms=round(wall, 2))
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    meta = dict(model=args.model, prompts=args.prompts, prompt_len=args.prompt_len,
+                decode=args.decode, context=args.context,
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
+                device=jax.devices()[0].device_kind)
+    print(json.dumps(meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta, rows=results), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
