@@ -5,13 +5,19 @@ tokens on the host), and the prompt and decode programs alone.
 
     python benchmarks/mixed_step.py --model random:llama3-8b --prompts 14 --decode 240
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python benchmarks/mixed_step.py ...
+
+--pool-gb sizes the KV pool as the engine does (~100 GB at 0.9 of an H200) instead of just the
+step's pages; --hlo lists every copy in each compiled program that moves more than 16 MB (a
+donated cache the program cannot update in place is copied whole, per step).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import statistics
 import time
 
@@ -28,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=192, help="decode rows' context (C)")
     ap.add_argument("--modes", default="all,decode,none")
     ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--pool-gb", type=float, default=0.0, help="KV pool size (0: just enough)")
+    ap.add_argument("--hlo", action="store_true", help="report large copies in the programs")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     if min(args.prompts, args.decode) < 0 or min(args.prompt_len, args.context, args.reps) < 1:
@@ -46,7 +54,11 @@ def main(argv=None) -> int:
     max_len = max(args.prompt_len, args.context) + page
     per_seq = -(-max_len // page)
     rows = args.prompts + args.decode
-    r = ModelRunner(m.cfg, m.params, num_pages=rows * per_seq + 1, page_size=page,
+    cfg = m.cfg
+    page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * page \
+        * jax.numpy.dtype(args.dtype).itemsize
+    num_pages = max(rows * per_seq + 1, int(args.pool_gb * 1e9 / page_bytes))
+    r = ModelRunner(m.cfg, m.params, num_pages=num_pages, page_size=page,
                     max_model_len=max_len, max_num_seqs=max(rows, 4), dtype=jax.numpy.dtype(args.dtype))
     rng = np.random.default_rng(0)
     free = iter(range(1, rows * per_seq + 1))  # page 0 is the dummy steps' page
@@ -61,6 +73,18 @@ def main(argv=None) -> int:
 
     def tensors(n):
         return SamplingTensors.from_params([greedy] * n, list(range(n)), [0] * n)
+
+    if args.hlo:
+        for name, s in (("prompt_group", seqs[:min(16, args.prompts)]),
+                        ("decode_group", seqs[args.prompts:])):
+            if s:
+                rows_ = 16 if name == "prompt_group" else None
+                for mode in modes:
+                    r.command_buffers = mode
+                    text = r._step(s, tensors(len(s)), 0, rows_, compile_only=True) \
+                        .compile().as_text()
+                    print(json.dumps(dict(mode=mode, program=name, **large_copies(text))),
+                          flush=True)
 
     parts = {"step": (seqs, lambda s, t: r.step(s, t))}
     if args.prompts:
@@ -100,6 +124,23 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(dict(meta, rows=results), f, indent=1)
     return 0
+
+
+_DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "f8e4m3fn": 1, "s8": 1,
+                "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+
+
+def large_copies(hlo: str, min_bytes: float = 16e6) -> dict:
+    """Copies (copy, copy-start) in compiled HLO text that move more than min_bytes."""
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"= (\w+)\[([\d,]*)\][^ ]* (copy|copy-start)\(", line)
+        if m and m.group(1) in _DTYPE_BYTES:
+            n = math.prod(int(d) for d in m.group(2).split(",") if d) * _DTYPE_BYTES[m.group(1)]
+            if n > min_bytes:
+                found.append(f"{m.group(1)}[{m.group(2)}]")
+    return dict(large_copies=len(found), examples=found[:4],
+                custom_calls=hlo.count("custom-call("), fusions=hlo.count(" fusion("))
 
 
 if __name__ == "__main__":
