@@ -208,12 +208,20 @@ class ModelRunner:
                 pages = [0] * -(-decode_steps // self.page_size)
                 steps.append((self.decode_steps, ([StepSeq([0], 0, pages)] * n, tensors,
                                                   decode_steps), {}))
-        one = SamplingTensors.from_params([greedy], [0], [0])
+        # A prompt program's token bucket is reached by several prompts together: a group of
+        # PROMPT_ROWS chunks of 128 tokens fills a 2048-token program even where max_model_len
+        # is 272 (capping these at max_model_len missed those programs, which then compiled
+        # mid-run, seconds each). Off the kernel path one sequence per program, as steps pack.
         rows = PROMPT_ROWS if self.fixed_shapes else None
+        longest = (rows or 1) * self.max_model_len
         for t in _powers(16, bucket(max_num_batched_tokens, lo=16)):
-            t = min(t, max_num_batched_tokens, self.max_model_len)
-            seqs = [StepSeq([0] * t, 0, [0] * -(-t // self.page_size))]
-            steps.append((self._step, (seqs, one, 0, rows), {}))
+            t = min(t, max_num_batched_tokens, longest)
+            lens = [self.max_model_len] * (t // self.max_model_len)
+            lens += [t % self.max_model_len] if t % self.max_model_len else []
+            seqs = [StepSeq([0] * n, 0, [0] * -(-n // self.page_size)) for n in lens]
+            tensors = SamplingTensors.from_params([greedy] * len(seqs), [0] * len(seqs),
+                                                  [0] * len(seqs))
+            steps.append((self._step, (seqs, tensors, 0, rows), {}))
         if threads is None:
             threads = _compile_threads()
         if threads > 1:

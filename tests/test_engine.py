@@ -340,6 +340,28 @@ def test_warmup_compiles_every_program_the_engine_uses(model, alone, threads, co
         assert out.token_ids == alone(ids)
 
 
+def test_warmup_covers_prompt_programs_longer_than_one_sequence(model):
+    # A prompt program holds up to PROMPT_ROWS prompts, so its token bucket can pass
+    # max_model_len (16 chunks of 128 tokens fill a 2048-token program under a 272-token
+    # limit): warm-up must compile those buckets too, or they compile mid-run (session 7 found
+    # one such compile, seconds long, inside a timed 256-row GPU run).
+    import jax
+
+    jax.clear_caches()
+    llm = make_llm(model, attn_impl="pallas", max_model_len=24, max_num_batched_tokens=64,
+                   decode_steps=4)
+    before = llm.runner.num_compiles
+    n = llm.runner.warmup(8, 64, 4)
+    assert n == 7  # decode rows 4, 8 (single step + 4-step block), prompt tokens 16, 32, 64
+    rng = random.Random(12)
+    ps = [[rng.randrange(3, 500) for _ in range(rng.randrange(8, 13))] for _ in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = llm.generate(ps, params, use_tqdm=False)
+    assert llm.engine.stats["step_kinds"]["prompt"][0] >= 1  # 8 prompts, >32 tokens, one step
+    assert llm.runner.num_compiles == before + n  # nothing compiled after warm-up
+    assert all(len(o.token_ids) == 8 for o in outs)
+
+
 def test_rows_that_reach_their_length_inside_a_block_stop_there(model, alone):
     # max_tokens 5..12 under 4-step blocks: most blocks hold a row that ends inside them. They
     # still run as blocks (no fall back to single steps), and every row's tokens, its pages
