@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import itertools
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,8 @@ from imp_jax.cache import POOL_FILLS, AttentionMetadata, KVCache
 from imp_jax.config import ModelConfig
 from imp_jax.models.llama import Transformer
 from imp_jax.sampling import SampleOutput, SamplingTensors, sample, token_counts
+
+log = logging.getLogger("imp_jax.runner")
 
 
 @dataclasses.dataclass
@@ -97,6 +100,7 @@ class ModelRunner:
         self.fixed_shapes = resolve_impl(attn_impl) == "pallas"
         self.max_num_seqs = max_num_seqs
         self._last_tokens = None  # the last decode_steps call's final tokens (device)
+        self.warmed = False  # set by warmup(): a program traced after it is logged as a miss
         self.command_buffers = command_buffers()
         self.sharding = None  # imp_jax.sharding.ShardingPlan when running on a mesh
         if mesh is not None:
@@ -183,7 +187,10 @@ class ModelRunner:
         loop = _decode_loop if self._graphs(decode=True) else _decode_loop_kernel_by_kernel
         if compile_only:
             return _Program(loop, args, kwargs)
+        traced = self.num_compiles
         out, self._last_tokens, self.cache = loop(*args, **kwargs)
+        if not num_logprobs:
+            self._check_warm(traced, f"{num_steps}-step decode block, {S} rows, {P} pages")
         return out
 
     def warmup(self, max_num_seqs: int, max_num_batched_tokens: int,
@@ -230,7 +237,14 @@ class ModelRunner:
                 list(pool.map(_Program.compile, programs))  # re-raises the first failure
         for m, a, kw in steps:
             m(*a, **kw)
+        self.warmed = True
         return self.num_compiles - before
+
+    def _check_warm(self, traced: int, program: str) -> None:
+        """Log a program compiled after warm-up: seconds of a GPU run lost mid-run, and a sign
+        that `warmup` misses a shape the engine uses (session 7 found one that way)."""
+        if self.warmed and self.num_compiles != traced:
+            log.warning("compiled a program after warm-up (%s): warm-up missed it", program)
 
     # ------------------------------------------------------------------ host side
     def step(self, seqs: Sequence[StepSeq], sampling: SamplingTensors | None = None,
@@ -363,7 +377,12 @@ class ModelRunner:
         forward = _forward if self._graphs(decode) else _forward_kernel_by_kernel
         if compile_only:
             return _Program(forward, args, kwargs)
+        traced = self.num_compiles
         out, logits, self.cache = forward(*args, **kwargs)
+        if not (return_logits or num_logprobs or banned is not None or history is not None):
+            # warm-up compiles the plain programs; logprobs, bans (min_tokens), penalties and
+            # all-logits (scoring) each add a variant, compiled on first use
+            self._check_warm(traced, f"step of {S} rows, {T} tokens, {P} pages")
         return StepOutput(out, logits, np.asarray(query_start[:n]))
 
 

@@ -362,6 +362,21 @@ def test_warmup_covers_prompt_programs_longer_than_one_sequence(model):
     assert all(len(o.token_ids) == 8 for o in outs)
 
 
+def test_a_program_compiled_after_warmup_is_logged(model, caplog):
+    import jax
+
+    jax.clear_caches()
+    llm = make_llm(model, attn_impl="pallas", max_num_batched_tokens=64, decode_steps=4)
+    llm.runner.warmup(8, 16, 4)  # prompt programs up to 16 tokens only
+    with caplog.at_level("WARNING", logger="imp_jax.runner"):
+        llm.generate([[5] * 12], GREEDY, use_tqdm=False)
+        assert not caplog.records  # a 12-token prompt fits the 16-token program
+        llm.generate([[5] * 40], GREEDY, use_tqdm=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "compiled a program after warm-up (step of 16 rows, 32 tokens, 32 pages): warm-up "
+        "missed it"]
+
+
 def test_rows_that_reach_their_length_inside_a_block_stop_there(model, alone):
     # max_tokens 5..12 under 4-step blocks: most blocks hold a row that ends inside them. They
     # still run as blocks (no fall back to single steps), and every row's tokens, its pages
