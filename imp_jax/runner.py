@@ -530,8 +530,10 @@ def command_buffers() -> str:
     buffers") on a GPU: "all" (XLA's default), "decode" (decode steps and blocks; prompt and
     mixed-step prompt programs launch kernel by kernel), "none". No effect off the GPU.
 
-    Session 6 found a mixed step's enqueue blocking for nearly the whole step on the GPU only;
-    the A/B of these settings (benchmarks/lanes/next7_*cmdbuf*) decides the default."""
+    "all" stays the default: timed alone (benchmarks/mixed_step.py, H200) a mixed step takes
+    the same time in every mode, and prompt programs launched kernel by kernel hold the host
+    for the whole program (53 ms) where a graph returns in ~6 ms. The slow mixed steps of
+    sessions 5-6 were prompt programs compiled mid-run (docs/benchmarks.md, session 7)."""
     value = os.environ.get("IMP_JAX_COMMAND_BUFFERS", "all")
     if value not in COMMAND_BUFFER_MODES:
         raise ValueError(f"IMP_JAX_COMMAND_BUFFERS={value!r}; allowed: "
