@@ -53,6 +53,11 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   stage at once, and runs the same wgmmas on the converted tiles. Dequantizing K and V before
   the products keeps every wgmma in bf16 (8-bit wgmma operands must be K-major, which V is not; see
   docs/kernels_notes.md) and the numerics those of the reference, which dequantizes first.
+  `fp8_f16=True` (or $IMP_JAX_MGPU_FP8_F16=1) converts to f16 instead, with no per-element
+  scale: one packed cvt per two elements. The per-key scales then multiply the logits (K)
+  and the probabilities before P V (V), and q and P run in f16 (more mantissa than bf16: 1e-3
+  error against the reference where the bf16 path has 4e-3). Session 6 found the conversion
+  to be the bound, so this path is to be timed against the other on a GPU.
 * `compat=True`: the interpret-mode-safe PV step (P through SMEM into a fresh accumulator that
   is added), because GPU interpret mode runs neither `pl.run_state` nor a register-LHS wgmma.
   It also compiles for the GPU (slower). The default keeps P in registers.
@@ -62,6 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +91,11 @@ class DecodeConfig:
     num_stages: int = 4        # depth of the K/V SMEM ring
     num_splits: int = 1        # split-K partitions of each sequence's KV blocks
     compat: bool = False       # interpret-safe PV path (P via SMEM, separate accumulator)
+    # 8-bit pages: convert e4m3 tiles to f16 with no per-element scale (one packed cvt per two
+    # elements, against e4m3 -> f32, a multiply and -> bf16 per element), and apply the
+    # per-key scales to the logits (K) and the probabilities (V); q and P run in f16.
+    # Unmeasured on a GPU so far (session 7): the benchmark sweeps both.
+    fp8_f16: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
         if self.num_splits < 1:
@@ -137,7 +148,8 @@ SHORT_CTX = 512  # page-table spans up to this many keys count as short (choose_
 def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128, *,
                   block_kv: int | None = None, num_stages: int | None = None,
                   num_splits: int | None = None, compat: bool = False,
-                  num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2) -> DecodeConfig:
+                  num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
+                  fp8_f16: bool | None = None) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -149,6 +161,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     # 1.46x; they lost (by <= 7%) at 1 and 8 x 4k. At short contexts (<= SHORT_CTX keys, a
     # CTA has 2-4 blocks of 128) 64-key blocks in 6 stages won: 1024 x 256 -16%, 256 x 512
     # -4%; at 64 x 1k they lost by 13% (H200, session 4, same table).
+    if fp8_f16 is None:  # an A/B knob until a GPU run picks one path (docs/kernels_notes.md)
+        fp8_f16 = os.environ.get("IMP_JAX_MGPU_FP8_F16") == "1"
     short = max_pages * page_size <= SHORT_CTX and page_size <= 64
     if block_kv is None:
         block_kv = 64 if short else 128 if page_size <= 128 else page_size
@@ -161,7 +175,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         num_splits = min(num_splits, max(1, max_blocks // 2))
     num_splits = max(1, min(int(num_splits), max_blocks))
     return fit_smem(DecodeConfig(block_kv=block_kv, num_stages=num_stages,
-                                 num_splits=num_splits, compat=compat), D, kv_itemsize)
+                                 num_splits=num_splits, compat=compat, fp8_f16=fp8_f16),
+                    D, kv_itemsize)
 
 
 def fit_smem(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> DecodeConfig:
@@ -195,16 +210,26 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
     c_log2 = float(scale) * LOG2E
     MP = partial_rows(G)
 
+    f16 = quant and cfg.fp8_f16
+    cdt = jnp.dtype(jnp.float16) if f16 else jnp.dtype(dtype)   # the wgmma operands' dtype
+
     def convert(src8, scales, dst):
-        """An 8-bit [B, D] stage -> q's dtype in `dst`, each key (row) times its scale; in
-        passes of CONVERT_ROWS rows (a 128 x 128 tile in f32 would need 128 registers per
-        thread at once)."""
+        """An 8-bit [B, D] stage -> `cdt` in `dst`, each key (row) times its scale (with
+        fp8_f16: no scale, the caller applies it to the logits / probabilities); in passes of
+        CONVERT_ROWS rows (a 128 x 128 tile in f32 would need 128 registers per thread)."""
         n = min(CONVERT_ROWS, B)
         for r in range(0, B, n):
+            if f16:
+                dst.at[pl.ds(r, n)][...] = src8.at[pl.ds(r, n)][...].astype(cdt)
+                continue
             x = src8.at[pl.ds(r, n)][...].astype(jnp.float32)
             sc = scales.at[pl.ds(r, n)][...]
             dst.at[pl.ds(r, n)][...] = (x * lax.broadcast_in_dim(sc, x.shape, [0])).astype(dtype)
         plgpu.commit_smem()
+
+    def key_scales(scales):
+        """A stage's per-key scales as a row over the logits' columns (fp8_f16)."""
+        return plgpu.load(scales, layout=plgpu.Layout.WGMMA.reduce(0))
 
     def kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, out_refs, scoped):
         s = lax.axis_index("seq")
@@ -234,7 +259,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(h * G, G)], qst.at[pl.ds(0, G)],
                                         q_bar)
                 plgpu.barrier_wait(q_bar)
-                q_smem[...] = qst[...]
+                q_smem[...] = qst[...].astype(cdt)
                 plgpu.commit_smem()
 
                 m_i, l_i, acc = softmax_state(MQ, D)
@@ -245,6 +270,8 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     plgpu.barrier_wait(k_bars.at[slot])
                     k_tile = k_smem.at[slot]
                     if quant:  # converted, the 8-bit stage goes straight back to the producer
+                        if f16:  # read before the stage (scales included) is released
+                            ksc = key_scales(ks_smem.at[slot])
                         convert(k_tile, ks_smem.at[slot], k16)
                         plgpu.barrier_arrive(k_cons.at[slot])
                         k_tile = k16
@@ -255,6 +282,8 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     sc = pl.run_scoped(compute_qk, plgpu.ACC((MQ, B), jnp.float32))
                     if not quant:
                         plgpu.barrier_arrive(k_cons.at[slot])
+                    if f16:  # q . (s_k k) = s_k (q . k): one multiply per logit
+                        sc = sc * lax.broadcast_in_dim(ksc, sc.shape, [1])
                     if masked:
                         cols = plgpu.broadcasted_iota(jnp.int32, (MQ, B), 1,
                                                       layout=plgpu.Layout.WGMMA)
@@ -265,8 +294,10 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     p = jnp.exp2(sc * c_log2 - lax.broadcast_in_dim(m_new, sc.shape, [0]))
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
-                    p16 = p.astype(dtype)
                     plgpu.barrier_wait(v_bars.at[slot])
+                    if f16:  # sum_k p_k (s_k v_k) = sum_k (p_k s_k) v_k
+                        p = p * lax.broadcast_in_dim(key_scales(vs_smem.at[slot]), p.shape, [1])
+                    p16 = p.astype(cdt)
                     v_tile = v_smem.at[slot]
                     if quant:
                         convert(v_tile, vs_smem.at[slot], v16)
@@ -403,16 +434,16 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         sw = min(128, D * kv_dtype.itemsize)
         kv_tiles = (plgpu.TilingTransform((8, sw // kv_dtype.itemsize)),
                     plgpu.SwizzleTransform(sw))
-        q_smem = plgpu.SMEM((MQ, D), dtype, transforms=(tiling, swizzle))
+        q_smem = plgpu.SMEM((MQ, D), cdt, transforms=(tiling, swizzle))
         qst = plgpu.SMEM((MQ, D), dtype)             # unswizzled Q-in / O-out staging
         kb = plgpu.SMEM((stages, B, D), kv_dtype, transforms=kv_tiles)
         vb = plgpu.SMEM((stages, B, D), kv_dtype, transforms=kv_tiles)
-        pb = (plgpu.SMEM((MQ, B), dtype, transforms=(tiling, swizzle)) if cfg.compat
+        pb = (plgpu.SMEM((MQ, B), cdt, transforms=(tiling, swizzle)) if cfg.compat
               else None)
         if quant:   # each stage's per-key scales, and one converted K and V tile
             conv = (plgpu.SMEM((stages, B), jnp.float32), plgpu.SMEM((stages, B), jnp.float32),
-                    plgpu.SMEM((B, D), dtype, transforms=(tiling, swizzle)),
-                    plgpu.SMEM((B, D), dtype, transforms=(tiling, swizzle)))
+                    plgpu.SMEM((B, D), cdt, transforms=(tiling, swizzle)),
+                    plgpu.SMEM((B, D), cdt, transforms=(tiling, swizzle)))
         else:
             conv = (None, None, None, None)
         if splits > 1:

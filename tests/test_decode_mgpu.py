@@ -66,6 +66,13 @@ CASES = [
     ("g4_d64_p16_fp8_split3", [300, 129, 16], 8, 2, 64, 16, 0, 0, C(64, 2, 3), "fp8"),
     ("g4_d128_p128_fp8_gt_block", [130, 257], 8, 2, 128, 128, 1, 0, C(64, 2, 1), "fp8"),
     ("g4_d128_p16_b128_fp8_split2", [300, 129], 8, 2, 128, 16, 0, 0, C(128, 2, 2), "fp8"),
+    # fp8_f16: e4m3 -> f16 tiles with the scales on the logits and probabilities, q and P in f16
+    ("g4_d128_p16_fp8_f16_direct", [100, 37, 1], 8, 2, 128, 16, 1, 2,
+     C(64, 2, 1, fp8_f16=True), "fp8"),
+    ("g4_d128_p16_b128_fp8_f16_split2", [300, 129, 16], 8, 2, 128, 16, 0, 0,
+     C(128, 2, 2, fp8_f16=True), "fp8"),
+    ("g4_d128_p128_fp8_f16_gt_block", [130, 257], 8, 2, 128, 128, 1, 0,
+     C(64, 2, 1, fp8_f16=True), "fp8"),
 ]
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "fp8": jnp.bfloat16}  # fp8: q's dtype
 
@@ -234,7 +241,10 @@ def test_lowers_configs(B, ctx, shape_kw, cfg_kw):
 FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
              (8, 2048, {}, dict(num_splits=4)), (8, 2048, dict(page=128), dict(num_splits=2)),
              (8, 2048, dict(page=32, D=64, H=8, KVH=8), {}),
-             (64, 4096, {}, dict(block_kv=64, num_stages=6))]
+             (64, 4096, {}, dict(block_kv=64, num_stages=6)),
+             (8, 2048, {}, dict(fp8_f16=True)), (256, 2048, {}, dict(fp8_f16=True)),
+             (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(fp8_f16=True)),
+             (64, 4096, {}, dict(block_kv=64, num_stages=3, num_splits=2, fp8_f16=True))]
 
 
 @pytest.mark.parametrize("B,ctx,shape_kw,cfg_kw", FP8_LOWER,
@@ -255,6 +265,13 @@ def test_fp8_scales_must_have_the_cache_layout():
         paged_decode_mgpu(jnp.zeros(q.shape, q.dtype), k8, k8, jnp.zeros(pt.shape, jnp.int32),
                           jnp.zeros(sl.shape, jnp.int32), jnp.zeros(qs.shape, jnp.int32),
                           scale=0.1, k_scale=old, v_scale=old, interpret=True)
+
+
+def test_fp8_f16_knob(monkeypatch):
+    assert not choose_config(8, 8, 128, 16, kv_itemsize=1).fp8_f16
+    monkeypatch.setenv("IMP_JAX_MGPU_FP8_F16", "1")
+    assert choose_config(8, 8, 128, 16, kv_itemsize=1).fp8_f16
+    assert not choose_config(8, 8, 128, 16, kv_itemsize=1, fp8_f16=False).fp8_f16
 
 
 def test_oversized_config_rejected():
@@ -280,7 +297,7 @@ interpret_results, test_interpret_vs_reference, test_interpret_no_races = \
 
 GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
                "b64x2": dict(block_kv=64, num_stages=2), "b64x6": dict(block_kv=64, num_stages=6),
-               "compat": dict(compat=True)}
+               "compat": dict(compat=True), "fp8_f16": dict(fp8_f16=True)}
 
 
 @gpu
