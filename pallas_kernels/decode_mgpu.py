@@ -53,7 +53,7 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   stage at once, and runs the same wgmmas on the converted tiles. Dequantizing K and V before
   the products keeps every wgmma in bf16 (8-bit wgmma operands must be K-major, which V is not; see
   docs/kernels_notes.md) and the numerics those of the reference, which dequantizes first.
-  `fp8_f16=True` (or $IMP_JAX_MGPU_FP8_F16=1) converts to f16 instead, with no per-element
+  `fp8_f16=True` (or $IMP_JAX_FP8_F16=1) converts to f16 instead, with no per-element
   scale: one packed cvt per two elements. The per-key scales then multiply the logits (K)
   and the probabilities before P V (V), and q and P run in f16 (more mantissa than bf16: 1e-3
   error against the reference where the bf16 path has 4e-3). Session 6 found the conversion
@@ -162,7 +162,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     # CTA has 2-4 blocks of 128) 64-key blocks in 6 stages won: 1024 x 256 -16%, 256 x 512
     # -4%; at 64 x 1k they lost by 13% (H200, session 4, same table).
     if fp8_f16 is None:  # an A/B knob until a GPU run picks one path (docs/kernels_notes.md)
-        fp8_f16 = os.environ.get("IMP_JAX_MGPU_FP8_F16") == "1"
+        fp8_f16 = os.environ.get("IMP_JAX_FP8_F16") == "1"
     short = max_pages * page_size <= SHORT_CTX and page_size <= 64
     if block_kv is None:
         block_kv = 64 if short else 128 if page_size <= 128 else page_size

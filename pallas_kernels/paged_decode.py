@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import jax
@@ -60,6 +61,10 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     prefetch_pages: bool = True  # carry the next block's page ids through the loop
+    # float8 pages: dots in f16 (e4m3 -> f16 is one packed cvt per two elements; -> bf16 is not
+    # native on Hopper). The scales are applied outside the dots either way. A/B knob until a
+    # GPU run picks (docs/kernels_notes.md, session 7).
+    f16_dots: bool = False
 
 
 QUANT_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))
@@ -81,10 +86,12 @@ def supported(q_shape, k_shape, k_dtype=None) -> bool:
 
 def choose_config(S, KVH, G, max_query_len, max_pages, page_size, *, block_k_tokens=None,
                   num_warps=None, num_stages=None, target_programs=None, num_splits=None,
-                  prefetch_pages=True, block_q=None):
+                  prefetch_pages=True, block_q=None, f16_dots=None):
     """Heuristic launch config. Every knob can be overridden (the benchmark sweeps them, the
     autotuner re-applies cached winners through the overrides)."""
     Q = int(max_query_len)
+    if f16_dots is None:
+        f16_dots = os.environ.get("IMP_JAX_FP8_F16") == "1"
     if block_q is not None:               # override (autotuner), clamped to the query length
         block_q = max(1, min(int(block_q), Q))
     elif Q * G <= 64:                     # decode / spec-decode: one query block
@@ -116,7 +123,7 @@ def choose_config(S, KVH, G, max_query_len, max_pages, page_size, *, block_k_tok
         num_stages = 3 if (num_splits <= 2 and ppb * page_size <= 64) else 2
     return KernelConfig(block_q=block_q, pages_per_block=ppb, num_splits=num_splits,
                         num_warps=num_warps, num_stages=num_stages,
-                        prefetch_pages=bool(prefetch_pages))
+                        prefetch_pages=bool(prefetch_pages), f16_dots=bool(f16_dots))
 
 
 def _rows(M: int, G: int, h):
@@ -159,7 +166,8 @@ def _zero_padding_tokens(o_ref, qs_ref, *, s, h, enabled, M, G, H, S, T, D):
 
 def _attn_kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, soft_cap,
                  sliding_window, G, H, block_q, rows_real, page_size, ppb, pages_per_split,
-                 num_splits, precision, prefetch_pages, max_pages, M, D, T, S, quantized):
+                 num_splits, precision, prefetch_pages, max_pages, M, D, T, S, quantized,
+                 f16_dots=False):
     if quantized:
         ks_ref, vs_ref, *out_refs = refs
     else:
@@ -197,7 +205,8 @@ def _attn_kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, soft
     # they are masked everywhere below).
     q_row = jnp.clip((q0 + tok_j) * H + head, 0, T * H - 1)
     q = q_ref[q_row, :]                                   # [M, D]
-    cdt = q.dtype                                         # dot operand dtype
+    cdt = jnp.float16 if f16_dots else q.dtype            # dot operand dtype
+    q = q.astype(cdt)
     if soft_cap is None:
         qk_scale = scale * LOG2E
     kcols = jnp.arange(BK, dtype=jnp.int32)
@@ -346,6 +355,7 @@ def paged_attention_kernel(q, k_pages, v_pages, page_table, seq_lens, query_star
         pages_per_split=pages_per_split, num_splits=nsplit,
         prefetch_pages=config.prefetch_pages, max_pages=max_pages, M=M, D=D, T=T, S=S,
         quantized=quantized,
+        f16_dots=config.f16_dots and jnp.dtype(k_pages.dtype) == jnp.dtype(jnp.float8_e4m3fn),
         precision=(lax.Precision.HIGHEST if q.dtype == jnp.float32 else None))
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
     pool = pl.BlockSpec((P, page_size, None, D), lambda s, h, b, k: (0, 0, h, 0))

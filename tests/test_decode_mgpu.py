@@ -269,7 +269,7 @@ def test_fp8_scales_must_have_the_cache_layout():
 
 def test_fp8_f16_knob(monkeypatch):
     assert not choose_config(8, 8, 128, 16, kv_itemsize=1).fp8_f16
-    monkeypatch.setenv("IMP_JAX_MGPU_FP8_F16", "1")
+    monkeypatch.setenv("IMP_JAX_FP8_F16", "1")
     assert choose_config(8, 8, 128, 16, kv_itemsize=1).fp8_f16
     assert not choose_config(8, 8, 128, 16, kv_itemsize=1, fp8_f16=False).fp8_f16
 

@@ -285,6 +285,21 @@ def test_decode_kernel_8bit_pages(kv, G, D, page, lens, dtype):
     assert rel(unscaled, ref) > 0.1
 
 
+@pytest.mark.parametrize("qlen,num_splits", [(1, 1), (1, 3), (5, 1)])
+def test_fp8_pages_with_f16_dots(qlen, num_splits):
+    """f16_dots: q, the e4m3 tiles and P in f16 (the packed e4m3 -> f16 conversion) gives the
+    reference's answer on bf16 queries, decode and prefill, with and without splits."""
+    lens = [40, 63, 17, 5]
+    case, scales = quantize_case(make_case(13, seq_lens=lens, qlens=[qlen] * len(lens), KVH=2,
+                                           G=4, D=64, page=8, max_pages=8,
+                                           dtype=jnp.bfloat16), "fp8")
+    cfg = choose_config(len(lens) + 1, 2, 4, qlen, 8, 8, num_splits=num_splits, f16_dots=True)
+    assert cfg.f16_dots
+    out, ref = _run(case, qlen, scales=scales, config=cfg)
+    assert rel(out, ref) < Q8_TOL[jnp.bfloat16]
+    check_padding_zero(out, case[5])
+
+
 @pytest.mark.parametrize("kv,num_splits,bk,soft_cap,window,prefetch", [
     ("fp8", 3, 16, None, None, True), ("int8", 4, 32, 20.0, 13, False),
     ("int8", 3, 16, None, 20, True)])
