@@ -58,6 +58,15 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   and the probabilities before P V (V), and q and P run in f16 (more mantissa than bf16: 1e-3
   error against the reference where the bf16 path has 4e-3). Session 6 found the conversion
   to be the bound, so this path is to be timed against the other on a GPU.
+* `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
+  and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
+  Each head has its own ring, barriers and buffers (a leading [2] axis); the sequence's
+  scalars and page ids are read once. Meant for what one consumer per CTA leaves on the table:
+  short contexts, where a CTA's fixed costs (scalar loads, Q load, ring fill, output store)
+  are about half its time (1024 x 256: 53% of HBM bandwidth), and 8-bit pages, where one
+  warpgroup's conversion sets the pace. With splits, the partials alias the rings, so both
+  consumers meet at a barrier before writing them (the race detector caught the version
+  without). Unmeasured on a GPU (session 7).
 * `compat=True`: the interpret-mode-safe PV step (P through SMEM into a fresh accumulator that
   is added), because GPU interpret mode runs neither `pl.run_state` nor a register-LHS wgmma.
   It also compiles for the GPU (slower). The default keeps P in registers.
@@ -96,10 +105,16 @@ class DecodeConfig:
     # per-key scales to the logits (K) and the probabilities (V); q and P run in f16.
     # Unmeasured on a GPU so far (session 7): the benchmark sweeps both.
     fp8_f16: bool = False
+    # KV heads per CTA, one consumer warpgroup each, fed by one producer: the CTA's fixed costs
+    # (scalar loads, Q load, ring fill, output store) are shared and two consumers convert /
+    # compute at once. For short contexts and 8-bit pages; unmeasured on a GPU (session 7).
+    heads_per_cta: int = 1
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
         if self.num_splits < 1:
             raise ValueError("num_splits must be >= 1")
+        if self.heads_per_cta not in (1, 2):
+            raise ValueError(f"heads_per_cta must be 1 or 2, got {self.heads_per_cta}")
         check_ring(self, page_size, smem_bytes(self, D, kv_itemsize=kv_itemsize), min_stages=1)
 
 
@@ -114,7 +129,7 @@ def smem_bytes(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> int:
     if cfg.compat:
         ring += MQ * cfg.block_kv * itemsize        # P staged through SMEM
     part = (MQ * D * 4 + MQ * 4) if cfg.num_splits > 1 else 0   # f32 partial O + lse
-    return q + max(ring, part) + 1024               # + barriers / alignment
+    return cfg.heads_per_cta * (q + max(ring, part)) + 1024     # + barriers / alignment
 
 
 def supported(q_shape, k_pages_shape, dtype=None, max_query_len: int = 1, *, k_dtype=None,
@@ -149,7 +164,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                   block_kv: int | None = None, num_stages: int | None = None,
                   num_splits: int | None = None, compat: bool = False,
                   num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
-                  fp8_f16: bool | None = None) -> DecodeConfig:
+                  fp8_f16: bool | None = None, heads_per_cta: int = 1) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -170,13 +185,13 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         num_stages = 6 if short and block_kv == 64 else 3
     max_blocks = -(-(max_pages * page_size) // block_kv)
     if num_splits is None:
-        base = max(1, S * KVH)
+        base = max(1, S * KVH // heads_per_cta)
         num_splits = 1 if base >= num_sms else num_sms // base
         num_splits = min(num_splits, max(1, max_blocks // 2))
     num_splits = max(1, min(int(num_splits), max_blocks))
     return fit_smem(DecodeConfig(block_kv=block_kv, num_stages=num_stages,
-                                 num_splits=num_splits, compat=compat, fp8_f16=fp8_f16),
-                    D, kv_itemsize)
+                                 num_splits=num_splits, compat=compat, fp8_f16=fp8_f16,
+                                 heads_per_cta=heads_per_cta), D, kv_itemsize)
 
 
 def fit_smem(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> DecodeConfig:
@@ -203,6 +218,9 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
     kv_dtype = jnp.dtype(kv_dtype)
     quant = kv_dtype == jnp.dtype(FP8)        # 8-bit pages + per-key scales
     B, stages, splits = cfg.block_kv, cfg.num_stages, cfg.num_splits
+    nh = cfg.heads_per_cta                    # consumer warpgroups, one KV head each
+    if KVH % nh:
+        raise ValueError(f"heads_per_cta={nh} does not divide the {KVH} KV heads")
     if B >= page_size:
         n_cp, rows_cp = B // page_size, page_size
     else:                       # page > block: a block is a slice of one page
@@ -233,13 +251,15 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
 
     def kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, out_refs, scoped):
         s = lax.axis_index("seq")
-        h = lax.axis_index("kvh")
+        hc = lax.axis_index("kvh")                       # the CTA's group of nh KV heads
         j = lax.axis_index("split")
         wg = lax.axis_index("wg")
-        q_smem, qst, ring, (k_bars, v_bars, q_bar), (k_cons, v_cons) = scoped
-        k_smem, v_smem, p_smem, ks_smem, vs_smem, k16, v16 = ring[:7]
+        # Every buffer has a leading [nh] axis (one per head of the CTA) and every barrier
+        # array nh x stages (head i's stage slot at i * stages + slot).
+        q_all, qst_all, ring, (k_bars, v_bars, q_bars, done), (k_cons, v_cons) = scoped
+        k_all, v_all, p_all, ks_all, vs_all, k16_all, v16_all = ring[:7]
         if splits > 1:
-            ost, lse_smem = ring[7:]
+            ost_all, lse_all = ring[7:]
 
         seq_len = sl_ref[s]
         tok = qs_ref[s]
@@ -252,8 +272,23 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         tail = (b0 + nsteps == nblk) & (lax.rem(seq_len, jnp.int32(B)) != 0) & (nsteps > 0)
         n_full = nsteps - tail.astype(jnp.int32)
 
-        @pl.when(wg == 0)
-        def _compute_wg():
+        def _compute_wg(i):
+            """Consumer warpgroup i: KV head hc * nh + i (static views of its buffers)."""
+            h = hc if nh == 1 else hc * nh + i
+            # (wg == i here; a traced index, as refs closed over by pl.run_state need)
+            mine = (lambda ref: ref) if nh == 1 else (lambda ref: ref.at[wg])
+            q_smem, qst = mine(q_all), mine(qst_all)
+            q_bar = q_bars if nh == 1 else q_bars.at[i]
+            k_smem, v_smem = mine(k_all), mine(v_all)
+            p_smem = mine(p_all) if p_all is not None else None
+            if quant:
+                ks_smem, vs_smem, k16, v16 = map(mine, (ks_all, vs_all, k16_all, v16_all))
+            if splits > 1:
+                ost, lse_smem = mine(ost_all), mine(lse_all)
+            bo = i * stages                              # head i's barrier offset
+            if nh > 1:  # three warpgroups share the register file: consumers take most
+                plgpu.set_max_registers(232 if not cfg.compat else 224, action="increase")
+
             @pl.when(active)
             def _attend():
                 plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(h * G, G)], qst.at[pl.ds(0, G)],
@@ -267,13 +302,13 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 def kv_step(t, carry, masked: bool):
                     acc, m_i, l_i = carry
                     slot = lax.rem(t, jnp.int32(stages))
-                    plgpu.barrier_wait(k_bars.at[slot])
+                    plgpu.barrier_wait(k_bars.at[bo + slot])
                     k_tile = k_smem.at[slot]
                     if quant:  # converted, the 8-bit stage goes straight back to the producer
                         if f16:  # read before the stage (scales included) is released
                             ksc = key_scales(ks_smem.at[slot])
                         convert(k_tile, ks_smem.at[slot], k16)
-                        plgpu.barrier_arrive(k_cons.at[slot])
+                        plgpu.barrier_arrive(k_cons.at[bo + slot])
                         k_tile = k16
 
                     def compute_qk(acc_ref):
@@ -281,7 +316,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                         return acc_ref[...]
                     sc = pl.run_scoped(compute_qk, plgpu.ACC((MQ, B), jnp.float32))
                     if not quant:
-                        plgpu.barrier_arrive(k_cons.at[slot])
+                        plgpu.barrier_arrive(k_cons.at[bo + slot])
                     if f16:  # q . (s_k k) = s_k (q . k): one multiply per logit
                         sc = sc * lax.broadcast_in_dim(ksc, sc.shape, [1])
                     if masked:
@@ -294,14 +329,14 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     p = jnp.exp2(sc * c_log2 - lax.broadcast_in_dim(m_new, sc.shape, [0]))
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
-                    plgpu.barrier_wait(v_bars.at[slot])
+                    plgpu.barrier_wait(v_bars.at[bo + slot])
                     if f16:  # sum_k p_k (s_k v_k) = sum_k (p_k s_k) v_k
                         p = p * lax.broadcast_in_dim(key_scales(vs_smem.at[slot]), p.shape, [1])
                     p16 = p.astype(cdt)
                     v_tile = v_smem.at[slot]
                     if quant:
                         convert(v_tile, vs_smem.at[slot], v16)
-                        plgpu.barrier_arrive(v_cons.at[slot])
+                        plgpu.barrier_arrive(v_cons.at[bo + slot])
                         v_tile = v16
                     if not cfg.compat:
                         def compute_pv(acc_ref):
@@ -316,7 +351,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                             return acc_ref[...]
                         acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((MQ, D), jnp.float32))
                     if not quant:
-                        plgpu.barrier_arrive(v_cons.at[slot])
+                        plgpu.barrier_arrive(v_cons.at[bo + slot])
                     return acc, m_new, l_i
 
                 carry = (acc, m_i, l_i)
@@ -337,7 +372,11 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 else:
                     o_sp, lse_ref = out_refs
                     # The ring is idle here (every stage was waited on), so its SMEM (aliased by
-                    # ost / lse_smem) can be written.
+                    # ost / lse_smem) can be written; with several heads, once every head's
+                    # consumer is past its loop (the partials alias the other heads' rings).
+                    if nh > 1:
+                        plgpu.barrier_arrive(done)
+                        plgpu.barrier_wait(done)
                     ost[...] = out
                     lse_smem[...] = jnp.where(has, m_i + jnp.log2(l_safe), NEG)
                     plgpu.commit_smem()
@@ -363,8 +402,13 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                                                 o_ref.at[pad0 + s + i * S, pl.ds(h * G, G)])
                     plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 1)
+        for i in range(nh):
+            pl.when(wg == i)(functools.partial(_compute_wg, i))
+
+        @pl.when(wg == nh)
         def _memory_wg():
+            if nh > 1:
+                plgpu.set_max_registers(40, action="decrease")
             last_col = lax.div(jnp.maximum(seq_len - 1, 0), jnp.int32(page_size))
 
             def page_ids(t):
@@ -377,7 +421,12 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     ids.append(pt_ref[s, col])
                 return tuple(ids)
 
-            def issue(t, slot, pool, smem, bar, pages, scales, scale_smem):
+            def issue(t, slot, pool, smem_all, bar, pages, scales, scale_all, i):
+                """Block t of head i (hc * nh + i) into its ring's stage `slot`."""
+                h = hc if nh == 1 else hc * nh + i
+                head = (lambda ref: ref) if nh == 1 else (lambda ref: ref.at[i])
+                smem, bar_i = head(smem_all), i * stages + slot
+                scale_smem = head(scale_all) if quant else None
                 for c, page in enumerate(pages):
                     if n_cp > 1 or B == page_size:
                         src = pool.at[page, :, h]
@@ -387,14 +436,14 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                         keys = pl.ds(pl.multiple_of(off, B), rows_cp)
                         src = pool.at[page, keys, h]
                     dst = smem.at[slot, pl.ds(c * rows_cp, rows_cp)] if n_cp > 1 else smem.at[slot]
-                    plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+                    plgpu.copy_gmem_to_smem(src, dst, bar.at[bar_i])
                     if quant:   # the same keys' scales: contiguous in the [P, KVH, page] pool
                         # In bounds by construction: a plain bulk copy (16-byte aligned ends),
                         # not a tensor TMA, whose SMEM end must be 128-byte aligned: 16-key
                         # pages land at 64-byte offsets (a misaligned address on an H200).
                         plgpu.copy_gmem_to_smem(scales.at[page, h, keys],
                                                 scale_smem.at[slot, pl.ds(c * rows_cp, rows_cp)],
-                                                bar.at[slot],
+                                                bar.at[bar_i],
                                                 oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
 
             def kv_loop(t, pages):
@@ -403,15 +452,14 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 # overlaps this block's waits and copies instead of stalling the next issue.
                 nxt = page_ids(t + 1)
 
-                @pl.when(t >= stages)
-                def _():
-                    plgpu.barrier_wait(k_cons.at[slot])
-                issue(t, slot, k_ref, k_smem, k_bars, pages, ks_ref, ks_smem)
-
-                @pl.when(t >= stages)
-                def _():
-                    plgpu.barrier_wait(v_cons.at[slot])
-                issue(t, slot, v_ref, v_smem, v_bars, pages, vs_ref, vs_smem)
+                for kv_ref, kv_all, bars, cons, sc_ref, sc_all in (
+                        (k_ref, k_all, k_bars, k_cons, ks_ref, ks_all),
+                        (v_ref, v_all, v_bars, v_cons, vs_ref, vs_all)):
+                    for i in range(nh):   # the stage is free once head i's consumer released it
+                        @pl.when(t >= stages)
+                        def _():
+                            plgpu.barrier_wait(cons.at[i * stages + slot])
+                        issue(t, slot, kv_ref, kv_all, bars, pages, sc_ref, sc_all, i)
                 return nxt
 
             @pl.when(nsteps > 0)
@@ -423,31 +471,34 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
             @pl.loop(jnp.maximum(nsteps - stages, 0), nsteps)
             def _drain(t):
                 slot = lax.rem(t, jnp.int32(stages))
-                plgpu.barrier_wait(k_cons.at[slot])
-                plgpu.barrier_wait(v_cons.at[slot])
+                for i in range(nh):
+                    plgpu.barrier_wait(k_cons.at[i * stages + slot])
+                    plgpu.barrier_wait(v_cons.at[i * stages + slot])
 
     def entry(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs):
         ks_ref, vs_ref, *out_refs = refs if quant else (None, None, *refs)
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
+        per = (lambda shape: shape) if nh == 1 else (lambda shape: (nh, *shape))  # per head
         # the ring's tiles: rows of D elements of the page dtype, swizzled by their byte width
         sw = min(128, D * kv_dtype.itemsize)
         kv_tiles = (plgpu.TilingTransform((8, sw // kv_dtype.itemsize)),
                     plgpu.SwizzleTransform(sw))
-        q_smem = plgpu.SMEM((MQ, D), cdt, transforms=(tiling, swizzle))
-        qst = plgpu.SMEM((MQ, D), dtype)             # unswizzled Q-in / O-out staging
-        kb = plgpu.SMEM((stages, B, D), kv_dtype, transforms=kv_tiles)
-        vb = plgpu.SMEM((stages, B, D), kv_dtype, transforms=kv_tiles)
-        pb = (plgpu.SMEM((MQ, B), cdt, transforms=(tiling, swizzle)) if cfg.compat
+        q_smem = plgpu.SMEM(per((MQ, D)), cdt, transforms=(tiling, swizzle))
+        qst = plgpu.SMEM(per((MQ, D)), dtype)         # unswizzled Q-in / O-out staging
+        kb = plgpu.SMEM(per((stages, B, D)), kv_dtype, transforms=kv_tiles)
+        vb = plgpu.SMEM(per((stages, B, D)), kv_dtype, transforms=kv_tiles)
+        pb = (plgpu.SMEM(per((MQ, B)), cdt, transforms=(tiling, swizzle)) if cfg.compat
               else None)
         if quant:   # each stage's per-key scales, and one converted K and V tile
-            conv = (plgpu.SMEM((stages, B), jnp.float32), plgpu.SMEM((stages, B), jnp.float32),
-                    plgpu.SMEM((B, D), cdt, transforms=(tiling, swizzle)),
-                    plgpu.SMEM((B, D), cdt, transforms=(tiling, swizzle)))
+            conv = (plgpu.SMEM(per((stages, B)), jnp.float32),
+                    plgpu.SMEM(per((stages, B)), jnp.float32),
+                    plgpu.SMEM(per((B, D)), cdt, transforms=(tiling, swizzle)),
+                    plgpu.SMEM(per((B, D)), cdt, transforms=(tiling, swizzle)))
         else:
             conv = (None, None, None, None)
         if splits > 1:
-            part = (plgpu.SMEM((MQ, D), jnp.float32), plgpu.SMEM((MQ,), jnp.float32))
+            part = (plgpu.SMEM(per((MQ, D)), jnp.float32), plgpu.SMEM(per((MQ,)), jnp.float32))
             ring = plgpu.RefUnion((kb, vb, pb, *conv), part)
         else:
             ring = (kb, vb, pb, *conv)
@@ -463,10 +514,11 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         copies = n_cp * (2 if quant else 1)          # TMA copies per stage: tiles (+ scales)
         pl.run_scoped(
             body, q_smem, qst, ring,
-            (plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
-             plgpu.Barrier()),
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)),
+            (plgpu.Barrier(num_arrivals=copies, num_barriers=nh * stages),
+             plgpu.Barrier(num_arrivals=copies, num_barriers=nh * stages),
+             plgpu.Barrier() if nh == 1 else plgpu.Barrier(num_barriers=nh),
+             plgpu.Barrier(num_arrivals=nh) if nh > 1 and splits > 1 else None),
+            (plgpu.Barrier(num_barriers=nh * stages), plgpu.Barrier(num_barriers=nh * stages)),
             collective_axes="wg",
         )
 
@@ -478,9 +530,9 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
     return plgpu.kernel(
         entry,
         out_type=out_type,
-        grid=(S, KVH, splits),
+        grid=(S, KVH // nh, splits),
         grid_names=("seq", "kvh", "split"),
-        num_threads=2,
+        num_threads=nh + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,

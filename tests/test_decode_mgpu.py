@@ -73,6 +73,13 @@ CASES = [
      C(128, 2, 2, fp8_f16=True), "fp8"),
     ("g4_d128_p128_fp8_f16_gt_block", [130, 257], 8, 2, 128, 128, 1, 0,
      C(64, 2, 1, fp8_f16=True), "fp8"),
+    # heads_per_cta=2: two consumer warpgroups (one KV head each) fed by one producer
+    ("g4_d128_p16_2heads", [100, 37, 1], 8, 2, 128, 16, 1, 2, C(64, 2, 1, heads_per_cta=2),
+     "bf16"),
+    ("g2_d64_p16_2heads_split3", [300, 129, 16], 8, 4, 64, 16, 0, 0,
+     C(64, 2, 3, heads_per_cta=2), "bf16"),
+    ("g4_d128_p16_fp8_f16_2heads", [100, 37, 1], 8, 2, 128, 16, 1, 2,
+     C(64, 2, 1, fp8_f16=True, heads_per_cta=2), "fp8"),
 ]
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "fp8": jnp.bfloat16}  # fp8: q's dtype
 
@@ -206,6 +213,9 @@ def test_lowers_benchmark_shapes(B, ctx):
 # Every config benchmarks/kernels.py sweeps (MGPU_SWEEP), on a split and an unsplit shape, plus
 # page / head_dim / group variants and the interpret-mode (compat) path.
 LOWER_CONFIGS = [
+    (1024, 256, dict(), dict(block_kv=64, num_stages=3, heads_per_cta=2)),
+    (256, 512, dict(), dict(block_kv=64, num_stages=2, heads_per_cta=2)),
+    (8, 2048, dict(), dict(block_kv=64, num_stages=2, num_splits=4, heads_per_cta=2)),
     (8, 2048, dict(), dict(block_kv=128, num_stages=3)),
     (8, 2048, dict(), dict(block_kv=64, num_stages=6)),
     (8, 2048, dict(), dict(block_kv=64, num_stages=2)),
@@ -244,7 +254,9 @@ FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
              (64, 4096, {}, dict(block_kv=64, num_stages=6)),
              (8, 2048, {}, dict(fp8_f16=True)), (256, 2048, {}, dict(fp8_f16=True)),
              (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(fp8_f16=True)),
-             (64, 4096, {}, dict(block_kv=64, num_stages=3, num_splits=2, fp8_f16=True))]
+             (64, 4096, {}, dict(block_kv=64, num_stages=3, num_splits=2, fp8_f16=True)),
+             (1024, 256, {}, dict(block_kv=64, num_stages=3, heads_per_cta=2, fp8_f16=True)),
+             (8, 2048, {}, dict(block_kv=64, num_stages=2, heads_per_cta=2))]
 
 
 @pytest.mark.parametrize("B,ctx,shape_kw,cfg_kw", FP8_LOWER,
@@ -284,7 +296,8 @@ def test_oversized_config_rejected():
 # ------------------------------------------------------------------------------------------------
 
 def _interpret_worker():
-    mgpu_interpret.worker(CASES, run_case, CASES[1])
+    two_heads = next(c for c in CASES if c[0] == "g2_d64_p16_2heads_split3")
+    mgpu_interpret.worker(CASES, run_case, [CASES[1], two_heads])
 
 
 interpret_results, test_interpret_vs_reference, test_interpret_no_races = \
@@ -297,7 +310,8 @@ interpret_results, test_interpret_vs_reference, test_interpret_no_races = \
 
 GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
                "b64x2": dict(block_kv=64, num_stages=2), "b64x6": dict(block_kv=64, num_stages=6),
-               "compat": dict(compat=True), "fp8_f16": dict(fp8_f16=True)}
+               "compat": dict(compat=True), "fp8_f16": dict(fp8_f16=True),
+               "2heads": dict(block_kv=64, num_stages=3, heads_per_cta=2)}
 
 
 @gpu
@@ -308,6 +322,8 @@ def test_gpu_small_cases(case, cfg):
     kw = GPU_CONFIGS[cfg]
     if cfg == "fp8_f16" and case[9] != "fp8":
         pytest.skip("fp8_f16 changes only the 8-bit path")
+    if kw is not None and KVH % kw.get("heads_per_cta", 1):
+        pytest.skip("heads_per_cta does not divide the KV heads")
     config = "case" if kw is None else choose_config(
         len(lens) + case[6], KVH, max(-(-L // page) for L in lens), page, D,
         num_splits=case[8].num_splits if case[8] is not None else None,
