@@ -409,17 +409,21 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         def _memory_wg():
             if nh > 1:
                 plgpu.set_max_registers(40, action="decrease")
-            last_col = lax.div(jnp.maximum(seq_len - 1, 0), jnp.int32(page_size))
+            last_col, last_page = pt_ref.shape[1] - 1, k_ref.shape[0] - 1
 
             def page_ids(t):
                 """The page id of each of the n_cp TMA boxes of the split's block t (scalar
-                GMEM loads; columns clamped to the sequence's last page, so t may run past)."""
+                GMEM loads). Columns are clamped to the table and ids to the pool, statically:
+                t may run past the sequence, whose keys there are masked, and the first block's
+                ids need not wait for seq_len (one GMEM latency less before the first copy)."""
                 ids = []
                 for c in range(n_cp):
                     key0 = (b0 + t) * B + c * rows_cp
                     col = jnp.minimum(lax.div(key0, jnp.int32(page_size)), last_col)
-                    ids.append(pt_ref[s, col])
+                    ids.append(jnp.clip(pt_ref[s, col], 0, last_page))
                 return tuple(ids)
+
+            first = page_ids(0)   # loaded beside seq_len, ahead of the branch on it
 
             def issue(t, slot, pool, smem_all, bar, pages, scales, scale_all, i):
                 """Block t of head i (hc * nh + i) into its ring's stage `slot`."""
@@ -464,7 +468,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
 
             @pl.when(nsteps > 0)
             def _stream():
-                lax.fori_loop(0, nsteps, kv_loop, page_ids(0))
+                lax.fori_loop(0, nsteps, kv_loop, first)
 
             # Observe the release of the last stages too (every barrier phase is waited on once,
             # which hardware parity tracking and interpret mode both need).
