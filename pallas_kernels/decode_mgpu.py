@@ -55,9 +55,10 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   docs/kernels_notes.md) and the numerics those of the reference, which dequantizes first.
   `fp8_f16=True` (or $IMP_JAX_FP8_F16=1) converts to f16 instead, with no per-element
   scale: one packed cvt per two elements. The per-key scales then multiply the logits (K)
-  and the probabilities before P V (V), and q and P run in f16 (more mantissa than bf16: 1e-3
-  error against the reference where the bf16 path has 4e-3). Session 6 found the conversion
-  to be the bound, so this path is to be timed against the other on a GPU.
+  and the probabilities before P V (V, lifted by `P_LIFT` out of f16's subnormals), and q and
+  P run in f16 (more mantissa than bf16: 1e-3 error against the reference on the tests' data,
+  where the bf16 path has 4e-3). Session 6 found the conversion to be the bound, so this path
+  is to be timed against the other on a GPU.
 * `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
   and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
   Each head has its own ring, barriers and buffers (a leading [2] axis); the sequence's
@@ -87,7 +88,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.flash_prefill import (LOG2E, SMEM_BYTES_H100, check_ring, interpret_params,
                                           softmax_state)
 # NEG: log-sum-exp of a split that saw no key (the combine's convention)
-from pallas_kernels.paged_decode import NEG, NUM_SMS_H100, combine_splits
+from pallas_kernels.paged_decode import NEG, NUM_SMS_H100, P_LIFT, combine_splits
 
 MQ = 64                        # query rows of one wgmma (the G real rows are padded to it)
 FP8 = jnp.float8_e4m3fn        # the 8-bit page dtype this kernel reads (with scales)
@@ -331,7 +332,8 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     l_i = l_i * alpha + p.sum(axis=1)
                     plgpu.barrier_wait(v_bars.at[bo + slot])
                     if f16:  # sum_k p_k (s_k v_k) = sum_k (p_k s_k) v_k
-                        p = p * lax.broadcast_in_dim(key_scales(vs_smem.at[slot]), p.shape, [1])
+                        vsc = key_scales(vs_smem.at[slot]) * P_LIFT
+                        p = p * lax.broadcast_in_dim(vsc, p.shape, [1])
                     p16 = p.astype(cdt)
                     v_tile = v_smem.at[slot]
                     if quant:
@@ -363,7 +365,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 # A split that saw no key (past its sequence's end) has l == 0: O = 0, lse = NEG.
                 has = l_i > 0.0
                 l_safe = jnp.where(has, l_i, 1.0)
-                out = acc / lax.broadcast_in_dim(l_safe, (MQ, D), [0])
+                out = acc / lax.broadcast_in_dim(l_safe * P_LIFT if f16 else l_safe, (MQ, D), [0])
                 if splits == 1:
                     (o_ref,) = out_refs
                     qst[...] = out.astype(dtype)

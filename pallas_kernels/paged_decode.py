@@ -68,6 +68,11 @@ class KernelConfig:
 
 
 QUANT_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))
+# f16 products over e4m3 pages (f16_dots here, decode_mgpu's fp8_f16): P times V's per-key
+# scales (amax / 448) goes through f16, whose normals end at 6e-5, so small values (V below
+# ~0.03) would lose mantissa. This power of two lifts them (exactly) and the output divides it
+# back out; P * scale * P_LIFT stays below f16's max while |V| < ~28k.
+P_LIFT = 1024.0
 
 
 def supported(q_shape, k_shape, k_dtype=None) -> bool:
@@ -255,6 +260,8 @@ def _attn_kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, soft
             # rather than dequantizing [BK, D] values. The cast of p*vs rounds like the cast
             # of p does on the unquantized path, so the error is the same.
             vs = vs_ref[pages].reshape(BK)
+            if f16_dots:  # lifted out of f16's subnormals (decode_mgpu.P_LIFT), divided out below
+                vs = vs * P_LIFT
             p_dot = (p * vs[None, :]).astype(cdt)
         else:
             p_dot = p.astype(cdt)
@@ -271,7 +278,7 @@ def _attn_kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, soft
     else:
         acc, m, l = lax.fori_loop(0, n_it, body, (acc0, m0, l0))
     has = l > 0.0
-    out = acc / jnp.where(has, l, 1.0)[:, None]
+    out = acc / (jnp.where(has, l, 1.0) * (P_LIFT if f16_dots else 1.0))[:, None]
     if num_splits == 1:
         (o_ref,) = out_refs
         _store_rows(o_ref, out, q0 + tok_j, head, row_ok, H)
@@ -355,7 +362,9 @@ def paged_attention_kernel(q, k_pages, v_pages, page_table, seq_lens, query_star
         pages_per_split=pages_per_split, num_splits=nsplit,
         prefetch_pages=config.prefetch_pages, max_pages=max_pages, M=M, D=D, T=T, S=S,
         quantized=quantized,
-        f16_dots=config.f16_dots and jnp.dtype(k_pages.dtype) == jnp.dtype(jnp.float8_e4m3fn),
+        # 16-bit queries only (an f32 query would lose precision in f16)
+        f16_dots=(config.f16_dots and jnp.dtype(k_pages.dtype) == jnp.dtype(jnp.float8_e4m3fn)
+                  and jnp.dtype(q.dtype).itemsize == 2),
         precision=(lax.Precision.HIGHEST if q.dtype == jnp.float32 else None))
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
     pool = pl.BlockSpec((P, page_size, None, D), lambda s, h, b, k: (0, 0, h, 0))

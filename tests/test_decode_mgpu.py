@@ -80,6 +80,12 @@ CASES = [
      C(64, 2, 3, heads_per_cta=2), "bf16"),
     ("g4_d128_p16_fp8_f16_2heads", [100, 37, 1], 8, 2, 128, 16, 1, 2,
      C(64, 2, 1, fp8_f16=True, heads_per_cta=2), "fp8"),
+    ("g2_d64_p16_2heads_kvh4", [77, 200], 8, 4, 64, 16, 1, 1, C(64, 2, 1, heads_per_cta=2),
+     "bf16"),
+    ("g4_d64_p16_fp8_f16_smallv_split2", [300, 129, 16], 8, 2, 64, 16, 0, 0,
+     C(64, 2, 2, fp8_f16=True), "fp8"),
+    ("g2_d64_p16_fp8_f16_2heads_split2", [130, 50], 8, 4, 64, 16, 0, 1,
+     C(64, 2, 2, fp8_f16=True, heads_per_cta=2), "fp8"),
 ]
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "fp8": jnp.bfloat16}  # fp8: q's dtype
 
@@ -93,16 +99,17 @@ def make_case(seed, seq_lens, H, KVH, D, page, S_pad=0, T_pad=0, dtype=jnp.bfloa
 rel = mgpu_interpret.rel
 
 
-def quantized(args, seed=0):
+def quantized(args, seed=0, v_mag=1.0):
     """The case with float8_e4m3fn pages: values spread over ~2 decades per token and head (a
-    wrong or missing scale shows), quantized by the cache's own quantizer; (args, scales)."""
+    wrong or missing scale shows), V times v_mag, quantized by the cache's own quantizer;
+    (args, scales)."""
     from imp_jax.cache import quantize_pool
 
     q, kp, vp, pt, sl, qs = args
     rng = np.random.default_rng(seed)
     mag = lambda: jnp.asarray(np.exp(rng.uniform(-2, 2, kp.shape[:3] + (1,))), jnp.float32)
     k8, ks = quantize_pool(kp.astype(jnp.float32) * mag(), jnp.float8_e4m3fn)
-    v8, vs = quantize_pool(vp.astype(jnp.float32) * mag(), jnp.float8_e4m3fn)
+    v8, vs = quantize_pool(vp.astype(jnp.float32) * mag() * v_mag, jnp.float8_e4m3fn)
     return (q, k8, v8, pt, sl, qs), dict(k_scale=ks, v_scale=vs)
 
 
@@ -120,8 +127,8 @@ def run_case(case, *, interpret, config="case"):
         cfg = config
     args = make_case(0, lens, H, KVH, D, page, S_pad, T_pad, DTYPES[dt])
     scales = None
-    if dt == "fp8":
-        args, scales = quantized(args)
+    if dt == "fp8":  # "smallv": V of order 1e-5 (P * scale in f16's subnormals, unless lifted)
+        args, scales = quantized(args, v_mag=1e-5 if "smallv" in name else 1.0)
     scale = D ** -0.5
     out = paged_decode_mgpu(*args, scale=scale, interpret=interpret, config=cfg,
                             **(scales or {}))
@@ -296,8 +303,9 @@ def test_oversized_config_rejected():
 # ------------------------------------------------------------------------------------------------
 
 def _interpret_worker():
-    two_heads = next(c for c in CASES if c[0] == "g2_d64_p16_2heads_split3")
-    mgpu_interpret.worker(CASES, run_case, [CASES[1], two_heads])
+    races = [CASES[1]] + [c for c in CASES if c[0] in ("g2_d64_p16_2heads_split3",
+                                                         "g2_d64_p16_fp8_f16_2heads_split2")]
+    mgpu_interpret.worker(CASES, run_case, races)
 
 
 interpret_results, test_interpret_vs_reference, test_interpret_no_races = \
