@@ -236,6 +236,9 @@ def bench_throughput(args) -> list[dict]:
             compiles=llm.runner.num_compiles - traced,
             watts=power.watts,
             tokens_per_joule=out_tokens / (power.watts * elapsed) if power.watts else None))
+        if rows[-1]["compiles"]:
+            print(f"warning: {rows[-1]['compiles']} program(s) compiled inside the timed pass; "
+                  "its figures include compile time (warm-up missed a shape)", file=sys.stderr)
         print("row:", json.dumps(rows[-1]), file=sys.stderr, flush=True)  # survives a kill
     if args.peer == "hf":
         shape = _shape_of(args)
