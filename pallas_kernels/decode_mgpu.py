@@ -165,7 +165,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                   block_kv: int | None = None, num_stages: int | None = None,
                   num_splits: int | None = None, compat: bool = False,
                   num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
-                  fp8_f16: bool | None = None, heads_per_cta: int = 1) -> DecodeConfig:
+                  fp8_f16: bool | None = None,
+                  heads_per_cta: int | None = None) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -179,6 +180,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     # -4%; at 64 x 1k they lost by 13% (H200, session 4, same table).
     if fp8_f16 is None:  # an A/B knob until a GPU run picks one path (docs/kernels_notes.md)
         fp8_f16 = os.environ.get("IMP_JAX_FP8_F16") == "1"
+    if heads_per_cta is None:  # likewise ($IMP_JAX_MGPU_HEADS=2), where it divides KVH
+        heads_per_cta = 2 if os.environ.get("IMP_JAX_MGPU_HEADS") == "2" and KVH % 2 == 0 else 1
     short = max_pages * page_size <= SHORT_CTX and page_size <= 64
     if block_kv is None:
         block_kv = 64 if short else 128 if page_size <= 128 else page_size

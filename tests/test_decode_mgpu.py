@@ -293,6 +293,14 @@ def test_fp8_f16_knob(monkeypatch):
     assert not choose_config(8, 8, 128, 16, kv_itemsize=1, fp8_f16=False).fp8_f16
 
 
+def test_heads_per_cta_knob(monkeypatch):
+    assert choose_config(1024, 8, 16, 16).heads_per_cta == 1
+    monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "2")
+    cfg = choose_config(1024, 8, 16, 16)
+    assert cfg.heads_per_cta == 2 and smem_bytes(cfg, 128) <= 232448  # stages fitted to SMEM
+    assert choose_config(1024, 1, 16, 16).heads_per_cta == 1  # one KV head: one per CTA
+
+
 def test_oversized_config_rejected():
     with pytest.raises(ValueError, match="SMEM"):
         DecodeConfig(block_kv=128, num_stages=4).validate(128, 16)
