@@ -224,8 +224,7 @@ class ModelRunner:
         longest = (rows or 1) * self.max_model_len
         for t in _powers(16, bucket(max_num_batched_tokens, lo=16)):
             t = min(t, max_num_batched_tokens, longest)
-            lens = [self.max_model_len] * (t // self.max_model_len)
-            lens += [t % self.max_model_len] if t % self.max_model_len else []
+            lens = [min(self.max_model_len, t - k) for k in range(0, t, self.max_model_len)]
             seqs = [StepSeq([0] * n, 0, [0] * -(-n // self.page_size)) for n in lens]
             tensors = SamplingTensors.from_params([greedy] * len(seqs), [0] * len(seqs),
                                                   [0] * len(seqs))

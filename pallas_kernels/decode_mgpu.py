@@ -88,7 +88,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.flash_prefill import (LOG2E, SMEM_BYTES_H100, check_ring, interpret_params,
                                           softmax_state)
 # NEG: log-sum-exp of a split that saw no key (the combine's convention)
-from pallas_kernels.paged_decode import NEG, NUM_SMS_H100, P_LIFT, combine_splits
+from pallas_kernels.paged_decode import (NEG, NUM_SMS_H100, P_LIFT, combine_splits,
+                                         fp8_f16_default)
 
 MQ = 64                        # query rows of one wgmma (the G real rows are padded to it)
 FP8 = jnp.float8_e4m3fn        # the 8-bit page dtype this kernel reads (with scales)
@@ -178,8 +179,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     # 1.46x; they lost (by <= 7%) at 1 and 8 x 4k. At short contexts (<= SHORT_CTX keys, a
     # CTA has 2-4 blocks of 128) 64-key blocks in 6 stages won: 1024 x 256 -16%, 256 x 512
     # -4%; at 64 x 1k they lost by 13% (H200, session 4, same table).
-    if fp8_f16 is None:  # an A/B knob until a GPU run picks one path (docs/kernels_notes.md)
-        fp8_f16 = os.environ.get("IMP_JAX_FP8_F16") == "1"
+    if fp8_f16 is None:
+        fp8_f16 = fp8_f16_default()
     if heads_per_cta is None:  # likewise ($IMP_JAX_MGPU_HEADS=2), where it divides KVH
         heads_per_cta = 2 if os.environ.get("IMP_JAX_MGPU_HEADS") == "2" and KVH % 2 == 0 else 1
     short = max_pages * page_size <= SHORT_CTX and page_size <= 64
@@ -235,6 +236,11 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
     f16 = quant and cfg.fp8_f16
     cdt = jnp.dtype(jnp.float16) if f16 else jnp.dtype(dtype)   # the wgmma operands' dtype
 
+    def of_head(ref, i):
+        """Head i's part of a per-head buffer or barrier array (none has a head axis when
+        nh == 1, which keeps that kernel as it was)."""
+        return ref if nh == 1 else ref.at[i]
+
     def convert(src8, scales, dst):
         """An 8-bit [B, D] stage -> `cdt` in `dst`, each key (row) times its scale (with
         fp8_f16: no scale, the caller applies it to the logits / probabilities); in passes of
@@ -265,6 +271,10 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         if splits > 1:
             ost_all, lse_all = ring[7:]
 
+        def kv_head(i):
+            """The KV head of the CTA's i-th consumer."""
+            return hc if nh == 1 else hc * nh + i
+
         seq_len = sl_ref[s]
         tok = qs_ref[s]
         active = (qs_ref[s + 1] - tok) > 0             # padding sequences own no token
@@ -278,11 +288,10 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
 
         def _compute_wg(i):
             """Consumer warpgroup i: KV head hc * nh + i (static views of its buffers)."""
-            h = hc if nh == 1 else hc * nh + i
-            # (wg == i here; a traced index, as refs closed over by pl.run_state need)
-            mine = (lambda ref: ref) if nh == 1 else (lambda ref: ref.at[wg])
-            q_smem, qst = mine(q_all), mine(qst_all)
-            q_bar = q_bars if nh == 1 else q_bars.at[i]
+            h = kv_head(i)
+            # indexed by wg (== i here): refs closed over by pl.run_state need a traced index
+            mine = functools.partial(of_head, i=wg)
+            q_smem, qst, q_bar = mine(q_all), mine(qst_all), of_head(q_bars, i)
             k_smem, v_smem = mine(k_all), mine(v_all)
             p_smem = mine(p_all) if p_all is not None else None
             if quant:
@@ -432,10 +441,9 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
 
             def issue(t, slot, pool, smem_all, bar, pages, scales, scale_all, i):
                 """Block t of head i (hc * nh + i) into its ring's stage `slot`."""
-                h = hc if nh == 1 else hc * nh + i
-                head = (lambda ref: ref) if nh == 1 else (lambda ref: ref.at[i])
-                smem, bar_i = head(smem_all), i * stages + slot
-                scale_smem = head(scale_all) if quant else None
+                h = kv_head(i)
+                smem, bar_i = of_head(smem_all, i), i * stages + slot
+                scale_smem = of_head(scale_all, i) if quant else None
                 for c, page in enumerate(pages):
                     if n_cp > 1 or B == page_size:
                         src = pool.at[page, :, h]

@@ -75,6 +75,12 @@ QUANT_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))
 P_LIFT = 1024.0
 
 
+def fp8_f16_default() -> bool:
+    """$IMP_JAX_FP8_F16=1: both decode kernels take the f16 products on e4m3 pages (an A/B
+    knob until a GPU run picks one path; docs/kernels_notes.md, session 7)."""
+    return os.environ.get("IMP_JAX_FP8_F16") == "1"
+
+
 def supported(q_shape, k_shape, k_dtype=None) -> bool:
     """Whether the kernel covers these shapes (else callers use the reference).
 
@@ -96,7 +102,7 @@ def choose_config(S, KVH, G, max_query_len, max_pages, page_size, *, block_k_tok
     autotuner re-applies cached winners through the overrides)."""
     Q = int(max_query_len)
     if f16_dots is None:
-        f16_dots = os.environ.get("IMP_JAX_FP8_F16") == "1"
+        f16_dots = fp8_f16_default()
     if block_q is not None:               # override (autotuner), clamped to the query length
         block_q = max(1, min(int(block_q), Q))
     elif Q * G <= 64:                     # decode / spec-decode: one query block
