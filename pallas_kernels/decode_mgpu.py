@@ -181,8 +181,11 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     # -4%; at 64 x 1k they lost by 13% (H200, session 4, same table).
     if fp8_f16 is None:
         fp8_f16 = fp8_f16_default()
-    if heads_per_cta is None:  # likewise ($IMP_JAX_MGPU_HEADS=2), where it divides KVH
-        heads_per_cta = 2 if os.environ.get("IMP_JAX_MGPU_HEADS") == "2" and KVH % 2 == 0 else 1
+    if heads_per_cta is None:  # an A/B knob too ($IMP_JAX_MGPU_HEADS=2), where it divides KVH
+        value = os.environ.get("IMP_JAX_MGPU_HEADS", "1")
+        if value not in ("1", "2"):
+            raise ValueError(f"IMP_JAX_MGPU_HEADS={value!r}; allowed: 1, 2")
+        heads_per_cta = 2 if value == "2" and KVH % 2 == 0 else 1
     short = max_pages * page_size <= SHORT_CTX and page_size <= 64
     if block_kv is None:
         block_kv = 64 if short else 128 if page_size <= 128 else page_size

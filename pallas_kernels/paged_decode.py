@@ -78,7 +78,10 @@ P_LIFT = 1024.0
 def fp8_f16_default() -> bool:
     """$IMP_JAX_FP8_F16=1: both decode kernels take the f16 products on e4m3 pages (an A/B
     knob until a GPU run picks one path; docs/kernels_notes.md, session 7)."""
-    return os.environ.get("IMP_JAX_FP8_F16") == "1"
+    value = os.environ.get("IMP_JAX_FP8_F16", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"IMP_JAX_FP8_F16={value!r}; allowed: 0, 1")
+    return value == "1"
 
 
 def supported(q_shape, k_shape, k_dtype=None) -> bool:

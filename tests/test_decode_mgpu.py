@@ -299,6 +299,12 @@ def test_heads_per_cta_knob(monkeypatch):
     cfg = choose_config(1024, 8, 16, 16)
     assert cfg.heads_per_cta == 2 and smem_bytes(cfg, 128) <= 232448  # stages fitted to SMEM
     assert choose_config(1024, 1, 16, 16).heads_per_cta == 1  # one KV head: one per CTA
+    monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "4")
+    with pytest.raises(ValueError, match="IMP_JAX_MGPU_HEADS='4'; allowed: 1, 2"):
+        choose_config(1024, 8, 16, 16)
+    monkeypatch.setenv("IMP_JAX_FP8_F16", "yes")
+    with pytest.raises(ValueError, match="IMP_JAX_FP8_F16='yes'; allowed: 0, 1"):
+        choose_config(1024, 8, 16, 16, heads_per_cta=1)
 
 
 def test_oversized_config_rejected():
