@@ -335,7 +335,10 @@ def default_candidates(key: ShapeKey) -> list:
     "mgpu" keys: ring shapes x split counts)."""
     h = key.heuristic()
     if key.kernel == "mgpu":
-        over = [dict()] + [dict(block_kv=b, num_stages=st) for b, st in MGPU_RINGS] + \
+        heads = [dict(heads_per_cta=1)] + ([dict(heads_per_cta=2)] if key.kv_heads % 2 == 0
+                                           else [])
+        over = [dict()] + heads + [dict(block_kv=b, num_stages=st, heads_per_cta=1)
+                                   for b, st in MGPU_RINGS] + \
             [dict(num_splits=sp) for sp in {1, max(1, h.num_splits // 2), h.num_splits * 2}]
         return list(dict.fromkeys(key.heuristic(**o) for o in over))
     bk = h.pages_per_block * key.page_size

@@ -67,7 +67,8 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   are about half its time (1024 x 256: 53% of HBM bandwidth), and 8-bit pages, where one
   warpgroup's conversion sets the pace. With splits, the partials alias the rings, so both
   consumers meet at a barrier before writing them (the race detector caught the version
-  without). Unmeasured on a GPU (session 7).
+  without). On an H200 it cut 1024 x 256 by 21% and 256 x 512 by 12% (bf16), so
+  `choose_config` takes it at short contexts with enough CTAs (session 8).
 * `compat=True`: the interpret-mode-safe PV step (P through SMEM into a fresh accumulator that
   is added), because GPU interpret mode runs neither `pl.run_state` nor a register-LHS wgmma.
   It also compiles for the GPU (slower). The default keeps P in registers.
@@ -181,14 +182,12 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     # -4%; at 64 x 1k they lost by 13% (H200, session 4, same table).
     if fp8_f16 is None:
         fp8_f16 = fp8_f16_default()
-    if heads_per_cta is None:  # an A/B knob too ($IMP_JAX_MGPU_HEADS=2), where it divides KVH
-        value = os.environ.get("IMP_JAX_MGPU_HEADS", "1")
-        if value not in ("1", "2"):
-            raise ValueError(f"IMP_JAX_MGPU_HEADS={value!r}; allowed: 1, 2")
-        heads_per_cta = 2 if value == "2" and KVH % 2 == 0 else 1
     short = max_pages * page_size <= SHORT_CTX and page_size <= 64
-    if block_kv is None:
-        block_kv = 64 if short else 128 if page_size <= 128 else page_size
+    if heads_per_cta is None:
+        heads_per_cta = _heads_per_cta(S, KVH, short, num_sms)
+    if block_kv is None:  # two heads' rings of 128-key blocks do not fit SMEM even at 2 stages
+        block_kv = (64 if short or heads_per_cta == 2 else 128 if page_size <= 128
+                    else page_size)
     if num_stages is None:
         num_stages = 6 if short and block_kv == 64 else 3
     max_blocks = -(-(max_pages * page_size) // block_kv)
@@ -200,6 +199,22 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     return fit_smem(DecodeConfig(block_kv=block_kv, num_stages=num_stages,
                                  num_splits=num_splits, compat=compat, fp8_f16=fp8_f16,
                                  heads_per_cta=heads_per_cta), D, kv_itemsize)
+
+
+def _heads_per_cta(S: int, KVH: int, short: bool, num_sms: int) -> int:
+    """Two KV heads per CTA at short contexts once the CTAs (S * KVH / 2) fill the SMs:
+    there a CTA's fixed costs are half its time, and the second consumer shares them. H200,
+    session 8 (docs/kernels_notes.md): 1024 x 256 404 -> 321 us, 256 x 512 198 -> 173 us;
+    at 64 x 1k (+14%) and 8 x 2k (+8%), not short, one head per CTA stays faster.
+    $IMP_JAX_MGPU_HEADS=1 or 2 forces a choice (where 2 divides KVH)."""
+    value = os.environ.get("IMP_JAX_MGPU_HEADS")
+    if value not in (None, "1", "2"):
+        raise ValueError(f"IMP_JAX_MGPU_HEADS={value!r}; allowed: 1, 2 (unset: the heuristic)")
+    if KVH % 2:
+        return 1
+    if value is not None:
+        return int(value)
+    return 2 if short and S * KVH // 2 >= num_sms else 1
 
 
 def fit_smem(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> DecodeConfig:

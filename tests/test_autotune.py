@@ -254,6 +254,7 @@ def test_mgpu_keys_configs_and_candidates():
         assert cands[0] == key.heuristic() and len(cands) >= 5
         rings = {(c.block_kv, c.num_stages) for c in cands}
         assert {(128, 3), (64, 6), (64, 2)} <= rings  # the H200 sweep's winners are tried
+        assert {c.heads_per_cta for c in cands} == {1, 2}  # one and two KV heads per CTA
         for c in cands:  # every candidate is a launchable config for this shape
             assert isinstance(c, decode_mgpu.DecodeConfig)
             c.validate(128, 16)

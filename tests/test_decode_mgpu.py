@@ -168,9 +168,12 @@ def test_supported():
 def test_heuristic(B, ctx):
     cfg = choose_config(B, 8, ctx // 16, 16, 128)
     assert smem_bytes(cfg, 128) <= 227 * 1024
-    # short page tables: 64-key blocks in a deep ring (the H200 sweep's winner there)
-    assert (cfg.block_kv, cfg.num_stages) == ((64, 6) if ctx <= 512 else (128, 3))
-    ctas = B * 8 * cfg.num_splits
+    # short page tables: 64-key blocks in a deep ring (the H200 sweep's winner there), or
+    # two heads per CTA in the 2-stage rings that fit SMEM where those CTAs fill the SMs
+    short = (64, 2, 2) if B * 4 >= 132 else (64, 6, 1)
+    assert (cfg.block_kv, cfg.num_stages, cfg.heads_per_cta) == (
+        short if ctx <= 512 else (128, 3, 1))
+    ctas = B * 8 // cfg.heads_per_cta * cfg.num_splits
     assert cfg.num_splits == 1 or ctas <= 132          # one wave when splitting
     assert B * 8 < 132 or cfg.num_splits == 1
     assert cfg.num_splits * 2 * cfg.block_kv <= max(ctx, 2 * cfg.block_kv)
@@ -293,12 +296,19 @@ def test_fp8_f16_knob(monkeypatch):
     assert not choose_config(8, 8, 128, 16, kv_itemsize=1, fp8_f16=False).fp8_f16
 
 
-def test_heads_per_cta_knob(monkeypatch):
-    assert choose_config(1024, 8, 16, 16).heads_per_cta == 1
-    monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "2")
-    cfg = choose_config(1024, 8, 16, 16)
+def test_heads_per_cta_choice(monkeypatch):
+    # the heuristic: two heads per CTA at short contexts once S * KVH / 2 CTAs fill the SMs
+    cfg = choose_config(1024, 8, 16, 16)  # 1024 x 256, the winner measured on an H200
     assert cfg.heads_per_cta == 2 and smem_bytes(cfg, 128) <= 232448  # stages fitted to SMEM
+    assert choose_config(256, 8, 32, 16).heads_per_cta == 2   # 256 x 512
+    assert choose_config(16, 8, 32, 16).heads_per_cta == 1    # 64 CTAs would leave SMs idle
+    assert choose_config(64, 8, 64, 16).heads_per_cta == 1    # 64 x 1k: not short
     assert choose_config(1024, 1, 16, 16).heads_per_cta == 1  # one KV head: one per CTA
+    monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "1")
+    assert choose_config(1024, 8, 16, 16).heads_per_cta == 1
+    monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "2")  # forced at a long context: 64-key blocks fit
+    cfg = choose_config(8, 8, 128, 16)
+    assert cfg.heads_per_cta == 2 and cfg.block_kv == 64 and smem_bytes(cfg, 128) <= 232448
     monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "4")
     with pytest.raises(ValueError, match="IMP_JAX_MGPU_HEADS='4'; allowed: 1, 2"):
         choose_config(1024, 8, 16, 16)
