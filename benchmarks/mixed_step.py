@@ -1,9 +1,11 @@
 """One mixed step of the throughput runs, timed by itself with each command-buffer setting:
 P prompt chunks of L tokens beside D decode rows at context C, as the engine's 256-row and
 1024-row runs schedule them. Per mode: the runner's enqueue time, the whole step (to its
-tokens on the host), and the prompt and decode programs alone.
+tokens on the host), and the prompt and decode programs alone (the prompt program holds the
+first $IMP_JAX_PROMPT_ROWS chunks, default 16, as the step's prompt groups do).
 
     python benchmarks/mixed_step.py --model random:llama3-8b --prompts 14 --decode 240
+    IMP_JAX_PROMPT_ROWS=64 python benchmarks/mixed_step.py --prompts 64 --decode 1000 ...
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python benchmarks/mixed_step.py ...
 
 --pool-gb sizes the KV pool as the engine does (~100 GB at 0.9 of an H200) instead of just the
@@ -70,25 +72,26 @@ def main(argv=None) -> int:
                      [next(free) for _ in range(-(-args.context // page))])
              for _ in range(args.decode)]
     greedy = SamplingParams(temperature=0)
+    prompt_rows = r.prompt_rows  # $IMP_JAX_PROMPT_ROWS: rows of a prompt program
+    first_group = seqs[:min(prompt_rows, args.prompts)]
 
     def tensors(n):
         return SamplingTensors.from_params([greedy] * n, list(range(n)), [0] * n)
 
     if args.hlo:
-        for name, s in (("prompt_group", seqs[:min(16, args.prompts)]),
-                        ("decode_group", seqs[args.prompts:])):
+        for name, s in (("prompt_group", first_group), ("decode_group", seqs[args.prompts:])):
             if s:
-                rows_ = 16 if name == "prompt_group" else None
+                rows_ = prompt_rows if name == "prompt_group" else None
                 for mode in modes:
                     r.command_buffers = mode
                     text = r._step(s, tensors(len(s)), 0, rows_, compile_only=True) \
                         .compile().as_text()
-                    print(json.dumps(dict(mode=mode, program=name, **large_copies(text))),
-                          flush=True)
+                    print(json.dumps(dict(mode=mode, program=name, prompt_rows=prompt_rows,
+                                          **large_copies(text))), flush=True)
 
     parts = {"step": (seqs, lambda s, t: r.step(s, t))}
     if args.prompts:
-        parts["prompt_group"] = (seqs[:min(16, args.prompts)], lambda s, t: r._step(s, t, 0, 16))
+        parts["prompt_group"] = (first_group, lambda s, t: r._step(s, t, 0, prompt_rows))
     if args.decode:
         parts["decode_group"] = (seqs[args.prompts:], lambda s, t: r._step(s, t, 0))
 
@@ -111,12 +114,12 @@ def main(argv=None) -> int:
         r.command_buffers = mode
         for name, (s, fn) in parts.items():
             enq, wall = timed(fn, s)
-            row = dict(mode=mode, part=name, rows=len(s), enqueue_ms=round(enq, 2),
-                       wall_ms=round(wall, 2))
+            row = dict(mode=mode, part=name, rows=len(s), prompt_rows=prompt_rows,
+                       enqueue_ms=round(enq, 2), wall_ms=round(wall, 2))
             results.append(row)
             print(json.dumps(row), flush=True)
     meta = dict(model=args.model, prompts=args.prompts, prompt_len=args.prompt_len,
-                decode=args.decode, context=args.context,
+                decode=args.decode, context=args.context, prompt_rows=prompt_rows,
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
                 device=jax.devices()[0].device_kind)
     print(json.dumps(meta))

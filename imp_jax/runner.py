@@ -62,7 +62,8 @@ def bucket(n: int, lo: int = 1, hi: int | None = None) -> int:
     return min(b, hi) if hi is not None else b
 
 
-# Rows of a prompt program on the kernel path (see ModelRunner._grouped_step).
+# Rows of a prompt program on the kernel path (see ModelRunner._grouped_step); the default of
+# $IMP_JAX_PROMPT_ROWS (prompt_rows()).
 PROMPT_ROWS = 16
 # Columns of the banned-token array (EOS and stop ids before min_tokens).
 BANNED_WIDTH = 8
@@ -89,6 +90,7 @@ class ModelRunner:
         (docs/sharding.md)."""
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {num_pages}")
+        self.prompt_rows = prompt_rows()  # rows of a prompt program on the kernel path
         self.cfg, self.params = cfg, params
         self.page_size, self.max_model_len = page_size, max_model_len
         self.max_pages_per_seq = -(-max_model_len // page_size)
@@ -217,10 +219,11 @@ class ModelRunner:
                 steps.append((self.decode_steps, ([StepSeq([0], 0, pages)] * n, tensors,
                                                   decode_steps), {}))
         # A prompt program's token bucket is reached by several prompts together: a group of
-        # PROMPT_ROWS chunks of 128 tokens fills a 2048-token program even where max_model_len
-        # is 272 (capping these at max_model_len missed those programs, which then compiled
-        # mid-run, seconds each). Off the kernel path one sequence per program, as steps pack.
-        rows = PROMPT_ROWS if self.fixed_shapes else None
+        # self.prompt_rows (default 16) chunks of 128 tokens fills a 2048-token program even
+        # where max_model_len is 272 (capping these at max_model_len missed those programs,
+        # which then compiled mid-run, seconds each). Off the kernel path one sequence per
+        # program, as steps pack.
+        rows = self.prompt_rows if self.fixed_shapes else None
         longest = (rows or 1) * self.max_model_len
         for t in _powers(16, bucket(max_num_batched_tokens, lo=16)):
             t = min(t, max_num_batched_tokens, longest)
@@ -265,21 +268,22 @@ class ModelRunner:
 
     def _grouped_step(self, seqs, prompt, sampling, num_logprobs, t0: float) -> StepOutput:
         """The kernel path runs a step with prompt chunks as several programs: decodes in one,
-        prompt chunks in groups of PROMPT_ROWS. The prefill kernels tile each sequence's
+        prompt chunks in groups of `self.prompt_rows`. The prefill kernels tile each sequence's
         queries (the Triton kernel's prefill form pads it to the step's token bucket), so a
         decode riding along would cost a whole tile; and a fixed row count keeps prompt
         programs to one per token bucket (all compiled by `warmup`)."""
         decodes = [i for i, p in enumerate(prompt) if not p]
         prompts = [i for i, p in enumerate(prompt) if p]
-        groups = [prompts[k:k + PROMPT_ROWS] for k in range(0, len(prompts), PROMPT_ROWS)]
+        rows = self.prompt_rows
+        groups = [prompts[k:k + rows] for k in range(0, len(prompts), rows)]
         if decodes:
             groups.append(decodes)
         outs = []
         for idx in groups:
             part = None if sampling is None else jax.tree.map(lambda a: np.asarray(a)[idx],
                                                                sampling)
-            rows = PROMPT_ROWS if prompt[idx[0]] else None
-            outs.append(self._step([seqs[i] for i in idx], part, num_logprobs, rows))
+            outs.append(self._step([seqs[i] for i in idx], part, num_logprobs,
+                                   rows if prompt[idx[0]] else None))
         enqueue_s = time.perf_counter() - t0  # before the merge below reads the results
         if len(groups) == 1:
             outs[0].enqueue_s = enqueue_s
@@ -415,6 +419,18 @@ def _page_rows(seqs: Sequence[StepSeq], S: int, P: int) -> tuple[np.ndarray, np.
         table[rows, cols] = np.fromiter(itertools.chain.from_iterable(s.pages for s in seqs),
                                         np.int32, total)
     return table, counts
+
+
+def prompt_rows() -> int:
+    """$IMP_JAX_PROMPT_ROWS: rows of a prompt program on the kernel path (ModelRunner.
+    _grouped_step), a power of two from 1 to 256; default PROMPT_ROWS (16). An A/B knob, not
+    yet timed on a GPU: a 1000-row run's 8192-token mixed steps run 64 prompt chunks of 128
+    tokens as four 2048-token programs at 16 rows, as one 8192-token program at 64. Warm-up
+    compiles prompt buckets up to min(max_num_batched_tokens, rows * max_model_len)."""
+    value = os.environ.get("IMP_JAX_PROMPT_ROWS", str(PROMPT_ROWS))
+    if value not in {str(1 << k) for k in range(9)}:
+        raise ValueError(f"IMP_JAX_PROMPT_ROWS={value!r}; allowed: a power of two from 1 to 256")
+    return int(value)
 
 
 def _compile_threads() -> int:

@@ -254,6 +254,54 @@ def test_more_prompts_than_a_prompt_program_holds(model):
             assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-4 for k in x)
 
 
+def _count_prompt_programs(runner):
+    """Record (rows given, sequences) of each prompt program the runner's steps run."""
+    calls, real = [], runner._step
+
+    def spy(seqs, sampling, num_logprobs, rows=None, **kw):
+        if rows is not None:  # a prompt group of _grouped_step (decode programs pass None)
+            calls.append((rows, len(seqs)))
+        return real(seqs, sampling, num_logprobs, rows, **kw)
+
+    runner._step = spy
+    return calls
+
+
+def test_prompt_rows_knob_sets_the_prompt_groups(model, monkeypatch):
+    # $IMP_JAX_PROMPT_ROWS=4: a step of 10 prompt chunks runs as ceil(10 / 4) = 3 prompt
+    # programs of 4 rows on the kernel path (one at the default 16), with the same tokens.
+    rng = random.Random(13)
+    ps = [[rng.randrange(3, 500) for _ in range(rng.randrange(5, 40))] for _ in range(10)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    kw = dict(max_num_seqs=16, max_num_batched_tokens=1024, num_pages=512)
+    runs = {}
+    for value in (None, "4"):
+        if value is None:
+            monkeypatch.delenv("IMP_JAX_PROMPT_ROWS", raising=False)
+        else:
+            monkeypatch.setenv("IMP_JAX_PROMPT_ROWS", value)
+        llm = make_llm(model, **kw)
+        llm.runner.fixed_shapes = True
+        calls = _count_prompt_programs(llm.runner)
+        runs[value] = ([o.token_ids for o in llm.generate(ps, params, use_tqdm=False)], calls,
+                       llm.runner.prompt_rows)
+    assert runs[None][1:] == ([(16, 10)], 16)
+    assert runs["4"][1:] == ([(4, 4), (4, 4), (4, 2)], 4)
+    assert runs["4"][0] == runs[None][0]
+
+
+@pytest.mark.parametrize("value", ["3", "0", "512", "abc", "-4", ""])
+def test_a_bad_prompt_rows_value_is_refused(model, monkeypatch, value):
+    import re
+
+    from imp_jax.runner import ModelRunner
+
+    monkeypatch.setenv("IMP_JAX_PROMPT_ROWS", value)
+    with pytest.raises(ValueError, match=re.escape(f"IMP_JAX_PROMPT_ROWS={value!r}; allowed: "
+                                                   "a power of two from 1 to 256")):
+        ModelRunner(model.cfg, model.params, num_pages=4, page_size=4, max_model_len=16)
+
+
 def test_a_step_that_loses_the_device_state_is_recovered(model, alone):
     # A failure after the cache was donated leaves deleted buffers: the engine rebuilds the
     # cache and requeues the running requests, which then finish exactly as if nothing happened.
@@ -360,6 +408,29 @@ def test_warmup_covers_prompt_programs_longer_than_one_sequence(model):
     assert llm.engine.stats["step_kinds"]["prompt"][0] >= 1  # 8 prompts, >32 tokens, one step
     assert llm.runner.num_compiles == before + n  # nothing compiled after warm-up
     assert all(len(o.token_ids) == 8 for o in outs)
+
+
+def test_warmup_covers_the_prompt_rows_knob(model, monkeypatch):
+    # With $IMP_JAX_PROMPT_ROWS=4 prompt programs have 4 rows and hold up to 4 * 24 = 96
+    # tokens (bucket 128): warm-up compiles those, capped there (not 256 as 16 rows would),
+    # and a step of 8 prompts of 17-20 tokens (two 4-row programs of 128) compiles nothing.
+    import jax
+
+    jax.clear_caches()
+    monkeypatch.setenv("IMP_JAX_PROMPT_ROWS", "4")
+    llm = make_llm(model, attn_impl="pallas", max_model_len=24, max_num_batched_tokens=256,
+                   decode_steps=4)
+    before = llm.runner.num_compiles
+    n = llm.runner.warmup(8, 256, 4)
+    assert n == 8  # decode rows 4, 8 (single step + 4-step block), prompt tokens 16-128
+    calls = _count_prompt_programs(llm.runner)
+    rng = random.Random(14)
+    ps = [[rng.randrange(3, 500) for _ in range(rng.randrange(17, 21))] for _ in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    outs = llm.generate(ps, params, use_tqdm=False)
+    assert calls == [(4, 4), (4, 4)]  # one step, two 4-row programs of 68-80 tokens
+    assert llm.runner.num_compiles == before + n  # nothing compiled after warm-up
+    assert all(len(o.token_ids) == 4 for o in outs)
 
 
 def test_a_program_compiled_after_warmup_is_logged(model, caplog):
