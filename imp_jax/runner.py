@@ -64,7 +64,7 @@ def bucket(n: int, lo: int = 1, hi: int | None = None) -> int:
 
 # Rows of a prompt program on the kernel path (see ModelRunner._grouped_step); the default of
 # $IMP_JAX_PROMPT_ROWS (prompt_rows()).
-PROMPT_ROWS = 16
+PROMPT_ROWS = 64
 # Columns of the banned-token array (EOS and stop ids before min_tokens).
 BANNED_WIDTH = 8
 
@@ -219,7 +219,7 @@ class ModelRunner:
                 steps.append((self.decode_steps, ([StepSeq([0], 0, pages)] * n, tensors,
                                                   decode_steps), {}))
         # A prompt program's token bucket is reached by several prompts together: a group of
-        # self.prompt_rows (default 16) chunks of 128 tokens fills a 2048-token program even
+        # self.prompt_rows (default 64) chunks of 128 tokens fills an 8192-token program even
         # where max_model_len is 272 (capping these at max_model_len missed those programs,
         # which then compiled mid-run, seconds each). Off the kernel path one sequence per
         # program, as steps pack.
@@ -423,10 +423,11 @@ def _page_rows(seqs: Sequence[StepSeq], S: int, P: int) -> tuple[np.ndarray, np.
 
 def prompt_rows() -> int:
     """$IMP_JAX_PROMPT_ROWS: rows of a prompt program on the kernel path (ModelRunner.
-    _grouped_step), a power of two from 1 to 256; default PROMPT_ROWS (16). An A/B knob, not
-    yet timed on a GPU: a 1000-row run's 8192-token mixed steps run 64 prompt chunks of 128
-    tokens as four 2048-token programs at 16 rows, as one 8192-token program at 64. Warm-up
-    compiles prompt buckets up to min(max_num_batched_tokens, rows * max_model_len)."""
+    _grouped_step), a power of two from 1 to 256; default PROMPT_ROWS (64). A 1000-row run's
+    8192-token mixed steps hold 64 prompt chunks of 128 tokens: one 8192-token program at 64
+    rows ran them in 205 ms on an H200, four 2048-token programs at 16 rows in 223 ms (larger
+    GEMMs; docs/benchmarks.md, session 8). Warm-up compiles prompt buckets up to
+    min(max_num_batched_tokens, rows * max_model_len)."""
     value = os.environ.get("IMP_JAX_PROMPT_ROWS", str(PROMPT_ROWS))
     if value not in {str(1 << k) for k in range(9)}:
         raise ValueError(f"IMP_JAX_PROMPT_ROWS={value!r}; allowed: a power of two from 1 to 256")

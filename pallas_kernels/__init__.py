@@ -12,7 +12,7 @@ and KV head, imp_jax/cache.py's layout); the kernel dequantizes the tiles it rea
 reference the pages it gathers.
 
 Dispatch: on a GPU, decode steps go to `decode_mgpu.py` when it covers them
-(IMP_JAX_DECODE=triton opts out; float8_e4m3fn pages only with IMP_JAX_DECODE_8BIT=mgpu, see
+(IMP_JAX_DECODE=triton opts out, and IMP_JAX_DECODE_8BIT=triton for float8_e4m3fn pages, see
 `decode_kernel`); prompt steps the Mosaic GPU kernel covers (`use_flash_prefill`) run
 `flash_prefill.py` (FA3-style: TMA K/V page gathers, two wgmma warpgroups, work list longest
 first). Otherwise, on a GPU (or with interpret=True) the Pallas kernel of `paged_decode.py` runs, in its
@@ -91,10 +91,10 @@ def decode_kernel() -> str:
 
 def decode_kernel_8bit() -> str:
     """$IMP_JAX_DECODE_8BIT: which kernel reads float8_e4m3fn pages in decode steps on a GPU.
-    "triton" (the default): on an H200 it was level with or ahead of decode_mgpu's 8-bit path
-    at large batch (603 vs 619 us at 256 x 2048, docs/benchmarks.md session 6), whose
-    in-warpgroup conversion sets its pace; "mgpu" opts in (correct on the GPU since session 6)."""
-    choice = os.environ.get("IMP_JAX_DECODE_8BIT", "triton")
+    "mgpu" (the default): with two KV heads per CTA (two converting warpgroups) it beat the
+    Triton kernel by 13-14% on an H200 (256 x 2048: 551 vs 642 us; 64 x 4096: 336 vs 387;
+    docs/benchmarks.md session 8); "triton" opts out (int8 pages always take Triton)."""
+    choice = os.environ.get("IMP_JAX_DECODE_8BIT", "mgpu")
     if choice not in DECODE_KERNELS:
         raise ValueError(f"IMP_JAX_DECODE_8BIT={choice!r}; allowed: {', '.join(DECODE_KERNELS)}")
     return choice

@@ -184,7 +184,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         fp8_f16 = fp8_f16_default()
     short = max_pages * page_size <= SHORT_CTX and page_size <= 64
     if heads_per_cta is None:
-        heads_per_cta = _heads_per_cta(S, KVH, short, num_sms)
+        heads_per_cta = _heads_per_cta(S, KVH, short or kv_itemsize == 1, num_sms)
     if block_kv is None:  # two heads' rings of 128-key blocks do not fit SMEM even at 2 stages
         block_kv = (64 if short or heads_per_cta == 2 else 128 if page_size <= 128
                     else page_size)
@@ -201,12 +201,13 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                                  heads_per_cta=heads_per_cta), D, kv_itemsize)
 
 
-def _heads_per_cta(S: int, KVH: int, short: bool, num_sms: int) -> int:
-    """Two KV heads per CTA at short contexts once the CTAs (S * KVH / 2) fill the SMs:
-    there a CTA's fixed costs are half its time, and the second consumer shares them. H200,
-    session 8 (docs/kernels_notes.md): 1024 x 256 404 -> 321 us, 256 x 512 198 -> 173 us;
-    at 64 x 1k (+14%) and 8 x 2k (+8%), not short, one head per CTA stays faster.
-    $IMP_JAX_MGPU_HEADS=1 or 2 forces a choice (where 2 divides KVH)."""
+def _heads_per_cta(S: int, KVH: int, wanted: bool, num_sms: int) -> int:
+    """Two KV heads per CTA where `wanted` (short contexts, or 8-bit pages) once the CTAs
+    (S * KVH / 2) fill the SMs. At short contexts a CTA's fixed costs are half its time and
+    the second consumer shares them; on 8-bit pages it doubles the conversion throughput.
+    H200, session 8 (docs/kernels_notes.md): bf16 1024 x 256 404 -> 321 us, 256 x 512 198 ->
+    173 us, but 64 x 1k +14% and 8 x 2k +8%; e4m3 256 x 2k 655 -> 551 us, 64 x 4k 383 ->
+    336 us. $IMP_JAX_MGPU_HEADS=1 or 2 forces a choice (where 2 divides KVH)."""
     value = os.environ.get("IMP_JAX_MGPU_HEADS")
     if value not in (None, "1", "2"):
         raise ValueError(f"IMP_JAX_MGPU_HEADS={value!r}; allowed: 1, 2 (unset: the heuristic)")
@@ -214,7 +215,7 @@ def _heads_per_cta(S: int, KVH: int, short: bool, num_sms: int) -> int:
         return 1
     if value is not None:
         return int(value)
-    return 2 if short and S * KVH // 2 >= num_sms else 1
+    return 2 if wanted and S * KVH // 2 >= num_sms else 1
 
 
 def fit_smem(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> DecodeConfig:

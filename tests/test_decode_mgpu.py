@@ -304,6 +304,10 @@ def test_heads_per_cta_choice(monkeypatch):
     assert choose_config(16, 8, 32, 16).heads_per_cta == 1    # 64 CTAs would leave SMs idle
     assert choose_config(64, 8, 64, 16).heads_per_cta == 1    # 64 x 1k: not short
     assert choose_config(1024, 1, 16, 16).heads_per_cta == 1  # one KV head: one per CTA
+    # 8-bit pages at any context (two converting warpgroups) once the CTAs fill the SMs
+    assert choose_config(256, 8, 128, 16, kv_itemsize=1).heads_per_cta == 2  # 256 x 2k
+    assert choose_config(64, 8, 256, 16, kv_itemsize=1).heads_per_cta == 2   # 64 x 4k
+    assert choose_config(8, 8, 128, 16, kv_itemsize=1).heads_per_cta == 1    # 32 CTAs
     monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "1")
     assert choose_config(1024, 8, 16, 16).heads_per_cta == 1
     monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "2")  # forced at a long context: 64-key blocks fit
@@ -423,9 +427,9 @@ if __name__ == "__main__":
 def test_decode_kernel_choices_name_a_bad_value(monkeypatch):
     import pallas_kernels
 
-    assert pallas_kernels.decode_kernel_8bit() == "triton"  # the default until a GPU run
-    monkeypatch.setenv("IMP_JAX_DECODE_8BIT", "mgpu")
-    assert pallas_kernels.decode_kernel_8bit() == "mgpu"
+    assert pallas_kernels.decode_kernel_8bit() == "mgpu"  # the faster on an H200, session 8
+    monkeypatch.setenv("IMP_JAX_DECODE_8BIT", "triton")
+    assert pallas_kernels.decode_kernel_8bit() == "triton"
     monkeypatch.setenv("IMP_JAX_DECODE_8BIT", "fast")
     with pytest.raises(ValueError, match="IMP_JAX_DECODE_8BIT='fast'; allowed: triton, mgpu"):
         pallas_kernels.decode_kernel_8bit()

@@ -235,12 +235,12 @@ def test_mixed_steps_split_into_prompt_and_decode_programs(model, alone):
         assert out.token_ids == alone(ids)
 
 
-def test_more_prompts_than_a_prompt_program_holds(model):
-    # On the kernel path prompt chunks run in groups of PROMPT_ROWS; 20 prompts (with prompt
-    # logprobs, so every group returns all its logits) must give what the one-program path does.
-    from imp_jax.runner import PROMPT_ROWS
-
-    ps = prompts(PROMPT_ROWS + 4, seed=9)
+def test_more_prompts_than_a_prompt_program_holds(model, monkeypatch):
+    # On the kernel path prompt chunks run in groups of $IMP_JAX_PROMPT_ROWS (8 here); 12
+    # prompts (with prompt logprobs, so every group returns all its logits) must give what the
+    # one-program path does.
+    monkeypatch.setenv("IMP_JAX_PROMPT_ROWS", "8")
+    ps = prompts(12, seed=9)
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=1)
     kw = dict(max_num_seqs=32, max_num_batched_tokens=1024, num_pages=512)
     plain = make_llm(model, **kw).generate(ps, params, use_tqdm=False)
@@ -269,7 +269,7 @@ def _count_prompt_programs(runner):
 
 def test_prompt_rows_knob_sets_the_prompt_groups(model, monkeypatch):
     # $IMP_JAX_PROMPT_ROWS=4: a step of 10 prompt chunks runs as ceil(10 / 4) = 3 prompt
-    # programs of 4 rows on the kernel path (one at the default 16), with the same tokens.
+    # programs of 4 rows on the kernel path (one at the default 64), with the same tokens.
     rng = random.Random(13)
     ps = [[rng.randrange(3, 500) for _ in range(rng.randrange(5, 40))] for _ in range(10)]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -285,7 +285,7 @@ def test_prompt_rows_knob_sets_the_prompt_groups(model, monkeypatch):
         calls = _count_prompt_programs(llm.runner)
         runs[value] = ([o.token_ids for o in llm.generate(ps, params, use_tqdm=False)], calls,
                        llm.runner.prompt_rows)
-    assert runs[None][1:] == ([(16, 10)], 16)
+    assert runs[None][1:] == ([(64, 10)], 64)
     assert runs["4"][1:] == ([(4, 4), (4, 4), (4, 2)], 4)
     assert runs["4"][0] == runs[None][0]
 
@@ -389,7 +389,7 @@ def test_warmup_compiles_every_program_the_engine_uses(model, alone, threads, co
 
 
 def test_warmup_covers_prompt_programs_longer_than_one_sequence(model):
-    # A prompt program holds up to PROMPT_ROWS prompts, so its token bucket can pass
+    # A prompt program holds up to $IMP_JAX_PROMPT_ROWS prompts, so its token bucket can pass
     # max_model_len (16 chunks of 128 tokens fill a 2048-token program under a 272-token
     # limit): warm-up must compile those buckets too, or they compile mid-run (session 7 found
     # one such compile, seconds long, inside a timed 256-row GPU run).
@@ -412,7 +412,7 @@ def test_warmup_covers_prompt_programs_longer_than_one_sequence(model):
 
 def test_warmup_covers_the_prompt_rows_knob(model, monkeypatch):
     # With $IMP_JAX_PROMPT_ROWS=4 prompt programs have 4 rows and hold up to 4 * 24 = 96
-    # tokens (bucket 128): warm-up compiles those, capped there (not 256 as 16 rows would),
+    # tokens (bucket 128): warm-up compiles those, capped there (not 256 as 64 rows would),
     # and a step of 8 prompts of 17-20 tokens (two 4-row programs of 128) compiles nothing.
     import jax
 
@@ -444,7 +444,7 @@ def test_a_program_compiled_after_warmup_is_logged(model, caplog):
         assert not caplog.records  # a 12-token prompt fits the 16-token program
         llm.generate([[5] * 40], GREEDY, use_tqdm=False)
     assert [r.getMessage() for r in caplog.records] == [
-        "compiled a program after warm-up (step of 16 rows, 32 tokens, 32 pages): warm-up "
+        "compiled a program after warm-up (step of 64 rows, 32 tokens, 32 pages): warm-up "
         "missed it"]
 
 
