@@ -152,14 +152,19 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
         # Casting K/V straight to 8 bits without a scale would silently store garbage.
         raise ValueError(f"{k_pages.dtype} KV pools need their k_scale / v_scale pools")
     num_pages, page_size = k_pages.shape[:2]
-    # Padding slots (-1) are sent out of bounds and dropped, never written to a real page.
-    slots = jnp.where(slot_mapping < 0, num_pages * page_size, slot_mapping)
+    # Padding slots (-1) are sent out of bounds, each to its own slot, and dropped, never
+    # written to a real page. Real slots are distinct (a token owns its slot; warm-up's dummy
+    # rows share page 0, which no sequence owns), so the scatters promise unique indices:
+    # plain stores on the GPU instead of one atomic read-modify-write per element (session 8).
+    pad = num_pages * page_size + jnp.arange(slot_mapping.shape[0], dtype=slot_mapping.dtype)
+    slots = jnp.where(slot_mapping < 0, pad, slot_mapping)
     page, offset = slots // page_size, slots % page_size
+    put = dict(mode="drop", unique_indices=True)
     if k_scale is not None:
         (k, ks), (v, vs) = quantize_kv(k, k_pages.dtype), quantize_kv(v, v_pages.dtype)
         # scale pools are [P, KVH, page]: index (page, :, offset) takes [T, KVH] like ks
-        k_scale = k_scale.at[page, :, offset].set(ks, mode="drop")
-        v_scale = v_scale.at[page, :, offset].set(vs, mode="drop")
-    k_pages = k_pages.at[page, offset].set(k.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[page, offset].set(v.astype(v_pages.dtype), mode="drop")
+        k_scale = k_scale.at[page, :, offset].set(ks, **put)
+        v_scale = v_scale.at[page, :, offset].set(vs, **put)
+    k_pages = k_pages.at[page, offset].set(k.astype(k_pages.dtype), **put)
+    v_pages = v_pages.at[page, offset].set(v.astype(v_pages.dtype), **put)
     return k_pages, v_pages, k_scale, v_scale

@@ -57,6 +57,30 @@ def test_write_kv_refuses_8bit_pools_without_scales():
         write_kv(z, z, k, k, jnp.arange(3, dtype=jnp.int32))
 
 
+@pytest.mark.parametrize("kv", [None, "fp8"])
+def test_write_kv_drops_padding_slots_and_promises_unique_indices(kv):
+    # Padding slots (-1) go out of bounds, each to its own slot, so the scatters can promise
+    # unique indices (plain stores on a GPU); real slots land where they say, nothing else
+    # changes.
+    P, page, KVH, D = 4, 8, 2, 16
+    rng = np.random.default_rng(3)
+    k = jnp.asarray(rng.normal(size=(6, KVH, D)), jnp.float32)
+    slots = jnp.array([5, -1, 17, -1, -1, 30], jnp.int32)
+    dt = jnp.float32 if kv is None else KV8[kv]
+    scales = () if kv is None else (jnp.ones((P, KVH, page)), jnp.ones((P, KVH, page)))
+    pools = (jnp.zeros((P, page, KVH, D), dt), jnp.zeros((P, page, KVH, D), dt))
+    k_pages, _, k_scale, _ = write_kv(*pools, k, k, slots, *scales)
+    flat = np.asarray(k_pages.astype(jnp.float32)).reshape(P * page, KVH, D)
+    if kv is not None:  # dequantize: scales are [P, KVH, page]
+        flat = flat * np.asarray(k_scale).transpose(0, 2, 1).reshape(P * page, KVH, 1)
+    written = [5, 17, 30]
+    np.testing.assert_allclose(flat[written], np.asarray(k)[[0, 2, 5]],
+                               rtol=0 if kv is None else 0.07, atol=0 if kv is None else 0.02)
+    assert not np.any(np.delete(flat, written, axis=0))  # padding wrote nowhere
+    hlo = jax.jit(write_kv).lower(*pools, k, k, slots, *scales).as_text()
+    assert hlo.count("unique_indices = true") == (2 if kv is None else 4)
+
+
 def _pools(kv, k, v, P, page, KVH, D):
     slots = jnp.arange(P * page, dtype=jnp.int32)
     if kv is None:
