@@ -486,18 +486,38 @@ def _forward_fn(model: Transformer, params, cache, tokens, positions, meta, samp
     return out, (logits if return_logits else None), cache
 
 
-# XLA's dot merger would join q/k/v (they share x) into one GEMM over a weight concatenated
-# afresh in every layer of every step: 3.2 GB of copies per 8B decode step (~1.6 ms at 1024
-# rows, session 8's profile), more than the merged GEMM saves.
-_XLA_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+# XLA's dot merger joins q/k/v (they share x) into one GEMM. Above ~a GEMV it does so over
+# a weight concatenated afresh in every layer of every step: 3.2 GB of copies per 8B decode
+# step at 1024 rows (~1.6 ms, session 8's profile; the run went 12,950 -> 15,265 tok/s with
+# it off and three smaller fixes). At batch 1 the merged GEMV is 3% faster (4.41 vs 4.56 ms
+# per step). Programs of at most MERGE_MAX_TOKENS token rows keep it: the crossover between
+# the two measured sizes is unmeasured; 64 rows keep the GEMMs weight-bound like a GEMV.
+MERGE_MAX_TOKENS = 64
+
+
+class _Jit:
+    """`fn` jitted with and without XLA's dot merger, picked by the program's token rows
+    (args[3], the tokens, in both programs below)."""
+
+    def __init__(self, fn, options: dict, **kw):
+        self.merged = jax.jit(fn, **kw, compiler_options=options)
+        self.split = jax.jit(fn, **kw, compiler_options={
+            **options, "xla_gpu_dot_merger_threshold_mb": 0})
+
+    def pick(self, args):
+        return self.merged if args[3].shape[0] <= MERGE_MAX_TOKENS else self.split
+
+    def __call__(self, *args, **kwargs):
+        return self.pick(args)(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self.pick(args).lower(*args, **kwargs)
 
 
 def _jit_pair(fn, **kw):
     """fn jitted with XLA's CUDA-graph command buffers (its default) and without
     (IMP_JAX_COMMAND_BUFFERS picks per program; separate jits, separate caches)."""
-    return (jax.jit(fn, **kw, compiler_options=_XLA_OPTIONS),
-            jax.jit(fn, **kw, compiler_options={**_XLA_OPTIONS,
-                                                "xla_gpu_enable_command_buffer": ""}))
+    return _Jit(fn, {}, **kw), _Jit(fn, {"xla_gpu_enable_command_buffer": ""}, **kw)
 
 
 _forward, _forward_kernel_by_kernel = _jit_pair(
