@@ -451,9 +451,6 @@ def main():
             mgpu_configs = MGPU_QUICK
         else:
             mgpu_configs = MGPU_SWEEP[:3]
-        if kv == "fp8":  # each config also with f16 dots (e4m3 -> f16: a packed conversion)
-            configs = configs + [dict(c, f16_dots=True) for c in configs]
-            mgpu_configs = mgpu_configs + [dict(c, fp8_f16=True) for c in mgpu_configs]
         try:
             row = bench_case(B, ctx, page, kv, reps=reps, configs=configs, run_ref=run_ref,
                              run_peer=(not smoke) and kv_bf16 <= 9e9, key=sub,

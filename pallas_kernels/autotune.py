@@ -243,9 +243,7 @@ def cached(key: ShapeKey, path: str | None = None):
 def adapt(key: ShapeKey, cfg):
     """Re-apply a (bucket's) winner to key's exact dims through choose_config's overrides."""
     if key.kernel == "mgpu":  # splits are clamped to this shape's blocks, stages to SMEM
-        kw = dataclasses.asdict(cfg)
-        kw.pop("fp8_f16", None)  # $IMP_JAX_FP8_F16 decides (an A/B knob), not the cache
-        return key.heuristic(**kw)
+        return key.heuristic(**dataclasses.asdict(cfg))
     over = dict(block_k_tokens=cfg.pages_per_block * key.page_size, num_splits=cfg.num_splits,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 prefetch_pages=cfg.prefetch_pages)

@@ -53,12 +53,8 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   stage at once, and runs the same wgmmas on the converted tiles. Dequantizing K and V before
   the products keeps every wgmma in bf16 (8-bit wgmma operands must be K-major, which V is not; see
   docs/kernels_notes.md) and the numerics those of the reference, which dequantizes first.
-  `fp8_f16=True` (or $IMP_JAX_FP8_F16=1) converts to f16 instead, with no per-element
-  scale: one packed cvt per two elements. The per-key scales then multiply the logits (K)
-  and the probabilities before P V (V, lifted by `P_LIFT` out of f16's subnormals), and q and
-  P run in f16 (more mantissa than bf16: 1e-3 error against the reference on the tests' data,
-  where the bf16 path has 4e-3). Session 6 found the conversion to be the bound, so this path
-  is to be timed against the other on a GPU.
+  (An f16 variant, e4m3 -> f16 tiles with the per-key scales moved onto the logits and the
+  probabilities, lost its H200 A/B against this path in session 8 and was deleted.)
 * `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
   and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
   Each head has its own ring, barriers and buffers (a leading [2] axis); the sequence's
@@ -89,8 +85,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.flash_prefill import (LOG2E, SMEM_BYTES_H100, check_ring, interpret_params,
                                           softmax_state)
 # NEG: log-sum-exp of a split that saw no key (the combine's convention)
-from pallas_kernels.paged_decode import (NEG, NUM_SMS_H100, P_LIFT, combine_splits,
-                                         fp8_f16_default)
+from pallas_kernels.paged_decode import NEG, NUM_SMS_H100, combine_splits
 
 MQ = 64                        # query rows of one wgmma (the G real rows are padded to it)
 FP8 = jnp.float8_e4m3fn        # the 8-bit page dtype this kernel reads (with scales)
@@ -103,14 +98,9 @@ class DecodeConfig:
     num_stages: int = 4        # depth of the K/V SMEM ring
     num_splits: int = 1        # split-K partitions of each sequence's KV blocks
     compat: bool = False       # interpret-safe PV path (P via SMEM, separate accumulator)
-    # 8-bit pages: convert e4m3 tiles to f16 with no per-element scale (one packed cvt per two
-    # elements, against e4m3 -> f32, a multiply and -> bf16 per element), and apply the
-    # per-key scales to the logits (K) and the probabilities (V); q and P run in f16.
-    # Unmeasured on a GPU so far (session 7): the benchmark sweeps both.
-    fp8_f16: bool = False
     # KV heads per CTA, one consumer warpgroup each, fed by one producer: the CTA's fixed costs
     # (scalar loads, Q load, ring fill, output store) are shared and two consumers convert /
-    # compute at once. For short contexts and 8-bit pages; unmeasured on a GPU (session 7).
+    # compute at once. For short contexts and 8-bit pages (H200 numbers: _heads_per_cta).
     heads_per_cta: int = 1
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
@@ -167,7 +157,6 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                   block_kv: int | None = None, num_stages: int | None = None,
                   num_splits: int | None = None, compat: bool = False,
                   num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
-                  fp8_f16: bool | None = None,
                   heads_per_cta: int | None = None) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
@@ -180,8 +169,6 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     # 1.46x; they lost (by <= 7%) at 1 and 8 x 4k. At short contexts (<= SHORT_CTX keys, a
     # CTA has 2-4 blocks of 128) 64-key blocks in 6 stages won: 1024 x 256 -16%, 256 x 512
     # -4%; at 64 x 1k they lost by 13% (H200, session 4, same table).
-    if fp8_f16 is None:
-        fp8_f16 = fp8_f16_default()
     short = max_pages * page_size <= SHORT_CTX and page_size <= 64
     if heads_per_cta is None:
         heads_per_cta = _heads_per_cta(S, KVH, short or kv_itemsize == 1, num_sms)
@@ -197,7 +184,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         num_splits = min(num_splits, max(1, max_blocks // 2))
     num_splits = max(1, min(int(num_splits), max_blocks))
     return fit_smem(DecodeConfig(block_kv=block_kv, num_stages=num_stages,
-                                 num_splits=num_splits, compat=compat, fp8_f16=fp8_f16,
+                                 num_splits=num_splits, compat=compat,
                                  heads_per_cta=heads_per_cta), D, kv_itemsize)
 
 
@@ -252,31 +239,21 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
     c_log2 = float(scale) * LOG2E
     MP = partial_rows(G)
 
-    f16 = quant and cfg.fp8_f16
-    cdt = jnp.dtype(jnp.float16) if f16 else jnp.dtype(dtype)   # the wgmma operands' dtype
-
     def of_head(ref, i):
         """Head i's part of a per-head buffer or barrier array (none has a head axis when
         nh == 1, which keeps that kernel as it was)."""
         return ref if nh == 1 else ref.at[i]
 
     def convert(src8, scales, dst):
-        """An 8-bit [B, D] stage -> `cdt` in `dst`, each key (row) times its scale (with
-        fp8_f16: no scale, the caller applies it to the logits / probabilities); in passes of
-        CONVERT_ROWS rows (a 128 x 128 tile in f32 would need 128 registers per thread)."""
+        """An 8-bit [B, D] stage -> q's dtype in `dst`, each key (row) times its scale; in
+        passes of CONVERT_ROWS rows (a 128 x 128 tile in f32 would need 128 registers per
+        thread at once)."""
         n = min(CONVERT_ROWS, B)
         for r in range(0, B, n):
-            if f16:
-                dst.at[pl.ds(r, n)][...] = src8.at[pl.ds(r, n)][...].astype(cdt)
-                continue
             x = src8.at[pl.ds(r, n)][...].astype(jnp.float32)
             sc = scales.at[pl.ds(r, n)][...]
             dst.at[pl.ds(r, n)][...] = (x * lax.broadcast_in_dim(sc, x.shape, [0])).astype(dtype)
         plgpu.commit_smem()
-
-    def key_scales(scales):
-        """A stage's per-key scales as a row over the logits' columns (fp8_f16)."""
-        return plgpu.load(scales, layout=plgpu.Layout.WGMMA.reduce(0))
 
     def kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, out_refs, scoped):
         s = lax.axis_index("seq")
@@ -326,7 +303,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(h * G, G)], qst.at[pl.ds(0, G)],
                                         q_bar)
                 plgpu.barrier_wait(q_bar)
-                q_smem[...] = qst[...].astype(cdt)
+                q_smem[...] = qst[...]
                 plgpu.commit_smem()
 
                 m_i, l_i, acc = softmax_state(MQ, D)
@@ -337,8 +314,6 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     plgpu.barrier_wait(k_bars.at[bo + slot])
                     k_tile = k_smem.at[slot]
                     if quant:  # converted, the 8-bit stage goes straight back to the producer
-                        if f16:  # read before the stage (scales included) is released
-                            ksc = key_scales(ks_smem.at[slot])
                         convert(k_tile, ks_smem.at[slot], k16)
                         plgpu.barrier_arrive(k_cons.at[bo + slot])
                         k_tile = k16
@@ -349,8 +324,6 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     sc = pl.run_scoped(compute_qk, plgpu.ACC((MQ, B), jnp.float32))
                     if not quant:
                         plgpu.barrier_arrive(k_cons.at[bo + slot])
-                    if f16:  # q . (s_k k) = s_k (q . k): one multiply per logit
-                        sc = sc * lax.broadcast_in_dim(ksc, sc.shape, [1])
                     if masked:
                         cols = plgpu.broadcasted_iota(jnp.int32, (MQ, B), 1,
                                                       layout=plgpu.Layout.WGMMA)
@@ -362,10 +335,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
                     plgpu.barrier_wait(v_bars.at[bo + slot])
-                    if f16:  # sum_k p_k (s_k v_k) = sum_k (p_k s_k) v_k
-                        vsc = key_scales(vs_smem.at[slot]) * P_LIFT
-                        p = p * lax.broadcast_in_dim(vsc, p.shape, [1])
-                    p16 = p.astype(cdt)
+                    p16 = p.astype(dtype)
                     v_tile = v_smem.at[slot]
                     if quant:
                         convert(v_tile, vs_smem.at[slot], v16)
@@ -396,7 +366,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 # A split that saw no key (past its sequence's end) has l == 0: O = 0, lse = NEG.
                 has = l_i > 0.0
                 l_safe = jnp.where(has, l_i, 1.0)
-                out = acc / lax.broadcast_in_dim(l_safe * P_LIFT if f16 else l_safe, (MQ, D), [0])
+                out = acc / lax.broadcast_in_dim(l_safe, (MQ, D), [0])
                 if splits == 1:
                     (o_ref,) = out_refs
                     qst[...] = out.astype(dtype)
@@ -520,17 +490,17 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         sw = min(128, D * kv_dtype.itemsize)
         kv_tiles = (plgpu.TilingTransform((8, sw // kv_dtype.itemsize)),
                     plgpu.SwizzleTransform(sw))
-        q_smem = plgpu.SMEM(per((MQ, D)), cdt, transforms=(tiling, swizzle))
+        q_smem = plgpu.SMEM(per((MQ, D)), dtype, transforms=(tiling, swizzle))
         qst = plgpu.SMEM(per((MQ, D)), dtype)         # unswizzled Q-in / O-out staging
         kb = plgpu.SMEM(per((stages, B, D)), kv_dtype, transforms=kv_tiles)
         vb = plgpu.SMEM(per((stages, B, D)), kv_dtype, transforms=kv_tiles)
-        pb = (plgpu.SMEM(per((MQ, B)), cdt, transforms=(tiling, swizzle)) if cfg.compat
+        pb = (plgpu.SMEM(per((MQ, B)), dtype, transforms=(tiling, swizzle)) if cfg.compat
               else None)
         if quant:   # each stage's per-key scales, and one converted K and V tile
             conv = (plgpu.SMEM(per((stages, B)), jnp.float32),
                     plgpu.SMEM(per((stages, B)), jnp.float32),
-                    plgpu.SMEM(per((B, D)), cdt, transforms=(tiling, swizzle)),
-                    plgpu.SMEM(per((B, D)), cdt, transforms=(tiling, swizzle)))
+                    plgpu.SMEM(per((B, D)), dtype, transforms=(tiling, swizzle)),
+                    plgpu.SMEM(per((B, D)), dtype, transforms=(tiling, swizzle)))
         else:
             conv = (None, None, None, None)
         if splits > 1:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import jax
@@ -61,27 +60,9 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     prefetch_pages: bool = True  # carry the next block's page ids through the loop
-    # float8 pages: dots in f16 (e4m3 -> f16 is one packed cvt per two elements; -> bf16 is not
-    # native on Hopper). The scales are applied outside the dots either way. A/B knob until a
-    # GPU run picks (docs/kernels_notes.md, session 7).
-    f16_dots: bool = False
 
 
 QUANT_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))
-# f16 products over e4m3 pages (f16_dots here, decode_mgpu's fp8_f16): P times V's per-key
-# scales (amax / 448) goes through f16, whose normals end at 6e-5, so small values (V below
-# ~0.03) would lose mantissa. This power of two lifts them (exactly) and the output divides it
-# back out; P * scale * P_LIFT stays below f16's max while |V| < ~28k.
-P_LIFT = 1024.0
-
-
-def fp8_f16_default() -> bool:
-    """$IMP_JAX_FP8_F16=1: both decode kernels take the f16 products on e4m3 pages (an A/B
-    knob until a GPU run picks one path; docs/kernels_notes.md, session 7)."""
-    value = os.environ.get("IMP_JAX_FP8_F16", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"IMP_JAX_FP8_F16={value!r}; allowed: 0, 1")
-    return value == "1"
 
 
 def supported(q_shape, k_shape, k_dtype=None) -> bool:
@@ -100,12 +81,10 @@ def supported(q_shape, k_shape, k_dtype=None) -> bool:
 
 def choose_config(S, KVH, G, max_query_len, max_pages, page_size, *, block_k_tokens=None,
                   num_warps=None, num_stages=None, target_programs=None, num_splits=None,
-                  prefetch_pages=True, block_q=None, f16_dots=None):
+                  prefetch_pages=True, block_q=None):
     """Heuristic launch config. Every knob can be overridden (the benchmark sweeps them, the
     autotuner re-applies cached winners through the overrides)."""
     Q = int(max_query_len)
-    if f16_dots is None:
-        f16_dots = fp8_f16_default()
     if block_q is not None:               # override (autotuner), clamped to the query length
         block_q = max(1, min(int(block_q), Q))
     elif Q * G <= 64:                     # decode / spec-decode: one query block
@@ -137,7 +116,7 @@ def choose_config(S, KVH, G, max_query_len, max_pages, page_size, *, block_k_tok
         num_stages = 3 if (num_splits <= 2 and ppb * page_size <= 64) else 2
     return KernelConfig(block_q=block_q, pages_per_block=ppb, num_splits=num_splits,
                         num_warps=num_warps, num_stages=num_stages,
-                        prefetch_pages=bool(prefetch_pages), f16_dots=bool(f16_dots))
+                        prefetch_pages=bool(prefetch_pages))
 
 
 def _rows(M: int, G: int, h):
@@ -180,8 +159,7 @@ def _zero_padding_tokens(o_ref, qs_ref, *, s, h, enabled, M, G, H, S, T, D):
 
 def _attn_kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, soft_cap,
                  sliding_window, G, H, block_q, rows_real, page_size, ppb, pages_per_split,
-                 num_splits, precision, prefetch_pages, max_pages, M, D, T, S, quantized,
-                 f16_dots=False):
+                 num_splits, precision, prefetch_pages, max_pages, M, D, T, S, quantized):
     if quantized:
         ks_ref, vs_ref, *out_refs = refs
     else:
@@ -219,8 +197,7 @@ def _attn_kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, soft
     # they are masked everywhere below).
     q_row = jnp.clip((q0 + tok_j) * H + head, 0, T * H - 1)
     q = q_ref[q_row, :]                                   # [M, D]
-    cdt = jnp.float16 if f16_dots else q.dtype            # dot operand dtype
-    q = q.astype(cdt)
+    cdt = q.dtype                                         # dot operand dtype
     if soft_cap is None:
         qk_scale = scale * LOG2E
     kcols = jnp.arange(BK, dtype=jnp.int32)
@@ -269,8 +246,6 @@ def _attn_kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, soft
             # rather than dequantizing [BK, D] values. The cast of p*vs rounds like the cast
             # of p does on the unquantized path, so the error is the same.
             vs = vs_ref[pages].reshape(BK)
-            if f16_dots:  # lifted out of f16's subnormals (decode_mgpu.P_LIFT), divided out below
-                vs = vs * P_LIFT
             p_dot = (p * vs[None, :]).astype(cdt)
         else:
             p_dot = p.astype(cdt)
@@ -287,7 +262,7 @@ def _attn_kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, soft
     else:
         acc, m, l = lax.fori_loop(0, n_it, body, (acc0, m0, l0))
     has = l > 0.0
-    out = acc / (jnp.where(has, l, 1.0) * (P_LIFT if f16_dots else 1.0))[:, None]
+    out = acc / jnp.where(has, l, 1.0)[:, None]
     if num_splits == 1:
         (o_ref,) = out_refs
         _store_rows(o_ref, out, q0 + tok_j, head, row_ok, H)
@@ -371,9 +346,6 @@ def paged_attention_kernel(q, k_pages, v_pages, page_table, seq_lens, query_star
         pages_per_split=pages_per_split, num_splits=nsplit,
         prefetch_pages=config.prefetch_pages, max_pages=max_pages, M=M, D=D, T=T, S=S,
         quantized=quantized,
-        # 16-bit queries only (an f32 query would lose precision in f16)
-        f16_dots=(config.f16_dots and jnp.dtype(k_pages.dtype) == jnp.dtype(jnp.float8_e4m3fn)
-                  and jnp.dtype(q.dtype).itemsize == 2),
         precision=(lax.Precision.HIGHEST if q.dtype == jnp.float32 else None))
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
     pool = pl.BlockSpec((P, page_size, None, D), lambda s, h, b, k: (0, 0, h, 0))

@@ -282,6 +282,32 @@ def test_mgpu_winner_round_trip_and_adapt(cache_file):
     assert small == k and autotune.lookup(small).num_splits == 5
 
 
+def test_entries_with_the_deleted_f16_fields_still_load(cache_file):
+    """Caches written before session 8 deleted the f16 products over e4m3 pages hold
+    "fp8_f16" (decode_mgpu) / "f16_dots" (Triton) keys: dropped, the rest of the winner used."""
+    import warnings
+
+    from pallas_kernels import decode_mgpu
+
+    k, t = mgpu_key(S=64, max_pages=64), key_of(S=64, max_pages=64, kind="H200")
+    mgpu_old = dict(block_kv=64, num_stages=6, num_splits=2, compat=False, fp8_f16=True,
+                    heads_per_cta=1)
+    triton_old = dict(block_q=1, pages_per_block=4, num_splits=3, num_warps=8, num_stages=3,
+                      prefetch_pages=False, f16_dots=True)
+    autotune.save_entry(k, dict(config=mgpu_old, us=1.0))
+    autotune.save_entry(t, dict(config=triton_old, us=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not "malformed": the entries are used
+        assert autotune.cached(k) == decode_mgpu.DecodeConfig(block_kv=64, num_stages=6,
+                                                              num_splits=2)
+        assert autotune.lookup(k) == k.heuristic(block_kv=64, num_stages=6, num_splits=2,
+                                                 heads_per_cta=1)
+        assert autotune.cached(t) == KernelConfig(block_q=1, pages_per_block=4, num_splits=3,
+                                                  num_warps=8, num_stages=3,
+                                                  prefetch_pages=False)
+        assert autotune.lookup(t).num_warps == 8
+
+
 def test_entry_point_passes_the_mgpu_winner(monkeypatch):
     """On a GPU, decode steps decode_mgpu covers get the cached winner of their mgpu key. The
     Mosaic GPU kernel does not run on this CPU, so a stand-in records the config it is given and

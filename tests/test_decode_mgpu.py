@@ -66,26 +66,17 @@ CASES = [
     ("g4_d64_p16_fp8_split3", [300, 129, 16], 8, 2, 64, 16, 0, 0, C(64, 2, 3), "fp8"),
     ("g4_d128_p128_fp8_gt_block", [130, 257], 8, 2, 128, 128, 1, 0, C(64, 2, 1), "fp8"),
     ("g4_d128_p16_b128_fp8_split2", [300, 129], 8, 2, 128, 16, 0, 0, C(128, 2, 2), "fp8"),
-    # fp8_f16: e4m3 -> f16 tiles with the scales on the logits and probabilities, q and P in f16
-    ("g4_d128_p16_fp8_f16_direct", [100, 37, 1], 8, 2, 128, 16, 1, 2,
-     C(64, 2, 1, fp8_f16=True), "fp8"),
-    ("g4_d128_p16_b128_fp8_f16_split2", [300, 129, 16], 8, 2, 128, 16, 0, 0,
-     C(128, 2, 2, fp8_f16=True), "fp8"),
-    ("g4_d128_p128_fp8_f16_gt_block", [130, 257], 8, 2, 128, 128, 1, 0,
-     C(64, 2, 1, fp8_f16=True), "fp8"),
     # heads_per_cta=2: two consumer warpgroups (one KV head each) fed by one producer
     ("g4_d128_p16_2heads", [100, 37, 1], 8, 2, 128, 16, 1, 2, C(64, 2, 1, heads_per_cta=2),
      "bf16"),
     ("g2_d64_p16_2heads_split3", [300, 129, 16], 8, 4, 64, 16, 0, 0,
      C(64, 2, 3, heads_per_cta=2), "bf16"),
-    ("g4_d128_p16_fp8_f16_2heads", [100, 37, 1], 8, 2, 128, 16, 1, 2,
-     C(64, 2, 1, fp8_f16=True, heads_per_cta=2), "fp8"),
+    ("g4_d128_p16_fp8_2heads", [100, 37, 1], 8, 2, 128, 16, 1, 2,
+     C(64, 2, 1, heads_per_cta=2), "fp8"),
     ("g2_d64_p16_2heads_kvh4", [77, 200], 8, 4, 64, 16, 1, 1, C(64, 2, 1, heads_per_cta=2),
      "bf16"),
-    ("g4_d64_p16_fp8_f16_smallv_split2", [300, 129, 16], 8, 2, 64, 16, 0, 0,
-     C(64, 2, 2, fp8_f16=True), "fp8"),
-    ("g2_d64_p16_fp8_f16_2heads_split2", [130, 50], 8, 4, 64, 16, 0, 1,
-     C(64, 2, 2, fp8_f16=True, heads_per_cta=2), "fp8"),
+    ("g2_d64_p16_fp8_2heads_split2", [130, 50], 8, 4, 64, 16, 0, 1,
+     C(64, 2, 2, heads_per_cta=2), "fp8"),
 ]
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "fp8": jnp.bfloat16}  # fp8: q's dtype
 
@@ -99,17 +90,16 @@ def make_case(seed, seq_lens, H, KVH, D, page, S_pad=0, T_pad=0, dtype=jnp.bfloa
 rel = mgpu_interpret.rel
 
 
-def quantized(args, seed=0, v_mag=1.0):
+def quantized(args, seed=0):
     """The case with float8_e4m3fn pages: values spread over ~2 decades per token and head (a
-    wrong or missing scale shows), V times v_mag, quantized by the cache's own quantizer;
-    (args, scales)."""
+    wrong or missing scale shows), quantized by the cache's own quantizer; (args, scales)."""
     from imp_jax.cache import quantize_pool
 
     q, kp, vp, pt, sl, qs = args
     rng = np.random.default_rng(seed)
     mag = lambda: jnp.asarray(np.exp(rng.uniform(-2, 2, kp.shape[:3] + (1,))), jnp.float32)
     k8, ks = quantize_pool(kp.astype(jnp.float32) * mag(), jnp.float8_e4m3fn)
-    v8, vs = quantize_pool(vp.astype(jnp.float32) * mag() * v_mag, jnp.float8_e4m3fn)
+    v8, vs = quantize_pool(vp.astype(jnp.float32) * mag(), jnp.float8_e4m3fn)
     return (q, k8, v8, pt, sl, qs), dict(k_scale=ks, v_scale=vs)
 
 
@@ -127,8 +117,8 @@ def run_case(case, *, interpret, config="case"):
         cfg = config
     args = make_case(0, lens, H, KVH, D, page, S_pad, T_pad, DTYPES[dt])
     scales = None
-    if dt == "fp8":  # "smallv": V of order 1e-5 (P * scale in f16's subnormals, unless lifted)
-        args, scales = quantized(args, v_mag=1e-5 if "smallv" in name else 1.0)
+    if dt == "fp8":
+        args, scales = quantized(args)
     scale = D ** -0.5
     out = paged_decode_mgpu(*args, scale=scale, interpret=interpret, config=cfg,
                             **(scales or {}))
@@ -262,10 +252,8 @@ FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
              (8, 2048, {}, dict(num_splits=4)), (8, 2048, dict(page=128), dict(num_splits=2)),
              (8, 2048, dict(page=32, D=64, H=8, KVH=8), {}),
              (64, 4096, {}, dict(block_kv=64, num_stages=6)),
-             (8, 2048, {}, dict(fp8_f16=True)), (256, 2048, {}, dict(fp8_f16=True)),
-             (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(fp8_f16=True)),
-             (64, 4096, {}, dict(block_kv=64, num_stages=3, num_splits=2, fp8_f16=True)),
-             (1024, 256, {}, dict(block_kv=64, num_stages=3, heads_per_cta=2, fp8_f16=True)),
+             (64, 4096, {}, dict(block_kv=64, num_stages=3, num_splits=2)),
+             (1024, 256, {}, dict(block_kv=64, num_stages=3, heads_per_cta=2)),
              (8, 2048, {}, dict(block_kv=64, num_stages=2, heads_per_cta=2))]
 
 
@@ -289,13 +277,6 @@ def test_fp8_scales_must_have_the_cache_layout():
                           scale=0.1, k_scale=old, v_scale=old, interpret=True)
 
 
-def test_fp8_f16_knob(monkeypatch):
-    assert not choose_config(8, 8, 128, 16, kv_itemsize=1).fp8_f16
-    monkeypatch.setenv("IMP_JAX_FP8_F16", "1")
-    assert choose_config(8, 8, 128, 16, kv_itemsize=1).fp8_f16
-    assert not choose_config(8, 8, 128, 16, kv_itemsize=1, fp8_f16=False).fp8_f16
-
-
 def test_heads_per_cta_choice(monkeypatch):
     # the heuristic: two heads per CTA at short contexts once S * KVH / 2 CTAs fill the SMs
     cfg = choose_config(1024, 8, 16, 16)  # 1024 x 256, the winner measured on an H200
@@ -316,9 +297,6 @@ def test_heads_per_cta_choice(monkeypatch):
     monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "4")
     with pytest.raises(ValueError, match="IMP_JAX_MGPU_HEADS='4'; allowed: 1, 2"):
         choose_config(1024, 8, 16, 16)
-    monkeypatch.setenv("IMP_JAX_FP8_F16", "yes")
-    with pytest.raises(ValueError, match="IMP_JAX_FP8_F16='yes'; allowed: 0, 1"):
-        choose_config(1024, 8, 16, 16, heads_per_cta=1)
 
 
 def test_oversized_config_rejected():
@@ -332,7 +310,7 @@ def test_oversized_config_rejected():
 
 def _interpret_worker():
     races = [CASES[1]] + [c for c in CASES if c[0] in ("g2_d64_p16_2heads_split3",
-                                                         "g2_d64_p16_fp8_f16_2heads_split2")]
+                                                         "g2_d64_p16_fp8_2heads_split2")]
     mgpu_interpret.worker(CASES, run_case, races)
 
 
@@ -346,7 +324,7 @@ interpret_results, test_interpret_vs_reference, test_interpret_no_races = \
 
 GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
                "b64x2": dict(block_kv=64, num_stages=2), "b64x6": dict(block_kv=64, num_stages=6),
-               "compat": dict(compat=True), "fp8_f16": dict(fp8_f16=True),
+               "compat": dict(compat=True),
                "2heads": dict(block_kv=64, num_stages=3, heads_per_cta=2)}
 
 
@@ -356,8 +334,6 @@ GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
 def test_gpu_small_cases(case, cfg):
     name, lens, H, KVH, D, page, *_ = case
     kw = GPU_CONFIGS[cfg]
-    if cfg == "fp8_f16" and case[9] != "fp8":
-        pytest.skip("fp8_f16 changes only the 8-bit path")
     if kw is not None and KVH % kw.get("heads_per_cta", 1):
         pytest.skip("heads_per_cta does not divide the KV heads")
     config = "case" if kw is None else choose_config(
