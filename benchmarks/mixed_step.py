@@ -2,10 +2,10 @@
 P prompt chunks of L tokens beside D decode rows at context C, as the engine's 256-row and
 1024-row runs schedule them. Per mode: the runner's enqueue time, the whole step (to its
 tokens on the host), and the prompt and decode programs alone (the prompt program holds the
-first $IMP_JAX_PROMPT_ROWS chunks, default 16, as the step's prompt groups do).
+first $IMP_JAX_PROMPT_ROWS chunks, default 64, as the step's prompt groups do).
 
     python benchmarks/mixed_step.py --model random:llama3-8b --prompts 14 --decode 240
-    IMP_JAX_PROMPT_ROWS=64 python benchmarks/mixed_step.py --prompts 64 --decode 1000 ...
+    IMP_JAX_PROMPT_ROWS=16 python benchmarks/mixed_step.py --prompts 64 --decode 960 ...
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python benchmarks/mixed_step.py ...
 
 --pool-gb sizes the KV pool as the engine does (~100 GB at 0.9 of an H200) instead of just the

@@ -153,9 +153,11 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
         raise ValueError(f"{k_pages.dtype} KV pools need their k_scale / v_scale pools")
     num_pages, page_size = k_pages.shape[:2]
     # Padding slots (-1) are sent out of bounds, each to its own slot, and dropped, never
-    # written to a real page. Real slots are distinct (a token owns its slot; warm-up's dummy
-    # rows share page 0, which no sequence owns), so the scatters promise unique indices:
-    # plain stores on the GPU instead of one atomic read-modify-write per element (session 8).
+    # written to a real page. Real slots are distinct (a token owns its slot), so the scatters
+    # promise unique indices: plain stores on the GPU instead of one atomic read-modify-write
+    # per element (session 8). Only warm-up's dummy steps break the promise: their rows all
+    # write page 0, which no sequence owns and every read masks, so whichever store lands there
+    # is harmless.
     pad = num_pages * page_size + jnp.arange(slot_mapping.shape[0], dtype=slot_mapping.dtype)
     slots = jnp.where(slot_mapping < 0, pad, slot_mapping)
     page, offset = slots // page_size, slots % page_size

@@ -12,8 +12,8 @@ and KV head, imp_jax/cache.py's layout); the kernel dequantizes the tiles it rea
 reference the pages it gathers.
 
 Dispatch: on a GPU, decode steps go to `decode_mgpu.py` when it covers them
-(IMP_JAX_DECODE=triton opts out, and IMP_JAX_DECODE_8BIT=triton for float8_e4m3fn pages, see
-`decode_kernel`); prompt steps the Mosaic GPU kernel covers (`use_flash_prefill`) run
+(IMP_JAX_DECODE=triton opts out; float8_e4m3fn pages only with two KV heads per CTA, see
+`mgpu_decode_config`); prompt steps the Mosaic GPU kernel covers (`use_flash_prefill`) run
 `flash_prefill.py` (FA3-style: TMA K/V page gathers, two wgmma warpgroups, work list longest
 first). Otherwise, on a GPU (or with interpret=True) the Pallas kernel of `paged_decode.py` runs, in its
 decode form (one query block holding all max_query_len tokens, split-K over pages) when
@@ -91,13 +91,30 @@ def decode_kernel() -> str:
 
 def decode_kernel_8bit() -> str:
     """$IMP_JAX_DECODE_8BIT: which kernel reads float8_e4m3fn pages in decode steps on a GPU.
-    "mgpu" (the default): with two KV heads per CTA (two converting warpgroups) it beat the
-    Triton kernel by 13-14% on an H200 (256 x 2048: 551 vs 642 us; 64 x 4096: 336 vs 387;
-    docs/benchmarks.md session 8); "triton" opts out (int8 pages always take Triton)."""
+    "mgpu" (the default): decode_mgpu where it serves two KV heads per CTA (two converting
+    warpgroups; `mgpu_decode_config`), which beat the Triton kernel by 13-18% on an H200
+    (256 x 2048: 551 vs 671 us; 64 x 4096: 336 vs 387; docs/benchmarks.md session 8), the
+    Triton kernel elsewhere; "triton" always the Triton kernel (int8 pages always take it)."""
     choice = os.environ.get("IMP_JAX_DECODE_8BIT", "mgpu")
     if choice not in DECODE_KERNELS:
         raise ValueError(f"IMP_JAX_DECODE_8BIT={choice!r}; allowed: {', '.join(DECODE_KERNELS)}")
     return choice
+
+
+def mgpu_decode_config(q, k_pages, page_table, max_query_len: int, *, k_scale=None,
+                       soft_cap=None, sliding_window=None):
+    """decode_mgpu's launch config for this step on a GPU, or None where another kernel serves
+    it: the env choices above, the shapes `decode_mgpu.supported` covers, and for 8-bit pages
+    only configs with two KV heads per CTA, the only ones that beat the Triton kernel on
+    e4m3 pages (session 8; with one head it was level or behind, sessions 6-7)."""
+    if decode_kernel() != "mgpu" or (k_scale is not None and decode_kernel_8bit() != "mgpu"):
+        return None
+    if not decode_mgpu.supported(q.shape, k_pages.shape, q.dtype, max_query_len,
+                                 k_dtype=k_pages.dtype, soft_cap=soft_cap,
+                                 sliding_window=sliding_window, k_scale=k_scale):
+        return None
+    config = kernel_config(q, k_pages, page_table, 1, kernel="mgpu")
+    return None if k_scale is not None and config.heads_per_cta != 2 else config
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_start, *,
@@ -112,14 +129,12 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_star
         return flash_prefill.flash_prefill(q, k_pages, v_pages, page_table, seq_lens,
                                            query_start, scale=float(scale),
                                            max_query_len=int(max_query_len))
-    mgpu = decode_kernel() == "mgpu" and (k_scale is None or decode_kernel_8bit() == "mgpu")
-    if on_gpu and mgpu and decode_mgpu.supported(
-            q.shape, k_pages.shape, q.dtype, max_query_len, k_dtype=k_pages.dtype,
-            soft_cap=soft_cap, sliding_window=sliding_window, k_scale=k_scale):
+    mgpu = on_gpu and mgpu_decode_config(q, k_pages, page_table, max_query_len, k_scale=k_scale,
+                                         soft_cap=soft_cap, sliding_window=sliding_window)
+    if mgpu:
         return decode_mgpu.paged_decode_mgpu(
             q, k_pages, v_pages, page_table, seq_lens, query_start, scale=float(scale),
-            max_query_len=1, config=kernel_config(q, k_pages, page_table, 1, kernel="mgpu"),
-            k_scale=k_scale, v_scale=v_scale)
+            max_query_len=1, config=mgpu, k_scale=k_scale, v_scale=v_scale)
     use_kernel = ((interpret or on_gpu) and supported(q.shape, k_pages.shape, k_pages.dtype))
     if not use_kernel:
         return ragged_paged_attention_ref(q, k_pages, v_pages, page_table, seq_lens, query_start,

@@ -193,7 +193,7 @@ def _heads_per_cta(S: int, KVH: int, wanted: bool, num_sms: int) -> int:
     (S * KVH / 2) fill the SMs. At short contexts a CTA's fixed costs are half its time and
     the second consumer shares them; on 8-bit pages it doubles the conversion throughput.
     H200, session 8 (docs/kernels_notes.md): bf16 1024 x 256 404 -> 321 us, 256 x 512 198 ->
-    173 us, but 64 x 1k +14% and 8 x 2k +8%; e4m3 256 x 2k 655 -> 551 us, 64 x 4k 383 ->
+    173 us, but 64 x 1k +14% and 8 x 2k +8%; e4m3 256 x 2k 655 -> 551 us, 64 x 4k 381.5 ->
     336 us. $IMP_JAX_MGPU_HEADS=1 or 2 forces a choice (where 2 divides KVH)."""
     value = os.environ.get("IMP_JAX_MGPU_HEADS")
     if value not in (None, "1", "2"):

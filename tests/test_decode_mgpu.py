@@ -409,3 +409,26 @@ def test_decode_kernel_choices_name_a_bad_value(monkeypatch):
     monkeypatch.setenv("IMP_JAX_DECODE_8BIT", "fast")
     with pytest.raises(ValueError, match="IMP_JAX_DECODE_8BIT='fast'; allowed: triton, mgpu"):
         pallas_kernels.decode_kernel_8bit()
+
+
+def test_8bit_pages_take_decode_mgpu_only_with_two_heads_per_cta(monkeypatch, tmp_path):
+    # e4m3 pages beat the Triton kernel only with two KV heads per CTA (session 8); with one
+    # (few rows) the Triton kernel serves them. bf16 pages take decode_mgpu either way.
+    import pallas_kernels
+
+    monkeypatch.setenv("IMP_JAX_AUTOTUNE_CACHE", str(tmp_path / "none.json"))  # heuristics
+    fp8 = jnp.float8_e4m3fn
+
+    def config(S, kv_dtype, scaled):
+        q = jax.ShapeDtypeStruct((S, 32, 128), jnp.bfloat16)
+        pages = jax.ShapeDtypeStruct((4096, 16, 8, 128), kv_dtype)
+        table = jax.ShapeDtypeStruct((S, 128), jnp.int32)  # 2k keys
+        scale = jax.ShapeDtypeStruct((4096, 8, 16), jnp.float32) if scaled else None
+        return pallas_kernels.mgpu_decode_config(q, pages, table, 1, k_scale=scale)
+
+    assert config(256, fp8, True).heads_per_cta == 2
+    assert config(8, fp8, True) is None                  # 32 two-head CTAs: Triton
+    assert config(8, jnp.bfloat16, False).heads_per_cta == 1
+    monkeypatch.setenv("IMP_JAX_DECODE_8BIT", "triton")
+    assert config(256, fp8, True) is None
+    assert config(256, jnp.bfloat16, False) is not None
