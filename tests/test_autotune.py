@@ -78,6 +78,7 @@ def test_cache_round_trip(cache_file):
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"version": 99, "entries": {}}',
+                                  '{"version": 1, "entries": {}}',  # before session 8's configs
                                   "\xff\xfe garbage"])
 def test_corrupt_cache_ignored(cache_file, text):
     cache_file.parent.mkdir(parents=True, exist_ok=True)
