@@ -147,6 +147,12 @@ def supported(q_shape, k_pages_shape, dtype=None, max_query_len: int = 1, *, k_d
     # A page is copied as [page, D] boxes into 8-row SMEM tiles; blocks of 64 / 128 keys.
     if page % 8 or not (64 % page == 0 or page % 64 == 0):
         return False
+    # Pages over 128 keys are read as whole blocks: two stages of them must fit SMEM (256-key
+    # pages at D=128 do not; the Triton kernel serves those).
+    if page > 128:
+        ring = DecodeConfig(block_kv=page, num_stages=2, num_splits=1)
+        if smem_bytes(ring, D, kv_itemsize=1 if k_scale is not None else 2) > SMEM_BYTES_H100:
+            return False
     return True
 
 

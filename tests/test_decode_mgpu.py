@@ -150,6 +150,8 @@ def test_supported():
     assert not supported((8, 128, 128), (9, 16, 1, 128), jnp.bfloat16, 1)  # G > 64 rows
     assert not supported((8, 32, 128), (9, 4, 8, 128), jnp.bfloat16, 1)   # page < 8-row tile
     assert not supported((8, 32, 128), (9, 48, 8, 128), jnp.bfloat16, 1)  # 48 vs 64 blocks
+    assert not supported((8, 32, 128), (9, 256, 8, 128), jnp.bfloat16, 1)  # ring over SMEM
+    assert supported((8, 32, 64), (9, 256, 8, 64), jnp.bfloat16, 1)        # fits at D=64
 
 
 @pytest.mark.parametrize("B,ctx", [(B, c) for B in (1, 8, 64, 256)
