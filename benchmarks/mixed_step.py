@@ -44,6 +44,7 @@ def main(argv=None) -> int:
         ap.error("--prompts/--decode must be >= 0, --prompt-len/--context/--reps >= 1")
     import jax
 
+    from imp_jax.cache import KVCache
     from imp_jax.loaders import load_model
     from imp_jax.runner import COMMAND_BUFFER_MODES, ModelRunner, StepSeq
     from imp_jax.sampling import SamplingParams, SamplingTensors
@@ -56,9 +57,7 @@ def main(argv=None) -> int:
     max_len = max(args.prompt_len, args.context) + page
     per_seq = -(-max_len // page)
     rows = args.prompts + args.decode
-    cfg = m.cfg
-    page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * page \
-        * jax.numpy.dtype(args.dtype).itemsize
+    page_bytes = KVCache.bytes_per_token(m.cfg, args.dtype) * page
     num_pages = max(rows * per_seq + 1, int(args.pool_gb * 1e9 / page_bytes))
     r = ModelRunner(m.cfg, m.params, num_pages=num_pages, page_size=page,
                     max_model_len=max_len, max_num_seqs=max(rows, 4), dtype=jax.numpy.dtype(args.dtype))

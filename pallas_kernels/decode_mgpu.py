@@ -63,8 +63,9 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   are about half its time (1024 x 256: 53% of HBM bandwidth), and 8-bit pages, where one
   warpgroup's conversion sets the pace. With splits, the partials alias the rings, so both
   consumers meet at a barrier before writing them (the race detector caught the version
-  without). On an H200 it cut 1024 x 256 by 21% and 256 x 512 by 12% (bf16), so
-  `choose_config` takes it at short contexts with enough CTAs (session 8).
+  without). On an H200 it cut 1024 x 256 by 21% and 256 x 512 by 12% (bf16) and e4m3 pages'
+  steps by 13-16%, so `choose_config` takes it at short contexts and on 8-bit pages once the
+  CTAs fill the SMs (`_heads_per_cta`, session 8).
 * `compat=True`: the interpret-mode-safe PV step (P through SMEM into a fresh accumulator that
   is added), because GPU interpret mode runs neither `pl.run_state` nor a register-LHS wgmma.
   It also compiles for the GPU (slower). The default keeps P in registers.
