@@ -6,10 +6,14 @@
     python3 benchmarks/scaling.py --preset h100x4 --platform gpu --dry-run   # commands only
     python3 benchmarks/scaling.py --list                             # presets and configurations
     python3 benchmarks/scaling.py allreduce --json ar.json           # the all-reduce part alone
+    NCCL_NVLS_ENABLE=0 python3 benchmarks/scaling.py --preset h200x4-check --out OUT --budget-s 200
 
 Presets: h100x2, h100x4, h100x8 (about 9 minutes each with compiles, most important first; the
 budget cuts from the end), their "-more" parts, and cpu (8 fake CPU devices, the tiny llama3
 checkpoint: the test). `--only REGEX` picks configurations ("allreduce" names part 1).
+h200x4-check (and cpu's check-* configurations) compare tensor-parallel outputs with one
+device's instead of timing them (`scaling.py check`, below); the call exits 1 unless every
+check ran and passed.
 
 Two parts, each in its own subprocess (this process never touches a device, so every part gets
 fresh device memory, and a crash or a timeout costs one configuration, not the run):
@@ -26,12 +30,20 @@ fresh device memory, and a crash or a timeout costs one configuration, not the r
    --xla_force_host_platform_device_count on CPU): `make_mesh(tp=K)` over more devices would
    fill the rest with dp. tp=1 runs without --mesh (the plain one-device engine).
 
+   A "check" configuration runs `scaling.py check` instead: the engine as bench builds it (paged
+   cache, the GPU attention kernels), bf16, on a few random prompts, at tp=1 (which saves its
+   prefill logits, greedy tokens and their top-8 logprobs as the reference) and then tp=K (which
+   compares: ||logits - ref|| / ||ref|| and the decode logprobs (over max |ref|), within
+   2e-2, and the same first greedy tokens; later tokens may diverge, bf16 all-reduces round
+   differently, so it reports where).
+
 Then a scaling table: tok/s, speedup over the tp=1 run of the same benchmark, efficiency
 (speedup / GPUs), and for latency rows the bandwidth floor: the bytes bench counts per decode
 step (weights + KV) / (tp * the per-GPU read bandwidth bench measured in the same process,
 its `ceiling_tb_s`), with an estimate of the step's all-reduce time ((2 * layers + 1) all-reduces
 of [rows, hidden] at the latency part 1 measured). Everything lands in --out: results.json,
-scaling.md, allreduce.json, one bench JSON and one log per configuration.
+scaling.md, allreduce.json, one bench JSON and one log per configuration (a check: its log;
+check.json holds every check's figures).
 
 NCCL_NVLS_ENABLE must be 0 (NVLink SHARP / multicast stays off): it is set here before
 anything imports jax and inherited by every subprocess; any other value is an error, and the
@@ -57,6 +69,7 @@ import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -215,6 +228,115 @@ def allreduce_main(argv: list[str]) -> int:
     return 0
 
 
+# ===================================================================== check: tp vs one device
+
+
+def check_main(argv: list[str]) -> int:
+    """`scaling.py check`: one engine (one device, or --mesh) on fixed random prompts: every
+    prompt position's logits (`LLM.logits`, the prefill path) and greedy tokens with their top-N
+    logprobs (`LLM.generate`: a batched prefill, then decode blocks as bench runs them). --save
+    writes them as the reference; --ref compares with it and exits 1 when the check fails."""
+    ap = argparse.ArgumentParser(prog="scaling.py check")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--mesh", default=None)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--lengths", default="5,70,128", help="prompt lengths (random token ids)")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--decode-steps", type=int, default=8, help="as bench's default")
+    ap.add_argument("--top", type=int, default=8, help="logprobs compared per generated token")
+    ap.add_argument("--tol", type=float, default=2e-2,
+                    help="||logits - ref|| / ||ref|| per prompt (bf16: the all-reduce order rounds)")
+    ap.add_argument("--json", required=True)
+    io = ap.add_mutually_exclusive_group(required=True)
+    io.add_argument("--save", help="write the reference (.npz)")
+    io.add_argument("--ref", help="compare with the reference the one-device run wrote")
+    args = ap.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    from imp_jax import LLM, SamplingParams
+
+    lengths = [int(n) for n in args.lengths.split(",")]
+    new, page = args.new_tokens, 16
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=max(lengths) + new + page,
+              max_num_seqs=len(lengths), max_num_batched_tokens=2048, page_size=page,
+              num_pages=2 + 2 * sum(-(-(n + new) // page) for n in lengths),
+              decode_steps=args.decode_steps, mesh=args.mesh)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, llm.config.vocab_size - 10, n).tolist() for n in lengths]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True,
+                                                logprobs=args.top), use_tqdm=False)
+    tokens = [o.token_ids for o in outs]
+    lps = [[{str(k): v for k, v in d.items()} for d in o.logprobs] for o in outs]
+    logits = [llm.logits(p) for p in prompts]  # [n, vocab] f32
+    devices = jax.devices()
+    out = dict(model=args.model, mesh=args.mesh, dtype=args.dtype, lengths=lengths,
+               new_tokens=new, device=devices[0].device_kind, devices=len(devices),
+               backend=jax.default_backend(), tokens=tokens, tol=args.tol)
+    if args.save:
+        np.savez(args.save, meta=json.dumps(dict(model=args.model, lengths=lengths,
+                                                 tokens=tokens, logprobs=lps)),
+                 **{f"logits{i}": x for i, x in enumerate(logits)})
+        out.update(reference=True, passed=True)
+    else:
+        with np.load(args.ref) as ref:
+            meta = json.loads(str(ref["meta"]))
+            assert (meta["model"], meta["lengths"]) == (args.model, lengths), \
+                f"{args.ref} is for {meta['model']} with prompt lengths {meta['lengths']}"
+            meta["logits"] = [ref[f"logits{i}"] for i in range(len(lengths))]
+        out.update(compare(meta, logits, tokens, lps, args.tol))
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=1)
+    print(check_line(out), flush=True)
+    return 0 if out["passed"] else 1
+
+
+def compare(ref: dict, logits: list, tokens: list, lps: list, tol: float) -> dict:
+    """One run against the reference (ref: its logits, tokens and logprobs, per prompt). Pass:
+    every prompt's ||logits - ref|| / ||ref|| <= tol, the same first greedy token, and the
+    decode steps' logprobs within tol (scaled the same way) up to the first divergence."""
+    import numpy as np
+
+    err, argmax_eq, div, dec_err = [], 0, [], []
+    for i, x in enumerate(logits):
+        r = ref["logits"][i]
+        # ||x - r|| / ||r||, the tests' measure: a max-normalised error would be lenient where
+        # one logit towers over the rest (the 1B's tied random embeddings: ~700 vs a spread of ~45)
+        err.append(float(np.linalg.norm(x - r) / np.linalg.norm(r)))
+        scale = float(np.abs(r).max())
+        argmax_eq += int((x.argmax(-1) == r.argmax(-1)).sum())
+        d = next((k for k, (a, b) in enumerate(zip(tokens[i], ref["tokens"][i])) if a != b),
+                 None)
+        div.append(d)
+        # decode steps with the same context on both sides (up to the divergence): their top-N
+        # logprobs differ by the logits' errors (and the log-sum-exp's)
+        for a, b in zip(lps[i][1:d], ref["logprobs"][i][1:d]):
+            dec_err += [abs(a[k] - b[k]) / scale for k in a.keys() & b.keys()]
+    matched = sum(len(t) if d is None else d for t, d in zip(tokens, div))
+    out = dict(reference=False, logits_rel_err=max(err), logits_rel_err_per_prompt=err,
+               prefill_argmax_equal=argmax_eq / sum(len(x) for x in logits),
+               first_tokens_equal=all(d != 0 for d in div),
+               token_match=matched / sum(len(t) for t in tokens), first_divergence=div,
+               decode_rel_err=max(dec_err, default=None), decode_logprobs=len(dec_err))
+    out["passed"] = (out["logits_rel_err"] <= tol and out["first_tokens_equal"]
+                     and max(dec_err, default=0) <= tol)
+    return out
+
+
+def check_line(c: dict) -> str:
+    name = f"{c['model']} {c['mesh'] or 'one device'}"
+    if c.get("reference"):
+        return f"check {name}: the reference ({len(c['lengths'])} prompts)"
+    dec = c["decode_rel_err"]
+    return (f"check {name}: logits rel err {c['logits_rel_err']:.2e} (tol {c['tol']:g}), first "
+            f"tokens {'equal' if c['first_tokens_equal'] else 'DIFFER'}, "
+            f"{c['token_match']:.0%} of greedy tokens equal to one device's (first divergence "
+            f"per prompt: {c['first_divergence']}), decode rel err "
+            f"{'-' if dec is None else format(dec, '.2e')} over {c['decode_logprobs']} logprobs:"
+            f" {'PASS' if c['passed'] else 'FAIL'}")
+
+
 # ===================================================================== part 2: configurations
 
 
@@ -222,7 +344,7 @@ def allreduce_main(argv: list[str]) -> int:
 class Config:
     name: str
     model: str
-    mode: str  # latency | throughput
+    mode: str  # latency | throughput | check (tp vs one device: `scaling.py check`)
     tp: int = 1
     dp: int = 1
     args: tuple[str, ...] = ()  # bench flags (lengths, batch, ...)
@@ -263,6 +385,11 @@ def _b64(t):
     return Config(f"8b-lat-b64-tp{t}", B8, "latency", t, args=LAT_GPU_B64, min_s=60)
 
 
+# tp=K against one device (same random weights); tp=1 first: it writes the reference
+def _checks(model, tag, tps=(1, 2, 4), args=(), min_s=40):
+    return [Config(f"check-{tag}-tp{t}", model, "check", t, args=args, min_s=min_s) for t in tps]
+
+
 # Each hNNN preset is about 9 minutes of device time, most important first (the budget cuts
 # from the end); its "-more" preset is the rest, for a second call (`scaling.py merge` joins
 # the two results). 70B bf16 is 141 GB: tp=4 and up on 80 GB cards.
@@ -279,6 +406,11 @@ PRESET_CONFIGS = {
                            _lat(8, **_70B)]),
     "h100x8-more": (8, None, [_thr(1), _thr(8), _thr(4), _thr(8, model=B70, tag="70b", min_s=200),
                               _thr(2, 4), _b64(1), _b64(8)]),
+    # docs/sharding.md "Limits": the GPU engine's tp outputs compared with one device's. The 1B
+    # shape (32 heads, 8 KV heads, like the 8B) so three runs' compiles fit one call; its tied
+    # random embeddings make greedy decoding repeat the last prompt token, so the decode steps
+    # are judged by their top-8 logprobs, not by the tokens
+    "h200x4-check": (4, None, _checks("random:llama3.2-1b", "1b")),
 }
 
 
@@ -296,7 +428,8 @@ PRESETS = {
                          for t in (1, 2, 4)] +
                 [Config(f"tiny-thr-tp{t}", TINY, "throughput", t, args=THR_CPU, min_s=5)
                  for t in (1, 2)] +
-                [Config("tiny-thr-tp2dp2", TINY, "throughput", 2, 2, args=THR_CPU, min_s=5)]),
+                [Config("tiny-thr-tp2dp2", TINY, "throughput", 2, 2, args=THR_CPU, min_s=5)] +
+                _checks(TINY, "tiny", args=("--lengths", "5,20,33"), min_s=5)),
 }
 
 
@@ -493,7 +626,7 @@ TABLE_COLS = [("config", "config", "s"), ("mesh", "mesh", "s"), ("gpus", "GPUs",
                                                                 ".2f")]
 
 
-def markdown(rows: list[dict], ar: dict | None, meta: dict) -> str:
+def markdown(rows: list[dict], ar: dict | None, meta: dict, results: list[dict] = ()) -> str:
     lines = [f"# Scaling: preset {meta['preset']}", "",
              f"{meta.get('device', '?')} x {meta['devices']} ({meta['platform']}), "
              f"{meta['date']}, NCCL_NVLS_ENABLE=0.", ""]
@@ -527,6 +660,27 @@ def markdown(rows: list[dict], ar: dict | None, meta: dict) -> str:
                   "read bandwidth bench measured in the same process). AR ms/step: (2 x layers + "
                   "1) x the measured all-reduce latency at the step's [rows, hidden]; an "
                   "estimate, not a measurement of the step.", ""]
+    checks = [(r["name"], r["check"]) for r in results if r.get("check")]
+    if checks:
+        lines += ["## Tensor parallel vs one device (`scaling.py check`)", "",
+                  "| config | mesh | logits rel err | prefill argmax equal | first tokens equal | "
+                  "tokens equal | first divergence | decode rel err | result |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, c in checks:
+            if c.get("reference"):
+                lines.append(f"| {name} | - | reference | | | | | | |")
+                continue
+            lines.append(f"| {name} | {c['mesh']} | {c['logits_rel_err']:.2e} (tol {c['tol']:g})"
+                         f" | {c['prefill_argmax_equal']:.1%} | {c['first_tokens_equal']} | "
+                         f"{c['token_match']:.0%} | {c['first_divergence']} | "
+                         f"{_fmt(c['decode_rel_err'], '.2e')} | "
+                         f"{'PASS' if c['passed'] else 'FAIL'} |")
+        lines += ["", f"{c['dtype']}, prompts of {c['lengths']} random tokens, "
+                  f"{c['new_tokens']} greedy tokens each. logits rel err: ||logits - one "
+                  "device's|| / ||one device's|| over a prompt's positions (worst prompt); first divergence: "
+                  "per prompt, the first greedy token that differs (None: none did); decode rel "
+                  "err: the decode steps' top-N logprobs before it, scaled alike. Pass: both "
+                  "errors <= tol and equal first tokens.", ""]
     if meta.get("skipped"):
         lines += ["## Skipped", ""] + [f"* {s}" for s in meta["skipped"]] + [""]
     if meta.get("failed"):
@@ -581,7 +735,7 @@ def merge_main(argv: list[str]) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(meta=meta, allreduce=ar, configs=results, table=rows), f, indent=1)
     with open(os.path.join(args.out, "scaling.md"), "w") as f:
-        f.write(markdown(rows, ar, meta))
+        f.write(markdown(rows, ar, meta, results))
     print_table(rows)
     print(f"wrote {os.path.join(args.out, 'scaling.md')} and results.json")
     return 0
@@ -596,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
         return allreduce_main(argv[1:])
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
+    if argv[:1] == ["check"]:
+        return check_main(argv[1:])
     ap = argparse.ArgumentParser(prog="scaling.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -670,7 +826,12 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(dict(meta=meta, allreduce=ar, configs=results, table=rows), f, indent=1)
         with open(os.path.join(out_dir, "scaling.md"), "w") as f:
-            f.write(markdown(rows, ar, meta))
+            f.write(markdown(rows, ar, meta, results))
+        checks = [r["check"] for r in results if r.get("check")]
+        if checks:
+            with open(os.path.join(out_dir, "check.json"), "w") as f:
+                json.dump(dict(passed=all(c["passed"] for c in checks), checks=checks), f,
+                          indent=1)
 
     configs = [c for c in preset["configs"] if not only or only.search(c.name)]
 
@@ -723,13 +884,23 @@ def main(argv: list[str] | None = None) -> int:
                     ar["wall_s"] = secs
                 save()
 
-    # ---- part 2: the benchmark per configuration
+    # ---- part 2: the benchmark (or the check) per configuration
+    # the checks' JSON and reference logits (~100 MB for the 1B shape) stay out of --out
+    work = tempfile.mkdtemp(prefix="scaling-check-") if out_dir and not args.dry_run and any(
+        c.mode == "check" for c in configs) else "TMP"
     for i, c in enumerate(configs):
         env = device_env(platform, c.devices, gpu_ids)
-        bench_json = os.path.join(out_dir or "OUT", f"bench_{c.name}.json")
-        cmd = [sys.executable, "-m", "imp_jax.cli", "bench", c.mode, "--model", c.model,
-               *(["--mesh", c.mesh] if c.mesh else []), *c.args, *args.bench_arg,
-               "--json", bench_json]
+        if c.mode == "check":
+            bench_json = os.path.join(work, f"{c.name}.json")
+            ref = os.path.join(work, c.name.rsplit("-tp", 1)[0] + "_ref.npz")
+            cmd = [sys.executable, os.path.abspath(__file__), "check", "--model", c.model,
+                   *(["--mesh", c.mesh] if c.mesh else []), *c.args,
+                   "--save" if c.devices == 1 else "--ref", ref, "--json", bench_json]
+        else:
+            bench_json = os.path.join(out_dir or "OUT", f"bench_{c.name}.json")
+            cmd = [sys.executable, "-m", "imp_jax.cli", "bench", c.mode, "--model", c.model,
+                   *(["--mesh", c.mesh] if c.mesh else []), *c.args, *args.bench_arg,
+                   "--json", bench_json]
         shown = show_command(env, cmd)
         meta["commands"].append(shown)
         print(f"\n== {c.name} ({c.devices} device(s))\n$ {shown}", flush=True)
@@ -741,6 +912,8 @@ def main(argv: list[str] | None = None) -> int:
             why = f"{c.name}: budget of {budget:.0f} s spent"
         elif remaining() < c.min_s:
             why = f"{c.name}: {remaining():.0f} s of budget left, it needs about {c.min_s:.0f}"
+        elif c.mode == "check" and c.devices > 1 and not os.path.exists(ref):
+            why = f"{c.name}: no reference (its one-device check did not run)"
         else:
             why = None
         if why:
@@ -750,20 +923,23 @@ def main(argv: list[str] | None = None) -> int:
             continue
         res = dict(name=c.name, model=c.model, mode=c.mode, mesh=c.mesh, tp=c.tp, dp=c.dp,
                    devices=c.devices, command=shown, dims=model_dims(c.model), rows=[])
-        log = os.path.join(out_dir, f"bench_{c.name}.log")
+        log_name = f"{c.name}.log" if c.mode == "check" else f"bench_{c.name}.log"
+        log = os.path.join(out_dir, log_name)
         try:
             if os.path.exists(bench_json):
                 os.remove(bench_json)
             rc, secs = run_logged(cmd, env, log, min(remaining(), 600))
             res.update(rc=rc, wall_s=secs)
-            if rc == 0:
+            if c.mode == "check" and os.path.exists(bench_json):  # also when it failed (exit 1)
+                with open(bench_json) as f:
+                    res["check"] = json.load(f)
+            elif rc == 0:
                 with open(bench_json) as f:
                     res["rows"] = json.load(f)["rows"]
-            else:
+            if rc != 0:
                 why = "timed out (budget)" if rc is None else f"exit {rc}"
                 res["error"] = why
-                meta["failed"].append(f"{c.name}: {why} after {secs:.0f} s "
-                                      f"(see bench_{c.name}.log)")
+                meta["failed"].append(f"{c.name}: {why} after {secs:.0f} s (see {log_name})")
                 print(f"  {c.name} FAILED ({why}); last lines:\n{_tail(log)}", flush=True)
         except Exception as e:  # keep going: one configuration's trouble is not the run's
             traceback.print_exc()
@@ -771,15 +947,21 @@ def main(argv: list[str] | None = None) -> int:
             meta["failed"].append(f"{c.name}: {res['error']}")
         results.append(res)
         save()
-        print(f"  {c.name}: {'ok' if res['rows'] else 'no rows'} in {res.get('wall_s', 0):.0f} s"
+        done = check_line(res["check"]) if res.get("check") else \
+            "ok" if res["rows"] else "no rows"
+        print(f"  {c.name}: {done} in {res.get('wall_s', 0):.0f} s"
               f" ({time.perf_counter() - t0:.0f} s total)", flush=True)
 
     if args.dry_run:
         return 0
+    if work != "TMP":
+        shutil.rmtree(work, ignore_errors=True)
     rows = scaling_rows(results, ar)
     meta["wall_s"] = time.perf_counter() - t0
     if results and results[0].get("rows"):
         meta["device"] = results[0]["rows"][0].get("device")
+    elif results and results[0].get("check"):
+        meta["device"] = results[0]["check"]["device"]
     elif ar:
         meta["device"] = ar["info"]["device"]
     save()
@@ -790,7 +972,12 @@ def main(argv: list[str] | None = None) -> int:
     for s in meta["failed"]:
         print(f"failed: {s}")
     print(f"wrote {os.path.join(out_dir, 'scaling.md')} and results.json")
-    return 0
+    # a check that did not pass, or did not run (skipped, crashed), fails the call
+    passed = {r["name"] for r in results if (r.get("check") or {}).get("passed")}
+    unchecked = [c.name for c in configs if c.mode == "check" and c.name not in passed]
+    if unchecked:
+        print(f"check: not passed: {', '.join(unchecked)}")
+    return 1 if unchecked else 0
 
 
 if __name__ == "__main__":

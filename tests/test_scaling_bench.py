@@ -81,6 +81,67 @@ def test_allreduce_and_tp2_latency_end_to_end(tmp_path):
     assert (out / "bench_tiny-lat-tp2.log").exists() and (out / "allreduce.log").exists()
 
 
+@pytest.mark.slow
+def test_tp_check_against_one_device(tmp_path):
+    """`--only check`: the tiny llama3 in bf16 through the engine at tp=2 and tp=4, each with
+    exactly its devices visible, against the one-device run's logits, tokens and logprobs."""
+    p = _run(["--preset", "cpu", "--only", "check", "--out", str(tmp_path), "--budget-s", "100"],
+             timeout=150)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=4" in p.stdout
+    assert "scaling.py check --model tests/data/tiny/llama3 --mesh tp=4" in p.stdout
+    res = json.loads((tmp_path / "check.json").read_text())
+    ref, *checks = res["checks"]
+    assert res["passed"] and ref["reference"] and ref["devices"] == 1 and ref["mesh"] is None
+    assert [(c["mesh"], c["devices"]) for c in checks] == [("tp=2", 2), ("tp=4", 4)]
+    for c in checks:
+        assert c["dtype"] == "bfloat16" and c["passed"] and c["first_tokens_equal"], c
+        # bf16: the all-reduce order rounds (not bit-equal), within the tolerance
+        assert 0 < c["logits_rel_err"] <= c["tol"] == 2e-2, c
+        assert c["decode_logprobs"] > 0 and c["decode_rel_err"] <= c["tol"], c
+        assert c["prefill_argmax_equal"] > 0.9 and c["token_match"] > 0.5, c
+        assert len(c["first_divergence"]) == len(c["tokens"]) == 3
+        assert all(len(t) == 16 for t in c["tokens"])
+    md = (tmp_path / "scaling.md").read_text()
+    assert re.search(r"\| check-tiny-tp4 \| tp=4 \| \S+ \(tol 0.02\) \|.*\| PASS \|", md), md
+    assert (tmp_path / "check-tiny-tp2.log").exists()
+    # the reference logits stay out of --out, in a temporary folder removed at the end
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    ref_npz = meta["commands"][0].split("--save ")[1].split()[0]
+    assert ref_npz.endswith("check-tiny_ref.npz") and not os.path.exists(ref_npz)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".npz")]
+
+
+def test_check_compare_fails_on_errors():
+    """The verdict of `scaling.py check` (numpy only): within tolerance passes; a logit error,
+    a different first token or a decode logprob off by more than tol fails."""
+    import numpy as np
+
+    s = _load()
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(size=(n, 50)).astype(np.float32) for n in (3, 7)]
+    tokens = [[1, 2, 3], [4, 5, 6]]
+    lps = [[{"1": -1.0}, {"2": -2.0, "9": -3.0}, {"3": -1.0}], [{"4": -1.0}, {"5": -1.0},
+                                                                {"6": -1.0}]]
+    ref = dict(logits=logits, tokens=tokens, logprobs=lps)
+    ok = s.compare(ref, [x * 1.001 for x in logits], [[1, 2, 7], [4, 5, 6]], lps, 2e-2)
+    assert ok["passed"] and ok["first_divergence"] == [2, None] and ok["token_match"] == 5 / 6
+    assert 0 < ok["logits_rel_err"] < 2e-3 and ok["decode_logprobs"] == 4  # 2 + 1 + 1
+    bad = [logits[0], logits[1] + 0.1 * np.abs(logits[1]).max()]
+    assert not s.compare(ref, bad, tokens, lps, 2e-2)["passed"]
+    first = s.compare(ref, logits, [[1, 2, 3], [8, 5, 6]], lps, 2e-2)
+    assert not first["passed"] and not first["first_tokens_equal"]
+    off = [lps[0], [{"4": -1.0}, {"5": -1.5}, {"6": -1.0}]]
+    assert not s.compare(ref, logits, tokens, off, 2e-2)["passed"]
+
+
+def test_check_without_reference_fails(tmp_path):
+    """A tp check whose one-device reference did not run is skipped, and the call exits 1."""
+    p = _run(["--preset", "cpu", "--only", "check-tiny-tp2", "--out", str(tmp_path)], timeout=60)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "no reference" in p.stdout and "check: not passed: check-tiny-tp2" in p.stdout
+
+
 def test_table_speedup_and_floor():
     s = _load()
     bench = lambda tok, itl, bw: dict(mode="latency", batch=1, input_len=128,  # noqa: E731
@@ -132,6 +193,17 @@ def test_merge_joins_two_runs(tmp_path):
     assert res["meta"]["preset"] == "h100x4 + h100x4-more"
     assert [(r["config"], r["speedup"]) for r in res["table"]] == [("thr-tp1", 1.0),
                                                                    ("thr-tp2", 1.5)]
+
+
+def test_dry_run_check_commands():
+    p = _run(["--preset", "h200x4-check", "--platform", "gpu", "--dry-run"], timeout=60)
+    assert p.returncode == 0, p.stderr
+    cmds = [line[2:] for line in p.stdout.splitlines() if line.startswith("$ ")]
+    assert len(cmds) == 3 and all("scaling.py check --model random:llama3.2-1b" in c
+                                  for c in cmds)
+    assert "CUDA_VISIBLE_DEVICES=0 " in cmds[0] and "--save TMP/check-1b_ref.npz" in cmds[0]
+    assert "CUDA_VISIBLE_DEVICES=0,1,2,3 " in cmds[2] and "--mesh tp=4 " in cmds[2]
+    assert "--ref TMP/check-1b_ref.npz" in cmds[2]
 
 
 def test_dry_run_gpu_commands():
