@@ -33,9 +33,9 @@ fresh device memory, and a crash or a timeout costs one configuration, not the r
    A "check" configuration runs `scaling.py check` instead: the engine as bench builds it (paged
    cache, the GPU attention kernels), bf16, on a few random prompts, at tp=1 (which saves its
    prefill logits, greedy tokens and their top-8 logprobs as the reference) and then tp=K (which
-   compares: ||logits - ref|| / ||ref|| and the decode logprobs (over max |ref|), within
-   2e-2, and the same first greedy tokens; later tokens may diverge, bf16 all-reduces round
-   differently, so it reports where).
+   compares: ||logits - ref|| / ||ref|| and the decode logprobs (over max |ref|), within 4e-2
+   (bf16 alone is 1.6e-2 from f32 on the 1B shape), and the same first greedy tokens; later
+   tokens may diverge, bf16 all-reduces round differently, so it reports where).
 
 Then a scaling table: tok/s, speedup over the tp=1 run of the same benchmark, efficiency
 (speedup / GPUs), and for latency rows the bandwidth floor: the bytes bench counts per decode
@@ -244,7 +244,10 @@ def check_main(argv: list[str]) -> int:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--decode-steps", type=int, default=8, help="as bench's default")
     ap.add_argument("--top", type=int, default=8, help="logprobs compared per generated token")
-    ap.add_argument("--tol", type=float, default=2e-2,
+    # bf16's own error on one device (vs f32) is 1.6e-2 for the 1B shape (CPU, session 9) and
+    # tp=2/4 landed at 1.8-1.9e-2 on the GPUs; a broken layout is off by O(1) (a changed first
+    # half of a prompt moves its logits by ~40%)
+    ap.add_argument("--tol", type=float, default=4e-2,
                     help="||logits - ref|| / ||ref|| per prompt (bf16: the all-reduce order rounds)")
     ap.add_argument("--json", required=True)
     io = ap.add_mutually_exclusive_group(required=True)
@@ -429,7 +432,7 @@ PRESETS = {
                 [Config(f"tiny-thr-tp{t}", TINY, "throughput", t, args=THR_CPU, min_s=5)
                  for t in (1, 2)] +
                 [Config("tiny-thr-tp2dp2", TINY, "throughput", 2, 2, args=THR_CPU, min_s=5)] +
-                _checks(TINY, "tiny", args=("--lengths", "5,20,33"), min_s=5)),
+                _checks(TINY, "tiny", args=("--lengths", "5,20,33", "--tol", "2e-2"), min_s=5)),
 }
 
 
