@@ -1,16 +1,28 @@
 """`imp-jax bench` end to end on a tiny random model (CPU): every figure present and sane."""
 
+import gc
 import json
 
 import pytest
 
+from imp_jax import bench
 from imp_jax.bench import main
 
 
 def _rows(tmp_path, argv):
     out = tmp_path / "bench.json"
     assert main(argv + ["--model", "random:tiny", "--json", str(out), "--no-progress"]) == 0
+    # the timed pass ran with the start-up heap frozen; the caller gets its collector back
+    assert gc.get_freeze_count() == 0
     return json.loads(out.read_text())["rows"]
+
+
+def test_warmup_freezes_the_start_up_heap(monkeypatch):
+    frozen = []
+    monkeypatch.setattr(bench, "freeze_gc", lambda: frozen.append(True))
+    bench.main(["latency", "--model", "random:tiny", "--batch", "1", "--input-len", "8",
+                "--output-len", "3", "--no-progress"])
+    assert frozen, "bench's warm-up did not freeze the heap"
 
 
 def test_latency_rows(tmp_path):

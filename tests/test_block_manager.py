@@ -251,6 +251,25 @@ def test_identical_prefix_gets_identical_pages() -> None:
     bm.check_invariants([])
 
 
+def test_commit_up_to_a_token_count_registers_only_the_pages_full_by_then() -> None:
+    # A decode block's pages are committed in the order of the steps that filled them, after
+    # its computed count has moved past them all.
+    bm = BlockManager(num_pages=16, page_size=4)
+    a = Sequence("a", list(range(13)))
+    bm.allocate(a, 13)
+    a.num_computed_tokens = 13
+    bm.commit_computed(a, 7)
+    assert len(a.block_hashes) == 1 and bm.is_cached(a.page_ids[0])
+    assert not bm.is_cached(a.page_ids[1])
+    bm.commit_computed(a, 8)
+    assert len(a.block_hashes) == 2 and bm.is_cached(a.page_ids[1])
+    bm.commit_computed(a)  # the default: every computed token
+    assert len(a.block_hashes) == 3
+    # the same hashes as committing everything at once
+    assert a.block_hashes == _run_prompt(BlockManager(16, 4), "b", list(range(13))).block_hashes
+    bm.check_invariants([a])
+
+
 def test_never_matches_whole_prompt() -> None:
     bm = BlockManager(num_pages=16, page_size=4)
     a = _run_prompt(bm, "a", list(range(8)))

@@ -488,3 +488,103 @@ def test_command_buffer_setting_is_validated(model, monkeypatch):
     with pytest.raises(ValueError, match="IMP_JAX_COMMAND_BUFFERS='some'; allowed: all, decode, "
                                          "none"):
         make_llm(model)
+
+
+class ChainRunner:
+    """The device replaced by a fixed rule: a row's next token is a function of its last token
+    and that token's position, so single steps, decode blocks and blocks dispatched ahead all
+    yield the same tokens (and logprobs). Tests the engine's bookkeeping exactly and fast."""
+
+    def __init__(self, runner):
+        self.cfg, self.cache = runner.cfg, runner.cache
+        self.page_size, self.max_model_len = runner.page_size, runner.max_model_len
+        self.cache_lost = False
+        self._last = None  # the last decode block's final tokens (continue_previous)
+
+    def _next(self, token, pos):
+        return (token * 31 + pos * 17 + 3) % self.cfg.vocab_size
+
+    def _sample(self, toks, num_logprobs):
+        from imp_jax.sampling import SampleOutput
+
+        toks = np.asarray(toks, np.int32)
+        lp = -(toks % 13).astype(np.float32) / 7
+        top = np.arange(num_logprobs)
+        return SampleOutput(toks, lp, ((toks[..., None] + top) % self.cfg.vocab_size)
+                            .astype(np.int32), (lp[..., None] - top).astype(np.float32))
+
+    def step(self, seqs, sampling=None, num_logprobs=0):
+        from imp_jax.runner import StepOutput
+
+        toks = [self._next(s.token_ids[-1], s.start_pos + len(s.token_ids) - 1) for s in seqs]
+        return StepOutput(self._sample(toks, num_logprobs), None, np.zeros(len(seqs)), 0.0)
+
+    def decode_steps(self, seqs, sampling, num_steps, num_logprobs=0, *,
+                     continue_previous=False):
+        prev = self._last if continue_previous else [s.token_ids[0] for s in seqs]
+        rows = []
+        for s, t in zip(seqs, prev):
+            row = []
+            for k in range(num_steps):
+                t = self._next(t, s.start_pos + k)
+                row.append(t)
+            rows.append(row)
+        self._last = [r[-1] for r in rows]
+        return self._sample(np.array(rows).T, num_logprobs)
+
+
+def _chain_run(model, decode_steps, ps, params):
+    llm = make_llm(model, decode_steps=decode_steps, max_num_seqs=16, num_pages=96)
+    llm.engine.runner = ChainRunner(llm.runner)
+    outs = llm.generate(ps, params, use_tqdm=False)
+    return llm.engine, [[(c.token_ids, c.text, c.finish_reason, c.stop_reason,
+                          c.cumulative_logprob, c.logprobs) for c in o.outputs] for o in outs]
+
+
+def test_decode_blocks_apply_stops_logprobs_and_text_as_single_steps_do(model):
+    # A block's tokens are applied one row at a time (not one step at a time): every stop
+    # (EOS, stop ids, stop strings, min_tokens, max_tokens, the context) must land on the same
+    # token, with the same text, logprobs and cumulative logprob, as with one step per token.
+    rng = random.Random(21)
+    ps = [[rng.randrange(3, 500) for _ in range(rng.randrange(1, 30))] for _ in range(40)]
+    # this tokenizer decodes ids 30..59 to the characters "<".."Y": each is a stop token and
+    # a stop string at once there (the token wins)
+    ids, chars = list(range(30, 60)), [chr(c) for c in range(60, 90)]
+    kinds = [dict(ignore_eos=True), dict(), dict(stop=["A", "7"]),
+             dict(stop=["B"], include_stop_str_in_output=True), dict(stop_token_ids=[5, 9, 40]),
+             dict(min_tokens=6, max_tokens=30, stop_token_ids=ids), dict(stop=chars,
+             stop_token_ids=ids), dict(logprobs=3), dict(logprobs=0, stop=["C"]),
+             dict(n=2, seed=3), dict(max_tokens=None)]
+    params = [SamplingParams(**{"temperature": 0, "max_tokens": rng.randrange(1, 40),
+                                **kinds[i % len(kinds)]}) for i in range(len(ps))]
+    single_engine, single = _chain_run(model, 1, ps, params)
+    engine, blocks = _chain_run(model, 4, ps, params)
+    assert engine.stats["decode_blocks"] > 0 and engine.stats["blocks_ahead"] > 0
+    assert blocks == single
+    assert engine.stats["generation_tokens"] == single_engine.stats["generation_tokens"]
+    reasons = {(c[2], type(c[3]).__name__) for o in single for c in o}
+    assert reasons >= {("length", "NoneType"), ("stop", "NoneType"), ("stop", "int"),
+                       ("stop", "str")}  # every kind of stop happened
+    for p, o in zip(params, single):
+        for toks, _, reason, stop, _, _ in o:
+            assert reason == "length" or len(toks) >= p.min_tokens
+            if reason == "stop" and p.stop_token_ids and toks[-1] in p.stop_token_ids:
+                assert stop == toks[-1]
+    bm = engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages
+    bm.check_invariants([])
+
+
+def test_host_engine_benchmark_runs(capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "host_engine.py")
+    spec = importlib.util.spec_from_file_location("host_engine", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--rows", "8", "--prompt-len", "20", "--output-len", "12",
+                     "--decode-steps", "4", "--reps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "8 rows x 20 in / 12 out" in out and "decode_block" in out
+    with pytest.raises(SystemExit):
+        mod.main(["--rows", "0"])

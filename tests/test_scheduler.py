@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imp_jax.engine import BlockManager, Scheduler, SchedulerOutput, Sequence, SequenceStatus
+from imp_jax.engine import (BlockManager, ScheduledSeq, Scheduler, SchedulerOutput, Sequence,
+                             SequenceStatus)
 
 
 @dataclass
@@ -435,3 +436,69 @@ def test_constructor_validation() -> None:
         Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=4)
     with pytest.raises(ValueError):
         Scheduler(bm, max_num_seqs=0, max_num_batched_tokens=4)
+
+
+# ------------------------------------------------------------------ decode blocks
+
+
+def _block_setup(seed: int):
+    """A scheduler with decoding rows, pages for a 6-step block, and each row's block tokens
+    and how many of them it keeps (fewer: it finishes there). Rows "b" and "c" hold the same
+    tokens as "a" but run 2 and 5 tokens ahead of it, so they fill pages identical to a's at
+    earlier steps of the block."""
+    rng = random.Random(seed)
+    bm = BlockManager(64, 4)
+    s = Scheduler(bm, 8, 64)
+    stream = [rng.randrange(100) for _ in range(40)]  # a's tokens, then the rows' outputs
+    prompts = {"a": stream[:5], "b": stream[:7], "c": stream[:10],
+               "d": [rng.randrange(100) for _ in range(9)], "e": [1, 2, 3]}
+    seqs = {rid: Sequence(rid, p, Params(20)) for rid, p in prompts.items()}
+    for seq in seqs.values():
+        s.add(seq)
+    s.update_rows(s.schedule(), [stream[len(prompts[r])] if r in "abc" else rng.randrange(100)
+                                 for r in prompts])  # prefill: every row's first token
+    out = s.schedule()
+    assert all(ss.num_new_tokens == 1 and ss.is_last_chunk for ss in out.scheduled)
+    for ss in out.scheduled:
+        bm.allocate(ss.seq, 6)
+    tokens, keep = [], []
+    for ss in out.scheduled:
+        seq = ss.seq
+        if seq.request_id in "abc":
+            n = seq.num_tokens
+            tokens.append(stream[n:n + 6])
+        else:
+            tokens.append([rng.randrange(100) for _ in range(6)])
+        keep.append(rng.choice([1, 3, 6, 6]))
+    return s, bm, out, tokens, keep
+
+
+def _block_state(s: Scheduler, bm: BlockManager):
+    return ([(q.request_id, q.output_token_ids, q.num_computed_tokens, q.block_hashes,
+              q.status, q.page_ids) for q in sorted(s._live.values(), key=lambda q: q.arrival)],
+            sorted(bm._hash_to_page.items()), list(bm._free), list(bm._evictable),
+            list(bm._refcount))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_block_update_equals_one_update_per_step(seed) -> None:
+    # The engine applies a decode block's tokens with one `update_block` (one pass per row);
+    # it must leave what one `update_rows` per step would: tokens, computed counts, the
+    # prefix cache (pages registered in step order: an identical page filled at an earlier
+    # step wins) and, rows finished in (step, row) order, the free lists.
+    ref_s, ref_bm, out, tokens, keep = _block_setup(seed)
+    for k in range(6):
+        if k:
+            out = SchedulerOutput([ScheduledSeq(ss.seq, 1, ss.start_pos + 1, True)
+                                   for ss in out.scheduled])
+        grew = ref_s.update_rows(out, [t[k] for t in tokens])
+        for i in grew:
+            if keep[i] == k + 1:
+                ref_s.finish(out.scheduled[i].seq, "stop")
+    s, bm, out, tokens, keep = _block_setup(seed)
+    rows = s.live_rows(out)
+    s.update_block(out, rows, [tokens[i][:keep[i]] for i in rows])
+    for _, i in sorted((keep[i], i) for i in rows):  # the engine's order: by step, then row
+        s.finish(out.scheduled[i].seq, "stop")
+    assert _block_state(s, bm) == _block_state(ref_s, ref_bm)
+    bm.check_invariants(s.running)

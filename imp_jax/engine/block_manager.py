@@ -116,8 +116,10 @@ class BlockManager:
         del self._hash_to_page[h]
 
     def num_new_pages_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        need = self.num_pages_for(seq.num_computed_tokens + num_new_tokens) - len(seq.page_ids)
-        return max(need, 0)
+        # asked per row per step: the arithmetic inline, no helper calls
+        need = -(-(seq.num_computed_tokens + num_new_tokens) // self.page_size) \
+            - len(seq.page_ids)
+        return need if need > 0 else 0
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.num_new_pages_needed(seq, num_new_tokens) <= self.num_free_pages
@@ -202,8 +204,12 @@ class BlockManager:
             self.prefix_cache_queries += num_query_tokens
             self.prefix_cache_hits += num_hit_tokens
 
-    def commit_computed(self, seq: Sequence) -> None:
+    def commit_computed(self, seq: Sequence, num_tokens: int | None = None) -> None:
         """Register seq's newly completed full pages (call after their KV has been written).
+
+        `num_tokens`: only the pages full within seq's first num_tokens computed tokens (the
+        scheduler commits a decode block's pages in the order of the steps that filled them);
+        default all of its computed tokens.
 
         If an identical page is already cached (two sequences computed the same prefix
         concurrently) the existing entry wins and this page stays private; it is simply freed
@@ -212,9 +218,12 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         ps = self.page_size
-        n_full = seq.num_computed_tokens // ps
-        start = len(seq.block_hashes)
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        n_full = (seq.num_computed_tokens if num_tokens is None else num_tokens) // ps
+        hashes = seq.block_hashes
+        start = len(hashes)
+        if start >= n_full:  # the common case: no page filled since the last commit
+            return
+        parent = hashes[-1] if hashes else None
         for i in range(start, n_full):
             key = (parent, tuple(seq.token_ids_slice(i * ps, (i + 1) * ps)))
             h = hash(key)
@@ -223,7 +232,7 @@ class BlockManager:
                 self._hash_to_page[h] = page
                 self._page_key[page] = key
                 self._page_hash[page] = h
-            seq.block_hashes.append(h)
+            hashes.append(h)
             parent = h
 
     def reset_prefix_cache(self) -> int:

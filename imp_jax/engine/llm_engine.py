@@ -72,6 +72,11 @@ class RequestOutput:
         return self.outputs[0].logprobs
 
 
+# A dispatched-ahead block's input tokens are on the device (the previous block's last ones):
+# every row's StepSeq gets this placeholder.
+_AHEAD_IDS = (0,)
+
+
 class _Sample:
     """One of a request's n samples: its scheduler Sequence plus text and stop state."""
 
@@ -118,7 +123,8 @@ class LLMEngine:
         self.decode_steps = decode_steps  # decode steps per compiled call (see _decode_block)
         # Dispatch decode block N+1 before reading block N (see _dispatch_ahead).
         self.async_decode = async_decode
-        self._ahead: tuple[SchedulerOutput, object] | None = None
+        # (its SchedulerOutput, its SampleOutput, its SamplingTensors)
+        self._ahead: tuple[SchedulerOutput, object, SamplingTensors] | None = None
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[str, tuple[_Request, _Sample]] = {}
         self._ids = itertools.count()
@@ -148,8 +154,8 @@ class LLMEngine:
         vocab = self.runner.cfg.vocab_size
         if not ids:
             raise ValueError("prompt is empty: it must contain at least one token")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
+        if min(ids) < 0 or max(ids) >= vocab:  # builtins over the list; the message's list
+            bad = [t for t in ids if not 0 <= t < vocab]  # only when there is one to show
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         req = _Request(request_id, text, ids, params)
         if score_from is None and params.prompt_logprobs is not None:
@@ -221,7 +227,7 @@ class LLMEngine:
         do not stream skip ~1000 snapshots per step)."""
         t0 = time.perf_counter()
         if self._ahead is not None:  # a decode block the previous step dispatched
-            (sched, out), self._ahead = self._ahead, None
+            (sched, out, tensors), self._ahead = self._ahead, None
             n_steps, logits = out.tokens.shape[0], None
             t1 = time.perf_counter()
         else:
@@ -240,7 +246,7 @@ class LLMEngine:
             self.stats["decode_blocks"] += 1
             # Queue the next block behind this one before reading it: the device never waits
             # for the host's bookkeeping of this block.
-            self._ahead = self._dispatch_ahead(sched, n_steps)
+            self._ahead = self._dispatch_ahead(sched, n_steps, tensors)
         else:
             result = self.runner.step(seqs, tensors, num_logprobs)
             t_dispatch = result.enqueue_s
@@ -250,35 +256,56 @@ class LLMEngine:
         # The one host sync: the sampled tokens decide what runs next.
         tokens = np.asarray(out.tokens)  # [n_steps, rows]
         t2 = time.perf_counter()
-        # Python lists: the loop below reads one element per token, and numpy scalar
-        # indexing costs microseconds each at ~1000 rows x 8 steps per block
-        lps, top_ids, top_lps = (np.asarray(a).tolist() for a in (out.logprobs, out.top_ids,
-                                                                   out.top_logprobs))
-        tokens = tokens.tolist()
+        # Python lists, one per row (its value at each step): each row's share of the block is
+        # applied at once below, and numpy scalar indexing costs microseconds each at ~1000
+        # rows x 8 steps per block
+        tokens = tokens.T.tolist()
+        lps = np.asarray(out.logprobs).T.tolist()
+        if out.top_ids.shape[-1]:
+            top_ids, top_lps = (np.swapaxes(np.asarray(a), 0, 1).tolist()
+                                for a in (out.top_ids, out.top_logprobs))
+        else:  # no top-N asked for: one shared row of empty lists, not ~8000 new ones
+            top_ids = top_lps = [[[]] * n_steps] * len(tokens)
         if logits is not None:
             self._prompt_logprobs(sched, seqs, result)
+        scheduled, by_seq = sched.scheduled, self._by_seq
         touched: dict[str, _Request] = {}
-        for ss in sched.scheduled:
-            req, _ = self._by_seq.get(ss.seq.request_id, (None, None))
-            if req is not None:
+        prompt_tokens = 0
+        for ss in scheduled:
+            entry = by_seq.get(ss.seq.request_id)
+            if entry is not None:
+                req = entry[0]
                 touched[req.request_id] = req
-                self.stats["prompt_tokens"] += max(0, min(ss.end_pos, len(req.prompt_ids))
-                                                   - ss.start_pos)
-        for k in range(n_steps):
-            if k:  # the block's k-th token of each decode, as if scheduled on its own
-                sched = SchedulerOutput([ScheduledSeq(ss.seq, 1, ss.start_pos + 1, True)
-                                         for ss in sched.scheduled])
-            toks, lps_k, ids_k, tlps_k = tokens[k], lps[k], top_ids[k], top_lps[k]
-            # rows that got a token (not mid-prompt chunks, not finished earlier in the block)
-            grew = self.scheduler.update_rows(sched, toks)
-            self.stats["generation_tokens"] += len(grew)
-            now = time.monotonic()
-            scheduled, by_seq = sched.scheduled, self._by_seq
-            for i in grew:
-                req, sample = by_seq[scheduled[i].seq.request_id]
-                if "first_token_time" not in req.metrics:
-                    req.metrics["first_token_time"] = now
-                self._append(req, sample, toks[i], lps_k[i], ids_k[i], tlps_k[i])
+                if ss.start_pos < len(req.prompt_ids):
+                    prompt_tokens += min(ss.end_pos, len(req.prompt_ids)) - ss.start_pos
+        self.stats["prompt_tokens"] += prompt_tokens
+        # rows whose work counts (not aborted since they were scheduled)
+        rows = self.scheduler.live_rows(sched)
+        new_tokens = []  # per row of `rows`: the tokens it keeps
+        finished = []  # (tokens kept, row, request, sample) of the rows that finish here
+        now = time.monotonic()
+        for i in rows:
+            ss = scheduled[i]
+            if not ss.is_last_chunk:  # a prompt chunk before the last: no token
+                new_tokens.append([])
+                continue
+            req, sample = by_seq[ss.seq.request_id]
+            if "first_token_time" not in req.metrics:
+                req.metrics["first_token_time"] = now
+            kept = self._append(req, sample, tokens[i], lps[i], top_ids[i], top_lps[i])
+            new_tokens.append(kept)
+            if sample.out.finish_reason is not None:
+                finished.append((len(kept), i, req, sample))
+        self.scheduler.update_block(sched, rows, new_tokens)
+        self.stats["generation_tokens"] += sum(map(len, new_tokens))
+        # Release finished rows in the order one step at a time would (by step, then row): the
+        # order their pages return to the free and prefix-cache lists.
+        finished.sort(key=lambda f: f[:2])
+        for _, _, _, sample in finished:
+            self.scheduler.finish(sample.seq, sample.out.finish_reason)
+        # a request is output (and forgotten) in the step its last sample finishes, so only
+        # these can be finished now
+        ended = {f[2].request_id for f in finished}
         outputs = []
         for req in touched.values():
             if req.held and req.samples[0].out.token_ids:  # the prompt's pages are cached now
@@ -286,7 +313,8 @@ class LLMEngine:
                     self.scheduler.add(seq)
                 req.held = []
         for req in touched.values():
-            if finished_only and any(s.out.finish_reason is None for s in req.samples):
+            if finished_only and (req.request_id not in ended or any(
+                    s.out.finish_reason is None for s in req.samples)):
                 continue
             out = req.output()
             if out.finished:
@@ -315,7 +343,9 @@ class LLMEngine:
         n = self.decode_steps
         if n <= 1:
             return 1
-        for ss in sched.scheduled:
+        # from the end: a step's prompt chunks follow its decodes (Scheduler.schedule), so a
+        # mixed step of ~1000 decodes is told apart at once
+        for ss in reversed(sched.scheduled):
             seq, p = ss.seq, ss.seq.sampling_params
             if (ss.num_new_tokens != 1 or not ss.is_last_chunk
                     or seq.num_output_tokens < p.min_tokens
@@ -336,23 +366,31 @@ class LLMEngine:
         sched_, bm = self.scheduler, self.block_manager
         if sched_.can_admit_next():
             return False
-        grow = [min(tokens, self._steps_left(ss.seq)) for ss in sched.scheduled]
-        if sum(bm.num_new_pages_needed(ss.seq, g) for ss, g in zip(sched.scheduled, grow)) \
-                > bm.num_free_pages:
+        # one pass computes each row's growth and pages; only rows that need a page allocate
+        grow, pages = [], 0
+        for ss in sched.scheduled:
+            seq = ss.seq
+            g = min(tokens, self._steps_left(seq))
+            need = bm.num_new_pages_needed(seq, g)
+            if need:
+                grow.append((seq, g))
+                pages += need
+        if pages > bm.num_free_pages:
             return False
-        for ss, g in zip(sched.scheduled, grow):
-            bm.allocate(ss.seq, g)
+        for seq, g in grow:
+            bm.allocate(seq, g)
         return True
 
-    def _dispatch_ahead(self, sched: SchedulerOutput, n: int):
+    def _dispatch_ahead(self, sched: SchedulerOutput, n: int, tensors: SamplingTensors):
         """Dispatch the decode block after `sched`'s (not yet read) block of n steps, fed by its
-        last tokens on the device; returns (its SchedulerOutput, its SampleOutput) or None.
+        last tokens on the device; returns (its SchedulerOutput, its SampleOutput, its
+        SamplingTensors) or None. `tensors`: those of `sched`'s block.
 
         Only when the next step would be the same block anyway: every sequence still running,
         one at least with steps left after this block, no waiting request that could start,
         pages for both blocks (rows that reach their length limit stop writing where they do,
         see `_prepare`). A sequence that stops (EOS, stop string) or is aborted in
-        the first block wastes its row of the second, whose tokens `Scheduler.update` drops;
+        the first block wastes its row of the second, whose tokens `Scheduler.live_rows` drops;
         its pages may go to another sequence, whose writes the device orders after this
         block's."""
         if not self.async_decode or any(
@@ -365,41 +403,49 @@ class LLMEngine:
             return None
         nxt = SchedulerOutput([ScheduledSeq(ss.seq, 1, ss.start_pos + n, True)
                                for ss in sched.scheduled])
-        seqs, tensors, num_logprobs = self._prepare(nxt, ahead=n, block=n)
+        seqs, tensors, num_logprobs = self._prepare(nxt, ahead=n, block=n, rows_of=tensors)
         out = self.runner.decode_steps(seqs, tensors, n, num_logprobs, continue_previous=True)
         self.stats["blocks_ahead"] += 1
-        return nxt, out
+        return nxt, out, tensors
 
-    def _prepare(self, sched: SchedulerOutput, ahead: int = 0, block: int = 0):
+    def _prepare(self, sched: SchedulerOutput, ahead: int = 0, block: int = 0,
+                 rows_of: SamplingTensors | None = None):
         """StepSeqs + sampling tensors of a step; `block` > 1: a decode block of that many
-        steps, `ahead` steps after the block whose tokens are not read yet."""
+        steps, `ahead` steps after the block whose tokens are not read yet. `rows_of`: the
+        sampling tensors of a step over the same sequences in the same order (the block a
+        dispatched-ahead one follows): only their `step` column changes."""
         seqs, params, seeds, steps = [], [], [], []
         num_logprobs = 0
-        for ss in sched.scheduled:
+        by_seq, max_total = self._by_seq, self.scheduler.max_total_tokens
+        for ss in sched.scheduled:  # ~1000 rows: lengths read once per row, no helpers
             seq = ss.seq
             p: SamplingParams = seq.sampling_params
-            _, sample = self._by_seq[seq.request_id]
+            n_prompt, n_out = len(seq.prompt_token_ids), len(seq.output_token_ids)
             banned = ()
-            if seq.num_output_tokens < p.min_tokens:
+            if n_out < p.min_tokens:
                 banned = tuple(self.eos_token_ids | set(p.stop_token_ids or ()))
             penalties = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                          or p.frequency_penalty != 0.0)
-            wants_logits = (seq.max_cached_tokens is not None
-                            and ss.start_pos < seq.num_prompt_tokens)
-            ids = [0] if ahead else seq.token_ids_slice(ss.start_pos, ss.end_pos)
+            wants_logits = seq.max_cached_tokens is not None and ss.start_pos < n_prompt
+            ids = _AHEAD_IDS if ahead else seq.token_ids_slice(
+                ss.start_pos, ss.start_pos + ss.num_new_tokens)
             row_steps = None
             if block > 1:  # rows that reach their length limit inside the block stop there
-                row_steps = max(0, min(block, self._steps_left(seq) - ahead))
+                row_steps = max(0, min(block, max_total(seq) - n_prompt - n_out - ahead))
             seqs.append(StepSeq(ids, ss.start_pos,
                                 seq.page_ids, all_logits=wants_logits,
                                 history=seq.all_token_ids if penalties else None,
-                                prompt_len=seq.num_prompt_tokens, banned=banned,
+                                prompt_len=n_prompt, banned=banned,
                                 steps=row_steps))
             params.append(p)
-            seeds.append(sample.seed)
-            steps.append(seq.num_output_tokens + ahead)
-            num_logprobs = max(num_logprobs, p.logprobs or 0)
-        tensors = SamplingTensors.from_params(params, seeds, steps)
+            seeds.append(by_seq[seq.request_id][1].seed)
+            steps.append(n_out + ahead)
+            if p.logprobs and p.logprobs > num_logprobs:
+                num_logprobs = p.logprobs
+        if rows_of is not None:  # from_params costs ~1 ms at ~1000 rows
+            tensors = dataclasses.replace(rows_of, step=np.asarray(steps, np.int32))
+        else:
+            tensors = SamplingTensors.from_params(params, seeds, steps)
         # One program per power of two of top-N, so a request asking for 3 reuses the 4 one.
         return seqs, tensors, bucket(num_logprobs) if num_logprobs else 0
 
@@ -440,37 +486,65 @@ class LLMEngine:
                     entry.update({int(a): float(b) for a, b in zip(top_i[j], top_v[j])})
                 req.prompt_logprobs.append(entry)
 
-    def _append(self, req: _Request, sample: _Sample, token: int, lp, top_ids, top_lps) -> None:
+    def _append(self, req: _Request, sample: _Sample, toks: list[int], lps: list[float],
+                top_ids: list[list[int]], top_lps: list[list[float]]) -> list[int]:
+        """Append a row's sampled tokens (its token of each step, in order) to the sample's
+        output, up to the one that finishes it; returns the tokens kept. A finished sample gets
+        its finish_reason here; the caller releases its sequence (the scheduler has not seen
+        these tokens yet: `seq` holds the tokens before them)."""
         p: SamplingParams = req.params
         out, seq = sample.out, sample.seq
-        out.token_ids.append(token)
-        out.cumulative_logprob += float(lp)
-        if out.logprobs is not None:
-            entry = {token: float(lp)}
-            entry.update({int(a): float(b) for a, b in zip(top_ids[:p.logprobs], top_lps)})
-            out.logprobs.append(entry)
-        delta = sample.detok.add(token) if sample.detok is not None else ""
-        sample.text += delta
-        out.text = sample.text
-        reason, stop = None, None
         n_out = len(out.token_ids)
-        if n_out >= p.min_tokens:
-            if token in self.eos_token_ids and not p.ignore_eos:
-                reason = "stop"
-            elif p.stop_token_ids and token in p.stop_token_ids:
-                reason, stop = "stop", token
-            elif p.stop and delta:
-                reason, stop = self._check_stop_strings(sample, p, len(delta))
-        if reason is None and (
-                (p.max_tokens is not None and n_out >= p.max_tokens)
-                or seq.num_tokens >= self.scheduler.max_total_tokens(seq)):
+        # A length limit ends the row at a known token: the one that reaches max_tokens, or
+        # the most tokens the sequence may hold.
+        left = self.scheduler.max_total_tokens(seq) - seq.num_tokens
+        if p.max_tokens is not None and p.max_tokens - n_out < left:
+            left = p.max_tokens - n_out
+        m = max(1, min(len(toks), left))  # tokens kept
+        reason, stop = None, None
+        first = max(0, p.min_tokens - n_out - 1)  # the first token that may stop the row
+        eos = () if p.ignore_eos else self.eos_token_ids
+        stop_ids = p.stop_token_ids
+        if eos or stop_ids:
+            for j in range(first, m):
+                t = toks[j]
+                if t in eos:
+                    reason, m = "stop", j + 1
+                    break
+                if stop_ids and t in stop_ids:
+                    reason, stop, m = "stop", t, j + 1
+                    break
+        if sample.detok is not None:
+            for j in range(m):
+                delta = sample.detok.add(toks[j])
+                sample.text += delta
+                # a stop token at the same position wins over a stop string
+                if p.stop and delta and j >= first and (reason is None or j < m - 1):
+                    found, s = self._check_stop_strings(sample, p, len(delta))
+                    if found is not None:
+                        reason, stop, m = found, s, j + 1
+                        break
+            out.text = sample.text
+        kept = toks if m == len(toks) else toks[:m]
+        out.token_ids.extend(kept)
+        cumulative = out.cumulative_logprob
+        for lp in lps[:m]:  # one addition per token, in order: the same sum as token by token
+            cumulative += lp
+        out.cumulative_logprob = cumulative
+        if out.logprobs is not None:
+            for j in range(m):
+                entry = {toks[j]: float(lps[j])}
+                entry.update({int(a): float(b) for a, b in zip(top_ids[j][:p.logprobs],
+                                                               top_lps[j])})
+                out.logprobs.append(entry)
+        if reason is None and m >= left:
             reason = "length"
         if reason is not None:
             out.finish_reason, out.stop_reason = reason, stop
             if sample.detok is not None and not isinstance(stop, str):
                 # emit a held-back partial character; a stop string already cut the text
                 out.text = sample.text = sample.text + sample.detok.flush()
-            self.scheduler.finish(seq, reason)
+        return kept
 
     @staticmethod
     def _check_stop_strings(sample: _Sample, p: SamplingParams, delta_len: int):

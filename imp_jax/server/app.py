@@ -97,6 +97,9 @@ def build_app(llm, *, model_name: str | None = None, api_key: str | None = None,
                 await task
             drained = await engine.shutdown(drain_timeout)
             log.info("engine stopped (%s)", "drained" if drained else "drain timed out")
+            import gc
+
+            gc.unfreeze()  # _start froze the start-up heap; an embedding process gets it back
 
     app = FastAPI(title="imp_jax OpenAI-compatible server", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -178,6 +181,9 @@ async def _start(state: ServerState) -> None:
         t0 = time.monotonic()
         n = await asyncio.to_thread(state.llm.warmup)
         log.info("warm-up: compiled %d programs in %.1fs", n, time.monotonic() - t0)
+        from imp_jax.bench import freeze_gc  # start-up objects out of the cyclic GC's walk
+
+        freeze_gc()
     state.engine.start()
     state.ready = True
 
