@@ -6,7 +6,7 @@
     python3 benchmarks/scaling.py --preset h100x4 --platform gpu --dry-run   # commands only
     python3 benchmarks/scaling.py --list                             # presets and configurations
     python3 benchmarks/scaling.py allreduce --json ar.json           # the all-reduce part alone
-    NCCL_NVLS_ENABLE=0 python3 benchmarks/scaling.py --preset h200x4-check --out OUT --budget-s 200
+    NCCL_NVLS_ENABLE=0 python3 benchmarks/scaling.py --preset h200x4-check --out OUT --budget-s 300
 
 Presets: h100x2, h100x4, h100x8 (about 9 minutes each with compiles, most important first; the
 budget cuts from the end), their "-more" parts, and cpu (8 fake CPU devices, the tiny llama3
@@ -298,10 +298,11 @@ def check_main(argv: list[str]) -> int:
 def compare(ref: dict, logits: list, tokens: list, lps: list, tol: float) -> dict:
     """One run against the reference (ref: its logits, tokens and logprobs, per prompt). Pass:
     every prompt's ||logits - ref|| / ||ref|| <= tol, the same first greedy token, and the
-    decode steps' logprobs within tol (scaled the same way) up to the first divergence."""
+    decode steps' logprobs within tol (over max |ref|) up to the first divergence, with at least
+    half of each step's top-N ids shared."""
     import numpy as np
 
-    err, argmax_eq, div, dec_err = [], 0, [], []
+    err, argmax_eq, div, dec_err, overlap = [], 0, [], [], []
     for i, x in enumerate(logits):
         r = ref["logits"][i]
         # ||x - r|| / ||r||, the tests' measure: a max-normalised error would be lenient where
@@ -312,18 +313,24 @@ def compare(ref: dict, logits: list, tokens: list, lps: list, tol: float) -> dic
         d = next((k for k, (a, b) in enumerate(zip(tokens[i], ref["tokens"][i])) if a != b),
                  None)
         div.append(d)
-        # decode steps with the same context on both sides (up to the divergence): their top-N
-        # logprobs differ by the logits' errors (and the log-sum-exp's)
-        for a, b in zip(lps[i][1:d], ref["logprobs"][i][1:d]):
-            dec_err += [abs(a[k] - b[k]) / scale for k in a.keys() & b.keys()]
+        # decode steps with the same context on both sides (up to and with the divergence):
+        # their top-N logprobs differ by the logits' errors (and the log-sum-exp's). Only ids in
+        # both top-N lists compare, so how many are shared is checked too: near-tied logits
+        # (session 9's 1B run on the GPUs) can leave just the sampled token, a vacuous check.
+        end = None if d is None else d + 1
+        for a, b in zip(lps[i][1:end], ref["logprobs"][i][1:end]):
+            shared = a.keys() & b.keys()
+            dec_err += [abs(a[k] - b[k]) / scale for k in shared]
+            overlap.append(len(shared) / max(len(a), len(b)))
     matched = sum(len(t) if d is None else d for t, d in zip(tokens, div))
     out = dict(reference=False, logits_rel_err=max(err), logits_rel_err_per_prompt=err,
                prefill_argmax_equal=argmax_eq / sum(len(x) for x in logits),
                first_tokens_equal=all(d != 0 for d in div),
                token_match=matched / sum(len(t) for t in tokens), first_divergence=div,
-               decode_rel_err=max(dec_err, default=None), decode_logprobs=len(dec_err))
+               decode_rel_err=max(dec_err, default=None), decode_logprobs=len(dec_err),
+               decode_top_overlap=float(np.mean(overlap)) if overlap else None)
     out["passed"] = (out["logits_rel_err"] <= tol and out["first_tokens_equal"]
-                     and max(dec_err, default=0) <= tol)
+                     and max(dec_err, default=0) <= tol and min(overlap, default=1) >= 0.5)
     return out
 
 
@@ -336,7 +343,8 @@ def check_line(c: dict) -> str:
             f"tokens {'equal' if c['first_tokens_equal'] else 'DIFFER'}, "
             f"{c['token_match']:.0%} of greedy tokens equal to one device's (first divergence "
             f"per prompt: {c['first_divergence']}), decode rel err "
-            f"{'-' if dec is None else format(dec, '.2e')} over {c['decode_logprobs']} logprobs:"
+            f"{'-' if dec is None else format(dec, '.2e')} over {c['decode_logprobs']} logprobs "
+            f"(top-N ids shared: {_fmt(c.get('decode_top_overlap'), '.0%')}):"
             f" {'PASS' if c['passed'] else 'FAIL'}")
 
 
@@ -409,11 +417,12 @@ PRESET_CONFIGS = {
                            _lat(8, **_70B)]),
     "h100x8-more": (8, None, [_thr(1), _thr(8), _thr(4), _thr(8, model=B70, tag="70b", min_s=200),
                               _thr(2, 4), _b64(1), _b64(8)]),
-    # docs/sharding.md "Limits": the GPU engine's tp outputs compared with one device's. The 1B
-    # shape (32 heads, 8 KV heads, like the 8B) so three runs' compiles fit one call; its tied
-    # random embeddings make greedy decoding repeat the last prompt token, so the decode steps
-    # are judged by their top-8 logprobs, not by the tokens
-    "h200x4-check": (4, None, _checks("random:llama3.2-1b", "1b")),
+    # docs/sharding.md "Limits": the GPU engine's tp outputs compared with one device's. The 8B
+    # shape: session 9 ran the 1B (tied random embeddings), whose greedy decoding repeats the
+    # last prompt token and whose top-8 beyond it are bf16 near-ties, so only its prefill
+    # logits were a real check. A random model's first token can still be a near-tie: a FAIL
+    # with a logits error within tol is that, not a layout fault.
+    "h200x4-check": (4, None, _checks("random:llama3-8b", "8b", min_s=80)),
 }
 
 
@@ -667,23 +676,25 @@ def markdown(rows: list[dict], ar: dict | None, meta: dict, results: list[dict] 
     if checks:
         lines += ["## Tensor parallel vs one device (`scaling.py check`)", "",
                   "| config | mesh | logits rel err | prefill argmax equal | first tokens equal | "
-                  "tokens equal | first divergence | decode rel err | result |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "tokens equal | first divergence | decode rel err | top-N shared | result |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, c in checks:
             if c.get("reference"):
-                lines.append(f"| {name} | - | reference | | | | | | |")
+                lines.append(f"| {name} | - | reference | | | | | | | |")
                 continue
             lines.append(f"| {name} | {c['mesh']} | {c['logits_rel_err']:.2e} (tol {c['tol']:g})"
                          f" | {c['prefill_argmax_equal']:.1%} | {c['first_tokens_equal']} | "
                          f"{c['token_match']:.0%} | {c['first_divergence']} | "
                          f"{_fmt(c['decode_rel_err'], '.2e')} | "
+                         f"{_fmt(c.get('decode_top_overlap'), '.0%')} | "
                          f"{'PASS' if c['passed'] else 'FAIL'} |")
         lines += ["", f"{c['dtype']}, prompts of {c['lengths']} random tokens, "
                   f"{c['new_tokens']} greedy tokens each. logits rel err: ||logits - one "
                   "device's|| / ||one device's|| over a prompt's positions (worst prompt); first divergence: "
                   "per prompt, the first greedy token that differs (None: none did); decode rel "
-                  "err: the decode steps' top-N logprobs before it, scaled alike. Pass: both "
-                  "errors <= tol and equal first tokens.", ""]
+                  "err: the decode steps' top-N logprobs up to it, over max |one device's "
+                  "logits|; top-N shared: the fraction of those ids in both lists. Pass: both "
+                  "errors <= tol, equal first tokens, >= 50% of every step's top-N shared.", ""]
     if meta.get("skipped"):
         lines += ["## Skipped", ""] + [f"* {s}" for s in meta["skipped"]] + [""]
     if meta.get("failed"):

@@ -118,11 +118,26 @@ def freeze_gc() -> None:
     collection walks that whole heap, 60-80 ms on the CPU dev box, and lands inside some
     engine step. With it frozen, a 1024-row decode block's host time fell 10.2 -> 6.4 ms there
     (benchmarks/host_engine.py --gc-freeze, session 9). Process-global, so only the bench and
-    the server call it, never the library, and both unfreeze when they end."""
+    the server call it, never the library, and both call `unfreeze_gc` when they end."""
     import gc
 
+    global _froze
     gc.collect()
     gc.freeze()
+    _froze = True
+
+
+_froze = False  # whether freeze_gc ran (and unfreeze_gc has not): only then is ours to undo
+
+
+def unfreeze_gc() -> None:
+    """Undo freeze_gc, and only it: a freeze the embedding process made itself stays."""
+    import gc
+
+    global _froze
+    if _froze:
+        gc.unfreeze()
+        _froze = False
 
 
 def _timed_batch(llm, prompts, output_len):
@@ -260,6 +275,7 @@ def bench_throughput(args) -> list[dict]:
         del llm  # give the device memory back before torch takes it
         import gc
 
+        unfreeze_gc()  # a frozen engine in a reference cycle would keep its device memory
         gc.collect()
         for input_len, output_len in _pairs(args):
             peer = [row for b in _ints(args.peer_batches)
@@ -507,9 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = bench_latency(args) if args.mode == "latency" else bench_throughput(args)
     finally:  # a caller in the same process (tests, a notebook) gets its collector back
-        import gc
-
-        gc.unfreeze()
+        unfreeze_gc()
     device = jax.devices()[0].device_kind
     for r in rows:
         if args.profile:  # the figures of a profiled run are not comparable with others

@@ -126,13 +126,20 @@ def test_check_compare_fails_on_errors():
     ref = dict(logits=logits, tokens=tokens, logprobs=lps)
     ok = s.compare(ref, [x * 1.001 for x in logits], [[1, 2, 7], [4, 5, 6]], lps, 2e-2)
     assert ok["passed"] and ok["first_divergence"] == [2, None] and ok["token_match"] == 5 / 6
-    assert 0 < ok["logits_rel_err"] < 2e-3 and ok["decode_logprobs"] == 4  # 2 + 1 + 1
+    # steps 1 and 2 of prompt 0 (2 + 1 ids: step 2, where it diverges, still has the same
+    # context) and steps 1 and 2 of prompt 1
+    assert 0 < ok["logits_rel_err"] < 2e-3 and ok["decode_logprobs"] == 5
+    assert ok["decode_top_overlap"] == 1
     bad = [logits[0], logits[1] + 0.1 * np.abs(logits[1]).max()]
     assert not s.compare(ref, bad, tokens, lps, 2e-2)["passed"]
     first = s.compare(ref, logits, [[1, 2, 3], [8, 5, 6]], lps, 2e-2)
     assert not first["passed"] and not first["first_tokens_equal"]
     off = [lps[0], [{"4": -1.0}, {"5": -1.5}, {"6": -1.0}]]
     assert not s.compare(ref, logits, tokens, off, 2e-2)["passed"]
+    # equal where they meet, but the top-N lists share only the sampled token: vacuous, fails
+    thin = [[{"1": -1.0}, {"2": -2.0, "8": -3.0, "7": -4.0}, {"3": -1.0}], lps[1]]
+    res = s.compare(ref, logits, tokens, thin, 2e-2)
+    assert not res["passed"] and res["decode_rel_err"] == 0 and res["decode_top_overlap"] < 1
 
 
 def test_check_without_reference_fails(tmp_path):
@@ -199,11 +206,11 @@ def test_dry_run_check_commands():
     p = _run(["--preset", "h200x4-check", "--platform", "gpu", "--dry-run"], timeout=60)
     assert p.returncode == 0, p.stderr
     cmds = [line[2:] for line in p.stdout.splitlines() if line.startswith("$ ")]
-    assert len(cmds) == 3 and all("scaling.py check --model random:llama3.2-1b" in c
+    assert len(cmds) == 3 and all("scaling.py check --model random:llama3-8b" in c
                                   for c in cmds)
-    assert "CUDA_VISIBLE_DEVICES=0 " in cmds[0] and "--save TMP/check-1b_ref.npz" in cmds[0]
+    assert "CUDA_VISIBLE_DEVICES=0 " in cmds[0] and "--save TMP/check-8b_ref.npz" in cmds[0]
     assert "CUDA_VISIBLE_DEVICES=0,1,2,3 " in cmds[2] and "--mesh tp=4 " in cmds[2]
-    assert "--ref TMP/check-1b_ref.npz" in cmds[2]
+    assert "--ref TMP/check-8b_ref.npz" in cmds[2]
 
 
 def test_dry_run_gpu_commands():

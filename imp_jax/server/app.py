@@ -97,9 +97,11 @@ def build_app(llm, *, model_name: str | None = None, api_key: str | None = None,
                 await task
             drained = await engine.shutdown(drain_timeout)
             log.info("engine stopped (%s)", "drained" if drained else "drain timed out")
-            import gc
+            # _start froze the start-up heap (when it warmed up): an embedding process gets
+            # its collector back
+            from imp_jax.bench import unfreeze_gc
 
-            gc.unfreeze()  # _start froze the start-up heap; an embedding process gets it back
+            unfreeze_gc()
 
     app = FastAPI(title="imp_jax OpenAI-compatible server", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
