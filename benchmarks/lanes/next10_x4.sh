@@ -9,21 +9,8 @@
 # then all four GPUs: tp=4 at 1024 rows (24,798 before). Other calls: the 8B tp check
 # (`scaling.py --preset h200x4-check --only check --budget-s 300`, ~250 s on 4 GPUs) and FP8 +
 # FP8 KV at 1000/1000 (`next10_fp8_1k1k.txt`, ~500 s on one GPU: its warm-up took 353 s).
-set -u
-export NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-out=${OUT:-out}; mkdir -p "$out/res"
-budget=${1:-420}; deadline=$(( $(date +%s) + budget ))
-left() { echo $(( deadline - $(date +%s) )); }
-THR="python3 -m imp_jax.cli bench throughput --model random:llama3-8b --num-prompts 1000
-     --input-len 128 --output-len 128 --max-num-seqs 1024 --max-num-batched-tokens 8192
-     --decode-steps 8 --gpu-memory-utilization 0.85 --no-progress"
-run() {  # NAME GPUS COMMAND...
-    local name=$1 gpus=$2; shift 2
-    echo "=== $(date +%T) $name on GPUs $gpus ($(left) s left): $*"
-    CUDA_VISIBLE_DEVICES=$gpus timeout "$(left)" "$@" > "$out/$name.log" 2>&1
-    echo "=== $name rc $?"
-    grep -e '^row' -e 'warm-up' -e 'check ' -e rror "$out/$name.log" | cut -c1-700
-}
+budget=${1:-420}
+source "$(dirname "$0")/jobs.sh"
 ( cd ../.snap_old && PYTHONPATH=/tmp/site:$PWD run tp1_old 0 $THR --json "$out/res/tp1_old.json"
   cd - > /dev/null && run tp1 0 $THR --json "$out/res/tp1.json" ) &
 ( run tp2 1,2 $THR --mesh tp=2 --json "$out/res/tp2.json"
@@ -31,4 +18,4 @@ run() {  # NAME GPUS COMMAND...
       --shapes 64x4096 --reps 10 --budget-s 60 --out "$out/res/kern_fp8" ) &
 wait
 run tp4 0,1,2,3 $THR --mesh tp=4 --json "$out/res/tp4.json"
-tar czf "$out/results.tgz" -C "$out" res && rm -rf "$out/res"
+pack

@@ -3,21 +3,8 @@
 # settings (1000 x 128/128), NCCL's all-reduce in the same call, then the engine's tp=2/4 outputs
 # against one device's (scaling.py check). Phase 1: tp=1 (GPU 0) beside tp=2 (GPUs 1-2); phase
 # 2: all four GPUs, one job at a time.
-set -u
-export NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-out=${OUT:-out}; mkdir -p "$out/res"
-budget=${1:-540}; deadline=$(( $(date +%s) + budget ))
-left() { echo $(( deadline - $(date +%s) )); }
-THR="python3 -m imp_jax.cli bench throughput --model random:llama3-8b --num-prompts 1000
-     --input-len 128 --output-len 128 --max-num-seqs 1024 --max-num-batched-tokens 8192
-     --decode-steps 8 --gpu-memory-utilization 0.85 --no-progress"
-run() {  # NAME GPUS COMMAND...: one job, cut off at the deadline, its log in $OUT
-    local name=$1 gpus=$2; shift 2
-    echo "=== $(date +%T) $name on GPUs $gpus ($(left) s left): $*"
-    CUDA_VISIBLE_DEVICES=$gpus timeout "$(left)" "$@" > "$out/$name.log" 2>&1
-    echo "=== $name rc $?"
-    grep -e '^row' -e 'warm-up' -e 'check ' -e rror "$out/$name.log" | cut -c1-700
-}
+budget=${1:-540}
+source "$(dirname "$0")/jobs.sh"
 nvidia-smi topo -m > "$out/res/topo.txt" 2>&1
 run tp1 0 $THR --json "$out/res/tp1.json" &
 run tp2 1,2 $THR --mesh tp=2 --json "$out/res/tp2.json" &
@@ -27,4 +14,4 @@ run allreduce 0,1,2,3 python3 benchmarks/scaling.py --preset h100x4 --only allre
 run tp4 0,1,2,3 $THR --mesh tp=4 --json "$out/res/tp4.json"
 run check 0,1,2,3 python3 benchmarks/scaling.py --preset h200x4-check --only check \
     --out "$out/res/check" --budget-s "$(left)"
-tar czf "$out/results.tgz" -C "$out" res && rm -rf "$out/res"
+pack
