@@ -303,9 +303,6 @@ class LLMEngine:
         finished.sort(key=lambda f: f[:2])
         for _, _, _, sample in finished:
             self.scheduler.finish(sample.seq, sample.out.finish_reason)
-        # a request is output (and forgotten) in the step its last sample finishes, so only
-        # these can be finished now
-        ended = {f[2].request_id for f in finished}
         outputs = []
         for req in touched.values():
             if req.held and req.samples[0].out.token_ids:  # the prompt's pages are cached now
@@ -313,8 +310,7 @@ class LLMEngine:
                     self.scheduler.add(seq)
                 req.held = []
         for req in touched.values():
-            if finished_only and (req.request_id not in ended or any(
-                    s.out.finish_reason is None for s in req.samples)):
+            if finished_only and any(s.out.finish_reason is None for s in req.samples):
                 continue
             out = req.output()
             if out.finished:
