@@ -304,8 +304,9 @@ def _kinds_delta(before: dict, after: dict) -> dict:
     for kind, (calls, secs, host, dispatch) in after.items():
         c0, s0, h0, d0 = before.get(kind, (0, 0.0, 0.0, 0.0))
         if calls > c0:
-            out[kind] = {"calls": calls - c0, "seconds": round(secs - s0, 3),
-                         "host_s": round(host - h0, 3), "dispatch_s": round(dispatch - d0, 3)}
+            # Microseconds: a fast CPU run's host work rounds to 0 at milliseconds.
+            out[kind] = {"calls": calls - c0, "seconds": round(secs - s0, 6),
+                         "host_s": round(host - h0, 6), "dispatch_s": round(dispatch - d0, 6)}
     return out
 
 

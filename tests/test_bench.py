@@ -59,7 +59,9 @@ def test_throughput_runs_each_length_pair_once(tmp_path):
         kinds = r["step_kinds"]
         assert "prompt" in kinds and set(kinds) <= {"prompt", "mixed", "decode", "decode_block"}
         assert all(k["calls"] > 0 and k["seconds"] > 0 for k in kinds.values())
-        assert all(0 < k["host_s"] + k["dispatch_s"] <= k["seconds"] for k in kinds.values())
+        # each figure is rounded to the microsecond, hence the 2 us of slack
+        assert all(0 < k["host_s"] + k["dispatch_s"] <= k["seconds"] + 2e-6
+                   for k in kinds.values())
 
 
 def test_mismatched_length_lists_are_refused(tmp_path):
