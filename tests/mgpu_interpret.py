@@ -52,7 +52,7 @@ def results(test_file: str) -> dict:
     """The pytest side: run `test_file --interpret-worker` and parse its RESULTS line."""
     env = dict(os.environ, NPROC="16", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, os.path.abspath(test_file), "--interpret-worker"],
-                          env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+                          env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULTS "):
             return json.loads(line[len("RESULTS "):])

@@ -45,7 +45,7 @@ def _load():
 def test_allreduce_and_tp2_latency_end_to_end(tmp_path):
     out = tmp_path / "out"
     p = _run(["--preset", "cpu", "--only", "allreduce|tiny-lat-tp2", "--ar-max-mib", "2",
-              "--out", str(out), "--budget-s", "110"], timeout=150)
+              "--out", str(out), "--budget-s", "110"], timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     # the exact commands are printed, with the device count each subprocess sees
     assert re.search(r"XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu "
@@ -86,7 +86,7 @@ def test_tp_check_against_one_device(tmp_path):
     """`--only check`: the tiny llama3 in bf16 through the engine at tp=2 and tp=4, each with
     exactly its devices visible, against the one-device run's logits, tokens and logprobs."""
     p = _run(["--preset", "cpu", "--only", "check", "--out", str(tmp_path), "--budget-s", "100"],
-             timeout=150)
+             timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=4" in p.stdout
     assert "scaling.py check --model tests/data/tiny/llama3 --mesh tp=4" in p.stdout
