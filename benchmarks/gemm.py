@@ -1,6 +1,7 @@
 """GEMM kernels of issue 5 on the H100, against XLA in the same process.
 
   python3 benchmarks/gemm.py --out $OUT/gemm.json [--part fp8|skinny|all] [--budget-s 170]
+  python3 benchmarks/gemm.py --part fused_quant --out $OUT/fused.json   # (d), below
   python3 benchmarks/gemm.py --interpret           # CPU dry run: tiny shapes, kernels interpreted
 
 (a) fp8 -- prefill-sized W8A8 (pallas_kernels/fp8_gemm.py, Mosaic GPU wgmma), TFLOP/s and % of
@@ -23,6 +24,9 @@
       xla_fp8_wo / xla_int8_wo   x @ q.astype(bf16) * scale (XLA fuses the convert or not)
       xla_fp8_w8a8           QuantArray("fp8").quantized_dot through XLA (activation quant +
                              fp8 dot), the W8A8 path the engine would take without the kernel
+(c) skinny_fp8 -- the Mosaic GPU skinny W8A8 kernel (its function's docstring).
+(d) fused_quant -- RMSNorm + per-token e4m3 and SiLU-and-mul + e4m3 in one pass
+    (pallas_kernels/fused_quant.py) vs XLA's fusion of the same math, M in {8192, 1024, 128}.
 
 Every variant's output is checked (relative Frobenius error vs its jnp reference) before timing.
 Timing: one jit runs R calls back to back, each on a different weight buffer (passed as R
@@ -494,6 +498,77 @@ def skinny_fp8_part(args, out_path):
     return meta
 
 
+def fused_quant_part(args, out_path):
+    """W8A8 activation quantization fused into its producer (pallas_kernels/fused_quant.py)
+    against XLA's fusion of the same jnp math, at prefill-sized M: RMSNorm + quantize (K = 4096)
+    and SiLU-and-mul + quantize (N = 14336). TB/s on the bytes the fused kernel must move (read
+    the producer's inputs, write e4m3 + scales); each call reads a different activation."""
+    import jax
+    import jax.numpy as jnp
+    from pallas_kernels import fused_quant as fq
+
+    budget = Budget(args.budget_s)
+    interp = args.interpret
+    meta = dict(header(), part="fused_quant", rows=[])
+    print("fused_quant part:", meta["device"], "jax", meta["jax"], flush=True)
+    Ms = (64, 8) if interp else _ms(args, (8192, 1024, 128))
+    width = {"rms_norm": 256 if interp else 4096, "silu_mul": 512 if interp else 14336}
+    eps = 1e-5
+    for M in Ms:
+        for op, n in width.items():
+            if budget.left() <= 0:
+                meta.setdefault("skipped_problems", []).append(f"{op} M={M}")
+                continue
+            row = dict(op=op, M=M, n=n)
+            meta["rows"].append(row)
+            print(f"  {op}: M={M} n={n}", flush=True)
+            # >= ~0.5 GB of activations per jit: the 50 MB L2 cannot hold them
+            R = 2 if interp else max(2, min(16, (1 << 29) // (M * n * 2)))
+            key = jax.random.PRNGKey(zlib.crc32(f"{op}{M}".encode()) % 999)
+            xs = [jax.random.normal(jax.random.fold_in(key, r), (M, n), jnp.bfloat16) * 2
+                  for r in range(R)]
+            common = dict(reps=args.reps, budget=budget, unit="TB/s")
+            if op == "rms_norm":
+                w = 1 + 0.1 * jax.random.normal(key, (n,), jnp.float32)
+                ref = fq.rms_norm_quant_ref(xs[0], w, eps)[0]
+                nbytes = M * n * 2 + M * n + M * 4 + n * 4
+                variants = {
+                    "fused": lambda w, x, _: fq.rms_norm_quant(x, w, eps, interpret=interp)[0],
+                    "xla": lambda w, x, _: fq.rms_norm_quant_ref(x, w, eps)[0],
+                    "xla_norm_only": lambda w, x, _: fq.rms_norm(x, w, eps)}
+                first, ops = w, (xs, xs)
+            else:
+                ups = [jax.random.normal(jax.random.fold_in(key, 99 + r), (M, n), jnp.bfloat16)
+                       for r in range(R)]
+                ref = fq.silu_mul_quant_ref(xs[0], ups[0])[0]
+                nbytes = 2 * M * n * 2 + M * n + M * 4
+                variants = {
+                    "fused": lambda _, g, u: fq.silu_mul_quant(g, u, interpret=interp)[0],
+                    "xla": lambda _, g, u: fq.silu_mul_quant_ref(g, u)[0],
+                    "xla_silu_mul_only": lambda _, g, u: fq.silu_mul(g, u)}
+                first, ops = jnp.zeros(()), (xs, ups)
+            row["rotations"], row["bytes"] = R, nbytes
+            for label, call in variants.items():
+                check = None if label.endswith("_only") else ref
+                run_variant(row, label, call, first, *ops, check, work=nbytes, **common)
+            write(out_path, meta)
+            del xs, ops, ref
+    write(out_path, meta)
+    print("\n| op | M | n | fused us (TB/s) | XLA us (TB/s) | fused vs XLA | producer alone us |")
+    print("|---|---|---|---|---|---|---|")
+    for r in meta["rows"]:
+        def cell(label):
+            rec = r.get(label)
+            return (f"{rec['us']:.1f} ({rec['rate']:.2f})" if isinstance(rec, dict)
+                    and "us" in rec else "-")
+        f, x = r.get("fused", {}), r.get("xla", {})
+        ratio = f"{x['us'] / f['us']:.2f}x" if "us" in f and "us" in x else "-"
+        alone = cell("xla_norm_only" if r["op"] == "rms_norm" else "xla_silu_mul_only")
+        print(f"| {r['op']} | {r['M']} | {r['n']} | {cell('fused')} | {cell('xla')} | {ratio} "
+              f"| {alone} |")
+    return meta
+
+
 # ------------------------------------------------------------------------------- tables
 
 
@@ -604,8 +679,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/gemm.json if $OUT)")
-    ap.add_argument("--part", choices=("all", "fp8", "skinny", "skinny_fp8"), default="all",
-                    help="all = fp8 + skinny (each in a subprocess); skinny_fp8 runs alone")
+    ap.add_argument("--part", choices=("all", "fp8", "skinny", "skinny_fp8", "fused_quant"),
+                    default="all", help="all = fp8 + skinny (each in a subprocess); skinny_fp8 "
+                    "and fused_quant run alone")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="seconds per part (default: one part 160; all: the fp8 part up to 65, "
                          "the skinny part what remains of --total-s)")
@@ -667,6 +743,9 @@ def main():
                                                       else 160.0)
     if args.interpret:
         args.reps = 1  # a dry run: interpreted kernels take seconds per call
+    if args.part == "fused_quant":
+        fused_quant_part(args, out)
+        return
     if args.part == "skinny_fp8":
         res = skinny_fp8_part(args, out)
         if not args.no_table:

@@ -33,7 +33,10 @@ GEMM kernels on GPU (`$IMP_JAX_GEMM`, read at trace time; `set_gemm_backend` ove
                      XLA (`AUTO_LARGE_M` flips "fp8" mode to the Mosaic FP8 GEMM once measured).
   "pallas"           both kernels: `pallas_kernels.skinny_gemm` (Triton, weight streamed once,
                      dequantized in registers) for small M, `pallas_kernels.fp8_gemm` (Mosaic
-                     GPU wgmma, e4m3 x e4m3 -> f32, scales in the epilogue) for "fp8" at large M.
+                     GPU wgmma, e4m3 x e4m3 -> f32, scales in the epilogue) for "fp8" at large M;
+                     and W8A8 inputs quantized in their producer's pass: the model hands dots a
+                     `PendingActivation` (RMSNorm, SiLU-and-mul), `pallas_kernels.fused_quant`
+                     runs producer + per-token e4m3 in one kernel ("auto": $IMP_JAX_FUSED_QUANT).
   "xla"              XLA dot_general everywhere (the reference path).
   "interpret"        the "pallas" choices with the kernels interpreted (CPU tests).
 Kernels run only on a GPU backend, with bf16/f16 activations, shapes the kernels tile, and a
@@ -74,6 +77,12 @@ SMALL_M_DEFAULT = 64
 # What "auto" runs for "fp8" (W8A8) at M > max M: "xla" (cuBLAS FP8) until an H100 run shows the
 # Mosaic kernel ahead (benchmarks/gemm.py), then "pallas".
 AUTO_LARGE_M = "xla"
+# Whether "auto" quantizes W8A8 activations in their producer's pass (pallas_kernels.fused_quant:
+# RMSNorm or SiLU-and-mul + per-token e4m3 in one kernel) on a GPU: off until a GPU run times it
+# against XLA's own fusions (benchmarks/gemm.py --part fused_quant); "pallas" turns it on, and
+# $IMP_JAX_FUSED_QUANT=1 / 0 overrides it under "auto" (read at trace time).
+AUTO_FUSED_QUANT = False
+FUSED_QUANT_ENV = "IMP_JAX_FUSED_QUANT"
 _backend_override: str | None = None
 
 
@@ -136,6 +145,70 @@ def _gemm_plan(w: jax.Array, x_dtype, mode: str, M: int, K: int, N: int,
     return None, False
 
 
+def _auto_fused_quant() -> bool:
+    value = os.environ.get(FUSED_QUANT_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"${FUSED_QUANT_ENV}={value!r}; allowed: 1 (fuse), 0 (do not), unset "
+                         f"(the default, {int(AUTO_FUSED_QUANT)})")
+    return AUTO_FUSED_QUANT if not value else value == "1"
+
+
+def _fused_quant_plan(x_dtype, n: int) -> tuple[bool, bool]:
+    """(fuse, interpret): whether a W8A8 dot quantizes a PendingActivation with its producer's
+    fused kernel (same single-device and dtype limits as the GEMM kernels)."""
+    backend = gemm_backend()
+    interpret = backend == "interpret"
+    wanted = interpret or backend == "pallas" or (backend == "auto" and _auto_fused_quant())
+    if not wanted or not (interpret or (jax.default_backend() == "gpu"
+                                        and jax.device_count() == 1)):
+        return False, False
+    from pallas_kernels import fused_quant
+    return fused_quant.supported(n, x_dtype), interpret
+
+
+class PendingActivation:
+    """An activation whose producer (the RMSNorm before q/k/v and gate/up, the SiLU-and-mul
+    before down) has not run yet, so that a W8A8 dot can quantize it in the producer's pass
+    (`pallas_kernels.fused_quant`) instead of reading a bf16 copy back. Every other consumer
+    takes `value()`: the model's own math, so unfused numerics are unchanged. It lives inside
+    one trace; the consumers of one activation (q, k, v) share it and each form runs once.
+
+        PendingActivation(value_fn, fp8_fn, shape, dtype)
+            value_fn()           -> the activation
+            fp8_fn(interpret)    -> (float8_e4m3fn codes, float32 per-token scale [...])
+    """
+
+    def __init__(self, value_fn, fp8_fn, shape: tuple[int, ...], dtype):
+        self._value_fn, self._fp8_fn = value_fn, fp8_fn
+        self.shape, self.dtype = tuple(shape), jnp.dtype(dtype)
+        self._value = self._fp8 = None
+
+    def value(self) -> jax.Array:
+        if self._value is None:
+            self._value = self._value_fn()
+        return self._value
+
+    def fp8(self) -> tuple[jax.Array, jax.Array]:
+        """Per-token e4m3 (codes, scale): the fused kernel where `_fused_quant_plan` allows,
+        else `quantize_activations(value())`."""
+        if self._fp8 is None:
+            fuse, interpret = _fused_quant_plan(self.dtype, self.shape[-1])
+            self._fp8 = (self._fp8_fn(interpret) if fuse
+                         else quantize_activations(self.value(), 1))
+        return self._fp8
+
+
+def materialize(x) -> jax.Array:
+    """x itself, or the value of a PendingActivation."""
+    return x.value() if isinstance(x, PendingActivation) else x
+
+
+def _fp8_activations(x, dims: int) -> tuple[jax.Array, jax.Array]:
+    if isinstance(x, PendingActivation) and dims == 1:
+        return x.fp8()
+    return quantize_activations(materialize(x), dims)
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -187,34 +260,38 @@ class QuantArray:
         return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
 
     # -- the matmuls the model calls ------------------------------------------------------------
-    def quantized_dot(self, x: jax.Array, dims: int = 1) -> jax.Array:
-        """x[..., in...] @ w[in..., out...] contracting the last `dims` axes of x -> x.dtype."""
+    def quantized_dot(self, x, dims: int = 1) -> jax.Array:
+        """x[..., in...] @ w[in..., out...] contracting the last `dims` axes of x -> x.dtype.
+        x: an array or a PendingActivation (a W8A8 dot may quantize it in its producer)."""
         if self.contract != tuple(range(dims)):
             raise ValueError(f"QuantArray contracted over {self.contract} used in a dot over the "
                              f"first {dims} axes")
         out_scale = self.scale.reshape(self.scale.shape[dims:])  # [out...]
         out_shape = self.shape[dims:]
         K, N = math.prod(self.shape[:dims]), math.prod(out_shape)
-        M = math.prod(x.shape[:x.ndim - dims])
+        lead = x.shape[:len(x.shape) - dims]
+        M = math.prod(lead)
         kernel, interpret = _gemm_plan(self.q, x.dtype, self.mode, M, K, N)
-        if kernel in ("skinny", "fp8") and M > 0:  # 2-D around the kernel: [M, K] @ [K, N]
-            x2, q2, s2 = x.reshape(M, K), self.q.reshape(K, N), out_scale.reshape(N)
-            if kernel == "skinny":  # weight-only in registers, every mode (see module doc)
-                from pallas_kernels.skinny_gemm import skinny_gemm
-                y2 = skinny_gemm(x2, q2, s2, interpret=interpret)
-            else:  # "fp8": W8A8 on the Mosaic GPU kernel, weight transposed to K-major
-                from pallas_kernels.fp8_gemm import fp8_matmul
-                xq, x_scale = quantize_activations(x2, 1)
-                y2 = fp8_matmul(xq, x_scale, q2.T, s2, interpret=interpret, out_dtype=x.dtype)
-            return y2.reshape(x.shape[:x.ndim - dims] + out_shape)
-        contract = (tuple(range(x.ndim - dims, x.ndim)), tuple(range(dims)))
-        if self.mode == "fp8" and kernel != "weight-only":
-            xq, x_scale = quantize_activations(x, dims)
+        w8a8 = self.mode == "fp8" and kernel in (None, "fp8")
+        if kernel == "skinny" and M > 0:  # weight-only in registers, every mode (module doc)
+            from pallas_kernels.skinny_gemm import skinny_gemm
+            y2 = skinny_gemm(materialize(x).reshape(M, K), self.q.reshape(K, N),
+                             out_scale.reshape(N), interpret=interpret)
+            return y2.reshape(lead + out_shape)
+        if kernel == "fp8" and M > 0:  # W8A8 on the Mosaic GPU kernel, weight made K-major
+            from pallas_kernels.fp8_gemm import fp8_matmul
+            xq, x_scale = _fp8_activations(x, dims)
+            y2 = fp8_matmul(xq.reshape(M, K), x_scale.reshape(M), self.q.reshape(K, N).T,
+                            out_scale.reshape(N), interpret=interpret, out_dtype=x.dtype)
+            return y2.reshape(lead + out_shape)
+        contract = (tuple(range(len(lead), len(lead) + dims)), tuple(range(dims)))
+        if w8a8:
+            xq, x_scale = _fp8_activations(x, dims)
             y = jax.lax.dot_general(xq, self.q, (contract, ((), ())),
                                     preferred_element_type=jnp.float32)
-            y = y * x_scale.reshape(x_scale.shape[:x.ndim - dims] + (1,) * (self.ndim - dims))
+            y = y * x_scale.reshape(lead + (1,) * (self.ndim - dims))
         else:  # weight-only: exact conversion to the activation dtype, scale after the sum
-            y = jax.lax.dot_general(x, self.q.astype(x.dtype), (contract, ((), ())),
+            y = jax.lax.dot_general(materialize(x), self.q.astype(x.dtype), (contract, ((), ())),
                                     preferred_element_type=jnp.float32)
         return (y * out_scale).astype(x.dtype)
 

@@ -19,6 +19,7 @@ import numpy as np
 from imp_jax.attention import paged_attention
 from imp_jax.cache import AttentionMetadata, KVCache, write_kv
 from imp_jax.config import ModelConfig, rope_inv_freq
+from imp_jax.quant import PendingActivation, materialize
 from imp_jax.spec import param_specs
 
 
@@ -32,9 +33,12 @@ def dense(x: jax.Array, w, dims: int = 1) -> jax.Array:
     """x[..., in...] @ w[in..., out...], contracting the last `dims` axes of x.
 
     Every matmul goes through here, so a quantized weight type only has to teach this function.
+    x may be a PendingActivation (RMSNorm / SiLU-and-mul not yet run): a quantized weight may
+    fuse its producer into the activations' quantization, anything else takes its value.
     """
     if hasattr(w, "quantized_dot"):  # quantized weights carry their own matmul
         return w.quantized_dot(x, dims)
+    x = materialize(x)
     contract = (tuple(range(x.ndim - dims, x.ndim)), tuple(range(dims)))
     # Output in x's dtype: GEMMs accumulate in f32 and round once either way, but an f32
     # output makes a cuBLAS GEMM write f32 and XLA add a convert kernel after it (GPU profile,
@@ -47,11 +51,17 @@ class RMSNorm(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x):
-        scale = _spec_param(self, self.cfg, "scale")
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
-        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    def __call__(self, x, pending: bool = False):
+        """pending: return a PendingActivation for matmuls (see `dense`), not the array."""
+        from pallas_kernels import fused_quant as fq  # the math the fused kernel shares
+
+        scale, eps = _spec_param(self, self.cfg, "scale"), self.cfg.rms_norm_eps
+        if not pending:
+            return fq.rms_norm(x, scale, eps)
+        return PendingActivation(lambda: fq.rms_norm(x, scale, eps),
+                                 lambda interpret: fq.rms_norm_quant(x, scale, eps,
+                                                                     interpret=interpret),
+                                 x.shape, x.dtype)
 
 
 def _spec_of(module: nn.Module, cfg: ModelConfig) -> dict:
@@ -122,9 +132,14 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        from pallas_kernels import fused_quant as fq
+
         gate = Dense(self.cfg, name="gate")(x)
         up = Dense(self.cfg, name="up")(x)
-        return Dense(self.cfg, name="down")(nn.silu(gate) * up)
+        h = PendingActivation(lambda: fq.silu_mul(gate, up),
+                              lambda interpret: fq.silu_mul_quant(gate, up, interpret=interpret),
+                              gate.shape, gate.dtype)
+        return Dense(self.cfg, name="down")(h)
 
 
 class Block(nn.Module):
@@ -138,10 +153,10 @@ class Block(nn.Module):
         with jax.named_scope("attention"):
             h, pools = Attention(self.cfg, self.attn_impl, self.attn_mesh, self.attn_heads_axis,
                                  name="attn")(
-                RMSNorm(self.cfg, name="attn_norm")(x), positions, pools, meta)
+                RMSNorm(self.cfg, name="attn_norm")(x, pending=True), positions, pools, meta)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+            x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x, pending=True))
         return x, pools
 
 
