@@ -7,6 +7,8 @@ first $IMP_JAX_PROMPT_ROWS chunks, default 64, as the step's prompt groups do).
     python benchmarks/mixed_step.py --model random:llama3-8b --prompts 14 --decode 240
     IMP_JAX_PROMPT_ROWS=16 python benchmarks/mixed_step.py --prompts 64 --decode 960 ...
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python benchmarks/mixed_step.py ...
+    IMP_JAX_FUSED_QUANT=1 python benchmarks/mixed_step.py --quantization fp8 --prompts 64 \
+        --decode 0 --modes decode        # an 8192-token FP8 prompt program, fused quantization
 
 --pool-gb sizes the KV pool as the engine does (~100 GB at 0.9 of an H200) instead of just the
 step's pages; --hlo lists every copy in each compiled program that moves more than 16 MB (a
@@ -38,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--pool-gb", type=float, default=0.0, help="KV pool size (0: just enough)")
     ap.add_argument("--hlo", action="store_true", help="report large copies in the programs")
+    ap.add_argument("--quantization", default=None,
+                    help="fp8 / fp8-weight-only / int8 weights (default policy); with fp8, "
+                    "$IMP_JAX_FUSED_QUANT=0/1 A/Bs the fused activation quantization")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     if min(args.prompts, args.decode) < 0 or min(args.prompt_len, args.context, args.reps) < 1:
@@ -53,7 +58,12 @@ def main(argv=None) -> int:
     if bad := [m for m in modes if m not in COMMAND_BUFFER_MODES]:
         ap.error(f"--modes {bad}: allowed {COMMAND_BUFFER_MODES}")
     page = 16
-    m = load_model(args.model, args.dtype)
+    random = args.model.startswith("random:")
+    m = load_model(args.model, args.dtype,
+                   random_quantization=args.quantization if random else None)
+    if args.quantization and not random:
+        from imp_jax.quant import quantize_params
+        m.params = quantize_params(m.params, m.cfg, args.quantization)
     max_len = max(args.prompt_len, args.context) + page
     per_seq = -(-max_len // page)
     rows = args.prompts + args.decode
@@ -119,6 +129,8 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     meta = dict(model=args.model, prompts=args.prompts, prompt_len=args.prompt_len,
                 decode=args.decode, context=args.context, prompt_rows=prompt_rows,
+                quantization=args.quantization,
+                fused_quant=os.environ.get("IMP_JAX_FUSED_QUANT", ""),
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
                 device=jax.devices()[0].device_kind)
     print(json.dumps(meta))

@@ -1,8 +1,8 @@
 # Sourced by multi-GPU call scripts (s9_call3_tp.sh, next10_x4.sh): the environment, a deadline
 # of ${1:-DEFAULT_BUDGET} seconds, THR (the 1000 x 128/128 bench at 1024 rows) and `run NAME
 # GPUS COMMAND...` (one job on those GPUs, cut off at the deadline, its log in $OUT/NAME.log and
-# its key lines echoed). Results go under $OUT/res; `pack` archives them as one file (the device
-# tool brings back at most 8).
+# its key lines echoed). Results go under $OUT/res; `pack` archives them and the logs as one
+# file (the device tool brings back at most 8).
 set -u
 export NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 out=${OUT:-out}; mkdir -p "$out/res"
@@ -16,6 +16,8 @@ run() {  # NAME GPUS COMMAND...
     echo "=== $(date +%T) $name on GPUs $gpus ($(left) s left): $*"
     CUDA_VISIBLE_DEVICES=$gpus timeout "$(left)" "$@" > "$out/$name.log" 2>&1
     echo "=== $name rc $?"
-    grep -e '^row' -e 'warm-up' -e 'check ' -e rror "$out/$name.log" | cut -c1-700
+    grep -e '^row' -e 'warm-up' -e 'check ' -e rror -e '"wall_ms"' -e '^| ' -e ' passed' \
+        -e ' failed' "$out/$name.log" | cut -c1-700
 }
-pack() { tar czf "$out/results.tgz" -C "$out" res && rm -rf "$out/res"; }
+# results and logs in one archive (the device tool brings back at most 8 files)
+pack() { (cd "$out" && tar czf results.tgz res ./*.log && rm -rf res ./*.log); }
