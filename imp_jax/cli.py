@@ -118,9 +118,9 @@ def cmd_convert(args) -> int:
     model = load_model(args.src, args.dtype)
     params = model.params
     if args.quantization:
-        from imp_jax.quant import quantize_params
+        from imp_jax.quant import quantize_loaded
 
-        params = quantize_params(params, model.cfg, args.quantization)
+        params = quantize_loaded(params, model.cfg, args.quantization, model.fp8_scales)
     orbax_ckpt.save(args.dst, model.cfg, params,
                     {"generation_config": model.generation_config, "source": args.src,
                      "quantization": args.quantization})

@@ -79,6 +79,9 @@ class LLM:
         `gpu_memory_utilization` of free device memory holds.
       max_num_seqs / max_num_batched_tokens: per-step batch limits of the scheduler.
       quantization: None, "fp8", "fp8-weight-only" or "int8" (weights quantized at load time).
+        An FP8 checkpoint (compressed-tensors or transformers' fine-grained layout) is
+        dequantized at load; with "fp8" / "fp8-weight-only", one whose scales are per tensor or
+        per channel gets back its exact e4m3 codes and scales, on the weights it quantized.
       kv_cache_dtype: "auto" (the model's dtype), "fp8" (e4m3 pages) or "int8" (int8 pages,
         symmetric): both with a float32 scale per token and KV head, about half the KV memory
         of bf16; or a float dtype name.
@@ -126,9 +129,9 @@ class LLM:
         cfg = self.model.cfg
         params = self.model.params
         if quantization is not None:
-            from imp_jax.quant import quantize_params
+            from imp_jax.quant import quantize_loaded
 
-            params = quantize_params(params, cfg, quantization)
+            params = quantize_loaded(params, cfg, quantization, self.model.fp8_scales)
         limit = cfg.max_position_embeddings
         if max_model_len is None:
             max_model_len = limit

@@ -455,10 +455,16 @@ DEFAULT_POLICY = QuantPolicy(keep_first=1, keep_last=1)
 
 
 def quantize_params(params: dict[str, Any], cfg: ModelConfig, mode: str,
-                    policy: QuantPolicy | None = None) -> dict[str, Any]:
-    """Replace the weights `policy` selects with QuantArrays; the rest are returned as they are."""
+                    policy: QuantPolicy | None = None,
+                    scales: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Replace the weights `policy` selects with QuantArrays; the rest are returned as they are.
+
+    scales: {"/"-joined params path: float32 [out]} fixed per-output-channel scales, used for
+    those weights in the fp8 modes instead of `policy.scales` (an FP8 checkpoint's own scales,
+    `LoadedModel.fp8_scales`: its dequantized weights then quantize back to their exact codes)."""
     check_mode(mode)
     policy = DEFAULT_POLICY if policy is None else policy
+    scales = scales or {}
 
     def one(path, spec):
         w = get_path(params, path)
@@ -467,9 +473,25 @@ def quantize_params(params: dict[str, Any], cfg: ModelConfig, mode: str,
         if tuple(w.shape) != spec.shape:
             raise ValueError(f"{'/'.join(path)}: shape {tuple(w.shape)} != spec {spec.shape}")
         contract = (1,) if path[-1] == "embedding" else spec.contract
+        fixed = scales.get("/".join(path))
+        if fixed is not None and mode != "int8" and path[-1] != "embedding":
+            scale = jnp.asarray(fixed, jnp.float32).reshape(scale_shape(spec.shape, contract))
+            q = _quantize_with(jnp.asarray(w, jnp.float32), scale, mode)
+            return QuantArray(q, scale, mode, tuple(contract))
         return quantize(w, mode, contract, policy.scales)
 
     return map_specs(one, param_specs(cfg))
+
+
+def quantize_loaded(params: dict[str, Any], cfg: ModelConfig, mode: str,
+                    fp8_scales: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Quantize a loaded model at load time (`LLM(quantization=)`, `imp-jax convert`). An FP8
+    checkpoint (`LoadedModel.fp8_scales`) in an fp8 mode: exactly the weights it quantized, with
+    its own scales, so its e4m3 codes come back unchanged; otherwise the default policy."""
+    scales = fp8_scales if mode != "int8" else None
+    if not scales:
+        return quantize_params(params, cfg, mode)
+    return quantize_params(params, cfg, mode, ExactPolicy(paths=frozenset(scales)), scales)
 
 
 def abstract_quantized(cfg: ModelConfig, dtype, mode: str,
@@ -487,12 +509,17 @@ def abstract_quantized(cfg: ModelConfig, dtype, mode: str,
     return map_specs(one, param_specs(cfg))
 
 
+def scale_shape(shape: tuple[int, ...], contract: tuple[int, ...]) -> tuple[int, ...]:
+    """A per-output-channel scale's shape: the weight's, contracted dims reduced to 1."""
+    return tuple(1 if d in contract else n for d, n in enumerate(shape))
+
+
 def abstract_quantized_leaf(spec: ArraySpec, dtype, mode: str,
                             contract: tuple[int, ...]) -> QuantArray:
     """ShapeDtypeStructs of one weight quantized over its `contract` axes."""
-    sshape = tuple(1 if d in contract else n for d, n in enumerate(spec.shape))
     return QuantArray(jax.ShapeDtypeStruct(spec.shape, storage_dtype(mode)),
-                      jax.ShapeDtypeStruct(sshape, jnp.float32), mode, tuple(contract))
+                      jax.ShapeDtypeStruct(scale_shape(spec.shape, contract), jnp.float32), mode,
+                      tuple(contract))
 
 
 def quant_meta(params: dict[str, Any]) -> dict[str, Any] | None:
@@ -515,15 +542,21 @@ def quant_meta(params: dict[str, Any]) -> dict[str, Any] | None:
     return {"mode": modes.pop(), "paths": sorted(paths)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ExactPolicy(QuantPolicy):
+    """Selects exactly the weights named by "/"-joined params path (a saved tree's quantized
+    leaves, an FP8 checkpoint's quantized weights)."""
+
+    paths: frozenset[str] = frozenset()
+
+    def selects(self, path, spec, cfg):
+        return "/".join(path) in self.paths
+
+
 def abstract_from_meta(cfg: ModelConfig, dtype, meta: dict[str, Any]) -> dict[str, Any]:
     """The orbax restore target of a tree `quant_meta` described."""
-    chosen = set(meta["paths"])
-
-    class _Recorded(QuantPolicy):
-        def selects(self, path, spec, cfg):
-            return "/".join(path) in chosen
-
-    return abstract_quantized(cfg, dtype, meta["mode"], _Recorded())
+    policy = ExactPolicy(paths=frozenset(meta["paths"]))
+    return abstract_quantized(cfg, dtype, meta["mode"], policy)
 
 
 def cast_unquantized(params: dict[str, Any], dtype) -> dict[str, Any]:

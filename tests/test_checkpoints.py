@@ -560,6 +560,24 @@ def test_orbax_generate_matches_source(qwen2_orbax):
     assert run(str(qwen2_orbax)) == want
 
 
+def test_convert_fp8_checkpoint_keeps_its_codes(tmp_path):
+    """`imp-jax convert CT_FP8 DST --quantization fp8` saves the checkpoint's own e4m3 codes and
+    scales on exactly the weights it quantized (the LLM(quantization="fp8") path), and reloads
+    them unchanged."""
+    from imp_jax.cli import main
+    from imp_jax.quant import QuantArray, quantize_loaded
+
+    src = os.path.join(TINY, "llama3_ct_fp8")
+    assert main(["convert", src, str(tmp_path / "ct"), "--quantization", "fp8"]) == 0
+    loaded = load_model(src)
+    assert len(loaded.fp8_scales) == 2 * 7  # per tensor (attention) and per channel (MLP)
+    want = quantize_loaded(loaded.params, loaded.cfg, "fp8", loaded.fp8_scales)
+    got = load_model(str(tmp_path / "ct")).params
+    assert_trees_equal(got, want)
+    is_q = lambda x: isinstance(x, QuantArray)  # noqa: E731
+    assert sum(map(is_q, jax.tree.leaves(got, is_leaf=is_q))) == 2 * 7
+
+
 def test_cli_info(qwen2_orbax, capsys):
     from imp_jax.cli import main
 

@@ -42,18 +42,60 @@ def greedy(runner, ids, n, first_page=1):
     return out
 
 
-@pytest.mark.parametrize("name", FAMILIES + ["llama3_fp8"])
+@pytest.mark.parametrize("name", FAMILIES + ["llama3_fp8", "llama3_ct_fp8"])
 def test_logits_and_greedy_match_transformers(name):
     # llama3_fp8: llama3 as a fine-grained FP8 checkpoint (e4m3 weights + weight_scale_inv per
-    # [16, 32] block), against transformers loading the same files (it dequantizes on CPU)
+    # [16, 32] block), against transformers loading the same files (it dequantizes on CPU).
+    # llama3_ct_fp8: llama3 written by compressed-tensors (weight_scale per tensor for the
+    # attention, per channel for the MLP), against transformers loading it with dequantize=True
     ref = np.load(os.path.join(DATA, "reference", f"{name.replace('_legacy', '')}.npz"))
     runner = make_runner(name)
+    check_against(runner, ref)
+
+
+def check_against(runner, ref):
     for row in range(ref["input_ids"].shape[0]):
         ids = ref["input_ids"][row].tolist()
         out = runner.step([StepSeq(ids, 0, pages_for(1, len(ids)), all_logits=True)])
         logits = np.asarray(out.logits)[:len(ids)]
         np.testing.assert_allclose(logits, ref["logits"][row], atol=2e-4, rtol=1e-4)
         assert greedy(runner, ids, ref["greedy"].shape[1]) == ref["greedy"][row].tolist()
+
+
+def test_compressed_tensors_fp8_runs_its_w8a8_scheme_exactly():
+    """LLM(quantization="fp8") on a compressed-tensors FP8 checkpoint quantizes exactly the
+    weights the checkpoint did, back to its own e4m3 codes and scales, and its W8A8 forward
+    (activations per token on the fly) matches transformers running the checkpoint as shipped
+    (compressed-tensors' forward quantizes each linear's input per token too)."""
+    from imp_jax.llm import LLM
+    from imp_jax.loaders.hf_dir import _header, _read_raw
+    from imp_jax.quant import QuantArray
+
+    path = os.path.join(DATA, "tiny", "llama3_ct_fp8")
+    llm = LLM(path, quantization="fp8", dtype=jnp.float32, num_pages=64, page_size=PAGE,
+              max_model_len=128)
+    from safetensors import safe_open
+
+    params, file = llm.runner.params, os.path.join(path, "model.safetensors")
+    header, scales = _header(file), safe_open(file, framework="numpy")
+    quantized = 0
+    for i in range(llm.runner.cfg.num_layers):
+        for module, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))):
+            for n in names:
+                w = params[f"layers_{i}"][module][n]["kernel"]
+                hf = f"model.layers.{i}.{'self_attn' if module == 'attn' else 'mlp'}.{n}_proj"
+                codes = _read_raw(file, header, hf + ".weight").astype(np.float32)  # [out, in]
+                scale = scales.get_tensor(hf + ".weight_scale").reshape(-1)
+                assert isinstance(w, QuantArray) and w.mode == "fp8"
+                ours = np.asarray(w.q, np.float32).reshape(codes.shape[1], -1).T
+                np.testing.assert_array_equal(ours, codes)
+                np.testing.assert_array_equal(
+                    np.asarray(w.scale).reshape(-1),
+                    np.broadcast_to(scale, (codes.shape[0],)))  # per tensor: one for all
+                quantized += 1
+    assert quantized == 2 * 7
+    assert not isinstance(params["lm_head"]["kernel"], QuantArray)  # the checkpoint's ignore
+    check_against(llm.runner, np.load(os.path.join(DATA, "reference", "llama3_ct_fp8_w8a8.npz")))
 
 
 def test_prefill_plus_decode_equals_full_forward():
@@ -172,5 +214,46 @@ def test_other_quantized_checkpoints_are_refused_by_method(tmp_path):
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quant_method='gptq' is not supported; supported: "
-                                         "unquantized checkpoints and 'fp8'"):
+                                         "unquantized checkpoints, transformers' fine-grained "
+                                         "FP8 .*; compressed-tensors FP8"):
+        load_hf_dir(str(tmp_path), jnp.float32)
+
+
+def test_quantization_configs_outside_the_supported_layouts_name_the_value(tmp_path):
+    import json
+    import shutil
+
+    from imp_jax.loaders.hf_dir import fp8_scheme
+
+    cfg = json.load(open(os.path.join(DATA, "tiny", "llama3_ct_fp8", "config.json")))
+    quant = cfg["quantization_config"]
+    assert fp8_scheme(quant, "x") == ("_scale", None)
+    int4 = json.loads(json.dumps(quant))
+    int4["config_groups"]["group_1"].update(format="pack-quantized")
+    int4["config_groups"]["group_1"]["weights"].update(num_bits=4, type="int")
+    with pytest.raises(ValueError, match=r"group 'group_1' \(format 'pack-quantized', weights "
+                                         r"4-bit 'int', symmetric=True, strategy 'channel'\) is "
+                                         r"not supported; supported: format 'float-quantized'"):
+        fp8_scheme(int4, "x")
+    blocks = json.loads(json.dumps(quant))
+    for g in blocks["config_groups"].values():
+        g["weights"].update(strategy="block", block_structure=[16, 32])
+    assert fp8_scheme(blocks, "x") == ("_scale", (16, 32))  # dequantized per block
+    for i, g in enumerate(blocks["config_groups"].values()):
+        g["weights"].update(strategy="block", block_structure=[16, 16 * (i + 1)])
+    with pytest.raises(ValueError, match=r"different block structures \[\(16, 16\), \(16, 32\)\]"):
+        fp8_scheme(blocks, "x")
+    # a weight whose scale is missing: named, with the layouts that are supported
+    src = os.path.join(DATA, "tiny", "llama3_ct_fp8")
+    for f in os.listdir(src):
+        shutil.copy(os.path.join(src, f), tmp_path / f)
+    file = os.path.join(src, "model.safetensors")
+    from imp_jax.loaders.hf_dir import _header
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    weight_map = {n: file for n in _header(file) if not n.startswith("__")
+                  and n != name + "_scale"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=rf"{name} is float8_e4m3fn but {name}_scale is missing; "
+                                         "supported FP8 layouts: transformers' fine-grained"):
         load_hf_dir(str(tmp_path), jnp.float32)

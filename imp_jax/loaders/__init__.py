@@ -25,6 +25,25 @@ class LoadedModel:
     tokenizer: Any  # imp_jax.tokenizer.Tokenizer, or None for random weights of a named shape
     generation_config: dict[str, Any]  # HF generation_config.json (eos ids, sampling defaults)
     source: str
+    # {"/"-joined params path: float32 [out]}: an FP8 checkpoint's per-tensor / per-channel
+    # weight scales, so that quantize_params re-quantizes those weights to their exact codes
+    fp8_scales: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def checkpoint_scales(cfg: ModelConfig, by_hf_name: dict[str, Any]) -> dict[str, Any]:
+    """{HF weight name: scale} -> {params path: scale}."""
+    from imp_jax.loaders.weights import hf_name
+    from imp_jax.spec import map_specs, param_specs
+
+    found = {}
+
+    def one(path, spec):
+        name = hf_name(path)
+        if name in by_hf_name:
+            found["/".join(path)] = by_hf_name[name]
+
+    map_specs(one, param_specs(cfg))
+    return found
 
 
 def random_params(cfg, dtype, shardings=None, quantization: str | None = None):
@@ -111,9 +130,11 @@ def load_model(model: str, dtype=None, shardings=None,
                                meta.get("generation_config", {}), model)
         from imp_jax.loaders.hf_dir import load_hf_dir
 
-        cfg, params = load_hf_dir(model, dtype, shardings)
+        scales: dict[str, Any] = {}
+        cfg, params = load_hf_dir(model, dtype, shardings, fp8_scales=scales)
         gen = read_json(os.path.join(model, "generation_config.json")) or {}
-        return LoadedModel(cfg, params, Tokenizer.from_dir(model), gen, model)
+        return LoadedModel(cfg, params, Tokenizer.from_dir(model), gen, model,
+                           checkpoint_scales(cfg, scales))
     raise ValueError(
         f"cannot load model {model!r}: expected a preset name ({', '.join(sorted(PRESETS))}), "
         f"'random:<shape>' ({', '.join(sorted(SHAPES))}), a .gguf file, a Hugging Face directory "

@@ -69,9 +69,11 @@ def _header(file: str) -> dict:
 
 def dequantize_fp8(q: np.ndarray, scale: np.ndarray, name: str,
                    block: tuple[int, int] | None = None) -> np.ndarray:
-    """A fine-grained FP8 weight (transformers' "fp8" quant_method: float8_e4m3fn [out, in] and
-    `weight_scale_inv` per block, the layout Qwen3-*-FP8 and DeepSeek ship) -> float32: each
-    value times its block's scale (despite the name, `_inv` is the multiplier).
+    """An FP8 weight (float8_e4m3fn [out, in]) and its scale -> float32: each value times its
+    block's scale. Transformers' "fp8" quant_method (Qwen3-*-FP8, DeepSeek) stores
+    `weight_scale_inv` per block (despite the name, the multiplier); compressed-tensors stores
+    `weight_scale` per tensor ([1] or []), per output channel ([out, 1]: blocks of one row) or
+    per block.
 
     block: config.json's `weight_block_size`; the scale grid is then the weight's shape over it,
     rounded up (edge blocks are partial: DeepSeek's 576-row projections at 128). Without it, a
@@ -98,7 +100,59 @@ def dequantize_fp8(q: np.ndarray, scale: np.ndarray, name: str,
     return q.astype(np.float32) * full
 
 
-def load_hf_dir(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str, Any]]:
+FP8_LAYOUTS = ("transformers' fine-grained FP8 (quant_method 'fp8': weight + weight_scale_inv)",
+               "compressed-tensors FP8 (quant_method 'compressed-tensors', format "
+               "'float-quantized': weight + weight_scale per tensor, channel or block)")
+
+
+def fp8_scheme(quant: dict, path: str) -> tuple[str, tuple[int, int] | None]:
+    """(scale tensor suffix, block shape or None) of a checkpoint's quantization_config; {} is an
+    unquantized checkpoint. Raises for anything else, naming the value and what is supported.
+
+    compressed-tensors FP8 is what llm-compressor writes (RedHatAI's *-FP8 / *-FP8-dynamic
+    models): its `input_activations` (dynamic per token, or static `input_scale`) are not read;
+    weights are dequantized at load like every FP8 layout, and `quantization="fp8"` then
+    quantizes the activations per token on the fly."""
+    method = quant.get("quant_method")
+    if method is None:
+        return "_scale_inv", None
+    if method == "fp8":
+        block = quant.get("weight_block_size")
+        return "_scale_inv", tuple(block) if block else None
+    if method != "compressed-tensors":  # GPTQ, AWQ, bitsandbytes, fbgemm_fp8, ...
+        raise ValueError(f"{path}: quantization_config.quant_method={method!r} is not supported; "
+                         f"supported: unquantized checkpoints, {'; '.join(FP8_LAYOUTS)}. To "
+                         "quantize at load, pass an unquantized checkpoint with quantization="
+                         "'fp8' / 'fp8-weight-only' / 'int8'")
+    blocks = set()
+    for name, group in (quant.get("config_groups") or {}).items():
+        fmt = group.get("format") or quant.get("format")
+        w = group.get("weights") or {}
+        strategy = w.get("strategy")
+        scheme = (fmt, w.get("num_bits"), w.get("type"), w.get("symmetric"))
+        if scheme != ("float-quantized", 8, "float", True) or \
+                strategy not in ("tensor", "channel", "block"):
+            raise ValueError(
+                f"{path}: compressed-tensors group {name!r} (format {fmt!r}, weights "
+                f"{w.get('num_bits')}-bit {w.get('type')!r}, symmetric={w.get('symmetric')}, "
+                f"strategy {strategy!r}) is not supported; supported: format 'float-quantized', "
+                "8-bit symmetric float weights per tensor, channel or block")
+        if strategy == "block":
+            blocks.add(tuple(w.get("block_structure") or ()))
+    if len(blocks) > 1:
+        raise ValueError(f"{path}: compressed-tensors groups with different block structures "
+                         f"{sorted(blocks)}; supported: one")
+    return "_scale", blocks.pop() if blocks else None
+
+
+def load_hf_dir(path: str, dtype, shardings=None,
+                fp8_scales: dict[str, np.ndarray] | None = None
+                ) -> tuple[ModelConfig, dict[str, Any]]:
+    """fp8_scales: if a dict, filled with {HF weight name: float32 [out]} for each FP8 weight
+    stored with one scale per tensor or per output channel. Those weights are dequantized like
+    every other; re-quantizing them with these scales (`quant.quantize_params(..., scales=)`)
+    gives back the checkpoint's exact codes, where absmax scales per channel would round the
+    e4m3 values a second time (per-tensor checkpoints)."""
     from safetensors import safe_open
 
     config_path = os.path.join(path, "config.json")
@@ -107,13 +161,7 @@ def load_hf_dir(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str
     cfg = ModelConfig.from_hf_file(config_path)
     with open(config_path) as f:
         quant = json.load(f).get("quantization_config") or {}
-    method = quant.get("quant_method")
-    if method not in (None, "fp8"):  # GPTQ, AWQ, bitsandbytes, compressed-tensors, ...
-        raise ValueError(f"{path}: quantization_config.quant_method={method!r} is not supported; "
-                         "supported: unquantized checkpoints and 'fp8' (transformers' fine-grained "
-                         "FP8). To quantize at load, pass an unquantized checkpoint with "
-                         "quantization='fp8' / 'fp8-weight-only' / 'int8'")
-    block = quant.get("weight_block_size")
+    suffix, block = fp8_scheme(quant, path)
     where = _safetensors_files(path)
     handles: dict[str, Any] = {}
     headers: dict[str, dict] = {}
@@ -121,12 +169,16 @@ def load_hf_dir(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str
     def get(name: str):
         x = read(name)
         if x.dtype == FP8:  # a pre-quantized checkpoint: dequantized here, once, on the host
-            scale = name + "_scale_inv"
+            scale = name + suffix
             if scale not in where:
                 raise ValueError(f"{path}: {name} is float8_e4m3fn but {scale} is missing; "
-                                 "supported FP8 layout: transformers' fine-grained FP8 "
-                                 "(weight + weight_scale_inv)")
-            x = dequantize_fp8(x, read(scale), name, tuple(block) if block else None)
+                                 f"supported FP8 layouts: {'; '.join(FP8_LAYOUTS)}")
+            s = np.asarray(read(scale))
+            if fp8_scales is not None and s.dtype != np.uint8 and (
+                    s.size == 1 or s.shape == (x.shape[0], 1)):
+                fp8_scales[name] = np.broadcast_to(s.astype(np.float32).reshape(-1),
+                                                   (x.shape[0],)).copy()
+            x = dequantize_fp8(x, s, name, block)
         return x
 
     def read(name: str):

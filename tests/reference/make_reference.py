@@ -413,6 +413,7 @@ def make_tiny(fast_tok) -> dict:
         if name == "llama3":
             summary["llama3_legacy"] = make_llama3_legacy(cls, out, ref)
             summary["llama3_fp8"] = make_llama3_fp8(out, ref)
+            summary["llama3_ct_fp8"] = make_llama3_ct_fp8(out, ref)
     return summary
 
 
@@ -457,6 +458,66 @@ def make_llama3_fp8(src: Path, ref: dict) -> dict:
     fp8 = model_ref(model, ref["input_ids"])
     save_npz(REF_DIR / "llama3_fp8.npz", fp8)
     return _describe(out, fp8)
+
+
+def make_llama3_ct_fp8(src: Path, ref: dict) -> dict:
+    """llama3's weights as an llm-compressor style FP8 checkpoint (`quant_method:
+    "compressed-tensors"`, format "float-quantized", the layout RedHatAI's *-FP8 / *-FP8-dynamic
+    models ship): float8_e4m3fn `*.weight` + float32 `*.weight_scale`, per tensor for the
+    attention projections and per output channel for the MLP, activations dynamic per token,
+    lm_head left in float. Written by compressed-tensors' own ModelCompressor from absmax scales.
+    Two references, both transformers loading the files back on CPU:
+      llama3_ct_fp8.npz       `dequantize=True`: weights dequantized, activations in float32
+      llama3_ct_fp8_w8a8.npz  as shipped: compressed-tensors' forward, which also quantizes each
+                              linear's input per token to e4m3 (the checkpoint's W8A8 scheme)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,
+                                                 QuantizationScheme, apply_quantization_config)
+    from transformers import CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+
+    def weights(strategy):
+        return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy,
+                                dynamic=False)
+
+    tokens = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token",
+                              dynamic=True)
+    config = QuantizationConfig(config_groups={
+        "attention": QuantizationScheme(targets=["re:.*self_attn.*_proj$"],
+                                        weights=weights("tensor"), input_activations=tokens),
+        "mlp": QuantizationScheme(targets=["re:.*mlp.*_proj$"], weights=weights("channel"),
+                                  input_activations=tokens)},
+        ignore=["lm_head"], format="float-quantized")
+    apply_quantization_config(model, config)
+    for module in model.modules():  # absmax scales (llm-compressor's default observer)
+        if hasattr(module, "weight_scale"):
+            w, s = module.weight.data.abs(), module.weight_scale
+            amax = w.amax(dim=1, keepdim=True) if s.numel() > 1 else w.amax()
+            s.data.copy_((amax / 448.0).reshape(s.shape).to(s.dtype))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
+    compressor.compress_model(model)
+    out = TINY_DIR / "llama3_ct_fp8"
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out, safe_serialization=True)
+    compressor.update_config(out)
+    for f in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, out / f)
+    plain = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    ).eval()
+    assert plain.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    deq = model_ref(plain, ref["input_ids"])
+    save_npz(REF_DIR / "llama3_ct_fp8.npz", deq)
+    shipped = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert shipped.model.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
+    w8a8 = model_ref(shipped, ref["input_ids"], check_manual=False)
+    assert np.abs(w8a8["logits"] - deq["logits"]).max() > 1e-3  # activations were quantized
+    save_npz(REF_DIR / "llama3_ct_fp8_w8a8.npz", w8a8)
+    import compressed_tensors
+    return {**_describe(out, deq), "compressed_tensors": compressed_tensors.__version__,
+            "w8a8_greedy": w8a8["greedy"].tolist()}
 
 
 def make_llama3_legacy(cls, src: Path, ref: dict) -> dict:
@@ -560,7 +621,7 @@ def main() -> None:
     ap.add_argument("--skip-gguf", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--fp8-only", action="store_true",
-                    help="only the FP8 checkpoint made from the existing tiny llama3")
+                    help="only the FP8 checkpoints made from the existing tiny llama3")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     torch.use_deterministic_algorithms(True)
@@ -588,8 +649,11 @@ def main() -> None:
     if args.fp8_only:  # the rest of meta.json keeps the run that made the other fixtures
         meta = json.loads(meta_path.read_text())
         ref = dict(np.load(REF_DIR / "llama3.npz"))
-        meta["tiny"]["llama3_fp8"] = {"date": datetime.date.today().isoformat(),
+        today = datetime.date.today().isoformat()
+        meta["tiny"]["llama3_fp8"] = {"date": today,
                                       **make_llama3_fp8(TINY_DIR / "llama3", ref)}
+        meta["tiny"]["llama3_ct_fp8"] = {"date": today,
+                                         **make_llama3_ct_fp8(TINY_DIR / "llama3", ref)}
     elif not args.skip_tiny:
         fast = build_tokenizer()
         meta["tiny"] = make_tiny(fast)
