@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -132,6 +134,10 @@ class LLM:
             from imp_jax.quant import quantize_loaded
 
             params = quantize_loaded(params, cfg, quantization, self.model.fp8_scales)
+            # Keep only the quantized tree: holding the loaded one too kept a full-precision
+            # copy on the device (and shrank the KV pool sized from free memory after it), and
+            # `bench` counts the bytes a step reads from `self.model.params`.
+            self.model = dataclasses.replace(self.model, params=params)
         limit = cfg.max_position_embeddings
         if max_model_len is None:
             max_model_len = limit
@@ -206,15 +212,20 @@ class LLM:
         """
         prompts = self._as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts), kwargs)
+        return self._run(self._queue((p, sp, None) for p, sp in zip(prompts, params)), use_tqdm)
+
+    def _queue(self, requests) -> list[str]:
+        """Queue each (prompt, SamplingParams, score_from) of `requests`, all or none: when one
+        is bad (or building the next raises), those already queued are aborted."""
         ids: list[str] = []
         try:
-            for p, sp in zip(prompts, params):
-                ids.append(self.engine.add_request(p, sp))
-        except BaseException:  # one bad prompt: queue none of them
+            for prompt, params, score_from in requests:
+                ids.append(self.engine.add_request(prompt, params, score_from=score_from))
+        except BaseException:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
-        return self._run(ids, use_tqdm)
+        return ids
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | None = None, *, use_tqdm: bool = False,
@@ -316,21 +327,24 @@ class LLM:
         cached prefix pages."""
         if len(contexts) != len(continuations):
             raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
-        ids = []
-        for ctx, cont in zip(contexts, continuations):
-            c_ids = self._encode(ctx)
-            k_ids = self._encode(cont, add_special_tokens=False)
-            if not c_ids or not k_ids:
-                raise ValueError(f"score pair {len(ids)}: context {ctx!r} and continuation "
-                                 f"{cont!r} must both be non-empty")
-            rid = self.engine.add_request(c_ids + k_ids,
-                                          SamplingParams(max_tokens=1, temperature=0,
-                                                         prompt_logprobs=1),
-                                          score_from=len(c_ids))
-            ids.append((rid, len(c_ids), k_ids))
-        outs = self._run([r for r, _, _ in ids], use_tqdm)
+        pairs = []  # (context ids, continuation ids)
+
+        def requests():
+            for ctx, cont in zip(contexts, continuations):
+                c_ids = self._encode(ctx)
+                k_ids = self._encode(cont, add_special_tokens=False)
+                if not c_ids or not k_ids:
+                    raise ValueError(f"score pair {len(pairs)}: context {ctx!r} and "
+                                     f"continuation {cont!r} must both be non-empty")
+                pairs.append((c_ids, k_ids))
+                yield (c_ids + k_ids,
+                       SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1),
+                       len(c_ids))
+
+        outs = self._run(self._queue(requests()), use_tqdm)
         results = []
-        for out, (_, n_ctx, k_ids) in zip(outs, ids):
+        for out, (c_ids, k_ids) in zip(outs, pairs):
+            n_ctx = len(c_ids)
             entries = out.prompt_logprobs[n_ctx:n_ctx + len(k_ids)]
             total = sum(e[t] for e, t in zip(entries, k_ids))
             greedy = all(max(e.values()) <= e[t] + 1e-6 for e, t in zip(entries, k_ids))

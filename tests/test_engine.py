@@ -588,3 +588,27 @@ def test_host_engine_benchmark_runs(capsys):
     assert "8 rows x 20 in / 12 out" in out and "decode_block" in out
     with pytest.raises(SystemExit):
         mod.main(["--rows", "0"])
+
+
+def test_sample_ids_of_n_requests_cannot_collide_with_request_ids(model):
+    """An n > 1 request's samples are sequences "<id>#<i>": a request id equal to one of them
+    is refused (either order), the engine keeps running, and automatic ids skip ids in use."""
+    llm = make_llm(model)
+    engine = llm.engine
+    n2 = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=4, ignore_eos=True)
+    engine.add_request([11, 12, 13], GREEDY, request_id="x#1")
+    with pytest.raises(ValueError, match=r"request id 'x' is already in use: .* sample id"):
+        engine.add_request([40, 41, 42], n2, request_id="x")
+    engine.add_request([40, 41, 42], n2, request_id="y")
+    with pytest.raises(ValueError, match="request id 'y#0' is already in use"):
+        engine.add_request([5, 6], GREEDY, request_id="y#0")
+    engine.add_request([7, 8], GREEDY, request_id="0")  # the next automatic id would be "0"
+    auto = engine.add_request([9, 10], GREEDY)
+    assert auto not in ("0", "x#1", "y")
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert sorted(done) == sorted(["x#1", "y", "0", auto])
+    assert len(done["y"].outputs) == 2 and all(len(c.token_ids) == 4 for c in done["y"].outputs)
+    bm = engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages

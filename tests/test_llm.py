@@ -95,6 +95,20 @@ def test_score_equals_summed_logprobs_and_greedy_flag(llm):
     assert results[1][1] is False and results[1][0] < results[0][0]
 
 
+@pytest.mark.parametrize("call", ["score", "generate"])
+def test_a_bad_item_queues_none_of_the_batch(llm, call):
+    """One pair / prompt that cannot run (here: longer than max_model_len) fails the call and
+    leaves nothing queued behind it to run, unseen, inside a later call."""
+    steps = llm.engine.stats["steps"]
+    with pytest.raises(ValueError):
+        if call == "score":
+            llm.score([[5, 6, 7], [8, 9]], [[10, 11], list(range(20, 160))])
+        else:
+            llm.generate([[5, 6, 7], list(range(20, 160))], max_tokens=2, use_tqdm=False)
+    assert llm.engine.num_requests == 0 and not llm.engine.has_unfinished_requests()
+    assert llm.engine.stats["steps"] == steps
+
+
 def test_chat_uses_the_template_and_stream_matches_generate(llm):
     msgs = [{"role": "user", "content": "hi there"}]
     prompt = llm.chat_prompt(msgs)

@@ -3,6 +3,7 @@ and paged-cache equivalences."""
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -95,6 +96,13 @@ def test_compressed_tensors_fp8_runs_its_w8a8_scheme_exactly():
                 quantized += 1
     assert quantized == 2 * 7
     assert not isinstance(params["lm_head"]["kernel"], QuantArray)  # the checkpoint's ignore
+    # the quantized tree replaces the loaded one: no full-precision copy stays resident, and
+    # `imp-jax bench` counts the 8-bit bytes a step reads
+    assert llm.model.params is params
+    from imp_jax.bench import step_weight_bytes
+    f32 = sum(int(np.prod(s.shape)) * 4 for s in jax.tree.leaves(
+        load_hf_dir(path, jnp.float32)[1]))
+    assert step_weight_bytes(llm) < f32 - 14 * 0.75 * 64 * 64  # 14 weights at 1 byte, not 4
     check_against(llm.runner, np.load(os.path.join(DATA, "reference", "llama3_ct_fp8_w8a8.npz")))
 
 

@@ -107,6 +107,11 @@ class _Request:
             dict(self.metrics))
 
 
+def _sample_id(request_id: str, i: int, n: int) -> str:
+    """The scheduler's sequence id of sample i of a request with n samples."""
+    return f"{request_id}#{i}" if n > 1 else request_id
+
+
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer, *, eos_token_ids: Iterable[int] = (),
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
@@ -144,9 +149,12 @@ class LLMEngine:
         the prefix cache only where it would skip them (used by `LLM.score`).
         """
         params = params or SamplingParams()
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        if request_id is None:  # the next free number (a caller may have used one as an id)
+            request_id = next(i for i in map(str, self._ids) if not self._in_use(i, params.n))
+        request_id = str(request_id)
+        if self._in_use(request_id, params.n):
+            raise ValueError(f"request id {request_id!r} is already in use: by a request in "
+                             f"flight, or by a sample id ('<request id>#<i>') of one with n > 1")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -162,7 +170,7 @@ class LLMEngine:
             score_from = 1
         seqs = []
         for i in range(params.n):
-            seq = Sequence(f"{request_id}#{i}" if params.n > 1 else request_id, ids, params)
+            seq = Sequence(_sample_id(request_id, i, params.n), ids, params)
             if score_from is not None:
                 seq.max_cached_tokens = max(0, score_from - 1)
             seqs.append(seq)
@@ -188,6 +196,12 @@ class LLMEngine:
             self._by_seq[seq.request_id] = (req, sample)
         self._requests[request_id] = req
         return request_id
+
+    def _in_use(self, request_id: str, n: int) -> bool:
+        """Whether the request id, or one of its samples' sequence ids, is taken: samples of
+        an n > 1 request are sequences "<id>#<i>", which another request's id could equal."""
+        return request_id in self._requests or any(
+            _sample_id(request_id, i, n) in self._by_seq for i in range(n))
 
     def abort_request(self, request_id: str) -> bool:
         req = self._requests.pop(request_id, None)
