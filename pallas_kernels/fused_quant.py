@@ -15,11 +15,13 @@ token row can do it all while the row sits in L1/L2:
         (instead of: gate/up read, bf16 written, read twice more). At N = 14336 that is the
         largest activation of the block.
 
-Numerics are the unfused model's (`rms_norm` and `silu_mul` here are the model's math): the producer is computed in float32 and rounded to the
-activation dtype (what the model's RMSNorm / SiLU-and-mul return) before the amax and the
-division, so the e4m3 codes equal `quantize_activations(producer(x))` up to the order of the
-float32 sums. Each row is walked in `chunk`-wide power-of-two slices (Triton's block shapes),
-three times (sum of squares or nothing, amax, store); only the first walk misses the cache.
+Numerics are the unfused model's (`rms_norm` and `silu_mul` here are the model's math): the
+producer is computed in float32 and rounded to the activation dtype (what the model's RMSNorm /
+SiLU-and-mul return) before the amax and the division, so the e4m3 codes equal
+`quantize_activations(producer(x))` up to the order of the float32 sums. (Inside a larger jitted
+program XLA may skip that rounding, "excess precision"; the kernel keeps it.) Each row is walked
+in `chunk`-wide power-of-two slices (Triton's block shapes), three times (sum of squares or
+nothing, amax, store); only the first walk misses the cache.
 
 Lowering: the Pallas Triton backend (a row-wise reduction needs none of Mosaic GPU's TMA or
 wgmma). `*_ref` are the jnp references; `interpret=True` runs the kernels on CPU.
