@@ -82,6 +82,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
+INT32_MAX = 2**31 - 1
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
@@ -282,7 +285,8 @@ class SamplingTensors:
 
         return SamplingTensors(
             temperature=col((p.temperature for p in params), np.float32, 0),
-            top_k=col((max(p.top_k, 0) for p in params), np.int32, 0),
+            # any k beyond the vocabulary keeps every token: clamped to fit int32
+            top_k=col((min(max(p.top_k, 0), INT32_MAX) for p in params), np.int32, 0),
             top_p=col((p.top_p for p in params), np.float32, 1),
             min_p=col((p.min_p for p in params), np.float32, 0),
             presence_penalty=col((p.presence_penalty for p in params), np.float32, 0),

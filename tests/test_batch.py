@@ -71,7 +71,7 @@ def test_completions_and_chat_match_generate(llm, tmp_path):
 
     g = dict(temperature=0)
     prompts = ["hello world", [5, 6, 7, 8, 9], "the quick brown fox",
-               llm.chat_prompt(msgs), llm.chat_prompt([{"role": "user", "content": "ab"}]),
+               llm.chat_prompt(msgs), llm.chat_prompt([{"role": "user", "content": "a\nb"}]),
                "one", [10, 11]]
     params = [SamplingParams(max_tokens=5, **g),
               SamplingParams(max_tokens=3, repetition_penalty=1.3, presence_penalty=0.5, **g),
@@ -134,17 +134,19 @@ def test_errors_are_recorded_per_line(llm, tmp_path):
         json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}),
         _cmpl("vocab", [1, 99999], max_tokens=2),
         _chat("ok2", [{"role": "user", "content": "hi"}], **ok),
+        # in range for the API, past int32 inside (it once crashed the job): served
+        _cmpl("bigk", "hello", top_k=2**31, min_tokens=1, stop_token_ids=[2**40], **ok),
     ]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write(inp, lines)
     counts = run_batch(llm, str(inp), str(out), progress=False)
-    assert counts["total"] == 11 and counts["completed"] == 2 and counts["failed"] == 9
+    assert counts["total"] == 12 and counts["completed"] == 3 and counts["failed"] == 9
     recs = _read(out)
-    assert len(recs) == 11
+    assert len(recs) == 12
     for r in recs:
         assert set(r) == {"id", "custom_id", "response", "error"}
     ok_recs = [r for r in recs if r["error"] is None]
-    assert sorted(r["custom_id"] for r in ok_recs) == ["ok1", "ok2"]
+    assert sorted(r["custom_id"] for r in ok_recs) == ["bigk", "ok1", "ok2"]
     errs = {r["error"]["line"]: r for r in recs if r["error"] is not None}
     assert sorted(errs) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
     for r in errs.values():
@@ -171,8 +173,8 @@ def test_errors_are_recorded_per_line(llm, tmp_path):
 
     # nothing left to do on a rerun: no line is written twice
     again = run_batch(llm, str(inp), str(out), progress=False)
-    assert again["skipped"] == 11 and again["written"] == 0
-    assert len(_read(out)) == 11
+    assert again["skipped"] == 12 and again["written"] == 0
+    assert len(_read(out)) == 12
 
 
 def test_torn_last_line_is_dropped_and_redone(llm, tmp_path):

@@ -468,6 +468,15 @@ HOSTILE = [
      400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [
         {"role": "user", "content": "word " * 200}]}, 400),
+    # structured output and tool calls are not implemented: refused, not silently ignored
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT,
+                              "response_format": {"type": "json_object"}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x",
+                         "response_format": {"type": "json_schema", "json_schema": {}}}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "tool_choice": "required"}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "parallel_tool_calls": 5}, 400),
 ]
 
 
@@ -513,6 +522,45 @@ def test_hostile_requests_get_openai_errors(srv):
     after = srv.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=2,
                                             temperature=0).choices[0].text
     assert after == before
+
+
+def test_values_beyond_int32_and_no_op_controls_are_served(srv):
+    """top_k past int32 (every token kept) and stop ids past the vocabulary with min_tokens
+    (they cannot be sampled) run like their in-range equivalents, beside other requests; the
+    no-op forms of response_format / tool_choice pass; text parts join with a newline."""
+    ref = srv.refs["greedy"]
+    r = srv.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 8,
+                                     "temperature": 0, "top_k": 2**31, "min_tokens": 2,
+                                     "stop_token_ids": [2**40], "response_format":
+                                     {"type": "text"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == ref.text
+    r = srv.post("/v1/chat/completions", {"model": MODEL, "max_tokens": 1, "tool_choice": "none",
+                                          "return_token_ids": True, "messages": [
+                                              {"role": "user", "content": [
+                                                  {"type": "text", "text": "h"},
+                                                  {"type": "text", "text": "i"}]}]})
+    assert r.status_code == 200, r.text
+    joined = srv.llm.chat_prompt([{"role": "user", "content": "h\ni"}])
+    assert r.json()["prompt_token_ids"] == joined
+    assert srv.wait_pages_free() == srv.full
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_n_stream_sends_one_finish_per_choice(srv, path):
+    body = {"model": MODEL, "max_tokens": 8, "n": 3, "stream": True, "temperature": 0.9,
+            "seed": 7}
+    body.update({"prompt": PROMPT} if path == "/v1/completions" else {"messages": CHAT})
+    finishes = []
+    with httpx.stream("POST", srv.base + path, json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for ch in json.loads(line[6:])["choices"]:
+                    if ch.get("finish_reason"):
+                        finishes.append(ch["index"])
+    assert sorted(finishes) == [0, 1, 2]
 
 
 def test_fault_in_step_fails_only_that_request(srv):

@@ -427,13 +427,15 @@ class LLMEngine:
         seqs, params, seeds, steps = [], [], [], []
         num_logprobs = 0
         by_seq, max_total = self._by_seq, self.scheduler.max_total_tokens
+        vocab = self.runner.cfg.vocab_size
         for ss in sched.scheduled:  # ~1000 rows: lengths read once per row, no helpers
             seq = ss.seq
             p: SamplingParams = seq.sampling_params
             n_prompt, n_out = len(seq.prompt_token_ids), len(seq.output_token_ids)
             banned = ()
-            if n_out < p.min_tokens:
-                banned = tuple(self.eos_token_ids | set(p.stop_token_ids or ()))
+            if n_out < p.min_tokens:  # ids outside the vocabulary cannot be sampled anyway
+                banned = tuple(t for t in self.eos_token_ids | set(p.stop_token_ids or ())
+                               if t < vocab)
             penalties = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                          or p.frequency_penalty != 0.0)
             wants_logits = seq.max_cached_tokens is not None and ss.start_pos < n_prompt

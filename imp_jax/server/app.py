@@ -437,6 +437,7 @@ async def _completions(state: ServerState, request: Request, body: dict):
     async def events():
         sent: dict[tuple[int, int], list[int]] = {}  # (prompt, choice) -> [chars, tokens]
         totals = {}
+        done = set()  # choices whose finish_reason went out (later outputs repeat them)
         hold = max((len(s) for s in params.stop), default=1) - 1
         try:
             async for i, out in _merge(its):
@@ -444,6 +445,8 @@ async def _completions(state: ServerState, request: Request, body: dict):
                     if not c.token_ids and c.finish_reason is None:
                         continue  # a prefill chunk: nothing to say yet
                     key = (i, c.index)
+                    if key in done:
+                        continue
                     st = sent.get(key)
                     first = st is None
                     if first:
@@ -478,6 +481,7 @@ async def _completions(state: ServerState, request: Request, body: dict):
                                             if finished else None)}
                     if finished:
                         ch["stop_reason"] = c.stop_reason
+                        done.add(key)
                     if opts.return_token_ids:
                         ch["token_ids"] = new_ids
                         if first:
@@ -565,9 +569,12 @@ async def _chat(state: ServerState, request: Request, body: dict):
                 if opts.return_token_ids and k == 0:
                     ch["prompt_token_ids"] = ids
                 yield chunk([ch], P.usage(len(ids), 0) if opts.continuous_usage else None)
+            done = set()  # choices whose finish_reason went out (later outputs repeat them)
             async for _, out in _merge(its):
                 n_gen = sum(len(c.token_ids) for c in out.outputs)
                 for c in out.outputs:
+                    if c.index in done:
+                        continue
                     st = sent[c.index]
                     finished = c.finish_reason is not None
                     end = len(c.text) if finished else max(st[0], len(c.text) - hold)
@@ -584,6 +591,7 @@ async def _chat(state: ServerState, request: Request, body: dict):
                           "finish_reason": c.finish_reason if finished else None}
                     if finished:
                         ch["stop_reason"] = c.stop_reason
+                        done.add(c.index)
                     if opts.return_token_ids:
                         ch["token_ids"] = new_ids
                     yield chunk([ch], P.usage(len(ids), n_gen) if opts.continuous_usage

@@ -93,6 +93,25 @@ def _bad_type(name: str, want: str, v: Any) -> APIError:
 
 
 
+def _check_unsupported_output_controls(body: dict) -> None:
+    """Structured output and tool calling are not implemented: a request that asks for them
+    gets a 400, not free text that looks like an answer. Their no-op values pass."""
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+        if kind != "text":
+            raise APIError(f"response_format {kind!r} is not supported; allowed: "
+                           '{"type": "text"}', param="response_format", code="unsupported_value")
+    if body.get("tools"):
+        raise APIError("tools (function calling) are not supported", param="tools",
+                       code="unsupported_value")
+    choice = body.get("tool_choice")
+    if choice not in (None, "none", "auto"):
+        raise APIError(f"tool_choice {choice!r} is not supported; allowed: \"none\", \"auto\" "
+                       "(with no tools)", param="tool_choice", code="unsupported_value")
+    get_bool(body, "parallel_tool_calls", False)  # a type check: nothing runs in parallel
+
+
 def get_bool(body: dict, name: str, default: bool) -> bool:
     v = body.get(name)
     if v is None:
@@ -216,6 +235,7 @@ def sampling_params(body: dict, defaults: dict, *, max_tokens_field: str = "max_
     if logit_bias:
         raise APIError("logit_bias is not supported", param="logit_bias",
                        code="unsupported_value")
+    _check_unsupported_output_controls(body)
     if drop_output:
         kw["max_tokens"] = 1
     else:
@@ -332,7 +352,7 @@ def chat_messages(body: dict) -> list[dict]:
                                    f'{{"type": "text", "text": ...}} (only text is supported)',
                                    param=f"{where}.content", code="invalid_value")
                 parts.append(part["text"])
-            content = "".join(parts)
+            content = "\n".join(parts)  # as vLLM joins a message's text parts
         elif content is None:
             if role != "assistant":
                 raise APIError(f"{where}.content is required", param=f"{where}.content",
