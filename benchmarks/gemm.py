@@ -535,7 +535,7 @@ def fused_quant_part(args, out_path):
                 variants = {
                     "fused": lambda w, x, _: fq.rms_norm_quant(x, w, eps, interpret=interp)[0],
                     "xla": lambda w, x, _: fq.rms_norm_quant_ref(x, w, eps)[0],
-                    "xla_norm_only": lambda w, x, _: fq.rms_norm(x, w, eps)}
+                    "xla_norm_only": lambda w, x, _: fq.rms_norm_ref(x, w, eps)}
                 first, ops = w, (xs, xs)
             else:
                 ups = [jax.random.normal(jax.random.fold_in(key, 99 + r), (M, n), jnp.bfloat16)
@@ -545,7 +545,7 @@ def fused_quant_part(args, out_path):
                 variants = {
                     "fused": lambda _, g, u: fq.silu_mul_quant(g, u, interpret=interp)[0],
                     "xla": lambda _, g, u: fq.silu_mul_quant_ref(g, u)[0],
-                    "xla_silu_mul_only": lambda _, g, u: fq.silu_mul(g, u)}
+                    "xla_silu_mul_only": lambda _, g, u: fq.silu_mul_ref(g, u)}
                 first, ops = jnp.zeros(()), (xs, ups)
             row["rotations"], row["bytes"] = R, nbytes
             for label, call in variants.items():

@@ -61,9 +61,9 @@ def main(argv=None) -> int:
     random = args.model.startswith("random:")
     m = load_model(args.model, args.dtype,
                    random_quantization=args.quantization if random else None)
-    if args.quantization and not random:
-        from imp_jax.quant import quantize_params
-        m.params = quantize_params(m.params, m.cfg, args.quantization)
+    if args.quantization and not random:  # as LLM(quantization=) does
+        from imp_jax.quant import quantize_loaded
+        m.params = quantize_loaded(m.params, m.cfg, args.quantization, m.fp8_scales)
     max_len = max(args.prompt_len, args.context) + page
     per_seq = -(-max_len // page)
     rows = args.prompts + args.decode

@@ -189,10 +189,11 @@ class PendingActivation:
         return self._value
 
     def fp8(self) -> tuple[jax.Array, jax.Array]:
-        """Per-token e4m3 (codes, scale): the fused kernel where `_fused_quant_plan` allows,
-        else `quantize_activations(value())`."""
+        """Per-token e4m3 (codes, scale): the fused kernel where `_fused_quant_plan` allows
+        (and there is a row: a grid of none is no kernel), else `quantize_activations(value())`."""
         if self._fp8 is None:
             fuse, interpret = _fused_quant_plan(self.dtype, self.shape[-1])
+            fuse = fuse and math.prod(self.shape[:-1]) > 0
             self._fp8 = (self._fp8_fn(interpret) if fuse
                          else quantize_activations(self.value(), 1))
         return self._fp8
@@ -459,9 +460,10 @@ def quantize_params(params: dict[str, Any], cfg: ModelConfig, mode: str,
                     scales: dict[str, Any] | None = None) -> dict[str, Any]:
     """Replace the weights `policy` selects with QuantArrays; the rest are returned as they are.
 
-    scales: {"/"-joined params path: float32 [out]} fixed per-output-channel scales, used for
-    those weights in the fp8 modes instead of `policy.scales` (an FP8 checkpoint's own scales,
-    `LoadedModel.fp8_scales`: its dequantized weights then quantize back to their exact codes)."""
+    scales: {"/"-joined params path: float32 [out] or None} fixed per-output-channel scales,
+    used for those weights in the fp8 modes instead of `policy.scales` (an FP8 checkpoint's own
+    scales, `LoadedModel.fp8_scales`: its dequantized weights then quantize back to their exact
+    codes); None (block scales, no per-channel equivalent) takes `policy.scales`."""
     check_mode(mode)
     policy = DEFAULT_POLICY if policy is None else policy
     scales = scales or {}
@@ -473,7 +475,7 @@ def quantize_params(params: dict[str, Any], cfg: ModelConfig, mode: str,
         if tuple(w.shape) != spec.shape:
             raise ValueError(f"{'/'.join(path)}: shape {tuple(w.shape)} != spec {spec.shape}")
         contract = (1,) if path[-1] == "embedding" else spec.contract
-        fixed = scales.get("/".join(path))
+        fixed = scales.get("/".join(path))  # None: an FP8 weight with block scales
         if fixed is not None and mode != "int8" and path[-1] != "embedding":
             scale = jnp.asarray(fixed, jnp.float32).reshape(scale_shape(spec.shape, contract))
             q = _quantize_with(jnp.asarray(w, jnp.float32), scale, mode)
@@ -486,8 +488,9 @@ def quantize_params(params: dict[str, Any], cfg: ModelConfig, mode: str,
 def quantize_loaded(params: dict[str, Any], cfg: ModelConfig, mode: str,
                     fp8_scales: dict[str, Any] | None = None) -> dict[str, Any]:
     """Quantize a loaded model at load time (`LLM(quantization=)`, `imp-jax convert`). An FP8
-    checkpoint (`LoadedModel.fp8_scales`) in an fp8 mode: exactly the weights it quantized, with
-    its own scales, so its e4m3 codes come back unchanged; otherwise the default policy."""
+    checkpoint (`LoadedModel.fp8_scales`) in an fp8 mode: exactly the weights it quantized,
+    with its own scales where they are per tensor or per channel (its e4m3 codes come back
+    unchanged), absmax per channel where they are per block; otherwise the default policy."""
     scales = fp8_scales if mode != "int8" else None
     if not scales:
         return quantize_params(params, cfg, mode)
@@ -545,7 +548,8 @@ def quant_meta(params: dict[str, Any]) -> dict[str, Any] | None:
 @dataclasses.dataclass(frozen=True)
 class ExactPolicy(QuantPolicy):
     """Selects exactly the weights named by "/"-joined params path (a saved tree's quantized
-    leaves, an FP8 checkpoint's quantized weights)."""
+    leaves, an FP8 checkpoint's quantized weights); the inherited keep_* / keep / quantize_*
+    fields are not consulted (`scales` still is)."""
 
     paths: frozenset[str] = frozenset()
 

@@ -15,7 +15,7 @@ token row can do it all while the row sits in L1/L2:
         (instead of: gate/up read, bf16 written, read twice more). At N = 14336 that is the
         largest activation of the block.
 
-Numerics are the unfused model's (`rms_norm` and `silu_mul` here are the model's math): the
+Numerics are the unfused model's (`rms_norm_ref` / `silu_mul_ref` are the model's math): the
 producer is computed in float32 and rounded to the activation dtype (what the model's RMSNorm /
 SiLU-and-mul return) before the amax and the division, so the e4m3 codes equal
 `quantize_activations(producer(x))` up to the order of the float32 sums. (Inside a larger jitted
@@ -63,26 +63,27 @@ def _quantize_ref(y: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(y32 / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale[..., 0]
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm: f32 math, output in x.dtype. The model's own (imp_jax.models.llama calls it), so
-    the fused kernel and the unfused path share one definition."""
+def rms_norm_ref(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in f32, output in x.dtype: imp_jax.models.llama.rms_norm's math (a test holds
+    them equal; this package does not import the model)."""
     x32 = x.astype(jnp.float32)
     y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def silu_mul(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """SiLU(gate) * up in float32, rounded once to gate.dtype (the model's MLP calls it)."""
+def silu_mul_ref(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """SiLU(gate) * up in float32, rounded once to gate.dtype: imp_jax.models.llama.silu_mul's
+    math (a test holds them equal)."""
     g, u = gate.astype(jnp.float32), up.astype(jnp.float32)
     return (g * jax.nn.sigmoid(g) * u).astype(gate.dtype)
 
 
 def rms_norm_quant_ref(x, w, eps):
-    return _quantize_ref(rms_norm(x, w, eps))
+    return _quantize_ref(rms_norm_ref(x, w, eps))
 
 
 def silu_mul_quant_ref(gate, up):
-    return _quantize_ref(silu_mul(gate, up))
+    return _quantize_ref(silu_mul_ref(gate, up))
 
 
 # ------------------------------------------------------------------------------- kernels
@@ -192,4 +193,4 @@ def silu_mul_quant(gate: jax.Array, up: jax.Array, *,
 
 
 __all__ = ["rms_norm_quant", "rms_norm_quant_ref", "silu_mul_quant", "silu_mul_quant_ref",
-           "rms_norm", "silu_mul", "row_chunk", "supported"]
+           "rms_norm_ref", "silu_mul_ref", "row_chunk", "supported"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from imp_jax import quant
+from imp_jax.models import llama
 from imp_jax.quant import PendingActivation, QuantArray, quantize, quantize_activations
 from pallas_kernels import fused_quant as fq
 from tests.test_gemm import abstract_h100, rel
@@ -45,8 +46,11 @@ def test_rms_norm_quant_interpret(shape, dtype):
     got = fq.rms_norm_quant(x, w, 1e-5, interpret=True)
     ref = fq.rms_norm_quant_ref(x, w, 1e-5)
     check_codes(got, ref)
-    # the reference is the unfused model path: RMSNorm, then imp_jax.quant's quantization
-    check_codes(ref, quantize_activations(fq.rms_norm(x, w, 1e-5), 1))
+    # the reference is the unfused model path: the model's RMSNorm, then imp_jax.quant's
+    # quantization (bit for bit: the kernel package keeps its own copy of the math)
+    np.testing.assert_array_equal(np.asarray(fq.rms_norm_ref(x, w, 1e-5), np.float32),
+                                  np.asarray(llama.rms_norm(x, w, 1e-5), np.float32))
+    check_codes(ref, quantize_activations(llama.rms_norm(x, w, 1e-5), 1))
 
 
 @pytest.mark.parametrize("shape,dtype", [((5, 1536), jnp.bfloat16), ((2, 2, 14336), jnp.float16)])
@@ -54,9 +58,11 @@ def test_silu_mul_quant_interpret(shape, dtype):
     g, u = rows(3, shape, dtype), rows(4, shape, dtype)
     got = fq.silu_mul_quant(g, u, interpret=True)
     check_codes(got, fq.silu_mul_quant_ref(g, u))
-    check_codes(got, quantize_activations(fq.silu_mul(g, u), 1))
+    np.testing.assert_array_equal(np.asarray(fq.silu_mul_ref(g, u), np.float32),
+                                  np.asarray(llama.silu_mul(g, u), np.float32))
+    check_codes(got, quantize_activations(llama.silu_mul(g, u), 1))
     # silu_mul is SiLU-and-mul rounded once: the model's old bf16 expression agrees to rounding
-    assert rel(fq.silu_mul(g, u), jax.nn.silu(g) * u) < 1e-2
+    assert rel(llama.silu_mul(g, u), jax.nn.silu(g) * u) < 1e-2
 
 
 def test_zero_row_gives_zero_codes_not_nan():
@@ -108,7 +114,7 @@ def _pending_norm(x, w):
         calls.append(interpret)
         return fq.rms_norm_quant(x, w, 1e-5, interpret=interpret)
 
-    return PendingActivation(lambda: fq.rms_norm(x, w, 1e-5), fused, x.shape, x.dtype), calls
+    return PendingActivation(lambda: llama.rms_norm(x, w, 1e-5), fused, x.shape, x.dtype), calls
 
 
 def test_w8a8_dot_quantizes_in_the_producer(backend):
@@ -132,8 +138,12 @@ def test_w8a8_dot_quantizes_in_the_producer(backend):
     wo = QuantArray(qa.q, qa.scale, "fp8-weight-only", (0,))
     p, calls = _pending_norm(x, w)
     wo.quantized_dot(p, 1)
-    qa.quantized_dot(_pending_norm(x[:8], w)[0], 1)
     assert calls == [] and p._value is not None
+    p, calls = _pending_norm(x[:8], w)
+    qa.quantized_dot(p, 1)  # M = 8 <= 64 under "interpret": the skinny (weight-only) kernel
+    assert calls == [] and p._value is not None
+    p, calls = _pending_norm(x[:0], w)  # no rows: no kernel (a grid of none)
+    assert qa.quantized_dot(p, 1).shape == (0, N) and calls == []
 
 
 def test_fused_plan(backend, monkeypatch):

@@ -106,6 +106,23 @@ def test_compressed_tensors_fp8_runs_its_w8a8_scheme_exactly():
     check_against(llm.runner, np.load(os.path.join(DATA, "reference", "llama3_ct_fp8_w8a8.npz")))
 
 
+def test_block_scaled_fp8_checkpoint_quantizes_every_fp8_weight():
+    """The fine-grained checkpoint's block scales have no per-channel equivalent: with
+    quantization="fp8" each of its FP8 weights (and only those) is quantized, absmax per
+    channel, none left in full precision."""
+    from imp_jax.loaders import load_model
+    from imp_jax.quant import QuantArray, quantize_loaded
+
+    loaded = load_model(os.path.join(DATA, "tiny", "llama3_fp8"), jnp.float32)
+    assert len(loaded.fp8_scales) == 2 * 7 and all(v is None for v in loaded.fp8_scales.values())
+    params = quantize_loaded(loaded.params, loaded.cfg, "fp8", loaded.fp8_scales)
+    is_q = lambda x: isinstance(x, QuantArray)  # noqa: E731
+    quantized = {"/".join(str(k.key) for k in path)
+                 for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_q)
+                 if is_q(leaf)}
+    assert quantized == set(loaded.fp8_scales)
+
+
 def test_prefill_plus_decode_equals_full_forward():
     runner = make_runner("qwen3")
     rng = np.random.default_rng(0)

@@ -25,8 +25,9 @@ class LoadedModel:
     tokenizer: Any  # imp_jax.tokenizer.Tokenizer, or None for random weights of a named shape
     generation_config: dict[str, Any]  # HF generation_config.json (eos ids, sampling defaults)
     source: str
-    # {"/"-joined params path: float32 [out]}: an FP8 checkpoint's per-tensor / per-channel
-    # weight scales, so that quantize_params re-quantizes those weights to their exact codes
+    # {"/"-joined params path: float32 [out] or None}: an FP8 checkpoint's quantized weights
+    # and their per-tensor / per-channel scales (None: per block), so that quant.quantize_loaded
+    # re-quantizes exactly those weights, to their exact codes where a scale is given
     fp8_scales: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

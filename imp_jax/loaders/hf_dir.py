@@ -124,6 +124,10 @@ def fp8_scheme(quant: dict, path: str) -> tuple[str, tuple[int, int] | None]:
                          f"supported: unquantized checkpoints, {'; '.join(FP8_LAYOUTS)}. To "
                          "quantize at load, pass an unquantized checkpoint with quantization="
                          "'fp8' / 'fp8-weight-only' / 'int8'")
+    if quant.get("sparsity_config"):
+        raise ValueError(f"{path}: compressed-tensors sparsity_config "
+                         f"{quant['sparsity_config'].get('format')!r} is not supported; "
+                         "supported: dense float-quantized FP8")
     blocks = set()
     for name, group in (quant.get("config_groups") or {}).items():
         fmt = group.get("format") or quant.get("format")
@@ -148,11 +152,11 @@ def fp8_scheme(quant: dict, path: str) -> tuple[str, tuple[int, int] | None]:
 def load_hf_dir(path: str, dtype, shardings=None,
                 fp8_scales: dict[str, np.ndarray] | None = None
                 ) -> tuple[ModelConfig, dict[str, Any]]:
-    """fp8_scales: if a dict, filled with {HF weight name: float32 [out]} for each FP8 weight
-    stored with one scale per tensor or per output channel. Those weights are dequantized like
-    every other; re-quantizing them with these scales (`quant.quantize_params(..., scales=)`)
-    gives back the checkpoint's exact codes, where absmax scales per channel would round the
-    e4m3 values a second time (per-tensor checkpoints)."""
+    """fp8_scales: if a dict, filled with {HF weight name: float32 [out] or None} for each FP8
+    weight: its scale when stored one per tensor or per output channel, None for block scales.
+    Every weight is dequantized; re-quantizing with these scales (`quant.quantize_loaded`) gives
+    back the checkpoint's exact codes, where absmax scales per channel would round the e4m3
+    values a second time (per-tensor checkpoints)."""
     from safetensors import safe_open
 
     config_path = os.path.join(path, "config.json")
@@ -174,10 +178,10 @@ def load_hf_dir(path: str, dtype, shardings=None,
                 raise ValueError(f"{path}: {name} is float8_e4m3fn but {scale} is missing; "
                                  f"supported FP8 layouts: {'; '.join(FP8_LAYOUTS)}")
             s = np.asarray(read(scale))
-            if fp8_scales is not None and s.dtype != np.uint8 and (
-                    s.size == 1 or s.shape == (x.shape[0], 1)):
-                fp8_scales[name] = np.broadcast_to(s.astype(np.float32).reshape(-1),
-                                                   (x.shape[0],)).copy()
+            if fp8_scales is not None:  # every FP8 weight; its scale when one per output row
+                exact = s.dtype != np.uint8 and (s.size == 1 or s.shape == (x.shape[0], 1))
+                fp8_scales[name] = (np.broadcast_to(s.astype(np.float32).reshape(-1),
+                                                    (x.shape[0],)).copy() if exact else None)
             x = dequantize_fp8(x, s, name, block)
         return x
 

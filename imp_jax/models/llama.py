@@ -47,20 +47,39 @@ def dense(x: jax.Array, w, dims: int = 1) -> jax.Array:
                                preferred_element_type=x.dtype)
 
 
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """x * rsqrt(mean(x^2) + eps) * w in float32, output in x.dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def silu_mul(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """SiLU(gate) * up in float32, rounded once to gate.dtype."""
+    g = gate.astype(jnp.float32)
+    return (g * jax.nn.sigmoid(g) * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+def _fused(name: str):
+    """A fused producer + quantization kernel of pallas_kernels.fused_quant (imported when a
+    W8A8 dot asks for one)."""
+    from pallas_kernels import fused_quant
+
+    return getattr(fused_quant, name)
+
+
 class RMSNorm(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, pending: bool = False):
         """pending: return a PendingActivation for matmuls (see `dense`), not the array."""
-        from pallas_kernels import fused_quant as fq  # the math the fused kernel shares
-
         scale, eps = _spec_param(self, self.cfg, "scale"), self.cfg.rms_norm_eps
         if not pending:
-            return fq.rms_norm(x, scale, eps)
-        return PendingActivation(lambda: fq.rms_norm(x, scale, eps),
-                                 lambda interpret: fq.rms_norm_quant(x, scale, eps,
-                                                                     interpret=interpret),
+            return rms_norm(x, scale, eps)
+        return PendingActivation(lambda: rms_norm(x, scale, eps),
+                                 lambda interpret: _fused("rms_norm_quant")(
+                                     x, scale, eps, interpret=interpret),
                                  x.shape, x.dtype)
 
 
@@ -132,12 +151,11 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        from pallas_kernels import fused_quant as fq
-
         gate = Dense(self.cfg, name="gate")(x)
         up = Dense(self.cfg, name="up")(x)
-        h = PendingActivation(lambda: fq.silu_mul(gate, up),
-                              lambda interpret: fq.silu_mul_quant(gate, up, interpret=interpret),
+        h = PendingActivation(lambda: silu_mul(gate, up),
+                              lambda interpret: _fused("silu_mul_quant")(
+                                  gate, up, interpret=interpret),
                               gate.shape, gate.dtype)
         return Dense(self.cfg, name="down")(h)
 
