@@ -253,6 +253,8 @@ def test_quantization_configs_outside_the_supported_layouts_name_the_value(tmp_p
     cfg = json.load(open(os.path.join(DATA, "tiny", "llama3_ct_fp8", "config.json")))
     quant = cfg["quantization_config"]
     assert fp8_scheme(quant, "x") == ("_scale", None)
+    with pytest.raises(ValueError, match="sparsity_config 'sparse-24-bitmask' is not supported"):
+        fp8_scheme({**quant, "sparsity_config": {"format": "sparse-24-bitmask"}}, "x")
     int4 = json.loads(json.dumps(quant))
     int4["config_groups"]["group_1"].update(format="pack-quantized")
     int4["config_groups"]["group_1"]["weights"].update(num_bits=4, type="int")
