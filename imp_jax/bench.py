@@ -322,11 +322,26 @@ def _peer_modes(args) -> tuple[str, ...]:
     return modes
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
 def _ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in str(text).split(",") if x]
+        values = [int(x) for x in str(text).split(",") if x]
     except ValueError:
-        raise SystemExit(f"expected a comma-separated list of integers, got {text!r}") from None
+        values = []
+    if not values or min(values) < 1:
+        raise SystemExit(f"expected a comma-separated list of integers >= 1, got {text!r}")
+    return values
 
 
 def _pairs(args) -> list[tuple[int, int]]:
@@ -489,9 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", default="1", help="latency: comma-separated batch sizes")
     ap.add_argument("--input-len", default="128", help="comma list (throughput: one run each)")
     ap.add_argument("--output-len", default="128", help="comma list, paired with --input-len")
-    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--num-prompts", type=_positive, default=1000)
     ap.add_argument("--random-range", type=float, default=0.0,
-                    help="throughput: lengths uniform in mean*(1±r)")
+                    help="throughput: lengths uniform in mean*(1±r), r in [0, 1)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--num-pages", type=int, default=None)
@@ -516,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     _peer_modes(args)  # a bad --peer-modes fails before anything compiles
+    _pairs(args)
+    if not 0 <= args.random_range < 1:
+        ap.error(f"--random-range {args.random_range}: allowed [0, 1)")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        ap.error(f"--json {args.json}: its folder does not exist")
     if args.profile:  # read when the backend starts, so before anything touches a device
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + NO_COMMAND_BUFFERS
                                    ).strip()

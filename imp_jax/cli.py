@@ -178,10 +178,13 @@ def _config_only(model: str):
     from imp_jax.loaders import orbax_ckpt
 
     if orbax_ckpt.is_orbax_dir(model):
-        import json
+        from imp_jax.config import read_json
 
-        with open(os.path.join(model, orbax_ckpt.CONFIG)) as f:
-            return ModelConfig.from_dict(json.load(f)["config"])
+        return ModelConfig.from_dict(read_json(os.path.join(model, orbax_ckpt.CONFIG))["config"])
+    if not os.path.isdir(model):
+        from imp_jax.loaders import load_model
+
+        load_model(model)  # raises its error, which lists the forms a model may take
     return ModelConfig.from_hf_file(os.path.join(model, "config.json"))
 
 
@@ -229,14 +232,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.fn is None:  # delegate to the subcommand's own parser
         import importlib
 
-        return importlib.import_module(args.module).main(args.rest + rest)
-    if rest:
+        run = lambda: importlib.import_module(args.module).main(args.rest + rest)  # noqa: E731
+    elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    else:
+        run = lambda: args.fn(args)  # noqa: E731
     try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:  # bad input: a message, no traceback
+        return run()
+    except BAD_INPUT as e:  # bad input (a model, a flag's value): a message, no traceback
         print(f"imp-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+# What a command reports as a one-line error: input the user can fix (JSONDecodeError is a
+# ValueError: a malformed config or tokenizer file).
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, TypeError)
 
 
 if __name__ == "__main__":

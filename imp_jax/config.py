@@ -112,8 +112,14 @@ class ModelConfig:
 
     @classmethod
     def from_hf_file(cls, path: str) -> "ModelConfig":
-        with open(path) as f:
-            return cls.from_hf(json.load(f), source=path)
+        hf = read_json(path, required=True)
+        if not isinstance(hf, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+        try:
+            return cls.from_hf(hf, source=path)
+        except KeyError as e:
+            raise ValueError(f"{path}: missing key {e} (a Hugging Face config.json of a "
+                             f"supported family has it)") from None
 
     # ------------------------------------------------------------------ GGUF metadata
     @classmethod
@@ -181,8 +187,13 @@ def rope_inv_freq(cfg: ModelConfig):
     return np.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
-def read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
+def read_json(path: str, required: bool = False) -> Any:
+    """A JSON file's contents; None when it does not exist (unless `required`). A malformed
+    file raises a ValueError naming it (json's own message names only a line and column)."""
+    if not required and not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e

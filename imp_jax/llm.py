@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from typing import Any, Iterator, Sequence
 
@@ -106,16 +107,40 @@ class LLM:
                  quantization: str | None = None, kv_cache_dtype: str = "auto",
                  decode_steps: int = 1, loaded: LoadedModel | None = None, mesh=None,
                  sharding_rules=None, kv_admission: str = "optimistic"):
-        if page_size < 1 or page_size & (page_size - 1):
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
+        if not isinstance(model, str):
+            raise TypeError(f"model must be a preset name, a path or 'random:<shape>', got "
+                            f"{model!r}")
+        for name, value, lo in (("page_size", page_size, 1), ("max_num_seqs", max_num_seqs, 1),
+                                ("max_num_batched_tokens", max_num_batched_tokens, 1),
+                                ("decode_steps", decode_steps, 1),
+                                ("max_model_len", max_model_len, 1), ("num_pages", num_pages, 2),
+                                ("long_prefill_token_threshold", long_prefill_token_threshold, 0)):
+            _check_int(name, value, lo)
+        if decode_steps > MAX_DECODE_STEPS:
+            raise ValueError(f"decode_steps must be in [1, {MAX_DECODE_STEPS}], got "
+                             f"{decode_steps}")
+        if page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
-                             f"{gpu_memory_utilization}")
+        if isinstance(gpu_memory_utilization, bool) or not isinstance(
+                gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got "
+                             f"{gpu_memory_utilization!r}")
         enable_compilation_cache()
         if isinstance(mesh, str):
             from imp_jax.sharding import make_mesh, parse_mesh
 
             mesh = make_mesh(**parse_mesh(mesh))
+        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh or a string such as 'tp=4' or "
+                            f"'tp=2,dp=4', got {mesh!r}")
+        if sharding_rules is not None:
+            from imp_jax.sharding import ShardingRules
+
+            if not isinstance(sharding_rules, ShardingRules):
+                raise TypeError(f"sharding_rules must be an imp_jax.sharding.ShardingRules "
+                                f"(e.g. tensor_parallel()), got {sharding_rules!r}")
         if mesh is not None and sharding_rules is None:
             from imp_jax.sharding import tensor_parallel
 
@@ -231,13 +256,23 @@ class LLM:
              sampling_params: SamplingParams | None = None, *, use_tqdm: bool = False,
              add_generation_prompt: bool = True, **kwargs: Any) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list) and generate."""
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer (random weights): chat needs one")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise TypeError(f"messages must be a non-empty list of {{'role', 'content'}} dicts "
+                            f"(or a list of such lists), got {messages!r:.80}")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
         prompts = [self.chat_prompt(c, add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, **kwargs)
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` ({'role', 'content'} dicts, content a string or OpenAI text
+        parts) through the model's chat template."""
+        from imp_jax.server.protocol import APIError, chat_messages
+
+        self._need_tokenizer("chat")
+        try:  # the server's validation: roles, content types, text parts joined
+            messages = chat_messages({"messages": messages})
+        except APIError as e:
+            raise ValueError(str(e)) from None
         text = self.tokenizer.apply_chat_template(messages,
                                                   add_generation_prompt=add_generation_prompt)
         # The template writes BOS itself where the model wants one.
@@ -245,9 +280,13 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                **kwargs: Any) -> Iterator[str]:
-        """Yield text deltas of one request as they are generated (other requests keep going)."""
+        """Yield text deltas of one request as they are generated (other requests keep going).
+        The arguments are checked now; the request is queued when iteration starts."""
         params = self._params_list(sampling_params, 1, kwargs)[0]
-        rid = self.engine.add_request(self._as_prompt_list([prompt])[0], params)
+        return self._stream(self._as_prompt_list([prompt])[0], params)
+
+    def _stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
+        rid = self.engine.add_request(prompt, params)
         # text that a stop string could still claim is held back until it cannot
         hold = max((len(x) for x in params.stop or ()), default=1) - 1
         sent = 0
@@ -294,8 +333,9 @@ class LLM:
 
     # ------------------------------------------------------------------ research helpers
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Teacher-forced logits float32 [len(token_ids), vocab]: row i predicts token i+1."""
-        ids = [int(t) for t in token_ids]
+        """Teacher-forced logits float32 [len(token_ids), vocab]: row i predicts token i+1.
+        token_ids: token ids, or a text (tokenized as a prompt)."""
+        ids = self._encode(token_ids)
         if not ids:
             raise ValueError("token_ids is empty")
         if len(ids) > self.runner.max_model_len:
@@ -325,6 +365,10 @@ class LLM:
         """Summed log-probability of each continuation given its context, and whether it is the
         greedy continuation (lm-evaluation-harness's `loglikelihood`). Shared contexts reuse
         cached prefix pages."""
+        for name, v in (("contexts", contexts), ("continuations", continuations)):
+            if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__len__"):
+                raise TypeError(f"{name} must be a list of prompts (texts or token-id lists), "
+                                f"got {type(v).__name__}")
         if len(contexts) != len(continuations):
             raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
         pairs = []  # (context ids, continuation ids)
@@ -352,26 +396,35 @@ class LLM:
         return results
 
     # ------------------------------------------------------------------ helpers
+    def _need_tokenizer(self, what: str) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model.source} has no tokenizer (random weights): {what} "
+                             "needs one; pass prompts as token ids, e.g. generate([[1, 2, 3]])")
+
     def _encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass token ids")
+            self._need_tokenizer("a text prompt")
             return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        return [int(t) for t in prompt]
+        return _token_ids(prompt, "prompt")
 
     def _as_prompt_list(self, prompts) -> list[Prompt]:
         if isinstance(prompts, str):
+            self._need_tokenizer("a text prompt")
             return [prompts]
+        if isinstance(prompts, (dict, bytes)) or not hasattr(prompts, "__iter__"):
+            raise TypeError(f"prompts must be a string, a list of token ids or a list of those, "
+                            f"got {type(prompts).__name__}")
         prompts = list(prompts)
         if prompts and all(isinstance(p, (int, np.integer)) for p in prompts):
-            return [[int(p) for p in prompts]]  # one prompt given as token ids
+            return [_token_ids(prompts, "prompt")]  # one prompt given as token ids
+        out = []
         for i, p in enumerate(prompts):
-            if not isinstance(p, (str, list, tuple, np.ndarray)):
-                raise TypeError(f"prompt {i} must be a string or a list of token ids, got "
-                                f"{type(p).__name__}")
-            if isinstance(p, str) and self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass token ids")
-        return prompts
+            if isinstance(p, str):
+                self._need_tokenizer("a text prompt")
+                out.append(p)
+            else:
+                out.append(_token_ids(p, f"prompt {i}"))
+        return out
 
     def _params_list(self, sampling_params, n: int, kwargs) -> list[SamplingParams]:
         if sampling_params is None:
@@ -381,10 +434,45 @@ class LLM:
                             f"(got {sorted(kwargs)})")
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
+        if isinstance(sampling_params, (dict, str)) or not hasattr(sampling_params, "__iter__"):
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got "
+                            f"{type(sampling_params).__name__} (keyword arguments build one: "
+                            f"generate(prompts, max_tokens=16))")
         sampling_params = list(sampling_params)
         if len(sampling_params) != n:
             raise ValueError(f"{len(sampling_params)} sampling params for {n} prompts")
+        for i, sp in enumerate(sampling_params):
+            if not isinstance(sp, SamplingParams):
+                raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got "
+                                f"{type(sp).__name__}")
         return sampling_params
+
+
+MAX_DECODE_STEPS = 256  # decode steps in one compiled call: a loop this long compiles in seconds
+
+
+def _check_int(name: str, value, lo: int) -> None:
+    """None (the default) or an int >= lo, else an error naming the argument."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+
+
+def _token_ids(prompt, name: str) -> list[int]:
+    """A prompt given as token ids: a list / tuple / array of ints (not bools, floats, bytes)."""
+    if isinstance(prompt, (dict, bytes, bytearray)) or not hasattr(prompt, "__iter__"):
+        raise TypeError(f"{name} must be a string or a list of token ids, got "
+                        f"{type(prompt).__name__}")
+    ids = list(prompt)
+    bad = next((t for t in ids if isinstance(t, (bool, np.bool_))
+                or not isinstance(t, (int, np.integer))), None)
+    if bad is not None:
+        raise TypeError(f"{name} must be a string or a list of token ids (ints), got an element "
+                        f"{bad!r} ({type(bad).__name__})")
+    return [int(t) for t in ids]
 
 
 _loaded: dict[str, LLM] = {}

@@ -444,7 +444,10 @@ class Tokenizer:
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):
             raise FileNotFoundError(f"{tj} not found (imp_jax needs a fast tokenizer.json)")
-        tok = tokenizers.Tokenizer.from_file(tj)
+        try:
+            tok = tokenizers.Tokenizer.from_file(tj)
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise ValueError(f"{tj}: not a readable tokenizer.json ({e})") from e
         cfg = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
         gen = _read_json(os.path.join(path, "generation_config.json")) or {}
         sp_map = _read_json(os.path.join(path, "special_tokens_map.json")) or {}
@@ -602,10 +605,9 @@ def _find_sub(seq: list[int], sub: list[int]) -> int:
 
 
 def _read_json(p: str):
-    if not os.path.isfile(p):
-        return None
-    with open(p, encoding="utf-8") as f:
-        return json.load(f)
+    from imp_jax.config import read_json
+
+    return read_json(p) if os.path.isfile(p) else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,11 +64,19 @@ def test_throughput_runs_each_length_pair_once(tmp_path):
                    for k in kinds.values())
 
 
-def test_mismatched_length_lists_are_refused(tmp_path):
+def test_mismatched_length_lists_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit, match="same number of lengths"):
         _rows(tmp_path, ["throughput", "--input-len", "8,9,10", "--output-len", "4,5"])
-    with pytest.raises(SystemExit, match="integers, got '1,x'"):
+    with pytest.raises(SystemExit, match="integers >= 1, got '1,x'"):
         _rows(tmp_path, ["latency", "--batch", "1,x"])
+    with pytest.raises(SystemExit, match="integers >= 1, got '0'"):
+        _rows(tmp_path, ["latency", "--input-len", "0"])
+    for flags, says in ((["--random-range", "5"], "--random-range 5.0: allowed [0, 1)"),
+                        (["--num-prompts", "0"], "'0': expected an integer >= 1"),
+                        (["--json", str(tmp_path / "no" / "x.json")], "its folder does not")):
+        with pytest.raises(SystemExit):  # before anything loads
+            main(["throughput", "--model", "random:tiny", "--no-progress", *flags])
+        assert says in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--peer-modes 'hf-eager,hf-fast': allowed a comma list "
                                          "of hf-eager, hf-static-compile"):
         _rows(tmp_path, ["throughput", "--peer", "hf", "--peer-modes", "hf-eager,hf-fast"])

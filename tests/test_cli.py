@@ -28,8 +28,21 @@ def test_chat_streams_answers_until_empty_line():
     assert r.stderr.count("time to first token") == 2  # one report per answer
 
 
-def test_bad_arguments_fail_with_a_message():
+def test_bad_arguments_fail_with_a_message(tmp_path):
     r = run("generate", "x", "--model", TINY, "--temperature", "-1", "--max-model-len", "64")
     assert r.returncode != 0 and "temperature" in r.stderr
     r = run("generate", "x", "--model", "no/such/model")
     assert r.returncode != 0 and "cannot load model" in r.stderr
+    # every subcommand: one line naming the problem, exit 2, no traceback
+    (tmp_path / "in.jsonl").write_text('{"custom_id": "a", "method": "POST", "url": '
+                                       '"/v1/completions", "body": {"prompt": "x"}}\n')
+    for args, says in ((("serve", "no/such/model"), "imp-jax serve: error: cannot load model"),
+                       (("batch", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl"),
+                         "--model", "no/such/model"), "imp-jax batch: error: cannot load model"),
+                       (("info", "llama-7b"), "imp-jax info: error: cannot load model"),
+                       (("serve", TINY, "--port", "99999"), "'99999' is not a TCP port"),
+                       (("generate", "x", "--model", TINY, "--dtype", "int8"),
+                        "dtype 'int8' is not supported")):
+        r = run(*args)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, \
+            (args, r.stderr[-800:])

@@ -154,6 +154,49 @@ def test_bad_prompts_and_options(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+@pytest.mark.parametrize("call,error,says", [
+    # a vLLM-style dict prompt once ran the text "prompt"
+    (lambda llm: llm.generate({"prompt": "hi"}), TypeError, "prompts must be a string"),
+    (lambda llm: llm.generate([[1, 2.5]]), TypeError, "element 2.5"),
+    (lambda llm: llm.generate([b"hi"]), TypeError, "prompt 0 must be a string"),
+    (lambda llm: llm.generate("hi", {"max_tokens": 2}), TypeError,
+     "sampling_params must be a SamplingParams"),
+    (lambda llm: llm.stream(["a", "b"]), TypeError, "element 'a'"),
+    (lambda llm: llm.chat("hello"), TypeError, "messages must be a non-empty list"),
+    (lambda llm: llm.chat([{"role": "wizard", "content": "x"}]), ValueError,
+     r"messages\[0\].role must be one of"),
+    (lambda llm: llm.score("ab", "cd"), TypeError, "contexts must be a list of prompts"),
+    (lambda llm: imp_jax.LLM(TINY, max_num_seqs="4"), TypeError, "max_num_seqs must be an int"),
+    (lambda llm: imp_jax.LLM(TINY, decode_steps=0), ValueError, "decode_steps must be >= 1"),
+    (lambda llm: imp_jax.LLM(TINY, decode_steps=10**6), ValueError, r"decode_steps must be in"),
+    (lambda llm: imp_jax.LLM(TINY, max_num_batched_tokens=-5), ValueError,
+     "max_num_batched_tokens must be >= 1"),
+    (lambda llm: imp_jax.LLM(TINY, gpu_memory_utilization="0.9"), ValueError,
+     "gpu_memory_utilization must be a number"),
+    (lambda llm: imp_jax.LLM(TINY, mesh=2), TypeError, "mesh must be a jax.sharding.Mesh"),
+    (lambda llm: imp_jax.LLM(TINY, dtype="int8"), ValueError, "dtype 'int8' is not supported"),
+    (lambda llm: imp_jax.LLM("random:tiny").generate("hi"), ValueError,
+     "random:tiny has no tokenizer"),
+])
+def test_bad_api_input_names_the_value(llm, call, error, says):
+    with pytest.raises(error, match=says):
+        call(llm)
+    assert llm.engine.num_requests == 0
+
+
+def test_api_forms_that_are_accepted(llm, tmp_path):
+    import pathlib
+
+    ids = llm.tokenizer.encode("the cat")
+    np.testing.assert_array_equal(llm.logits("the cat"), llm.logits(ids))  # text or ids
+    parts = [{"role": "user", "content": [{"type": "text", "text": "h"},
+                                          {"type": "text", "text": "i"}]}]
+    assert llm.chat_prompt(parts) == llm.chat_prompt([{"role": "user", "content": "h\ni"}])
+    other = imp_jax.LLM(pathlib.Path(TINY), loaded=llm.model, dtype="bf16", max_model_len=64,
+                        page_size=4, num_pages=16)
+    assert other.runner.cache.k[0].dtype == np.dtype("float32")  # loaded's dtype rules
+
+
 def test_missing_default_model_package_says_how_to_install(monkeypatch):
     import importlib.util
 

@@ -18,6 +18,29 @@ def default_dtype():
     return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
 
 
+# Weights and activations: float dtypes the model runs in (8-bit weights are `quantization=`).
+DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "fp32": jnp.float32,
+          "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+          "float16": jnp.float16, "f16": jnp.float16, "fp16": jnp.float16}
+
+
+def parse_dtype(dtype) -> jnp.dtype:
+    """None (bf16 on GPU, float32 elsewhere), a name in DTYPES or a float dtype -> the dtype."""
+    if dtype is None:
+        return jnp.dtype(default_dtype())
+    name = dtype.strip().lower() if isinstance(dtype, str) else None
+    if name in DTYPES:
+        return jnp.dtype(DTYPES[name])
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        d = None
+    if d is None or d not in {jnp.dtype(t) for t in DTYPES.values()}:
+        raise ValueError(f"dtype {dtype!r} is not supported; allowed: float32, bfloat16, "
+                         f"float16 (or f32 / bf16 / f16; 8-bit weights: quantization=)")
+    return d
+
+
 @dataclasses.dataclass
 class LoadedModel:
     cfg: ModelConfig
@@ -106,7 +129,7 @@ def load_model(model: str, dtype=None, shardings=None,
     from checkpoints.presets import PRESETS, SHAPES, resolve_preset
     from imp_jax.tokenizer import Tokenizer
 
-    dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
+    dtype = parse_dtype(dtype)
     if model in PRESETS:
         model = resolve_preset(model)
     if model.startswith("random:"):

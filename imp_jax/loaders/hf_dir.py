@@ -9,7 +9,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from imp_jax.config import ModelConfig
+from imp_jax.config import ModelConfig, read_json
 from imp_jax.loaders.weights import build_params
 
 
@@ -20,8 +20,9 @@ def _safetensors_files(path: str) -> dict[str, str]:
     """tensor name -> file holding it."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = (read_json(index) or {}).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object (tensor name -> file)")
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
@@ -163,8 +164,7 @@ def load_hf_dir(path: str, dtype, shardings=None,
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face model directory")
     cfg = ModelConfig.from_hf_file(config_path)
-    with open(config_path) as f:
-        quant = json.load(f).get("quantization_config") or {}
+    quant = read_json(config_path).get("quantization_config") or {}
     suffix, block = fp8_scheme(quant, path)
     where = _safetensors_files(path)
     handles: dict[str, Any] = {}

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from imp_jax.config import ModelConfig
+from imp_jax.config import ModelConfig, read_json
 from imp_jax.spec import abstract_params
 
 CONFIG = "imp_jax_config.json"
@@ -44,8 +44,7 @@ def load(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str, Any],
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
-    with open(os.path.join(path, CONFIG)) as f:
-        meta = json.load(f)
+    meta = read_json(os.path.join(path, CONFIG), required=True)
     cfg = ModelConfig.from_dict(meta["config"])
     target = abstract_params(cfg, dtype)
     if meta.get("quant"):  # a QuantArray tree: q/scale keep their stored dtypes

@@ -12,12 +12,22 @@ import threading
 log = logging.getLogger("imp_jax.server")
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: allowed 0-65535")
+    return port
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imp-jax serve",
                                 description="OpenAI-compatible server for one model")
     p.add_argument("model", help="preset name, .gguf file, HF directory, orbax dir or random:...")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="0-65535 (0: any free port)")
     p.add_argument("--api-key", default=os.environ.get("IMP_JAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (env IMP_JAX_API_KEY)")
     p.add_argument("--served-model-name", default=None,
@@ -42,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--no-warmup", action="store_true")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
     return p
 
 
