@@ -104,7 +104,13 @@ def cmd_chat(args) -> int:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        text, n, ttft, total = _timed_stream(llm, llm.chat_prompt(messages), params, echo=True)
+        try:
+            text, n, ttft, total = _timed_stream(llm, llm.chat_prompt(messages), params,
+                                                 echo=True)
+        except ValueError as e:  # the conversation outgrew max_model_len: start a new one
+            print(f"[{e}; starting a new conversation]", file=sys.stderr)
+            del messages[1 if args.system else 0:]
+            continue
         messages.append({"role": "assistant", "content": text})
         _report(n, ttft, total)
     return 0

@@ -283,6 +283,9 @@ class LLM:
         """Yield text deltas of one request as they are generated (other requests keep going).
         The arguments are checked now; the request is queued when iteration starts."""
         params = self._params_list(sampling_params, 1, kwargs)[0]
+        if params.n != 1:
+            raise ValueError(f"stream yields one sample's text: n must be 1, got {params.n} "
+                             "(generate returns every sample)")
         return self._stream(self._as_prompt_list([prompt])[0], params)
 
     def _stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:

@@ -26,6 +26,12 @@ def test_chat_streams_answers_until_empty_line():
             stdin="hi\nand again\n\n")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("time to first token") == 2  # one report per answer
+    # a turn that no longer fits the context starts a new conversation, not a traceback
+    r = run("chat", "--model", TINY, "--max-tokens", "4", "--max-model-len", "64",
+            stdin="word " * 80 + "\nhi\n\n")
+    assert r.returncode == 0, r.stderr
+    assert "starting a new conversation" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("time to first token") == 1
 
 
 def test_bad_arguments_fail_with_a_message(tmp_path):

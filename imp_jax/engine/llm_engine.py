@@ -149,6 +149,9 @@ class LLMEngine:
         the prefix cache only where it would skip them (used by `LLM.score`).
         """
         params = params or SamplingParams()
+        if params.best_of not in (None, params.n):
+            raise ValueError(f"best_of={params.best_of} is not supported: every sample is "
+                             f"returned (n={params.n}); leave best_of unset or equal to n")
         if request_id is None:  # the next free number (a caller may have used one as an id)
             request_id = next(i for i in map(str, self._ids) if not self._in_use(i, params.n))
         request_id = str(request_id)
