@@ -95,6 +95,16 @@ def cmd_chat(args) -> int:
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
+    first = len(messages)  # where the turns start
+    limit = llm.runner.max_model_len
+    if (params.max_tokens or 0) >= limit:
+        raise ValueError(f"--max-tokens {params.max_tokens} leaves no room for a message within "
+                         f"--max-model-len {limit}")
+    llm.chat_prompt(messages + [{"role": "user", "content": "hi"}])  # a tokenizer and template
+
+    def fits(ids) -> bool:
+        return len(ids) + (params.max_tokens or 1) <= limit
+
     print("imp-jax chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
@@ -104,13 +114,18 @@ def cmd_chat(args) -> int:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        try:
-            text, n, ttft, total = _timed_stream(llm, llm.chat_prompt(messages), params,
-                                                 echo=True)
-        except ValueError as e:  # the conversation outgrew max_model_len: start a new one
-            print(f"[{e}; starting a new conversation]", file=sys.stderr)
-            del messages[1 if args.system else 0:]
+        ids = llm.chat_prompt(messages)
+        if not fits(ids) and len(messages) > first + 1:  # the conversation outgrew the context
+            del messages[first:-1]  # a new one: the system prompt and this turn
+            print("[the conversation no longer fits --max-model-len: starting a new one]",
+                  file=sys.stderr)
+            ids = llm.chat_prompt(messages)
+        if not fits(ids):
+            print(f"[this message ({len(ids)} tokens with the template) and --max-tokens "
+                  f"{params.max_tokens} do not fit --max-model-len {limit}]", file=sys.stderr)
+            messages.pop()
             continue
+        text, n, ttft, total = _timed_stream(llm, ids, params, echo=True)
         messages.append({"role": "assistant", "content": text})
         _report(n, ttft, total)
     return 0
@@ -140,11 +155,11 @@ def cmd_info(args) -> int:
     import numpy as np
 
     from imp_jax.cache import KVCache
-    from imp_jax.loaders import default_dtype
+    from imp_jax.loaders import parse_dtype
     from imp_jax.spec import param_bytes
 
     cfg = _config_only(args.model)
-    dtype = np.dtype(args.dtype or default_dtype())
+    dtype = np.dtype(parse_dtype(args.dtype))
     print(f"model       {args.model}")
     print(f"family      {cfg.family}")
     print(f"params      {cfg.num_params / 1e6:.1f} M")

@@ -109,13 +109,14 @@ class LLM:
                  sharding_rules=None, kv_admission: str = "optimistic"):
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
-        if not isinstance(model, str):
+        if not isinstance(model, str) and loaded is None:
             raise TypeError(f"model must be a preset name, a path or 'random:<shape>', got "
                             f"{model!r}")
         for name, value, lo in (("page_size", page_size, 1), ("max_num_seqs", max_num_seqs, 1),
                                 ("max_num_batched_tokens", max_num_batched_tokens, 1),
                                 ("decode_steps", decode_steps, 1),
-                                ("max_model_len", max_model_len, 1), ("num_pages", num_pages, 2),
+                                ("max_model_len", max_model_len, 1),
+                                ("num_pages", num_pages, 2),  # page 0 is reserved (padding)
                                 ("long_prefill_token_threshold", long_prefill_token_threshold, 0)):
             _check_int(name, value, lo)
         if decode_steps > MAX_DECODE_STEPS:
@@ -124,9 +125,12 @@ class LLM:
         if page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
         if isinstance(gpu_memory_utilization, bool) or not isinstance(
-                gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got "
-                             f"{gpu_memory_utilization!r}")
+                gpu_memory_utilization, (int, float, np.integer, np.floating)):
+            raise TypeError(f"gpu_memory_utilization must be a number in (0, 1], got "
+                            f"{gpu_memory_utilization!r}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{gpu_memory_utilization}")
         enable_compilation_cache()
         if isinstance(mesh, str):
             from imp_jax.sharding import make_mesh, parse_mesh
@@ -269,8 +273,11 @@ class LLM:
         from imp_jax.server.protocol import APIError, chat_messages
 
         self._need_tokenizer("chat")
+        if not isinstance(messages, (list, tuple)):
+            raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, got "
+                            f"{type(messages).__name__}")
         try:  # the server's validation: roles, content types, text parts joined
-            messages = chat_messages({"messages": messages})
+            messages = chat_messages({"messages": list(messages)})
         except APIError as e:
             raise ValueError(str(e)) from None
         text = self.tokenizer.apply_chat_template(messages,
@@ -338,7 +345,7 @@ class LLM:
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits float32 [len(token_ids), vocab]: row i predicts token i+1.
         token_ids: token ids, or a text (tokenized as a prompt)."""
-        ids = self._encode(token_ids)
+        ids = self._encode(token_ids, name="token_ids")
         if not ids:
             raise ValueError("token_ids is empty")
         if len(ids) > self.runner.max_model_len:
@@ -404,16 +411,25 @@ class LLM:
             raise ValueError(f"{self.model.source} has no tokenizer (random weights): {what} "
                              "needs one; pass prompts as token ids, e.g. generate([[1, 2, 3]])")
 
-    def _encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
+    def _encode(self, prompt: Prompt, add_special_tokens: bool = True,
+                name: str = "prompt") -> list[int]:
         if isinstance(prompt, str):
-            self._need_tokenizer("a text prompt")
+            self._need_tokenizer(f"a text {name}")
             return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        return _token_ids(prompt, "prompt")
+        return _token_ids(prompt, name)
 
     def _as_prompt_list(self, prompts) -> list[Prompt]:
         if isinstance(prompts, str):
             self._need_tokenizer("a text prompt")
             return [prompts]
+        if hasattr(prompts, "__array__") and not isinstance(prompts, (list, tuple)):
+            arr = np.asarray(prompts)  # numpy / JAX: one prompt [n] or a batch [b, n]
+            if arr.ndim == 1:
+                return [_token_ids(arr, "prompt")]
+            if arr.ndim != 2:
+                raise TypeError(f"an array of prompts must be [n] or [batch, n] token ids, got "
+                                f"shape {arr.shape}")
+            prompts = list(arr)
         if isinstance(prompts, (dict, bytes)) or not hasattr(prompts, "__iter__"):
             raise TypeError(f"prompts must be a string, a list of token ids or a list of those, "
                             f"got {type(prompts).__name__}")
@@ -451,7 +467,7 @@ class LLM:
         return sampling_params
 
 
-MAX_DECODE_STEPS = 256  # decode steps in one compiled call: a loop this long compiles in seconds
+MAX_DECODE_STEPS = 1024  # decode steps in one compiled call (10**6 ran for minutes)
 
 
 def _check_int(name: str, value, lo: int) -> None:
@@ -466,6 +482,12 @@ def _check_int(name: str, value, lo: int) -> None:
 
 def _token_ids(prompt, name: str) -> list[int]:
     """A prompt given as token ids: a list / tuple / array of ints (not bools, floats, bytes)."""
+    if hasattr(prompt, "__array__") and not isinstance(prompt, (list, tuple)):
+        arr = np.asarray(prompt)  # numpy / JAX arrays of token ids
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"{name} must be a string or a list of token ids, got an array of "
+                            f"shape {arr.shape} and dtype {arr.dtype}")
+        return arr.astype(np.int64).tolist()
     if isinstance(prompt, (dict, bytes, bytearray)) or not hasattr(prompt, "__iter__"):
         raise TypeError(f"{name} must be a string or a list of token ids, got "
                         f"{type(prompt).__name__}")

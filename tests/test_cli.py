@@ -26,12 +26,15 @@ def test_chat_streams_answers_until_empty_line():
             stdin="hi\nand again\n\n")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("time to first token") == 2  # one report per answer
-    # a turn that no longer fits the context starts a new conversation, not a traceback
+    # a turn that fits alone but not after the history starts a new conversation; one that
+    # never fits is skipped with a message; a setting that can never answer fails at once
     r = run("chat", "--model", TINY, "--max-tokens", "4", "--max-model-len", "64",
-            stdin="word " * 80 + "\nhi\n\n")
+            stdin="hi\n" + "word " * 20 + "\n" + "word " * 80 + "\n\n")
     assert r.returncode == 0, r.stderr
-    assert "starting a new conversation" in r.stderr and "Traceback" not in r.stderr
-    assert r.stderr.count("time to first token") == 1
+    assert "starting a new one" in r.stderr and "do not fit --max-model-len 64" in r.stderr
+    assert r.stderr.count("time to first token") == 2 and "Traceback" not in r.stderr
+    r = run("chat", "--model", TINY, "--max-model-len", "64", stdin="hi\n\n")  # 256 tokens
+    assert r.returncode == 2 and "--max-tokens 256 leaves no room" in r.stderr
 
 
 def test_bad_arguments_fail_with_a_message(tmp_path):

@@ -171,10 +171,11 @@ def test_bad_prompts_and_options(llm):
     (lambda llm: llm.score("ab", "cd"), TypeError, "contexts must be a list of prompts"),
     (lambda llm: imp_jax.LLM(TINY, max_num_seqs="4"), TypeError, "max_num_seqs must be an int"),
     (lambda llm: imp_jax.LLM(TINY, decode_steps=0), ValueError, "decode_steps must be >= 1"),
-    (lambda llm: imp_jax.LLM(TINY, decode_steps=10**6), ValueError, r"decode_steps must be in"),
+    (lambda llm: imp_jax.LLM(TINY, decode_steps=10**6), ValueError,
+     r"decode_steps must be in \[1, 1024\]"),
     (lambda llm: imp_jax.LLM(TINY, max_num_batched_tokens=-5), ValueError,
      "max_num_batched_tokens must be >= 1"),
-    (lambda llm: imp_jax.LLM(TINY, gpu_memory_utilization="0.9"), ValueError,
+    (lambda llm: imp_jax.LLM(TINY, gpu_memory_utilization="0.9"), TypeError,
      "gpu_memory_utilization must be a number"),
     (lambda llm: imp_jax.LLM(TINY, mesh=2), TypeError, "mesh must be a jax.sharding.Mesh"),
     (lambda llm: imp_jax.LLM(TINY, dtype="int8"), ValueError, "dtype 'int8' is not supported"),
@@ -190,8 +191,18 @@ def test_bad_api_input_names_the_value(llm, call, error, says):
 def test_api_forms_that_are_accepted(llm, tmp_path):
     import pathlib
 
+    import jax.numpy as jnp
+
     ids = llm.tokenizer.encode("the cat")
     np.testing.assert_array_equal(llm.logits("the cat"), llm.logits(ids))  # text or ids
+    np.testing.assert_array_equal(llm.logits(jnp.asarray(ids)), llm.logits(ids))
+    one = llm.generate(jnp.asarray(ids), max_tokens=2, temperature=0, use_tqdm=False)
+    two = llm.generate(np.asarray([ids, ids]), max_tokens=2, temperature=0, use_tqdm=False)
+    assert len(one) == 1 and [o.token_ids for o in two] == [one[0].token_ids] * 2
+    # a tuple of messages; the roles of Llama 3.1 templates
+    conv = ({"role": "user", "content": "hi"},)
+    assert llm.chat_prompt(conv) == llm.chat_prompt([{"role": "user", "content": "hi"}])
+    assert llm.chat_prompt([{"role": "ipython", "content": "42"}])
     parts = [{"role": "user", "content": [{"type": "text", "text": "h"},
                                           {"type": "text", "text": "i"}]}]
     assert llm.chat_prompt(parts) == llm.chat_prompt([{"role": "user", "content": "h\ni"}])

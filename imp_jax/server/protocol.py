@@ -18,7 +18,7 @@ from imp_jax.sampling import MAX_LOGPROBS, SamplingParams
 MAX_N = 128  # samples per request
 MAX_PROMPTS = 1024  # prompts in one /v1/completions request
 MAX_STOP = 32  # stop strings
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
 
 class APIError(Exception):
