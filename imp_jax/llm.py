@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imp_jax.cache import KVCache
-from imp_jax.engine.llm_engine import LLMEngine, RequestOutput
+from imp_jax.engine.llm_engine import LLMEngine, RequestOutput, token_ids as _token_ids
 from imp_jax.engine.sequence import Sequence as EngineSequence
 from imp_jax.loaders import LoadedModel, load_model
 from imp_jax.runner import ModelRunner, StepSeq
@@ -478,26 +478,6 @@ def _check_int(name: str, value, lo: int) -> None:
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < lo:
         raise ValueError(f"{name} must be >= {lo}, got {value}")
-
-
-def _token_ids(prompt, name: str) -> list[int]:
-    """A prompt given as token ids: a list / tuple / array of ints (not bools, floats, bytes)."""
-    if hasattr(prompt, "__array__") and not isinstance(prompt, (list, tuple)):
-        arr = np.asarray(prompt)  # numpy / JAX arrays of token ids
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"{name} must be a string or a list of token ids, got an array of "
-                            f"shape {arr.shape} and dtype {arr.dtype}")
-        return arr.astype(np.int64).tolist()
-    if isinstance(prompt, (dict, bytes, bytearray)) or not hasattr(prompt, "__iter__"):
-        raise TypeError(f"{name} must be a string or a list of token ids, got "
-                        f"{type(prompt).__name__}")
-    ids = list(prompt)
-    bad = next((t for t in ids if isinstance(t, (bool, np.bool_))
-                or not isinstance(t, (int, np.integer))), None)
-    if bad is not None:
-        raise TypeError(f"{name} must be a string or a list of token ids (ints), got an element "
-                        f"{bad!r} ({type(bad).__name__})")
-    return [int(t) for t in ids]
 
 
 _loaded: dict[str, LLM] = {}

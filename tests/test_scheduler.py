@@ -455,8 +455,8 @@ def _block_setup(seed: int):
     seqs = {rid: Sequence(rid, p, Params(20)) for rid, p in prompts.items()}
     for seq in seqs.values():
         s.add(seq)
-    s.update_rows(s.schedule(), [stream[len(prompts[r])] if r in "abc" else rng.randrange(100)
-                                 for r in prompts])  # prefill: every row's first token
+    s.update(s.schedule(), {r: stream[len(prompts[r])] if r in "abc" else rng.randrange(100)
+                            for r in prompts})  # prefill: every row's first token
     out = s.schedule()
     assert all(ss.num_new_tokens == 1 and ss.is_last_chunk for ss in out.scheduled)
     for ss in out.scheduled:
@@ -483,7 +483,7 @@ def _block_state(s: Scheduler, bm: BlockManager):
 @pytest.mark.parametrize("seed", range(8))
 def test_a_block_update_equals_one_update_per_step(seed) -> None:
     # The engine applies a decode block's tokens with one `update_block` (one pass per row);
-    # it must leave what one `update_rows` per step would: tokens, computed counts, the
+    # it must leave what one `update` per step would: tokens, computed counts, the
     # prefix cache (pages registered in step order: an identical page filled at an earlier
     # step wins) and, rows finished in (step, row) order, the free lists.
     ref_s, ref_bm, out, tokens, keep = _block_setup(seed)
@@ -491,10 +491,11 @@ def test_a_block_update_equals_one_update_per_step(seed) -> None:
         if k:
             out = SchedulerOutput([ScheduledSeq(ss.seq, 1, ss.start_pos + 1, True)
                                    for ss in out.scheduled])
-        grew = ref_s.update_rows(out, [t[k] for t in tokens])
-        for i in grew:
-            if keep[i] == k + 1:
-                ref_s.finish(out.scheduled[i].seq, "stop")
+        grew = ref_s.update(out, {ss.seq.request_id: t[k]
+                                  for ss, t in zip(out.scheduled, tokens)})
+        for i, ss in enumerate(out.scheduled):
+            if ss.seq in grew and keep[i] == k + 1:
+                ref_s.finish(ss.seq, "stop")
     s, bm, out, tokens, keep = _block_setup(seed)
     rows = s.live_rows(out)
     s.update_block(out, rows, [tokens[i][:keep[i]] for i in rows])

@@ -107,6 +107,27 @@ class _Request:
             dict(self.metrics))
 
 
+def token_ids(prompt, name: str = "prompt") -> list[int]:
+    """A prompt given as token ids: a list / tuple / numpy or JAX array of ints (not bools,
+    floats, bytes) -> a list of ints; anything else raises a TypeError naming `name`."""
+    if hasattr(prompt, "__array__") and not isinstance(prompt, (list, tuple)):
+        arr = np.asarray(prompt)  # numpy / JAX arrays of token ids
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"{name} must be a string or a list of token ids, got an array of "
+                            f"shape {arr.shape} and dtype {arr.dtype}")
+        return arr.astype(np.int64).tolist()
+    if isinstance(prompt, (dict, bytes, bytearray)) or not hasattr(prompt, "__iter__"):
+        raise TypeError(f"{name} must be a string or a list of token ids, got "
+                        f"{type(prompt).__name__}")
+    ids = list(prompt)
+    bad = next((t for t in ids if isinstance(t, (bool, np.bool_))
+                or not isinstance(t, (int, np.integer))), None)
+    if bad is not None:
+        raise TypeError(f"{name} must be a string or a list of token ids (ints), got an element "
+                        f"{bad!r} ({type(bad).__name__})")
+    return [int(t) for t in ids]
+
+
 def _sample_id(request_id: str, i: int, n: int) -> str:
     """The scheduler's sequence id of sample i of a request with n samples."""
     return f"{request_id}#{i}" if n > 1 else request_id
@@ -161,7 +182,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
-            text, ids = None, [int(t) for t in prompt]
+            text, ids = None, token_ids(prompt)
         vocab = self.runner.cfg.vocab_size
         if not ids:
             raise ValueError("prompt is empty: it must contain at least one token")

@@ -364,18 +364,11 @@ class Scheduler:
         entries are ignored). Returns the sequences that got a new token, in batch order; the
         caller checks each for stop conditions and calls `finish`.
         """
-        rows = [sampled.get(ss.seq.request_id) for ss in output.scheduled]
-        return [output.scheduled[i].seq for i in self.update_rows(output, rows)]
-
-    def update_rows(self, output: SchedulerOutput, tokens) -> list[int]:
-        """`update` with the sampled tokens as a list aligned with `output.scheduled` (row i's
-        token at tokens[i]; rows that are not a last chunk ignore theirs). Returns the indices
-        of the rows that got a new token."""
         rows = self.live_rows(output)
-        grew = [i for i in rows if output.scheduled[i].is_last_chunk]
-        self.update_block(output, rows, [[int(tokens[i])] if output.scheduled[i].is_last_chunk
-                                         else [] for i in rows])
-        return grew
+        new_tokens = [[int(sampled[output.scheduled[i].seq.request_id])]
+                      if output.scheduled[i].is_last_chunk else [] for i in rows]
+        self.update_block(output, rows, new_tokens)
+        return [output.scheduled[i].seq for i, t in zip(rows, new_tokens) if t]
 
     def live_rows(self, output: SchedulerOutput) -> list[int]:
         """Indices of the rows of `output` whose work still counts: a sequence aborted (or
