@@ -13,7 +13,8 @@ codes and per-channel scales everywhere; bf16 holds those weights dequantized):
 
   bf16         the model's `dense` on bf16 weights: the baseline, 2 bytes per weight
   xla_wo       `dense` on QuantArray under IMP_JAX_GEMM=auto: XLA's dot on the weight converted
-               to bf16 inside its operand load (today's decode path)
+               to bf16 inside its operand load (today's decode path; above 64 rows, "fp8"
+               mode's W8A8 dot on the [K, N] weight)
   *_cat        the same with q/k/v and gate/up concatenated into one weight each (4 GEMVs a
                block instead of 7: what fusing the weights at load time would buy)
   reduce       sum(x[:, :, None] * w) in f32: a column reduction, no dot (M = 1 only)
@@ -132,6 +133,7 @@ def mm_mgpu_nk(h, w):
 
 VARIANTS = {  # name: (prep, mm, concatenated, gemm backend, max M)
     "bf16": (lambda w: w.dequantize(jnp.bfloat16), dense, False, "auto", None),
+    "bf16_cat": (lambda w: w.dequantize(jnp.bfloat16), dense, True, "auto", None),
     "xla_wo": (lambda w: w, dense, False, "auto", None),
     "xla_wo_cat": (lambda w: w, dense, True, "auto", None),
     "reduce": (lambda w: w, mm_reduce, False, "auto", 1),
@@ -211,7 +213,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--m", default="1,16", help="token rows (comma list)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(("read",) + tuple(VARIANTS)))
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=300)

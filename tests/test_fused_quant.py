@@ -209,11 +209,16 @@ def test_model_fuses_norms_and_silu_mul(backend, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 300, 8192])
 def test_fused_quant_gpu(M):
+    # The references round the producer's output to bf16 before taking its amax, as the model
+    # does. XLA on a GPU may skip such roundings inside a fusion (excess precision, on by
+    # default), which moved the reference's scales by up to 0.4% in the first GPU run: compile
+    # them without it.
+    exact = dict(compiler_options={"xla_allow_excess_precision": False})
     x, w = rows(11, (M, 4096)), 1 + 0.1 * jax.random.normal(jax.random.PRNGKey(12), (4096,))
-    check_codes(fq.rms_norm_quant(x, w, 1e-5), jax.jit(fq.rms_norm_quant_ref, static_argnums=2)(
-        x, w, 1e-5))
+    check_codes(fq.rms_norm_quant(x, w, 1e-5),
+                jax.jit(fq.rms_norm_quant_ref, static_argnums=2, **exact)(x, w, 1e-5))
     g, u = rows(13, (M, 14336)), rows(14, (M, 14336))
-    check_codes(fq.silu_mul_quant(g, u), jax.jit(fq.silu_mul_quant_ref)(g, u))
+    check_codes(fq.silu_mul_quant(g, u), jax.jit(fq.silu_mul_quant_ref, **exact)(g, u))
 
 
 def test_benchmark_dry_run(tmp_path):
