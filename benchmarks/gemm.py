@@ -266,23 +266,22 @@ def fp8_part(args, out_path):
             x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         ).astype(jnp.bfloat16), x, wts, wsc, ref_bf, **kw)  # the bf16 weights fp8 came from
         del ref_bf, wts
-        # the engine's contract: bf16 x in, QuantArray weight [K, N]
-        wkn = [jax.block_until_ready(jnp.asarray(w.T)) for w in wq]
+        # the engine's contract: bf16 x in, a QuantArray for the [K, N] weight (its codes stored
+        # K-major, [N, K]: these very arrays)
         for label, be in (("quant_pallas", "interpret" if interp else "pallas"),
                           ("quant_xla", "xla")):
             quant.set_gemm_backend(be)
             try:
                 f = lambda x, w, s: QuantArray(  # noqa: E731
                     w, s.reshape(1, N), "fp8", (0,)).quantized_dot(x, 1)
-                text = str(jax.make_jaxpr(f)(x, wkn[0], wsc[0]))
+                text = str(jax.make_jaxpr(f)(x, wq[0], wsc[0]))
                 row[f"{label}_kernel"] = "mpmd_map" in text or "pallas_call" in text
-                run_variant(row, label, f, x, wkn, wsc, ref, **kw)
+                run_variant(row, label, f, x, wq, wsc, ref, **kw)
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 row[label] = dict(error=f"{type(e).__name__}: {str(e)[:2000]}")
             finally:
                 quant.set_gemm_backend(None)
-        del wkn
         run_variant(row, "xla_fp8_raw", lambda x, w, s: jax.lax.dot_general(
             x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32),
             xq, wq, wsc, None, **kw)
@@ -350,17 +349,18 @@ def skinny_part(args, out_path):
             del ref_bf
         for mode in (("fp8", "int8") if phase == "main" else ("fp8",)):
             qas = [quant.quantize(w, mode, (0,)) for w in wts]
-            qs, ss = [qa.q for qa in qas], [qa.scale.reshape(N) for qa in qas]
+            qs, ss = [qa.q for qa in qas], [qa.scale.reshape(N) for qa in qas]  # q: [N, K]
             del qas
-            ref = sk.skinny_gemm_ref(x, qs[0], ss[0])
+            ref = sk.skinny_gemm_ref(x, qs[0], ss[0], w_layout="nk")
             cfg0 = sk.choose_config(M, K, N)
             if phase == "main":
                 rec = run_variant(row, f"ours_{mode}", lambda x, w, s: sk.skinny_gemm(
-                    x, w, s, config=cfg0, interpret=interp), x, qs, ss, ref, work=nb8, **common)
+                    x, w, s, config=cfg0, interpret=interp, w_layout="nk"), x, qs, ss, ref,
+                    work=nb8, **common)
                 if rec:
                     rec["cfg"] = str(cfg0)
-                run_variant(row, f"xla_{mode}_wo", sk.skinny_gemm_ref, x, qs, ss, ref,
-                            work=nb8, **common)
+                run_variant(row, f"xla_{mode}_wo", lambda x, w, s: sk.skinny_gemm_ref(
+                    x, w, s, w_layout="nk"), x, qs, ss, ref, work=nb8, **common)
                 if mode == "fp8":
                     quant.set_gemm_backend("xla")  # QuantArray would take the kernel here
                     try:
@@ -376,7 +376,8 @@ def skinny_part(args, out_path):
                 best = (rec["us"], cfg0) if isinstance(rec, dict) and "us" in rec else None
                 for cfg in dict.fromkeys(picks):
                     r2 = run_variant(row, f"ours_fp8_cfg:{cfg}", lambda x, w, s, cfg=cfg:
-                                     sk.skinny_gemm(x, w, s, config=cfg, interpret=interp),
+                                     sk.skinny_gemm(x, w, s, config=cfg, interpret=interp,
+                                                    w_layout="nk"),
                                      x, qs, ss, ref, work=nb8, **common)
                     if r2 and (best is None or r2["us"] < best[0]):
                         best = (r2["us"], cfg)

@@ -13,8 +13,10 @@ codes and per-channel scales everywhere; bf16 holds those weights dequantized):
 
   bf16         the model's `dense` on bf16 weights: the baseline, 2 bytes per weight
   xla_wo       `dense` on QuantArray under IMP_JAX_GEMM=auto: XLA's dot on the weight converted
-               to bf16 inside its operand load (today's decode path; above 64 rows, "fp8"
-               mode's W8A8 dot on the [K, N] weight)
+               to bf16 inside its operand load (the decode path; above 64 rows, "fp8" mode's
+               W8A8 dot), codes stored K-major ([N, K])
+  xla_wo_kn    the same weight-only dot on codes in the weight's [K, N] layout (the layout
+               QuantArray stored before session 11)
   *_cat        the same with q/k/v and gate/up concatenated into one weight each (4 GEMVs a
                block instead of 7: what fusing the weights at load time would buy)
   reduce       sum(x[:, :, None] * w) in f32: a column reduction, no dot (M = 1 only)
@@ -23,7 +25,7 @@ codes and per-channel scales everywhere; bf16 holds those weights dequantized):
   bf16bits     the same into bf16 (exponent + mantissa << 4: the value / 2^120, which bf16's
                range holds, subnormals as bf16 subnormals), a bf16 dot: x stays bf16
   w8a8_nk      per-token e4m3 activations, XLA's fp8 dot on a weight stored [N, K] (cuBLASLt's
-               TN layout: no transpose per call)
+               TN layout: no transpose per call); at M > 64 what xla_wo runs now
   mgpu_nk_cat  pallas_kernels.skinny_fp8 (Mosaic GPU, fp8 wgmma) on [N, K] concatenated weights
   triton       pallas_kernels.skinny_gemm (IMP_JAX_GEMM=pallas)
   read_fp8 / read_bf16   every weight summed, no matmul: the stream rate in this process
@@ -67,10 +69,10 @@ def make_block(key, shapes) -> dict[str, quant.QuantArray]:
 
 
 def concat(block: dict) -> dict:
-    """q/k/v -> qkv and gate/up -> gate_up along N (codes and scales alike)."""
+    """q/k/v -> qkv and gate/up -> gate_up along N (codes [N, K] and scales [1, N] alike)."""
     def cat(names):
         ws = [block[n] for n in names]
-        return quant.QuantArray(jnp.concatenate([w.q for w in ws], 1),
+        return quant.QuantArray(jnp.concatenate([w.q for w in ws], 0),
                                 jnp.concatenate([w.scale for w in ws], 1), "fp8")
     return {"qkv": cat(("q", "k", "v")), "o": block["o"], "gate_up": cat(("gate", "up")),
             "down": block["down"]}
@@ -79,12 +81,12 @@ def concat(block: dict) -> dict:
 # -- per-variant weight preparation and matmul ----------------------------------------------------
 
 def mm_reduce(h, w):
-    y = jnp.sum(h.astype(jnp.float32)[:, :, None] * w.q.astype(jnp.float32)[None], axis=1)
+    y = jnp.sum(h.astype(jnp.float32)[:, :, None] * w.codes().astype(jnp.float32)[None], axis=1)
     return (y * w.scale).astype(h.dtype)
 
 
 def prep_f16bits(w):
-    return (w.q, w.scale * 256.0)
+    return (w.codes(), w.scale * 256.0)  # [K, N]
 
 
 def mm_f16bits(h, w):
@@ -100,7 +102,7 @@ BF16_BIAS = 2.0 ** 120  # e4m3 (bias 7) moved into bf16's exponent field (bias 1
 
 
 def prep_bf16bits(w):
-    return (w.q, w.scale * BF16_BIAS)
+    return (w.codes(), w.scale * BF16_BIAS)  # [K, N]
 
 
 def mm_bf16bits(h, w):
@@ -113,7 +115,17 @@ def mm_bf16bits(h, w):
 
 
 def prep_nk(w):
-    return (w.q.T, w.scale.reshape(-1))  # [N, K] stored: one transpose at load time
+    return (w.q, w.scale.reshape(-1))  # QuantArray codes are stored [N, K]
+
+
+def prep_kn(w):
+    return (w.codes(), w.scale)  # the codes in the weight's [K, N] layout (before session 11)
+
+
+def mm_wo_kn(h, w):
+    q, scale = w
+    y = jax.lax.dot(h, q.astype(h.dtype), preferred_element_type=jnp.float32)
+    return (y * scale).astype(h.dtype)
 
 
 def mm_w8a8_nk(h, w):
@@ -136,6 +148,7 @@ VARIANTS = {  # name: (prep, mm, concatenated, gemm backend, max M)
     "bf16_cat": (lambda w: w.dequantize(jnp.bfloat16), dense, True, "auto", None),
     "xla_wo": (lambda w: w, dense, False, "auto", None),
     "xla_wo_cat": (lambda w: w, dense, True, "auto", None),
+    "xla_wo_kn": (prep_kn, mm_wo_kn, False, "auto", None),
     "reduce": (lambda w: w, mm_reduce, False, "auto", 1),
     "reduce_cat": (lambda w: w, mm_reduce, True, "auto", 1),
     "f16bits": (prep_f16bits, mm_f16bits, False, "auto", None),

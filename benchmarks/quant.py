@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -439,8 +440,9 @@ def gpu_case(name, M, K, N, *, reps, configs, key, interpret=False):
         qq = jnp.stack([qa.q for qa in qs[mode]])
         ss = jnp.stack([qa.scale for qa in qs[mode]])
         nbytes = K * N + N * 4
-        ref = skinny_gemm_ref(x, qq[0], ss[0])
-        res = record(f"xla_{mode}_wo", skinny_gemm_ref, qq, ss, nbytes, ref)
+        ref = skinny_gemm_ref(x, qq[0], ss[0], w_layout="nk")  # codes stored K-major, [N, K]
+        res = record(f"xla_{mode}_wo", functools.partial(skinny_gemm_ref, w_layout="nk"), qq, ss,
+                     nbytes, ref)
         if res:
             row[f"xla_{mode}_wo"] = res[0]
         if mode == "fp8":  # W8A8 through XLA's fp8 dot (per-token activation scales)
@@ -457,7 +459,7 @@ def gpu_case(name, M, K, N, *, reps, configs, key, interpret=False):
         for kw_ in configs:
             cfg = choose_config(M, K, N, **kw_)
             res = record(f"ours_{mode} {cfg}", lambda x, q, s, cfg=cfg: skinny_gemm(
-                x, q, s, config=cfg, interpret=interpret), qq, ss, nbytes, ref)
+                x, q, s, config=cfg, interpret=interpret, w_layout="nk"), qq, ss, nbytes, ref)
             if res and (best is None or res[0]["us"] < best["us"]):
                 best = dict(res[0], cfg=str(cfg))
         if best:

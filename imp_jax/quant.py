@@ -1,10 +1,16 @@
 """Weight quantization: FP8 (W8A8 or weight-only) and int8 weight-only, as a pytree leaf.
 
-A quantized weight is a `QuantArray(q, scale)`: `q` has the shape (and logical axes) of the
-weight it replaces, in float8_e4m3fn or int8; `scale` is float32 with the weight's shape except
-that the dims spec.py marks as `contract` are reduced to 1 (one scale per output channel). The
-model never branches on it: `models/llama.dense` calls `w.quantized_dot(x, dims)`, the embedding
-calls `table.quantized_take(ids)` and the tied head `table.quantized_dot_t(x)`.
+A quantized weight is a `QuantArray(q, scale)` standing in for a weight of `shape` (spec.py's
+shape and logical axes): `scale` is float32 with the weight's shape except that the dims spec.py
+marks as `contract` are reduced to 1 (one scale per output channel); `q`, in float8_e4m3fn or
+int8, holds the codes **K-major**: the weight's output dims first, its contracted dims last
+([N..., K...]; `stored_axes`). That is the only layout Hopper's 8-bit tensor-core operands
+(wgmma, cuBLASLt FP8) take. In the weight's own [K, N] layout XLA's W8A8 dot ran 2.3x *slower*
+than bf16 at 1024 rows on an H200 (the weight re-laid out per call); K-major, 1.43x faster
+(benchmarks/gemv_chain.py, docs/quant_notes.md session 11). The embedding table [vocab, embed]
+is K-major as it is. The model never branches on it: `models/llama.dense` calls
+`w.quantized_dot(x, dims)`, the embedding calls `table.quantized_take(ids)` and the tied head
+`table.quantized_dot_t(x)`.
 
     from imp_jax.quant import quantize_params, QuantPolicy
     qparams = quantize_params(params, cfg, "fp8")              # default policy
@@ -28,8 +34,9 @@ GEMM kernels on GPU (`$IMP_JAX_GEMM`, read at trace time; `set_gemm_backend` ove
                      (the 8-bit weight converted inside the dot's operand load) for every mode --
                      "fp8" too: at decode sizes the dot is bound by the weight bytes, so the
                      activations stay bf16 (weight-only numerics, slightly *more* accurate than
-                     W8A8). Measured on an H200 (docs/quant_notes.md, session 4): batch-1 decode
-                     257.6 tok/s this way, 158.9 with the skinny kernel, 224.4 in bf16. Larger M:
+                     W8A8). Measured on an H200 (docs/quant_notes.md, sessions 4 and 11): batch-1
+                     decode 319.6 tok/s this way on K-major codes (bf16: 228.4), where the
+                     skinny kernel made 158.9 and the Mosaic one lost to it in a 30-block chain. Larger M:
                      XLA (`AUTO_LARGE_M` flips "fp8" mode to the Mosaic FP8 GEMM once measured).
   "pallas"           both kernels: `pallas_kernels.skinny_gemm` (Triton, weight streamed once,
                      dequantized in registers) for small M, `pallas_kernels.fp8_gemm` (Mosaic
@@ -224,26 +231,38 @@ def _qmax(mode: str) -> float:
     return INT8_MAX if mode == "int8" else FP8_MAX
 
 
+def stored_axes(ndim: int, contract: tuple[int, ...]) -> tuple[int, ...]:
+    """The weight's axes in the order a QuantArray stores its codes: output dims, then the
+    contracted ones (q = w.transpose(stored_axes(...)))."""
+    return tuple(d for d in range(ndim) if d not in contract) + tuple(contract)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class QuantArray:
-    """A quantized weight: `w ~= q.astype(f32) * scale` (scale broadcasts over contract dims).
+    """A quantized weight: `w ~= q.transpose(weight order) * scale` (scale broadcasts over the
+    contract dims). `shape`, `ndim` describe the weight, `q.shape` the stored codes."""
 
-    `q` comes first among the data fields on purpose: Flax's `self.param` shape check zips the
-    leaves of the stored value with those of the init function's output, so it compares q's
-    shape with the float weight's and passes.
-    """
-
-    q: jax.Array  # float8_e4m3fn or int8, the weight's shape
+    q: jax.Array  # float8_e4m3fn or int8, the weight's dims in stored_axes order (K-major)
     scale: jax.Array  # float32, the weight's shape with contract dims reduced to 1
     mode: str = dataclasses.field(metadata=dict(static=True), default="fp8")
-    # Which dims of q are contracted (spec.contract); the embedding table uses (1,): per-row scales.
+    # Which dims of the weight are contracted (spec.contract); the embedding table uses (1,):
+    # per-row scales.
     contract: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=(0,))
 
     # -- array-like surface (shape checks, memory accounting) ----------------------------------
     @property
+    def axes(self) -> tuple[int, ...]:
+        """stored_axes: q's dim i is the weight's dim axes[i]."""
+        return stored_axes(self.q.ndim, self.contract)
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.q.shape)
+        """The weight's shape (q's dims back in the weight's order)."""
+        out = [0] * self.q.ndim
+        for i, d in enumerate(self.axes):
+            out[d] = self.q.shape[i]
+        return tuple(out)
 
     @property
     def dtype(self):
@@ -257,8 +276,13 @@ class QuantArray:
     def nbytes(self) -> int:
         return int(self.q.size) * self.q.dtype.itemsize + int(self.scale.size) * 4
 
+    def codes(self) -> jax.Array:
+        """The codes in the weight's own layout (a transpose of q; tests and references)."""
+        return jnp.transpose(self.q, np.argsort(self.axes))
+
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
+        """The weight in its own layout and `dtype`."""
+        return (self.codes().astype(jnp.float32) * self.scale).astype(dtype)
 
     # -- the matmuls the model calls ------------------------------------------------------------
     def quantized_dot(self, x, dims: int = 1) -> jax.Array:
@@ -276,16 +300,18 @@ class QuantArray:
         w8a8 = self.mode == "fp8" and kernel in (None, "fp8")
         if kernel == "skinny" and M > 0:  # weight-only in registers, every mode (module doc)
             from pallas_kernels.skinny_gemm import skinny_gemm
-            y2 = skinny_gemm(materialize(x).reshape(M, K), self.q.reshape(K, N),
-                             out_scale.reshape(N), interpret=interpret)
+            y2 = skinny_gemm(materialize(x).reshape(M, K), self.q.reshape(N, K),
+                             out_scale.reshape(N), interpret=interpret, w_layout="nk")
             return y2.reshape(lead + out_shape)
-        if kernel == "fp8" and M > 0:  # W8A8 on the Mosaic GPU kernel, weight made K-major
+        if kernel == "fp8" and M > 0:  # W8A8 on the Mosaic GPU kernel (K-major, as stored)
             from pallas_kernels.fp8_gemm import fp8_matmul
             xq, x_scale = _fp8_activations(x, dims)
-            y2 = fp8_matmul(xq.reshape(M, K), x_scale.reshape(M), self.q.reshape(K, N).T,
+            y2 = fp8_matmul(xq.reshape(M, K), x_scale.reshape(M), self.q.reshape(N, K),
                             out_scale.reshape(N), interpret=interpret, out_dtype=x.dtype)
             return y2.reshape(lead + out_shape)
-        contract = (tuple(range(len(lead), len(lead) + dims)), tuple(range(dims)))
+        n_out = self.ndim - dims  # q: [out..., in...]
+        contract = (tuple(range(len(lead), len(lead) + dims)),
+                    tuple(range(n_out, n_out + dims)))
         if w8a8:
             xq, x_scale = _fp8_activations(x, dims)
             y = jax.lax.dot_general(xq, self.q, (contract, ((), ())),
@@ -375,7 +401,8 @@ def _channel_scale(w32: jax.Array, contract: tuple[int, ...], mode: str,
 
 def quantize(w: jax.Array, mode: str, contract: tuple[int, ...] = (0,),
              scales: str = "absmax") -> QuantArray:
-    """Symmetric per-output-channel quantization over the `contract` dims.
+    """Symmetric per-output-channel quantization over the `contract` dims (codes stored
+    K-major, `stored_axes`).
 
     scales="absmax": scale = amax / qmax (each channel's largest magnitude exact). "mse": the
     multiple of that in MSE_ALPHAS with the least squared error per channel (a load-time search;
@@ -388,8 +415,14 @@ def quantize(w: jax.Array, mode: str, contract: tuple[int, ...] = (0,),
         raise ValueError(f"unknown scale method {scales!r}; allowed: {', '.join(SCALE_METHODS)}")
     w32 = jnp.asarray(w, jnp.float32)
     scale = _channel_scale(w32, tuple(contract), mode, scales)
-    q = _quantize_with(w32, scale, mode)
-    return QuantArray(q, scale.astype(jnp.float32), mode, tuple(contract))
+    return _quant_array(_quantize_with(w32, scale, mode), scale, mode, tuple(contract))
+
+
+def _quant_array(q: jax.Array, scale: jax.Array, mode: str,
+                 contract: tuple[int, ...]) -> QuantArray:
+    """A QuantArray from codes in the weight's own layout."""
+    return QuantArray(jnp.transpose(q, stored_axes(q.ndim, contract)),
+                      scale.astype(jnp.float32), mode, contract)
 
 
 # ------------------------------------------------------------------------------- policy
@@ -479,7 +512,7 @@ def quantize_params(params: dict[str, Any], cfg: ModelConfig, mode: str,
         if fixed is not None and mode != "int8" and path[-1] != "embedding":
             scale = jnp.asarray(fixed, jnp.float32).reshape(scale_shape(spec.shape, contract))
             q = _quantize_with(jnp.asarray(w, jnp.float32), scale, mode)
-            return QuantArray(q, scale, mode, tuple(contract))
+            return _quant_array(q, scale, mode, tuple(contract))
         return quantize(w, mode, contract, policy.scales)
 
     return map_specs(one, param_specs(cfg))
@@ -520,9 +553,13 @@ def scale_shape(shape: tuple[int, ...], contract: tuple[int, ...]) -> tuple[int,
 def abstract_quantized_leaf(spec: ArraySpec, dtype, mode: str,
                             contract: tuple[int, ...]) -> QuantArray:
     """ShapeDtypeStructs of one weight quantized over its `contract` axes."""
-    return QuantArray(jax.ShapeDtypeStruct(spec.shape, storage_dtype(mode)),
+    stored = tuple(spec.shape[d] for d in stored_axes(len(spec.shape), contract))
+    return QuantArray(jax.ShapeDtypeStruct(stored, storage_dtype(mode)),
                       jax.ShapeDtypeStruct(scale_shape(spec.shape, contract), jnp.float32), mode,
                       tuple(contract))
+
+
+CODES_LAYOUT = "k-major"  # how saved checkpoints hold QuantArray codes (stored_axes)
 
 
 def quant_meta(params: dict[str, Any]) -> dict[str, Any] | None:
@@ -542,7 +579,7 @@ def quant_meta(params: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if len(modes) != 1:
         raise ValueError(f"mixed quantization modes {sorted(modes)} in one params tree")
-    return {"mode": modes.pop(), "paths": sorted(paths)}
+    return {"mode": modes.pop(), "paths": sorted(paths), "layout": CODES_LAYOUT}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -559,6 +596,12 @@ class ExactPolicy(QuantPolicy):
 
 def abstract_from_meta(cfg: ModelConfig, dtype, meta: dict[str, Any]) -> dict[str, Any]:
     """The orbax restore target of a tree `quant_meta` described."""
+    if meta.get("layout") != CODES_LAYOUT:  # before session 11 codes were saved [in, out]
+        layout = meta.get("layout")
+        raise ValueError(f"this checkpoint's 8-bit weights are in layout "
+                         f"{'[in, out] (none recorded)' if layout is None else repr(layout)}; "
+                         f"this imp_jax reads {CODES_LAYOUT!r} only: convert the model again "
+                         f"(imp-jax convert SOURCE OUT --quantization {meta.get('mode')})")
     policy = ExactPolicy(paths=frozenset(meta["paths"]))
     return abstract_quantized(cfg, dtype, meta["mode"], policy)
 

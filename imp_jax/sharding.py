@@ -247,8 +247,8 @@ def repeat_kv_params(params: dict[str, Any], cfg: ModelConfig, r: int) -> dict[s
         if "kv_heads" not in spec.axes:
             return leaf
         axis = spec.axes.index("kv_heads")
-        if hasattr(leaf, "q") and hasattr(leaf, "scale"):  # quant.QuantArray
-            return dataclasses.replace(leaf, q=_repeat(leaf.q, r, axis),
+        if hasattr(leaf, "q") and hasattr(leaf, "scale"):  # quant.QuantArray (codes K-major)
+            return dataclasses.replace(leaf, q=_repeat(leaf.q, r, leaf.axes.index(axis)),
                                        scale=_repeat(leaf.scale, r, axis)
                                        if leaf.scale.shape[axis] > 1 else leaf.scale)
         return _repeat(leaf, r, axis)
@@ -350,12 +350,15 @@ def place(x, sharding: NamedSharding) -> jax.Array:
 
 def leaf_shardings(sharding: NamedSharding, leaf):
     """The sharding(s) of a param leaf placed by its weight's `sharding`: a QuantArray gets a
-    QuantArray of shardings (its scale's size-1 dims replicated), a plain array `sharding`."""
+    QuantArray of shardings (its codes' dims in their stored order, its scale's size-1 dims
+    replicated), a plain array `sharding`."""
     if not (hasattr(leaf, "q") and hasattr(leaf, "scale")):
         return sharding
     spec = tuple(sharding.spec) + (None,) * (leaf.scale.ndim - len(sharding.spec))
     sspec = P(*[None if leaf.scale.shape[i] == 1 else spec[i] for i in range(leaf.scale.ndim)])
-    return dataclasses.replace(leaf, q=sharding, scale=NamedSharding(sharding.mesh, sspec))
+    return dataclasses.replace(leaf, q=NamedSharding(sharding.mesh, P(*[spec[d] for d in
+                                                                        leaf.axes])),
+                               scale=NamedSharding(sharding.mesh, sspec))
 
 
 def _place_leaf(leaf, sharding: NamedSharding):

@@ -11,10 +11,7 @@ layout). Hopper's wgmma takes 8-bit operands only K-major, A and B alike (the tr
 the instruction exist for 16-bit types only; `mosaic/gpu/wgmma.py` raises "Only f16 WGMMA supports
 transposes"), and TMA copies tiles without transposing them. So B is loaded as [tile_n, tile_k]
 tiles of wq and handed to wgmma as a transposed view of that SMEM tile (K stays fastest).
-`QuantArray` keeps its weights [K, N] (the model's layout, the layout its sharding specs and the
-Flax shape check know); `fp8_matmul_kn` transposes such a weight with one XLA transpose per call
-(XLA's own fp8 dot pays the same, cuBLASLt FP8 is TN-only). A K-major copy stored at load time
-would remove that pass (benchmarks/gemm.py times both).
+`QuantArray` stores its codes in this layout (imp_jax/quant.py), so no call transposes a weight.
 
 Structure (after jax's `hopper_matmul_mgpu` example, rewritten for fp8 + scales):
   * persistent grid: one CTA per SM loops over output tiles (`plgpu.nd_loop`), in a planar snake
@@ -39,7 +36,6 @@ M is padded to the CTA tile; N must be a multiple of the CTA tile's N and K of t
 (`supported`). On CPU the kernel runs under Mosaic GPU's interpret mode (`interpret=True`).
 
     fp8_matmul(xq, x_scale, wq_nk, w_scale, config=None, interpret=False) -> [M, N] bf16
-    fp8_matmul_kn(xq, x_scale, wq_kn, w_scale, ...)  weight [K, N]: transposed, then the above
     fp8_matmul_ref(...)                              the jnp reference
 """
 
@@ -359,14 +355,9 @@ def fp8_matmul(xq: jax.Array, x_scale: jax.Array, wq: jax.Array, w_scale: jax.Ar
     return y[:M] if Mp != M else y
 
 
-def fp8_matmul_kn(xq, x_scale, wq_kn, w_scale, **kw):
-    """The same with the weight in the model's [K, N] layout: one XLA transpose to [N, K] first."""
-    return fp8_matmul(xq, x_scale, wq_kn.T, w_scale, **kw)
-
-
 def flops(M: int, K: int, N: int) -> int:
     return 2 * M * K * N
 
 
-__all__ = ["Fp8GemmConfig", "choose_config", "supported", "fp8_matmul", "fp8_matmul_kn",
+__all__ = ["Fp8GemmConfig", "choose_config", "supported", "fp8_matmul",
            "fp8_matmul_ref", "flops", "SMEM_LIMIT"]

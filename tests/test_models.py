@@ -88,7 +88,8 @@ def test_compressed_tensors_fp8_runs_its_w8a8_scheme_exactly():
                 codes = _read_raw(file, header, hf + ".weight").astype(np.float32)  # [out, in]
                 scale = scales.get_tensor(hf + ".weight_scale").reshape(-1)
                 assert isinstance(w, QuantArray) and w.mode == "fp8"
-                ours = np.asarray(w.q, np.float32).reshape(codes.shape[1], -1).T
+                # K-major codes are HF's own [out, in] layout
+                ours = np.asarray(w.q, np.float32).reshape(codes.shape[0], -1)
                 np.testing.assert_array_equal(ours, codes)
                 np.testing.assert_array_equal(
                     np.asarray(w.scale).reshape(-1),

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from imp_jax import quant
 from imp_jax.config import ModelConfig
 from imp_jax.quant import (FP8_MAX, MODES, QuantArray, QuantPolicy, abstract_from_meta,
                            abstract_quantized, cast_unquantized, quant_meta, quantize,
@@ -38,7 +39,15 @@ def rand(key, shape, scale=1.0):
 def test_quantize_error_bounds(mode, shape, contract):
     w = rand(1, shape, 0.05)
     qa = quantize(w, mode, contract)
-    assert qa.q.shape == w.shape
+    assert qa.shape == w.shape
+    # codes K-major: the output dims first, the contracted ones last
+    axes = quant.stored_axes(len(shape), contract)
+    assert qa.q.shape == tuple(shape[d] for d in axes)
+    codes = quant._quantize_with(jnp.asarray(w, jnp.float32), qa.scale, mode)  # weight layout
+    np.testing.assert_array_equal(np.asarray(qa.q, np.float32),
+                                  np.transpose(np.asarray(codes, np.float32), axes))
+    np.testing.assert_array_equal(np.asarray(qa.codes(), np.float32) * np.asarray(qa.scale),
+                                  np.asarray(qa.dequantize(), np.float32))
     assert qa.q.dtype == (jnp.int8 if mode == "int8" else jnp.float8_e4m3fn)
     assert qa.scale.dtype == jnp.float32
     assert qa.scale.shape == tuple(1 if d in contract else n for d, n in enumerate(shape))
@@ -230,8 +239,8 @@ def test_skinny_gemm_interpret_matches_reference(mode, M):
     # small tiles and a K split so the interpreted grid has several programs and partials
     cfg = choose_config(M, K, N, block_n=64, block_k=64, target_programs=12)
     assert cfg.splits > 1
-    y = skinny_gemm(x, qa.q, qa.scale, config=cfg, interpret=True)
-    ref = skinny_gemm_ref(x, qa.q, qa.scale)
+    y = skinny_gemm(x, qa.q, qa.scale, config=cfg, interpret=True, w_layout="nk")
+    ref = skinny_gemm_ref(x, qa.q, qa.scale, w_layout="nk")
     assert y.shape == (M, N) and y.dtype == jnp.bfloat16
     assert rel(y, ref) < 1e-2  # same math, f32 accumulation order differs; output bf16
     # and the reference is the QuantArray weight-only matmul
@@ -346,7 +355,7 @@ def test_block_scale_simulation_with_one_group_is_per_channel_fp8(monkeypatch):
         q = get_path(real, p)
         if not isinstance(q, QuantArray):
             return
-        deq = (q.q.astype(jnp.float32) * q.scale).astype(jnp.bfloat16)
+        deq = q.dequantize(jnp.bfloat16)
         np.testing.assert_array_equal(np.asarray(get_path(whole, p), np.float32),
                                       np.asarray(deq, np.float32))
         w = np.asarray(get_path(m.params, p), np.float32)

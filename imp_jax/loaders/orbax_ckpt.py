@@ -6,6 +6,7 @@ parameter already in our layout and dtype, restorable straight into target shard
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -40,6 +41,17 @@ def save(path: str, cfg: ModelConfig, params: dict[str, Any], extra: dict[str, A
                    **({"quant": quant} if quant else {}), **extra}, f, indent=1)
 
 
+def _sharded(a, sharding):
+    """A restore target leaf placed by its weight's `sharding`: a QuantArray's codes and scale
+    each get theirs (`sharding.leaf_shardings`: the codes' dims are stored K-major)."""
+    if not (hasattr(a, "q") and hasattr(a, "scale")):
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+    from imp_jax.sharding import leaf_shardings
+
+    t = leaf_shardings(sharding, a)
+    return dataclasses.replace(a, q=_sharded(a.q, t.q), scale=_sharded(a.scale, t.scale))
+
+
 def load(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     import orbax.checkpoint as ocp
 
@@ -54,8 +66,8 @@ def load(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str, Any],
     if callable(shardings):  # cfg -> shardings (the caller does not know cfg yet)
         shardings = shardings(cfg)
     if shardings is not None:  # restore each array straight into its shards
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              target, shardings)
+        target = jax.tree.map(_sharded, target, shardings,
+                              is_leaf=lambda a: hasattr(a, "q") and hasattr(a, "scale"))
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(path, PARAMS), target)
     return cfg, params, meta

@@ -19,13 +19,20 @@ import numpy as np
 from imp_jax.attention import paged_attention
 from imp_jax.cache import AttentionMetadata, KVCache, write_kv
 from imp_jax.config import ModelConfig, rope_inv_freq
-from imp_jax.quant import PendingActivation, materialize
+from imp_jax.quant import PendingActivation, QuantArray, materialize
 from imp_jax.spec import param_specs
 
 
 def _spec_param(module: nn.Module, cfg: ModelConfig, name: str):
     """Declare the parameter `name` of `module` with the shape spec.py gives its path."""
     spec = _spec_of(module, cfg)[name]
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if isinstance(value, QuantArray):  # codes stored K-major: Flax's check would compare
+            if value.shape != spec.shape:  # q's shape, so check the weight's shape here
+                raise ValueError(f"{'/'.join(module.scope.path + (name,))}: quantized weight "
+                                 f"of shape {value.shape}, spec {spec.shape}")
+            return value
     return module.param(name, lambda key: spec.initializer(key, jnp.float32))
 
 
