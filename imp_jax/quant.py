@@ -5,9 +5,9 @@ shape and logical axes): `scale` is float32 with the weight's shape except that 
 marks as `contract` are reduced to 1 (one scale per output channel); `q`, in float8_e4m3fn or
 int8, holds the codes **K-major**: the weight's output dims first, its contracted dims last
 ([N..., K...]; `stored_axes`). That is the only layout Hopper's 8-bit tensor-core operands
-(wgmma, cuBLASLt FP8) take. In the weight's own [K, N] layout XLA's W8A8 dot ran 2.3x *slower*
-than bf16 at 1024 rows on an H200 (the weight re-laid out per call); K-major, 1.43x faster
-(benchmarks/gemv_chain.py, docs/quant_notes.md session 11). The embedding table [vocab, embed]
+(wgmma, cuBLASLt FP8) take. On codes in the weight's own [K, N] layout XLA's W8A8 dot ran 2.3x
+*slower* than bf16 at 1024 rows on an H200; on K-major codes 1.43x faster, and its weight-only
+decode dot 1.30x faster (benchmarks/gemv_chain.py, docs/quant_notes.md session 11). The embedding table [vocab, embed]
 is K-major as it is. The model never branches on it: `models/llama.dense` calls
 `w.quantized_dot(x, dims)`, the embedding calls `table.quantized_take(ids)` and the tied head
 `table.quantized_dot_t(x)`.
