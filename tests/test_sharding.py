@@ -280,6 +280,49 @@ def check_fp8_kv():
     return out
 
 
+QUANT_CASES = [("qwen2", 4, "repeat", "int8"),  # KV heads (quantized k/v codes, biases) x2
+               ("llama3", 2, "repeat", "fp8-weight-only"),
+               ("mistral", 4, "replicate", "fp8")]  # W8A8: per-token amax over split rows
+
+
+def check_quantized_weights():
+    """A quantized model (every block, codes K-major) on a tensor-parallel mesh computes what it
+    computes on one device: the weights' specs permuted into the codes' order, k/v codes repeated
+    on their stored axis."""
+    import re
+
+    import jax
+    import numpy as np
+
+    from imp_jax import sharding
+    from imp_jax.quant import QuantArray, QuantPolicy, quantize_params
+
+    out = {}
+    for model, tp, fallback, mode in QUANT_CASES:
+        cfg, params = _load(model)
+        qparams = quantize_params(params, cfg, mode, QuantPolicy())
+        ids = [int(t) for t in np.random.default_rng(12).integers(0, cfg.vocab_size, 13)]
+        ref_logits, ref_greedy = _run(_runner(cfg, qparams), ids)
+        runner = sharding.shard_runner(_runner(cfg, qparams), _mesh(tp, 1),
+                                       sharding.tensor_parallel(fallback))
+        codes = {jax.tree_util.keystr(p): a.q for p, a in jax.tree_util.tree_leaves_with_path(
+            runner.params, is_leaf=lambda a: isinstance(a, QuantArray))
+            if isinstance(a, QuantArray)}
+        assert len(codes) == 7 * cfg.num_layers, sorted(codes)
+        for path, q in codes.items():  # split by tp, but k/v when their heads are replicated
+            replicated = fallback == "replicate" and re.search(r"'[kv]'", path)
+            assert (q.addressable_shards[0].data.size < q.size) != bool(replicated), \
+                (path, q.sharding)
+        logits, greedy = _run(runner, ids)
+        err = float(np.abs(logits - ref_logits).max())
+        # weight-only: the float runs' bound; W8A8: a code on a rounding boundary may flip
+        assert err < (ATOL if mode != "fp8" else 1e-3 * float(np.abs(ref_logits).max())), \
+            f"{model} tp={tp} {mode}: max |logits diff| {err}"
+        assert greedy == ref_greedy, (greedy, ref_greedy)
+        out[f"{model} tp={tp} {fallback} {mode}"] = {"max_abs_err": err}
+    return out
+
+
 def check_hlo():
     """Megatron pattern in the compiled decode step: per layer one all-reduce after the o
     projection and one after the down projection, and no all-gather of a weight."""
@@ -455,6 +498,7 @@ def main(out_path: str) -> None:
     for case in CASES:
         record(case[0], check_equivalence, *case, baselines)
     record("fp8_kv", check_fp8_kv)
+    record("quantized_weights", check_quantized_weights)
     record("hlo", check_hlo)
     record("memory_plan", check_memory_plan)
     record("load_into_shards", check_load_into_shards)
@@ -515,6 +559,11 @@ def test_sharded_logits_and_greedy_equal_single_device(results, case):
 def test_fp8_kv_cache_on_a_mesh_equals_single_device(results):
     info = _assert_ok(results, "fp8_kv")
     assert len(info) == len(FP8_KV_CASES)
+
+
+def test_quantized_weights_on_a_mesh_equal_single_device(results):
+    info = _assert_ok(results, "quantized_weights")
+    assert len(info) == len(QUANT_CASES)
 
 
 def test_decode_hlo_has_megatron_all_reduces_and_no_weight_all_gather(results):
