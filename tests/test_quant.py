@@ -223,6 +223,11 @@ def test_orbax_round_trip(tmp_path):
     shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)
     assert shapes(abstract_from_meta(TINY, jnp.float32, meta)) == shapes(qp)
     assert quant_meta(p) is None
+    # a checkpoint saved before the codes were stored K-major records no layout: refused by name
+    old = {k: v for k, v in meta.items() if k != "layout"}
+    with pytest.raises(ValueError, match=r"layout \[in, out\] \(none recorded\).*'k-major'.*"
+                                         r"imp-jax convert SOURCE OUT --quantization fp8"):
+        abstract_from_meta(TINY, jnp.float32, old)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(qp)):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
