@@ -24,8 +24,8 @@ codes and per-channel scales everywhere; bf16 holds those weights dequantized):
                the 2^8 folded into the scale) instead of a convert, then an f16 dot
   bf16bits     the same into bf16 (exponent + mantissa << 4: the value / 2^120, which bf16's
                range holds, subnormals as bf16 subnormals), a bf16 dot: x stays bf16
-  w8a8_nk      per-token e4m3 activations, XLA's fp8 dot on a weight stored [N, K] (cuBLASLt's
-               TN layout: no transpose per call); at M > 64 what xla_wo runs now
+  w8a8_nk      `dense` on QuantArray under IMP_JAX_GEMM=xla: per-token e4m3 activations, XLA's
+               fp8 dot on the K-major codes at every M (at M > 64 what xla_wo runs)
   mgpu_nk_cat  pallas_kernels.skinny_fp8 (Mosaic GPU, fp8 wgmma) on [N, K] concatenated weights
   triton       pallas_kernels.skinny_gemm (IMP_JAX_GEMM=pallas)
   read_fp8 / read_bf16   every weight summed, no matmul: the stream rate in this process
@@ -52,7 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from imp_jax import quant  # noqa: E402
-from imp_jax.models.llama import dense, rms_norm  # noqa: E402
+from imp_jax.models.llama import dense, rms_norm, silu_mul  # noqa: E402
 
 # name, K, N of one block's matmuls (Llama-3-8B); tiny: the same roles at 1/16 width
 BLOCK = (("q", 4096, 4096), ("k", 4096, 1024), ("v", 4096, 1024), ("o", 4096, 4096),
@@ -81,8 +81,9 @@ def concat(block: dict) -> dict:
 # -- per-variant weight preparation and matmul ----------------------------------------------------
 
 def mm_reduce(h, w):
-    y = jnp.sum(h.astype(jnp.float32)[:, :, None] * w.codes().astype(jnp.float32)[None], axis=1)
-    return (y * w.scale).astype(h.dtype)
+    q, scale = w  # prep_kn: [K, N] codes
+    y = jnp.sum(h.astype(jnp.float32)[:, :, None] * q.astype(jnp.float32)[None], axis=1)
+    return (y * scale).astype(h.dtype)
 
 
 def prep_f16bits(w):
@@ -128,13 +129,6 @@ def mm_wo_kn(h, w):
     return (y * scale).astype(h.dtype)
 
 
-def mm_w8a8_nk(h, w):
-    qt, ws = w
-    xq, xs = quant.quantize_activations(h, 1)
-    y = jax.lax.dot_general(xq, qt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return (y * xs[:, None] * ws).astype(h.dtype)
-
-
 def mm_mgpu_nk(h, w):
     from pallas_kernels.skinny_fp8 import skinny_fp8_matmul
 
@@ -149,14 +143,14 @@ VARIANTS = {  # name: (prep, mm, concatenated, gemm backend, max M)
     "xla_wo": (lambda w: w, dense, False, "auto", None),
     "xla_wo_cat": (lambda w: w, dense, True, "auto", None),
     "xla_wo_kn": (prep_kn, mm_wo_kn, False, "auto", None),
-    "reduce": (lambda w: w, mm_reduce, False, "auto", 1),
-    "reduce_cat": (lambda w: w, mm_reduce, True, "auto", 1),
+    "reduce": (prep_kn, mm_reduce, False, "auto", 1),
+    "reduce_cat": (prep_kn, mm_reduce, True, "auto", 1),
     "f16bits": (prep_f16bits, mm_f16bits, False, "auto", None),
     "f16bits_cat": (prep_f16bits, mm_f16bits, True, "auto", None),
     "bf16bits": (prep_bf16bits, mm_bf16bits, False, "auto", None),
     "bf16bits_cat": (prep_bf16bits, mm_bf16bits, True, "auto", None),
-    "w8a8_nk": (prep_nk, mm_w8a8_nk, False, "auto", None),
-    "w8a8_nk_cat": (prep_nk, mm_w8a8_nk, True, "auto", None),
+    "w8a8_nk": (lambda w: w, dense, False, "xla", None),  # QuantArray's W8A8 at every M
+    "w8a8_nk_cat": (lambda w: w, dense, True, "xla", None),
     "mgpu_nk_cat": (prep_nk, mm_mgpu_nk, True, "auto", 64),
     "triton": (lambda w: w, dense, False, "pallas", 64),
 }
@@ -178,8 +172,7 @@ def block_fn(x, w, mm, cat: bool, eps=1e-5):
         g, u = jnp.split(mm(h, w["gate_up"]), 2, axis=-1)
     else:
         g, u = mm(h, w["gate"]), mm(h, w["up"])
-    g32 = g.astype(jnp.float32)
-    return x + mm((g32 * jax.nn.sigmoid(g32) * u.astype(jnp.float32)).astype(x.dtype), w["down"])
+    return x + mm(silu_mul(g, u), w["down"])
 
 
 def chain(x, weights, mm, cat):

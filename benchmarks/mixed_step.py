@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     random = args.model.startswith("random:")
     m = load_model(args.model, args.dtype,
                    random_quantization=args.quantization if random else None)
-    if args.quantization and not random:  # as LLM(quantization=) does
+    if args.quantization:  # as LLM(quantization=) does (random weights come quantized already)
         from imp_jax.quant import quantize_loaded
         m.params = quantize_loaded(m.params, m.cfg, args.quantization, m.fp8_scales)
     max_len = max(args.prompt_len, args.context) + page

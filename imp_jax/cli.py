@@ -96,7 +96,8 @@ def cmd_chat(args) -> int:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     first = len(messages)  # where the turns start
-    limit = llm.runner.max_model_len
+    # what the scheduler admits (check_fits): the context, and the KV pool if it holds fewer
+    limit = min(llm.runner.max_model_len, llm.engine.block_manager.capacity_tokens)
     if (params.max_tokens or 0) >= limit:
         raise ValueError(f"--max-tokens {params.max_tokens} leaves no room for a message within "
                          f"--max-model-len {limit}")

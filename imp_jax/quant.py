@@ -291,60 +291,49 @@ class QuantArray:
         if self.contract != tuple(range(dims)):
             raise ValueError(f"QuantArray contracted over {self.contract} used in a dot over the "
                              f"first {dims} axes")
-        out_scale = self.scale.reshape(self.scale.shape[dims:])  # [out...]
-        out_shape = self.shape[dims:]
-        K, N = math.prod(self.shape[:dims]), math.prod(out_shape)
-        lead = x.shape[:len(x.shape) - dims]
-        M = math.prod(lead)
-        kernel, interpret = _gemm_plan(self.q, x.dtype, self.mode, M, K, N)
-        w8a8 = self.mode == "fp8" and kernel in (None, "fp8")
-        if kernel == "skinny" and M > 0:  # weight-only in registers, every mode (module doc)
-            from pallas_kernels.skinny_gemm import skinny_gemm
-            y2 = skinny_gemm(materialize(x).reshape(M, K), self.q.reshape(N, K),
-                             out_scale.reshape(N), interpret=interpret, w_layout="nk")
-            return y2.reshape(lead + out_shape)
-        if kernel == "fp8" and M > 0:  # W8A8 on the Mosaic GPU kernel (K-major, as stored)
-            from pallas_kernels.fp8_gemm import fp8_matmul
-            xq, x_scale = _fp8_activations(x, dims)
-            y2 = fp8_matmul(xq.reshape(M, K), x_scale.reshape(M), self.q.reshape(N, K),
-                            out_scale.reshape(N), interpret=interpret, out_dtype=x.dtype)
-            return y2.reshape(lead + out_shape)
-        n_out = self.ndim - dims  # q: [out..., in...]
-        contract = (tuple(range(len(lead), len(lead) + dims)),
-                    tuple(range(n_out, n_out + dims)))
-        if w8a8:
-            xq, x_scale = _fp8_activations(x, dims)
-            y = jax.lax.dot_general(xq, self.q, (contract, ((), ())),
-                                    preferred_element_type=jnp.float32)
-            y = y * x_scale.reshape(lead + (1,) * (self.ndim - dims))
-        else:  # weight-only: exact conversion to the activation dtype, scale after the sum
-            y = jax.lax.dot_general(materialize(x), self.q.astype(x.dtype), (contract, ((), ())),
-                                    preferred_element_type=jnp.float32)
-        return (y * out_scale).astype(x.dtype)
+        return self._matmul(x, dims, self.scale.reshape(self.scale.shape[dims:]), x.dtype)
 
     def quantized_take(self, ids: jax.Array) -> jax.Array:
         """Embedding lookup of a [vocab, embed] table quantized per row -> float32 rows."""
         return jnp.take(self.q, ids, axis=0).astype(jnp.float32) * jnp.take(self.scale, ids, axis=0)
 
     def quantized_dot_t(self, x: jax.Array) -> jax.Array:
-        """Tied head: x[..., embed] @ table.T -> float32 [..., vocab]."""
-        contract = (((x.ndim - 1,), (1,)), ((), ()))
-        row_scale = self.scale[:, 0]  # [vocab]
-        N, K = self.shape
-        M = math.prod(x.shape[:-1])
-        kernel, interpret = _gemm_plan(self.q, x.dtype, self.mode, M, K, N, allow_large=False)
-        if kernel == "skinny" and M > 0:  # the table is [N, K]: the kernel's "nk" layout
+        """Tied head: x[..., embed] @ table.T -> float32 [..., vocab] (the [vocab, embed] table is
+        K-major as it is, so this is the same matmul as any weight's)."""
+        return self._matmul(x, 1, self.scale[:, 0], jnp.float32, allow_large=False)
+
+    def _matmul(self, x, dims: int, out_scale: jax.Array, out_dtype,
+                allow_large: bool = True) -> jax.Array:
+        """x's last `dims` axes contracted with the stored codes' trailing ones (q: [out...,
+        in...]) -> [..., out...] in out_dtype, out_scale [out...] applied after the sum."""
+        n_out = self.q.ndim - dims
+        out_shape = tuple(self.q.shape[:n_out])
+        K, N = math.prod(self.q.shape[n_out:]), math.prod(out_shape)
+        lead = x.shape[:len(x.shape) - dims]
+        M = math.prod(lead)
+        kernel, interpret = _gemm_plan(self.q, x.dtype, self.mode, M, K, N, allow_large)
+        if kernel == "skinny" and M > 0:  # weight-only in registers, every mode (module doc)
             from pallas_kernels.skinny_gemm import skinny_gemm
-            y2 = skinny_gemm(x.reshape(M, K), self.q, row_scale, interpret=interpret,
-                             w_layout="nk", out_dtype=jnp.float32)
-            return y2.reshape(x.shape[:-1] + (N,))
-        if self.mode == "fp8" and kernel != "weight-only":
-            xq, x_scale = quantize_activations(x, 1)
-            y = jax.lax.dot_general(xq, self.q, contract, preferred_element_type=jnp.float32)
-            return y * x_scale[..., None] * row_scale
-        y = jax.lax.dot_general(x, self.q.astype(x.dtype), contract,
-                                preferred_element_type=jnp.float32)
-        return y * row_scale
+            y2 = skinny_gemm(materialize(x).reshape(M, K), self.q.reshape(N, K),
+                             out_scale.reshape(N), interpret=interpret, w_layout="nk",
+                             out_dtype=out_dtype)
+            return y2.reshape(lead + out_shape)
+        if kernel == "fp8" and M > 0:  # W8A8 on the Mosaic GPU kernel (K-major, as stored)
+            from pallas_kernels.fp8_gemm import fp8_matmul
+            xq, x_scale = _fp8_activations(x, dims)
+            y2 = fp8_matmul(xq.reshape(M, K), x_scale.reshape(M), self.q.reshape(N, K),
+                            out_scale.reshape(N), interpret=interpret, out_dtype=out_dtype)
+            return y2.reshape(lead + out_shape)
+        contract = (tuple(range(len(lead), len(lead) + dims)), tuple(range(n_out, n_out + dims)))
+        if self.mode == "fp8" and kernel in (None, "fp8"):  # W8A8
+            xq, x_scale = _fp8_activations(x, dims)
+            y = jax.lax.dot_general(xq, self.q, (contract, ((), ())),
+                                    preferred_element_type=jnp.float32)
+            y = y * x_scale.reshape(lead + (1,) * n_out)
+        else:  # weight-only: exact conversion to the activation dtype, scale after the sum
+            y = jax.lax.dot_general(materialize(x), self.q.astype(x.dtype), (contract, ((), ())),
+                                    preferred_element_type=jnp.float32)
+        return (y * out_scale).astype(out_dtype)
 
 
 def quantize_activations(x: jax.Array, dims: int = 1) -> tuple[jax.Array, jax.Array]:

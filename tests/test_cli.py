@@ -46,6 +46,8 @@ def test_bad_arguments_fail_with_a_message(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"custom_id": "a", "method": "POST", "url": '
                                        '"/v1/completions", "body": {"prompt": "x"}}\n')
     for args, says in ((("serve", "no/such/model"), "imp-jax serve: error: cannot load model"),
+                       (("serve", "no/such/model", "--log-level", "trace"),  # uvicorn's level
+                        "imp-jax serve: error: cannot load model"),
                        (("batch", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl"),
                          "--model", "no/such/model"), "imp-jax batch: error: cannot load model"),
                        (("info", "llama-7b"), "imp-jax info: error: cannot load model"),

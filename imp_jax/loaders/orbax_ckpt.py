@@ -6,7 +6,6 @@ parameter already in our layout and dtype, restorable straight into target shard
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
@@ -44,12 +43,10 @@ def save(path: str, cfg: ModelConfig, params: dict[str, Any], extra: dict[str, A
 def _sharded(a, sharding):
     """A restore target leaf placed by its weight's `sharding`: a QuantArray's codes and scale
     each get theirs (`sharding.leaf_shardings`: the codes' dims are stored K-major)."""
-    if not (hasattr(a, "q") and hasattr(a, "scale")):
-        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
     from imp_jax.sharding import leaf_shardings
 
-    t = leaf_shardings(sharding, a)
-    return dataclasses.replace(a, q=_sharded(a.q, t.q), scale=_sharded(a.scale, t.scale))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        a, leaf_shardings(sharding, a))
 
 
 def load(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
@@ -66,8 +63,10 @@ def load(path: str, dtype, shardings=None) -> tuple[ModelConfig, dict[str, Any],
     if callable(shardings):  # cfg -> shardings (the caller does not know cfg yet)
         shardings = shardings(cfg)
     if shardings is not None:  # restore each array straight into its shards
+        from imp_jax.quant import QuantArray
+
         target = jax.tree.map(_sharded, target, shardings,
-                              is_leaf=lambda a: hasattr(a, "q") and hasattr(a, "scale"))
+                              is_leaf=lambda a: isinstance(a, QuantArray))
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(path, PARAMS), target)
     return cfg, params, meta

@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
+    # "trace" is uvicorn's level only: Python's logging takes it as DEBUG
+    logging.basicConfig(level="DEBUG" if args.log_level == "trace" else args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from imp_jax.llm import LLM
 
