@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 MAX_M = 8
+VEC = 16  # codes per 16-byte load: the innermost axis of the kernel's 3-D views
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class GemvConfig:
 
 
 def _valid(K: int, N: int, cfg: GemvConfig) -> bool:
-    return N % cfg.block_n == 0 and K % (cfg.splits * cfg.block_k) == 0
+    return (N % cfg.block_n == 0 and cfg.block_k % VEC == 0
+            and K % (cfg.splits * cfg.block_k) == 0)
 
 
 def choose_config(M: int, K: int, N: int, *, block_n: int = 16, block_k: int = 512,
@@ -71,24 +73,27 @@ def gemv_ref(x: jax.Array, q: jax.Array, scale: jax.Array, out_dtype=None) -> ja
 
 
 def _kernel(x_ref, w_ref, *rest, m: int, block_k: int, k_steps: int, scaled: bool):
-    # x_ref [Mp, Ks]; w_ref [bn, Ks] (this program's output channels and K range);
-    # scaled: s_ref [1, bn], o_ref [Mp, bn] in the output dtype; else o_ref [Mp, bn] f32 partial
+    # x_ref [Mp, Ks/VEC, VEC]; w_ref [bn, Ks/VEC, VEC] (this program's channels and K range);
+    # scaled: s_ref [1, bn], o_ref [Mp, bn] in the output dtype; else o_ref [Mp, bn] f32 partial.
+    # The VEC axis is one thread's 16-byte load, so summing over it each step stays inside the
+    # thread; the sum across threads runs once, after the loop.
     if scaled:
         s_ref, o_ref = rest
     else:
         (o_ref,) = rest
-    bn = w_ref.shape[0]
+    bn, steps = w_ref.shape[0], block_k // VEC
 
     def body(i, accs):
-        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        w = w_ref[:, ks].astype(jnp.float32)  # [bn, bk]: dequantize in registers
-        return tuple(acc + jnp.sum(w * x_ref[r, ks].astype(jnp.float32)[None, :], axis=1)
+        ks = pl.ds(pl.multiple_of(i * steps, steps), steps)
+        w = w_ref[:, ks, :].astype(jnp.float32)  # [bn, steps, VEC]: dequantize in registers
+        return tuple(acc + jnp.sum(w * x_ref[r, ks, :].astype(jnp.float32)[None], axis=2)
                      for r, acc in enumerate(accs))
 
-    accs = lax.fori_loop(0, k_steps, body, tuple(jnp.zeros((bn,), jnp.float32)
+    accs = lax.fori_loop(0, k_steps, body, tuple(jnp.zeros((bn, steps), jnp.float32)
                                                  for _ in range(m)))
     for r, acc in enumerate(accs):
-        o_ref[r, :] = (acc * s_ref[0, :]).astype(o_ref.dtype) if scaled else acc
+        y = jnp.sum(acc, axis=1)
+        o_ref[r, :] = (y * s_ref[0, :]).astype(o_ref.dtype) if scaled else y
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "out_dtype"))
@@ -113,9 +118,9 @@ def gemv(x: jax.Array, q: jax.Array, scale: jax.Array, *, config: GemvConfig | N
     scaled = cfg.splits == 1
     kernel = functools.partial(_kernel, m=M, block_k=cfg.block_k, k_steps=Ks // cfg.block_k,
                                scaled=scaled)
-    in_specs = [pl.BlockSpec((Mp, Ks), lambda n, s: (0, s)),
-                pl.BlockSpec((bn, Ks), lambda n, s: (n, s))]
-    args = [xp, q]
+    in_specs = [pl.BlockSpec((Mp, Ks // VEC, VEC), lambda n, s: (0, s, 0)),
+                pl.BlockSpec((bn, Ks // VEC, VEC), lambda n, s: (n, s, 0))]
+    args = [xp.reshape(Mp, K // VEC, VEC), q.reshape(N, K // VEC, VEC)]
     if scaled:
         in_specs.append(pl.BlockSpec((1, bn), lambda n, s: (0, n)))
         args.append(scale)
