@@ -28,6 +28,9 @@ codes and per-channel scales everywhere; bf16 holds those weights dequantized):
                fp8 dot on the K-major codes at every M (at M > 64 what xla_wo runs)
   mgpu_nk_cat  pallas_kernels.skinny_fp8 (Mosaic GPU, fp8 wgmma) on [N, K] concatenated weights
   triton       pallas_kernels.skinny_gemm (IMP_JAX_GEMM=pallas)
+  xla_wo_f16   XLA's weight-only dot with both operands in f16 (e4m3 -> f16 is one hardware
+               conversion per two codes; e4m3 -> bf16 goes through f16 or f32), f32 sums
+  xla_wo_int8  `dense` on int8 codes of the same weights (int8 -> bf16: XLA's conversion)
   gemv         pallas_kernels.gemv through `dense` (IMP_JAX_GEMV=1): the CUDA-core GEMV on the
                K-major codes, M <= 8; `--gemv-configs BN:BK:WARPS:STAGES,...` adds one variant
                per launch config (gemv_BN_BK_WARPS_STAGES, splits by choose_config)
@@ -132,6 +135,13 @@ def mm_wo_kn(h, w):
     return (y * scale).astype(h.dtype)
 
 
+def mm_wo_f16(h, w):
+    q, scale = w  # prep_nk: [N, K] codes
+    y = jax.lax.dot_general(h.astype(jnp.float16), q.astype(jnp.float16),
+                            (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (y * scale).astype(h.dtype)
+
+
 def mm_mgpu_nk(h, w):
     from pallas_kernels.skinny_fp8 import skinny_fp8_matmul
 
@@ -146,6 +156,9 @@ VARIANTS = {  # name: (prep, mm, concatenated, gemm backend, max M)
     "xla_wo": (lambda w: w, dense, False, "auto", None),
     "xla_wo_cat": (lambda w: w, dense, True, "auto", None),
     "xla_wo_kn": (prep_kn, mm_wo_kn, False, "auto", None),
+    "xla_wo_f16": (prep_nk, mm_wo_f16, False, "auto", None),
+    "xla_wo_int8": (lambda w: quant.quantize(w.dequantize(jnp.float32), "int8"), dense, False,
+                    "auto", None),
     "reduce": (prep_kn, mm_reduce, False, "auto", 1),
     "reduce_cat": (prep_kn, mm_reduce, True, "auto", 1),
     "f16bits": (prep_f16bits, mm_f16bits, False, "auto", None),

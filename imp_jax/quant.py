@@ -177,6 +177,14 @@ def _gemv_on() -> bool:
     return AUTO_GEMV if not value else value == "1"
 
 
+F16_MAX = float(jnp.finfo(jnp.float16).max)
+FP8_WO_F16_ENV = "IMP_JAX_FP8_WO_F16"  # 1: decode-sized e4m3 weight-only dots in f16 (experiment)
+
+
+def _fp8_wo_f16() -> bool:
+    return os.environ.get(FP8_WO_F16_ENV, "0").strip() == "1"
+
+
 def _fused_quant_plan(x_dtype, n: int) -> tuple[bool, bool]:
     """(fuse, interpret): whether a W8A8 dot quantizes a PendingActivation with its producer's
     fused kernel (same single-device and dtype limits as the GEMM kernels)."""
@@ -351,7 +359,14 @@ class QuantArray:
                                     preferred_element_type=jnp.float32)
             y = y * x_scale.reshape(lead + (1,) * n_out)
         else:  # weight-only: exact conversion to the activation dtype, scale after the sum
-            y = jax.lax.dot_general(materialize(x), self.q.astype(x.dtype), (contract, ((), ())),
+            x = materialize(x)
+            dt = x.dtype
+            if kernel == "weight-only" and self.q.dtype == FP8 and _fp8_wo_f16():
+                # e4m3 -> f16 is one conversion per two codes on the GPU; activations beyond
+                # f16's range saturate
+                dt = jnp.float16
+                x = jnp.clip(x, -F16_MAX, F16_MAX).astype(dt)
+            y = jax.lax.dot_general(x, self.q.astype(dt), (contract, ((), ())),
                                     preferred_element_type=jnp.float32)
         return (y * out_scale).astype(out_dtype)
 

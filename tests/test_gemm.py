@@ -436,7 +436,8 @@ def test_gemv_chain_dry_run(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     weight_only = {"bf16_cat", "xla_wo_kn", "reduce", "reduce_cat", "f16bits", "f16bits_cat",
-                   "bf16bits", "bf16bits_cat", "triton", "gemv", "gemv_8_64_4_2"}
+                   "bf16bits", "bf16bits_cat", "triton", "gemv", "gemv_8_64_4_2", "xla_wo_f16",
+                   "xla_wo_int8"}
     for r in rows:
         if r["variant"].startswith("mgpu"):
             assert "GPU only" in r["error"]
