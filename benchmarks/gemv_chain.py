@@ -31,9 +31,6 @@ codes and per-channel scales everywhere; bf16 holds those weights dequantized):
   xla_wo_f16   XLA's weight-only dot with both operands in f16 (e4m3 -> f16 is one hardware
                conversion per two codes; e4m3 -> bf16 goes through f16 or f32), f32 sums
   xla_wo_int8  `dense` on int8 codes of the same weights (int8 -> bf16: XLA's conversion)
-  gemv         pallas_kernels.gemv through `dense` (IMP_JAX_GEMV=1): the CUDA-core GEMV on the
-               K-major codes, M <= 8; `--gemv-configs BN:BK:WARPS:STAGES,...` adds one variant
-               per launch config (gemv_BN_BK_WARPS_STAGES, splits by choose_config)
   read_fp8 / read_bf16   every weight summed, no matmul: the stream rate in this process
 
 Each variant's final activations are compared with bf16's (relative Frobenius error; the W8A8
@@ -169,23 +166,7 @@ VARIANTS = {  # name: (prep, mm, concatenated, gemm backend, max M)
     "w8a8_nk_cat": (lambda w: w, dense, True, "xla", None),
     "mgpu_nk_cat": (prep_nk, mm_mgpu_nk, True, "auto", 64),
     "triton": (lambda w: w, dense, False, "pallas", 64),
-    "gemv": (lambda w: w, dense, False, "auto", 8),
 }
-
-
-def gemv_variant(spec: str):
-    """'BN:BK:WARPS:STAGES' -> (name, variant): pallas_kernels.gemv with that launch config."""
-    from pallas_kernels import gemv as gv
-
-    bn, bk, warps, stages = (int(v) for v in spec.split(":"))
-
-    def mm(h, w):
-        q, scale = w
-        cfg = gv.choose_config(h.shape[0], q.shape[1], q.shape[0], block_n=bn, block_k=bk,
-                               num_warps=warps, num_stages=stages)
-        return gv.gemv(h, q, scale, config=cfg, interpret=jax.default_backend() != "gpu")
-
-    return f"gemv_{bn}_{bk}_{warps}_{stages}", (prep_nk, mm, False, "auto", gv.MAX_M)
 
 
 def block_fn(x, w, mm, cat: bool, eps=1e-5):
@@ -257,12 +238,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--hlo", default=None, help="folder: optimized HLO of bf16 / xla_wo at M=1")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run (small widths, 2 layers)")
-    ap.add_argument("--gemv-configs", default="", help="BN:BK:WARPS:STAGES,... (gemv variants)")
     args = ap.parse_args()
-    for spec in filter(None, args.gemv_configs.split(",")):
-        name, variant = gemv_variant(spec)
-        VARIANTS[name] = variant
-        args.variants += "," + name
     end = time.time() + args.budget_s
     shapes = TINY if args.tiny else BLOCK
     layers = 2 if args.tiny else args.layers
@@ -303,10 +279,8 @@ def main():
             if time.time() > end:
                 print(f"SKIPPED (budget): {name} M={M}", flush=True)
                 continue
-            gemv_on = name == "gemv"  # through the model's dispatch (quant.GEMV_ENV)
-            quant.set_gemm_backend("interpret" if args.tiny and (backend == "pallas" or gemv_on)
+            quant.set_gemm_backend("interpret" if args.tiny and backend == "pallas"
                                    else backend)
-            os.environ[quant.GEMV_ENV] = "1" if gemv_on else "0"
             try:
                 if args.tiny and name.startswith("mgpu"):
                     raise RuntimeError("Mosaic GPU kernel: GPU only (tests/test_skinny_fp8.py "

@@ -90,11 +90,6 @@ AUTO_LARGE_M = "xla"
 # $IMP_JAX_FUSED_QUANT=1 / 0 overrides it under "auto" (read at trace time).
 AUTO_FUSED_QUANT = False
 FUSED_QUANT_ENV = "IMP_JAX_FUSED_QUANT"
-# Whether "auto" runs dots of <= gemv.MAX_M (8) rows on a GPU through `pallas_kernels.gemv` (the
-# CUDA-core GEMV on the K-major codes) instead of XLA's weight-only dot; $IMP_JAX_GEMV=1 / 0
-# overrides it under "auto", "pallas" and "interpret" alike (read at trace time).
-AUTO_GEMV = False
-GEMV_ENV = "IMP_JAX_GEMV"
 _backend_override: str | None = None
 
 
@@ -134,21 +129,17 @@ def _single_device(a) -> bool:
 
 def _gemm_plan(w: jax.Array, x_dtype, mode: str, M: int, K: int, N: int,
                allow_large: bool = True) -> tuple[str | None, bool]:
-    """(kernel, interpret): kernel is "gemv", "skinny", "fp8", "weight-only" (XLA's dot on the weight
+    """(kernel, interpret): kernel is "skinny", "fp8", "weight-only" (XLA's dot on the weight
     converted to the activation dtype, whatever the mode) or None (XLA, the mode's own math)."""
     backend = gemm_backend()
     if backend == "xla":
         return None, False
     interpret = backend == "interpret"
-    kernels_run = ((interpret or (jax.default_backend() == "gpu" and _single_device(w)))
-                   and jnp.dtype(x_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
-    if kernels_run and M <= gemm_max_m() and _gemv_on():
-        from pallas_kernels import gemv
-        if gemv.supported(M, K, N):
-            return "gemv", interpret
     if backend == "auto" and M <= gemm_max_m() and jax.default_backend() == "gpu":
         return "weight-only", False  # faster than the skinny kernel end to end (module doc)
-    if not kernels_run:
+    if not interpret and (jax.default_backend() != "gpu" or not _single_device(w)):
+        return None, False
+    if jnp.dtype(x_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return None, False
     if M <= gemm_max_m():
         from pallas_kernels import skinny_gemm as sk
@@ -167,22 +158,6 @@ def _auto_fused_quant() -> bool:
         raise ValueError(f"${FUSED_QUANT_ENV}={value!r}; allowed: 1 (fuse), 0 (do not), unset "
                          f"(the default, {int(AUTO_FUSED_QUANT)})")
     return AUTO_FUSED_QUANT if not value else value == "1"
-
-
-def _gemv_on() -> bool:
-    value = os.environ.get(GEMV_ENV, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"${GEMV_ENV}={value!r}; allowed: 1 (the CUDA-core GEMV at <= 8 rows), "
-                         f"0 (not), unset (the default, {int(AUTO_GEMV)})")
-    return AUTO_GEMV if not value else value == "1"
-
-
-F16_MAX = float(jnp.finfo(jnp.float16).max)
-FP8_WO_F16_ENV = "IMP_JAX_FP8_WO_F16"  # 1: decode-sized e4m3 weight-only dots in f16 (experiment)
-
-
-def _fp8_wo_f16() -> bool:
-    return os.environ.get(FP8_WO_F16_ENV, "0").strip() == "1"
 
 
 def _fused_quant_plan(x_dtype, n: int) -> tuple[bool, bool]:
@@ -337,14 +312,11 @@ class QuantArray:
         lead = x.shape[:len(x.shape) - dims]
         M = math.prod(lead)
         kernel, interpret = _gemm_plan(self.q, x.dtype, self.mode, M, K, N, allow_large)
-        if kernel in ("skinny", "gemv") and M > 0:  # weight-only in registers, every mode
-            if kernel == "gemv":
-                from pallas_kernels.gemv import gemv as fn
-            else:
-                from pallas_kernels.skinny_gemm import skinny_gemm
-                fn = functools.partial(skinny_gemm, w_layout="nk")
-            y2 = fn(materialize(x).reshape(M, K), self.q.reshape(N, K), out_scale.reshape(N),
-                    interpret=interpret, out_dtype=out_dtype)
+        if kernel == "skinny" and M > 0:  # weight-only in registers, every mode (module doc)
+            from pallas_kernels.skinny_gemm import skinny_gemm
+            y2 = skinny_gemm(materialize(x).reshape(M, K), self.q.reshape(N, K),
+                             out_scale.reshape(N), interpret=interpret, w_layout="nk",
+                             out_dtype=out_dtype)
             return y2.reshape(lead + out_shape)
         if kernel == "fp8" and M > 0:  # W8A8 on the Mosaic GPU kernel (K-major, as stored)
             from pallas_kernels.fp8_gemm import fp8_matmul
@@ -359,14 +331,7 @@ class QuantArray:
                                     preferred_element_type=jnp.float32)
             y = y * x_scale.reshape(lead + (1,) * n_out)
         else:  # weight-only: exact conversion to the activation dtype, scale after the sum
-            x = materialize(x)
-            dt = x.dtype
-            if kernel == "weight-only" and self.q.dtype == FP8 and _fp8_wo_f16():
-                # e4m3 -> f16 is one conversion per two codes on the GPU; activations beyond
-                # f16's range saturate
-                dt = jnp.float16
-                x = jnp.clip(x, -F16_MAX, F16_MAX).astype(dt)
-            y = jax.lax.dot_general(x, self.q.astype(dt), (contract, ((), ())),
+            y = jax.lax.dot_general(materialize(x), self.q.astype(x.dtype), (contract, ((), ())),
                                     preferred_element_type=jnp.float32)
         return (y * out_scale).astype(out_dtype)
 

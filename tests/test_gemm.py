@@ -15,7 +15,6 @@ import pytest
 from imp_jax import quant
 from imp_jax.quant import QuantArray, quantize, quantize_activations
 from pallas_kernels import fp8_gemm as fg
-from pallas_kernels import gemv as gv
 from pallas_kernels import skinny_gemm as sk
 
 LLAMA8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
@@ -159,48 +158,6 @@ def test_skinny_lowers_for_cuda():
     assert n == 5 * 3 * 2 * 2
 
 
-# ------------------------------------------------------------------------------- GEMV
-
-
-@pytest.mark.parametrize("mode,M,cfg", [
-    ("fp8", 1, gv.GemvConfig(16, 128, 1)),  # in-kernel scale
-    ("fp8", 3, gv.GemvConfig(8, 64, 4, 2)),  # split-K partials, M padded to 4 (pad not read)
-    ("int8", 8, gv.GemvConfig(32, 256, 1, 8)),
-    ("int8", 5, None),  # choose_config
-])
-def test_gemv_interpret(mode, M, cfg):
-    K, N = 512, 192
-    x = jax.random.normal(jax.random.PRNGKey(M), (M, K), jnp.bfloat16) * 3
-    qa = quantize(jax.random.t(jax.random.PRNGKey(7), 5.0, (N, K)) * 0.05, mode, (1,))
-    for out_dtype in (None, jnp.float32):
-        y = gv.gemv(x, qa.codes(), qa.scale, config=cfg, interpret=True, out_dtype=out_dtype)
-        ref = gv.gemv_ref(x, qa.codes(), qa.scale, out_dtype=out_dtype)
-        assert y.shape == (M, N) and y.dtype == (out_dtype or jnp.bfloat16)
-        assert rel(y, ref) < (1e-2 if out_dtype is None else 1e-5)
-
-
-def test_gemv_rejects_bad_shapes():
-    q = jnp.zeros((64, 128), jnp.int8)
-    with pytest.raises(ValueError, match="M=9"):
-        gv.gemv(jnp.ones((9, 128), jnp.bfloat16), q, jnp.ones(64))
-    with pytest.raises(ValueError, match="K=256"):
-        gv.gemv(jnp.ones((1, 256), jnp.bfloat16), q, jnp.ones(64))
-
-
-def test_gemv_configs_and_lowering_for_llama_decode():
-    """Every Llama-3-8B decode shape: a config with enough programs, and Pallas -> Triton IR."""
-    with abstract_h100():
-        for K, N in LLAMA8B.values():
-            for M in (1, 4, 8):
-                cfg = gv.choose_config(M, K, N)
-                assert gv._valid(K, N, cfg) and (N // cfg.block_n) * cfg.splits >= 256
-                for dt in (jnp.float8_e4m3fn, jnp.int8):
-                    args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16),
-                            jax.ShapeDtypeStruct((N, K), dt), jax.ShapeDtypeStruct((N,), jnp.float32))
-                    jax.jit(lambda *a, cfg=cfg: gv.gemv(*a, config=cfg)).trace(*args).lower(
-                        lowering_platforms=("cuda",))
-
-
 # ------------------------------------------------------------------------------- dispatch
 
 
@@ -297,35 +254,6 @@ def test_auto_small_m_on_gpu_is_xla_weight_only(backend, monkeypatch):
                                   np.asarray(w8a8[0], np.float32))
 
 
-def test_gemv_dispatch(backend, monkeypatch):
-    """$IMP_JAX_GEMV=1 sends dots of <= 8 rows (weight-only numerics, every mode) to the GEMV,
-    under "auto" on a single GPU and under "interpret"; 9 rows, a mesh, f32 activations, and
-    the switch off do not; a bad value names what is allowed."""
-    qa = quantize(jax.random.t(jax.random.PRNGKey(13), 5.0, (128, 4, 16)) * 0.1, "fp8", (0,))
-    wo = QuantArray(qa.q, qa.scale, "fp8-weight-only", qa.contract)
-    x = jax.random.normal(jax.random.PRNGKey(14), (2, 4, 128), jnp.bfloat16)  # M = 8
-    backend("interpret")
-    monkeypatch.setenv(quant.GEMV_ENV, "1")
-    assert quant._gemm_plan(qa.q, jnp.bfloat16, "fp8", 8, 128, 64) == ("gemv", True)
-    assert quant._gemm_plan(qa.q, jnp.bfloat16, "fp8", 9, 128, 64)[0] == "skinny"
-    assert quant._gemm_plan(qa.q, jnp.float32, "fp8", 8, 128, 64)[0] is None
-    y = qa.quantized_dot(x, 1)
-    assert "imp_gemv_M8" in str(jax.make_jaxpr(lambda x: qa.quantized_dot(x, 1))(x))
-    backend("xla")
-    assert y.shape == (2, 4, 4, 16) and rel(y, wo.quantized_dot(x, 1)) < 1e-2
-    backend("auto")
-    monkeypatch.setattr(quant.jax, "default_backend", lambda: "gpu")
-    assert quant._gemm_plan(qa.q, jnp.bfloat16, "fp8", 4, 128, 64) == ("gemv", False)
-    monkeypatch.setattr(quant, "_single_device", lambda a: False)  # a mesh: XLA's dot
-    assert quant._gemm_plan(qa.q, jnp.bfloat16, "fp8", 4, 128, 64) == ("weight-only", False)
-    monkeypatch.setenv(quant.GEMV_ENV, "0")
-    monkeypatch.setattr(quant, "_single_device", lambda a: True)
-    assert quant._gemm_plan(qa.q, jnp.bfloat16, "fp8", 4, 128, 64) == ("weight-only", False)
-    monkeypatch.setenv(quant.GEMV_ENV, "yes")
-    with pytest.raises(ValueError, match="IMP_JAX_GEMV='yes'; allowed: 1"):
-        quant._gemm_plan(qa.q, jnp.bfloat16, "fp8", 4, 128, 64)
-
-
 def test_env_var(monkeypatch, backend):
     monkeypatch.setenv(quant.GEMM_ENV, "xla")
     assert quant.gemm_backend() == "xla"
@@ -393,17 +321,6 @@ def test_skinny_gemm_gpu(layout, M):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["fp8", "int8"])
-@pytest.mark.parametrize("M", [1, 4, 8])
-def test_gemv_gpu(mode, M):
-    for K, N in ((4096, 6144), (14336, 4096)):
-        x = jax.random.normal(jax.random.PRNGKey(M), (M, K), jnp.bfloat16)
-        qa = quantize(jax.random.normal(jax.random.PRNGKey(3), (N, K)) * 0.02, mode, (1,))
-        y = gv.gemv(x, qa.codes(), qa.scale, out_dtype=jnp.float32)
-        assert rel(y, gv.gemv_ref(x, qa.codes(), qa.scale, out_dtype=jnp.float32)) < 1e-5
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("M", [4, 512])
 def test_quantized_dot_gpu_pallas_vs_xla(backend, M):
     x = jax.random.normal(jax.random.PRNGKey(M), (M, 4096), jnp.bfloat16)
@@ -429,14 +346,13 @@ def test_gemv_chain_dry_run(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "chain.json"
     p = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gemv_chain.py"),
-                        "--tiny", "--m", "1,4", "--reps", "1", "--calls", "1", "--out", str(out),
-                        "--gemv-configs", "8:64:4:2"],
+                        "--tiny", "--m", "1,4", "--reps", "1", "--calls", "1", "--out", str(out)],
                        capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     weight_only = {"bf16_cat", "xla_wo_kn", "reduce", "reduce_cat", "f16bits", "f16bits_cat",
-                   "bf16bits", "bf16bits_cat", "triton", "gemv", "gemv_8_64_4_2", "xla_wo_f16",
+                   "bf16bits", "bf16bits_cat", "triton", "xla_wo_f16",
                    "xla_wo_int8"}
     for r in rows:
         if r["variant"].startswith("mgpu"):
