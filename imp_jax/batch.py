@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from imp_jax.sampling import MAX_LOGPROBS, SamplingParams
+from imp_jax.cli import add_quantization_args
 from imp_jax.server import protocol as P
 from imp_jax.server.protocol import APIError
 
@@ -449,7 +450,7 @@ def parser() -> argparse.ArgumentParser:
                    help="only accept requests whose body names this model (default: any)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU)")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--quantization", default=None, choices=["fp8", "fp8-weight-only", "int8"])
+    add_quantization_args(p)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--page-size", type=int, default=16)
@@ -473,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-              quantization=args.quantization, max_num_seqs=args.max_num_seqs,
+              quantization=args.quantization, quant_policy=args.quant_policy,
+              max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
               num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
               kv_admission=args.kv_admission)

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from imp_jax.cli import add_quantization_args
+
 
 class PowerMeter:
     """Average board power from nvidia-smi, sampled every 100 ms in the background, summed over
@@ -99,7 +101,8 @@ def _make_llm(args, max_num_seqs: int, warmup: bool = True):
     llm = LLM(args.model, dtype=args.dtype,
               max_model_len=max(i + o for i, o in _pairs(args)) + 16,
               max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              quantization=args.quantization, num_pages=args.num_pages,
+              quantization=args.quantization, quant_policy=args.quant_policy,
+              num_pages=args.num_pages,
               gpu_memory_utilization=args.gpu_memory_utilization,
               decode_steps=args.decode_steps, kv_cache_dtype=args.kv_cache_dtype,
               mesh=args.mesh, kv_admission=args.kv_admission)
@@ -498,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("mode", choices=["latency", "throughput"])
     ap.add_argument("--model", default="random:llama3-8b")
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--quantization", default=None)
+    add_quantization_args(ap)
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | int8 | bfloat16 | ...")
     ap.add_argument("--mesh", default=None, help="e.g. tp=8 (tensor parallel over GPUs)")
     ap.add_argument("--batch", default="1", help="latency: comma-separated batch sizes")

@@ -9,12 +9,24 @@ import time
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def add_quantization_args(p: argparse.ArgumentParser) -> None:
+    """--quantization and --quant-policy, the same on every command that loads a model."""
+    p.add_argument("--quantization", default=None, choices=["fp8", "fp8-weight-only", "int8"],
+                   help="8-bit weights, quantized at load time")
+    p.add_argument("--quant-policy", default=None,
+                   help="which weights --quantization turns to 8 bits: 'default' (all but the "
+                        "first and last blocks, embedding and lm_head), 'all' (every block and "
+                        "the lm_head), or overrides of the default such as "
+                        "'keep_first=2,keep_last=1,lm_head=1,keep=layers_*/attn/k/kernel;...' "
+                        "(keys: keep_first, keep_last, keep, embedding, lm_head, scales)")
+
+
 def _llm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="preset name, .gguf file, HF dir, orbax dir or random:<shape>")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU)")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--quantization", default=None, choices=["fp8", "fp8-weight-only", "int8"])
+    add_quantization_args(p)
     p.add_argument("--mesh", default=None, help="tensor/data parallel, e.g. tp=4 or tp=2,dp=4")
     p.add_argument("--decode-steps", type=int, default=4,
                    help="decode steps per compiled call (1 = a host sync per token)")
@@ -34,7 +46,7 @@ def _make_llm(args):
 
     return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                mesh=getattr(args, "mesh", None), quantization=args.quantization,
-               decode_steps=args.decode_steps)
+               quant_policy=args.quant_policy, decode_steps=args.decode_steps)
 
 
 def _params(args):
@@ -139,13 +151,16 @@ def cmd_convert(args) -> int:
     start = time.perf_counter()
     model = load_model(args.src, args.dtype)
     params = model.params
+    if args.quant_policy and not args.quantization:
+        raise SystemExit("imp-jax convert: --quant-policy needs --quantization")
     if args.quantization:
-        from imp_jax.quant import quantize_loaded
+        from imp_jax.quant import parse_policy, quantize_loaded
 
-        params = quantize_loaded(params, model.cfg, args.quantization, model.fp8_scales)
+        params = quantize_loaded(params, model.cfg, args.quantization, model.fp8_scales,
+                                 parse_policy(args.quant_policy))
     orbax_ckpt.save(args.dst, model.cfg, params,
                     {"generation_config": model.generation_config, "source": args.src,
-                     "quantization": args.quantization})
+                     "quantization": args.quantization, "quant_policy": args.quant_policy})
     if model.tokenizer is not None:
         model.tokenizer.save(args.dst)
     print(f"wrote {args.dst} in {time.perf_counter() - start:.1f} s")
@@ -233,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--dtype", default=None)
-    p.add_argument("--quantization", default=None, choices=["fp8", "fp8-weight-only", "int8"])
+    add_quantization_args(p)
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("info", help="family, size, dtype and memory of a model")

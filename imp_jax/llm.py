@@ -97,6 +97,11 @@ class LLM:
         recompute when the pool runs out, like vLLM) or "reserve" (admit only while every
         running request can grow to its max_tokens, never preempt, like TensorRT-LLM's
         guaranteed-no-evict; best for offline jobs with long outputs).
+      quant_policy: which weights `quantization` turns to 8 bits: an
+        `imp_jax.quant.QuantPolicy` or a string for `imp_jax.quant.parse_policy` ("all": every
+        decoder block and the lm_head; "keep_first=2,keep_last=1"); default
+        `quant.DEFAULT_POLICY` (the first and last blocks, the embedding and lm_head stay in
+        `dtype`). Not for an FP8 checkpoint, which fixes its own.
     """
 
     def __init__(self, model: str = "smollm2-135m", *, dtype=None, max_model_len: int | None = None,
@@ -106,7 +111,8 @@ class LLM:
                  long_prefill_token_threshold: int = 0, attn_impl: str = "auto",
                  quantization: str | None = None, kv_cache_dtype: str = "auto",
                  decode_steps: int = 1, loaded: LoadedModel | None = None, mesh=None,
-                 sharding_rules=None, kv_admission: str = "optimistic"):
+                 sharding_rules=None, kv_admission: str = "optimistic",
+                 quant_policy=None):
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
         if not isinstance(model, str) and loaded is None:
@@ -154,15 +160,24 @@ class LLM:
             from imp_jax.sharding import param_shardings
 
             shardings_fn = lambda cfg: param_shardings(cfg, mesh, sharding_rules)  # noqa: E731
+        if quant_policy is not None:
+            from imp_jax.quant import parse_policy
+
+            if quantization is None:
+                raise ValueError(f"quant_policy={quant_policy!r} needs quantization= (fp8, "
+                                 f"fp8-weight-only or int8)")
+            quant_policy = parse_policy(quant_policy)
         # random shapes are generated already quantized (never whole in full precision)
         self.model = loaded or load_model(model, dtype, shardings=shardings_fn,
-                                          random_quantization=quantization)
+                                          random_quantization=quantization,
+                                          random_policy=quant_policy)
         cfg = self.model.cfg
         params = self.model.params
         if quantization is not None:
             from imp_jax.quant import quantize_loaded
 
-            params = quantize_loaded(params, cfg, quantization, self.model.fp8_scales)
+            params = quantize_loaded(params, cfg, quantization, self.model.fp8_scales,
+                                     quant_policy)
             # Keep only the quantized tree: holding the loaded one too kept a full-precision
             # copy on the device (and shrank the KV pool sized from free memory after it), and
             # `bench` counts the bytes a step reads from `self.model.params`.

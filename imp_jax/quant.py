@@ -36,7 +36,8 @@ GEMM kernels on GPU (`$IMP_JAX_GEMM`, read at trace time; `set_gemm_backend` ove
                      activations stay bf16 (weight-only numerics, slightly *more* accurate than
                      W8A8). Measured on an H200 (docs/quant_notes.md, sessions 4 and 11): batch-1
                      decode 319.6 tok/s this way on K-major codes (bf16: 228.4), where the
-                     skinny kernel made 158.9 and the Mosaic one lost to it in a 30-block chain. Larger M:
+                     skinny kernel made 158.9 and the Mosaic one lost to it in a 30-block chain
+                     (so did a CUDA-core Pallas GEMV and f16 / int8 operands, session 12). Larger M:
                      XLA (`AUTO_LARGE_M` flips "fp8" mode to the Mosaic FP8 GEMM once measured).
   "pallas"           both kernels: `pallas_kernels.skinny_gemm` (Triton, weight streamed once,
                      dequantized in registers) for small M, `pallas_kernels.fp8_gemm` (Mosaic
@@ -508,15 +509,80 @@ def quantize_params(params: dict[str, Any], cfg: ModelConfig, mode: str,
 
 
 def quantize_loaded(params: dict[str, Any], cfg: ModelConfig, mode: str,
-                    fp8_scales: dict[str, Any] | None = None) -> dict[str, Any]:
+                    fp8_scales: dict[str, Any] | None = None,
+                    policy: QuantPolicy | None = None) -> dict[str, Any]:
     """Quantize a loaded model at load time (`LLM(quantization=)`, `imp-jax convert`). An FP8
     checkpoint (`LoadedModel.fp8_scales`) in an fp8 mode: exactly the weights it quantized,
     with its own scales where they are per tensor or per channel (its e4m3 codes come back
-    unchanged), absmax per channel where they are per block; otherwise the default policy."""
+    unchanged), absmax per channel where they are per block; otherwise `policy` (default:
+    `DEFAULT_POLICY`)."""
     scales = fp8_scales if mode != "int8" else None
     if not scales:
-        return quantize_params(params, cfg, mode)
+        return quantize_params(params, cfg, mode, policy)
+    if policy is not None:
+        raise ValueError("this checkpoint is already FP8: it fixes which weights are 8-bit, so a "
+                         "quantization policy cannot apply; drop the policy, or load it with "
+                         "quantization='int8' to re-quantize every selected weight")
     return quantize_params(params, cfg, mode, ExactPolicy(paths=frozenset(scales)), scales)
+
+
+# Named policies for `parse_policy` (the command line's --quant-policy).
+POLICY_PRESETS = {
+    "default": DEFAULT_POLICY,
+    # every decoder block and the untied lm_head in 8 bits: the fewest bytes per decode step
+    # (batch-1 FP8 1.49x bf16 on an H200, the default 1.40x; docs/quant_notes.md, session 12)
+    # for more error (+5.7% perplexity with W8A8 on the default model, the default +2.7%)
+    "all": QuantPolicy(quantize_lm_head=True),
+}
+_POLICY_FIELDS = {"keep_first": "keep_first", "keep_last": "keep_last", "keep": "keep",
+                  "embedding": "quantize_embedding", "lm_head": "quantize_lm_head",
+                  "scales": "scales"}
+
+
+def parse_policy(spec: str | QuantPolicy | None) -> QuantPolicy | None:
+    """A QuantPolicy from a string (`--quant-policy`): a preset name (`POLICY_PRESETS`:
+    "default", "all"), or comma-separated overrides of the default policy: keep_first=N,
+    keep_last=N, keep=PATTERN[;PATTERN...] (fnmatch patterns of '/'-joined param paths),
+    embedding=0|1, lm_head=0|1, scales=absmax|mse. A QuantPolicy or None passes through.
+
+        >>> parse_policy("all") == QuantPolicy(quantize_lm_head=True)
+        True
+        >>> parse_policy("keep_first=0,keep_last=0")   # every block, lm_head unquantized
+        QuantPolicy(keep_first=0, keep_last=0, keep=(), quantize_embedding=False, quantize_lm_head=False, scales='absmax')
+    """
+    if spec is None or isinstance(spec, QuantPolicy):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"quantization policy must be a QuantPolicy or a string, got {spec!r}")
+    text = spec.strip()
+    if text in POLICY_PRESETS:
+        return POLICY_PRESETS[text]
+    fields: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in _POLICY_FIELDS:
+            raise ValueError(f"bad quantization policy item {item!r} in {spec!r}: expected a "
+                             f"preset ({', '.join(POLICY_PRESETS)}) or key=value with key in "
+                             f"{', '.join(_POLICY_FIELDS)}")
+        if key in ("keep_first", "keep_last"):
+            if not value.isdigit():
+                raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+            fields[_POLICY_FIELDS[key]] = int(value)
+        elif key in ("embedding", "lm_head"):
+            if value not in ("0", "1"):
+                raise ValueError(f"{key} must be 0 or 1, got {value!r}")
+            fields[_POLICY_FIELDS[key]] = value == "1"
+        elif key == "scales":
+            if value not in SCALE_METHODS:
+                raise ValueError(f"scales must be one of {', '.join(SCALE_METHODS)}, got "
+                                 f"{value!r}")
+            fields["scales"] = value
+        else:
+            fields["keep"] = tuple(p for p in (v.strip() for v in value.split(";")) if p)
+    if not fields:
+        raise ValueError(f"empty quantization policy {spec!r}: give a preset "
+                         f"({', '.join(POLICY_PRESETS)}) or key=value items")
+    return dataclasses.replace(DEFAULT_POLICY, **fields)
 
 
 def abstract_quantized(cfg: ModelConfig, dtype, mode: str,

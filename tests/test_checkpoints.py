@@ -578,6 +578,26 @@ def test_convert_fp8_checkpoint_keeps_its_codes(tmp_path):
     assert sum(map(is_q, jax.tree.leaves(got, is_leaf=is_q))) == 2 * 7
 
 
+def test_convert_with_a_quant_policy(tmp_path):
+    """`imp-jax convert SRC DST --quantization int8 --quant-policy ...`: the policy picks the
+    8-bit weights (here every block and the lm_head; the default keeps blocks 0 and 1), the
+    checkpoint records them and reloads them as saved."""
+    from imp_jax.cli import main
+    from imp_jax.quant import QuantArray, parse_policy, quantize_params
+
+    src = os.path.join(TINY, "qwen2")
+    assert main(["convert", src, str(tmp_path / "q"), "--quantization", "int8",
+                 "--quant-policy", "all"]) == 0
+    loaded = load_model(src)
+    want = quantize_params(loaded.params, loaded.cfg, "int8", parse_policy("all"))
+    got = load_model(str(tmp_path / "q")).params
+    assert_trees_equal(got, want)
+    is_q = lambda x: isinstance(x, QuantArray)  # noqa: E731
+    assert is_q(got["layers_0"]["attn"]["q"]["kernel"]) and is_q(got["lm_head"]["kernel"])
+    with pytest.raises(SystemExit, match="--quant-policy needs --quantization"):
+        main(["convert", src, str(tmp_path / "x"), "--quant-policy", "all"])
+
+
 def test_cli_info(qwen2_orbax, capsys):
     from imp_jax.cli import main
 

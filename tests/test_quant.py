@@ -309,29 +309,70 @@ def test_block_fraction():
     assert QuantPolicy(keep_last=1).block_fraction(SHAPES["llama3-8b"]) == pytest.approx(31 / 32)
 
 
-def test_random_shapes_are_generated_already_quantized(monkeypatch):
+def test_random_shapes_are_generated_already_quantized():
     # Init + quantize leaf by leaf (no full-precision copy alive at once) gives exactly what
     # quantizing the plain random weights gives, and an LLM runs on it. (The tiny shape has 2
     # blocks, which the default policy's keep-first/last would both keep.)
     import imp_jax
-    from imp_jax import quant
     from imp_jax.loaders import load_model
 
-    monkeypatch.setattr(quant, "DEFAULT_POLICY", QuantPolicy(keep_first=0, keep_last=0))
-
-    fused = load_model("random:tiny", "bfloat16", random_quantization="fp8")
+    policy = QuantPolicy(keep_first=0, keep_last=0)
+    fused = load_model("random:tiny", "bfloat16", random_quantization="fp8",
+                       random_policy=policy)
     plain = load_model("random:tiny", "bfloat16")
-    want = quantize_params(plain.params, plain.cfg, "fp8")
+    want = quantize_params(plain.params, plain.cfg, "fp8", policy)
     assert jax.tree.structure(fused.params) == jax.tree.structure(want)
     assert any(isinstance(x, QuantArray) for x in jax.tree.leaves(
         fused.params, is_leaf=lambda x: isinstance(x, QuantArray)))
     for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(want)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    llm = imp_jax.LLM("random:tiny", dtype="bfloat16", quantization="fp8", max_model_len=32)
+    llm = imp_jax.LLM("random:tiny", dtype="bfloat16", quantization="fp8", max_model_len=32,
+                      quant_policy="keep_first=0,keep_last=0")
+    for a, b in zip(jax.tree.leaves(llm.model.params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     out = llm.generate([[5, 6, 7]], max_tokens=4, ignore_eos=True, temperature=0,
                        use_tqdm=False)
     assert len(out[0].token_ids) == 4
+
+
+def test_parse_policy():
+    from imp_jax.quant import DEFAULT_POLICY, parse_policy
+
+    assert parse_policy(None) is None and parse_policy(DEFAULT_POLICY) is DEFAULT_POLICY
+    assert parse_policy("default") == DEFAULT_POLICY
+    assert parse_policy(" all ") == QuantPolicy(quantize_lm_head=True)
+    got = parse_policy("keep_first=2, lm_head=1,embedding=1,scales=mse,"
+                       "keep=layers_*/attn/k/kernel;layers_*/attn/v/kernel")
+    assert got == QuantPolicy(keep_first=2, keep_last=DEFAULT_POLICY.keep_last,
+                              keep=("layers_*/attn/k/kernel", "layers_*/attn/v/kernel"),
+                              quantize_embedding=True, quantize_lm_head=True, scales="mse")
+    p = init_params(TINY_UNTIED, jax.random.PRNGKey(0))  # "all": every block and the lm_head
+    k = kinds(quantize_params(p, TINY_UNTIED, "int8", parse_policy("all")), TINY_UNTIED)
+    assert k["lm_head/kernel"] == "Q" and k["layers_0/attn/q/kernel"] == "Q"
+    assert k["layers_2/mlp/down/kernel"] == "Q" and k["embed/embedding"] == "F"
+    for bad, match in (("bogus", "bad quantization policy item 'bogus'.*default, all.*keep_first"),
+                       ("keep_first=-1", "keep_first must be an integer >= 0, got '-1'"),
+                       ("lm_head=yes", "lm_head must be 0 or 1, got 'yes'"),
+                       ("scales=max", "scales must be one of absmax, mse, got 'max'"),
+                       ("keep_last", "bad quantization policy item 'keep_last'"),
+                       (" , ", "empty quantization policy")):
+        with pytest.raises(ValueError, match=match):
+            parse_policy(bad)
+    with pytest.raises(TypeError, match="QuantPolicy or a string"):
+        parse_policy(3)
+
+
+def test_llm_quant_policy_errors():
+    import imp_jax
+
+    with pytest.raises(ValueError, match="quant_policy='all' needs quantization="):
+        imp_jax.LLM("random:tiny", quant_policy="all")
+    with pytest.raises(ValueError, match="lm_head must be 0 or 1"):
+        imp_jax.LLM("random:tiny", quantization="int8", quant_policy="lm_head=2")
+    src = os.path.join(os.path.dirname(__file__), "data", "tiny", "llama3_ct_fp8")
+    with pytest.raises(ValueError, match="already FP8.*policy cannot apply"):
+        imp_jax.LLM(src, quantization="fp8", quant_policy="all", max_model_len=32)
 
 
 def test_block_scale_simulation_with_one_group_is_per_channel_fp8(monkeypatch):

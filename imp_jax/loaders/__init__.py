@@ -70,9 +70,11 @@ def checkpoint_scales(cfg: ModelConfig, by_hf_name: dict[str, Any]) -> dict[str,
     return found
 
 
-def random_params(cfg, dtype, shardings=None, quantization: str | None = None):
+def random_params(cfg, dtype, shardings=None, quantization: str | None = None,
+                  quant_policy=None):
     """`spec.init_params(cfg, key 0)` (quantized like `quant.quantize_params` when `quantization`
-    is set), generated one leaf at a time, each straight into its sharding: the peak is one
+    is set, the weights `quant_policy` selects, default `quant.DEFAULT_POLICY`), generated one
+    leaf at a time, each straight into its sharding: the peak is one
     leaf's temporaries, where one jitted call for the whole tree held every weight in float32
     at once (33 GB per device for the 8B shape in fp8 at tp=2; a 70B shape ran out of memory)."""
     from imp_jax import quant
@@ -81,7 +83,8 @@ def random_params(cfg, dtype, shardings=None, quantization: str | None = None):
 
     if quantization is not None:
         quant.check_mode(quantization)
-    key, policy, dtype = jax.random.key(0), quant.DEFAULT_POLICY, jnp.dtype(dtype)
+    policy = quant.DEFAULT_POLICY if quant_policy is None else quant_policy
+    key, dtype = jax.random.key(0), jnp.dtype(dtype)
 
     def one(path, spec):
         mode = quantization if quantization and policy.selects(path, spec, cfg) else None
@@ -116,7 +119,7 @@ def _random_leaf(key, *, spec, dtype, mode, contract, scales, sharding):
 
 
 def load_model(model: str, dtype=None, shardings=None,
-               random_quantization: str | None = None) -> LoadedModel:
+               random_quantization: str | None = None, random_policy=None) -> LoadedModel:
     """shardings: optional `cfg -> NamedSharding tree` (imp_jax.sharding.param_shardings): every
     format then places each weight straight into its shards (orbax restores into them; GGUF and
     safetensors go host -> shards; random weights are generated sharded), so no device ever
@@ -125,7 +128,8 @@ def load_model(model: str, dtype=None, shardings=None,
     random_quantization: for "random:<shape>" only, generate the weights already quantized
     (imp_jax.quant modes), each leaf initialised and quantized on its own (`random_params`),
     so the full-precision weights are never all alive at once (a 70B shape in fp8 on 2 GPUs);
-    the values equal quantizing the plain random weights."""
+    the values equal quantizing the plain random weights; random_policy: the
+    `quant.QuantPolicy` selecting them (default `quant.DEFAULT_POLICY`)."""
     from checkpoints.presets import PRESETS, SHAPES, resolve_preset
     from imp_jax.tokenizer import Tokenizer
 
@@ -138,7 +142,7 @@ def load_model(model: str, dtype=None, shardings=None,
             raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
         cfg = SHAPES[shape]
         params = random_params(cfg, dtype, shardings(cfg) if shardings is not None else None,
-                               random_quantization)
+                               random_quantization, random_policy)
         return LoadedModel(cfg, params, None, {}, model)
     if os.path.isfile(model) and model.endswith(".gguf"):
         from imp_jax.loaders.gguf_file import load_gguf

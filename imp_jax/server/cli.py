@@ -9,6 +9,8 @@ import os
 import signal
 import threading
 
+from imp_jax.cli import add_quantization_args
+
 log = logging.getLogger("imp_jax.server")
 
 
@@ -42,8 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode steps per compiled call: fewer host syncs, chunkier streams")
-    p.add_argument("--quantization", default=None,
-                   choices=[None, "fp8", "fp8-weight-only", "int8"])
+    add_quantization_args(p)
     p.add_argument("--kv-admission", choices=["optimistic", "reserve"], default="optimistic",
                    help="reserve: admit a request only while every running one can grow to its "
                         "max_tokens, never preempt")
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
               max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=not args.no_prefix_caching,
-              quantization=args.quantization, decode_steps=args.decode_steps,
+              quantization=args.quantization, quant_policy=args.quant_policy,
+              decode_steps=args.decode_steps,
               kv_admission=args.kv_admission)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     return serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=name,
