@@ -30,7 +30,8 @@ codes and per-channel scales everywhere; bf16 holds those weights dequantized):
   triton       pallas_kernels.skinny_gemm (IMP_JAX_GEMM=pallas)
   xla_wo_f16   XLA's weight-only dot with both operands in f16 (e4m3 -> f16 is one hardware
                conversion per two codes; e4m3 -> bf16 goes through f16 or f32), f32 sums
-  xla_wo_int8  `dense` on int8 codes of the same weights (int8 -> bf16: XLA's conversion)
+  xla_wo_int8  `dense` on int8 codes of the same weights (int8 -> bf16: XLA's conversion;
+               re-quantizing the e4m3 values adds int8's own rounding to its error)
   read_fp8 / read_bf16   every weight summed, no matmul: the stream rate in this process
 
 Each variant's final activations are compared with bf16's (relative Frobenius error; the W8A8

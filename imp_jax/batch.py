@@ -42,8 +42,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from imp_jax.sampling import MAX_LOGPROBS, SamplingParams
 from imp_jax.cli import add_quantization_args
+from imp_jax.sampling import MAX_LOGPROBS, SamplingParams
 from imp_jax.server import protocol as P
 from imp_jax.server.protocol import APIError
 

@@ -16,7 +16,7 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-policy", default=None,
                    help="which weights --quantization turns to 8 bits: 'default' (all but the "
                         "first and last blocks, embedding and lm_head), 'all' (every block and "
-                        "the lm_head), or overrides of the default such as "
+                        "an untied lm_head), and/or key=value overrides such as "
                         "'keep_first=2,keep_last=1,lm_head=1,keep=layers_*/attn/k/kernel;...' "
                         "(keys: keep_first, keep_last, keep, embedding, lm_head, scales)")
 
@@ -148,16 +148,16 @@ def cmd_convert(args) -> int:
     from imp_jax.loaders import load_model
     from imp_jax.loaders import orbax_ckpt
 
+    from imp_jax.quant import MODES, parse_policy, quantize_loaded
+
+    if args.quant_policy and not args.quantization:
+        raise ValueError(f"--quant-policy needs --quantization ({', '.join(MODES)})")
+    policy = parse_policy(args.quant_policy)  # a typo fails before the load
     start = time.perf_counter()
     model = load_model(args.src, args.dtype)
     params = model.params
-    if args.quant_policy and not args.quantization:
-        raise SystemExit("imp-jax convert: --quant-policy needs --quantization")
     if args.quantization:
-        from imp_jax.quant import parse_policy, quantize_loaded
-
-        params = quantize_loaded(params, model.cfg, args.quantization, model.fp8_scales,
-                                 parse_policy(args.quant_policy))
+        params = quantize_loaded(params, model.cfg, args.quantization, model.fp8_scales, policy)
     orbax_ckpt.save(args.dst, model.cfg, params,
                     {"generation_config": model.generation_config, "source": args.src,
                      "quantization": args.quantization, "quant_policy": args.quant_policy})

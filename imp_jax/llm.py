@@ -101,7 +101,8 @@ class LLM:
         `imp_jax.quant.QuantPolicy` or a string for `imp_jax.quant.parse_policy` ("all": every
         decoder block and the lm_head; "keep_first=2,keep_last=1"); default
         `quant.DEFAULT_POLICY` (the first and last blocks, the embedding and lm_head stay in
-        `dtype`). Not for an FP8 checkpoint, which fixes its own.
+        `dtype`). Not for an FP8 checkpoint, which fixes its own; on a converted (8-bit)
+        checkpoint only a policy that selects every weight it quantized.
     """
 
     def __init__(self, model: str = "smollm2-135m", *, dtype=None, max_model_len: int | None = None,
@@ -163,9 +164,11 @@ class LLM:
         if quant_policy is not None:
             from imp_jax.quant import parse_policy
 
+            from imp_jax.quant import MODES
+
             if quantization is None:
-                raise ValueError(f"quant_policy={quant_policy!r} needs quantization= (fp8, "
-                                 f"fp8-weight-only or int8)")
+                raise ValueError(f"quant_policy={quant_policy!r} needs quantization= "
+                                 f"({', '.join(MODES)})")
             quant_policy = parse_policy(quant_policy)
         # random shapes are generated already quantized (never whole in full precision)
         self.model = loaded or load_model(model, dtype, shardings=shardings_fn,

@@ -516,6 +516,14 @@ def quantize_loaded(params: dict[str, Any], cfg: ModelConfig, mode: str,
     with its own scales where they are per tensor or per channel (its e4m3 codes come back
     unchanged), absmax per channel where they are per block; otherwise `policy` (default:
     `DEFAULT_POLICY`)."""
+    check_mode(mode)
+    saved = quant_meta(params)  # weights quantized already (a converted checkpoint, `loaded=`)
+    if saved and saved["mode"] != mode:
+        raise ValueError(f"these weights are already quantized to {saved['mode']!r}; load them "
+                         f"with quantization={saved['mode']!r} (or None), or convert the "
+                         f"full-precision source again with --quantization {mode}")
+    if policy is not None:
+        _check_policy(policy, cfg, saved)
     scales = fp8_scales if mode != "int8" else None
     if not scales:
         return quantize_params(params, cfg, mode, policy)
@@ -526,12 +534,36 @@ def quantize_loaded(params: dict[str, Any], cfg: ModelConfig, mode: str,
     return quantize_params(params, cfg, mode, ExactPolicy(paths=frozenset(scales)), scales)
 
 
+def _check_policy(policy: QuantPolicy, cfg: ModelConfig, saved: dict[str, Any] | None) -> None:
+    """A policy given by the user must do what it says: each `keep` pattern names some weight,
+    and weights that are 8-bit already (a converted checkpoint) are all ones it selects."""
+    paths, selected = [], set()
+
+    def one(path, spec):
+        name = "/".join(path)
+        paths.append(name)
+        if policy.selects(path, spec, cfg):
+            selected.add(name)
+
+    map_specs(one, param_specs(cfg))
+    for pat in policy.keep:
+        if not any(fnmatch.fnmatchcase(name, pat) for name in paths):
+            raise ValueError(f"keep pattern {pat!r} matches no weight of this model; its paths "
+                             f"look like {paths[min(3, len(paths) - 1)]!r}")
+    extra = sorted(set(saved["paths"]) - selected) if saved else []
+    if extra:
+        raise ValueError(f"these weights are already quantized ({saved['mode']}), including "
+                         f"{len(extra)} the policy keeps unquantized (e.g. {extra[0]!r}); "
+                         f"convert the full-precision source again with this policy")
+
+
 # Named policies for `parse_policy` (the command line's --quant-policy).
 POLICY_PRESETS = {
     "default": DEFAULT_POLICY,
-    # every decoder block and the untied lm_head in 8 bits: the fewest bytes per decode step
-    # (batch-1 FP8 1.49x bf16 on an H200, the default 1.40x; docs/quant_notes.md, session 12)
-    # for more error (+5.7% perplexity with W8A8 on the default model, the default +2.7%)
+    # every decoder block and an untied lm_head in 8 bits: the fewest bytes per decode step
+    # (batch-1 FP8 1.49x bf16 on an H200, the default 1.39-1.40x; docs/quant_notes.md, session
+    # 12) for more error: +5.7% perplexity with W8A8 on the default model (tied head, so its
+    # blocks only), against the default's +2.7%; an 8-bit lm_head's own cost is unmeasured
     "all": QuantPolicy(quantize_lm_head=True),
 }
 _POLICY_FIELDS = {"keep_first": "keep_first", "keep_last": "keep_last", "keep": "keep",
@@ -540,32 +572,41 @@ _POLICY_FIELDS = {"keep_first": "keep_first", "keep_last": "keep_last", "keep": 
 
 
 def parse_policy(spec: str | QuantPolicy | None) -> QuantPolicy | None:
-    """A QuantPolicy from a string (`--quant-policy`): a preset name (`POLICY_PRESETS`:
-    "default", "all"), or comma-separated overrides of the default policy: keep_first=N,
-    keep_last=N, keep=PATTERN[;PATTERN...] (fnmatch patterns of '/'-joined param paths),
-    embedding=0|1, lm_head=0|1, scales=absmax|mse. A QuantPolicy or None passes through.
+    """A QuantPolicy from a string (`--quant-policy`): comma-separated items, the first of
+    which may name a preset (`POLICY_PRESETS`: "default", "all") to start from (else the
+    default policy), the others key=value overrides: keep_first=N, keep_last=N,
+    keep=PATTERN[;PATTERN...] (fnmatch patterns of '/'-joined param paths), embedding=0|1,
+    lm_head=0|1 (an untied lm_head), scales=absmax|mse. A QuantPolicy or None passes through.
 
         >>> parse_policy("all") == QuantPolicy(quantize_lm_head=True)
         True
         >>> parse_policy("keep_first=0,keep_last=0")   # every block, lm_head unquantized
         QuantPolicy(keep_first=0, keep_last=0, keep=(), quantize_embedding=False, quantize_lm_head=False, scales='absmax')
+        >>> parse_policy("all,lm_head=0") == parse_policy("keep_first=0,keep_last=0")
+        True
     """
     if spec is None or isinstance(spec, QuantPolicy):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"quantization policy must be a QuantPolicy or a string, got {spec!r}")
-    text = spec.strip()
-    if text in POLICY_PRESETS:
-        return POLICY_PRESETS[text]
+    items = [part.strip() for part in spec.split(",") if part.strip()]
+    base = DEFAULT_POLICY
+    if items and items[0] in POLICY_PRESETS:
+        base = POLICY_PRESETS[items.pop(0)]
+    elif not items:
+        raise ValueError(f"empty quantization policy {spec!r}: give a preset "
+                         f"({', '.join(POLICY_PRESETS)}) and/or key=value items")
     fields: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in items:
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or key not in _POLICY_FIELDS:
             raise ValueError(f"bad quantization policy item {item!r} in {spec!r}: expected a "
-                             f"preset ({', '.join(POLICY_PRESETS)}) or key=value with key in "
-                             f"{', '.join(_POLICY_FIELDS)}")
+                             f"preset ({', '.join(POLICY_PRESETS)}) first, then key=value "
+                             f"with key in {', '.join(_POLICY_FIELDS)}")
+        if _POLICY_FIELDS[key] in fields:
+            raise ValueError(f"quantization policy {spec!r} sets {key} twice")
         if key in ("keep_first", "keep_last"):
-            if not value.isdigit():
+            if not (value.isascii() and value.isdecimal()):
                 raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
             fields[_POLICY_FIELDS[key]] = int(value)
         elif key in ("embedding", "lm_head"):
@@ -579,10 +620,7 @@ def parse_policy(spec: str | QuantPolicy | None) -> QuantPolicy | None:
             fields["scales"] = value
         else:
             fields["keep"] = tuple(p for p in (v.strip() for v in value.split(";")) if p)
-    if not fields:
-        raise ValueError(f"empty quantization policy {spec!r}: give a preset "
-                         f"({', '.join(POLICY_PRESETS)}) or key=value items")
-    return dataclasses.replace(DEFAULT_POLICY, **fields)
+    return dataclasses.replace(base, **fields)
 
 
 def abstract_quantized(cfg: ModelConfig, dtype, mode: str,

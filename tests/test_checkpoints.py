@@ -578,7 +578,7 @@ def test_convert_fp8_checkpoint_keeps_its_codes(tmp_path):
     assert sum(map(is_q, jax.tree.leaves(got, is_leaf=is_q))) == 2 * 7
 
 
-def test_convert_with_a_quant_policy(tmp_path):
+def test_convert_with_a_quant_policy(tmp_path, capsys):
     """`imp-jax convert SRC DST --quantization int8 --quant-policy ...`: the policy picks the
     8-bit weights (here every block and the lm_head; the default keeps blocks 0 and 1), the
     checkpoint records them and reloads them as saved."""
@@ -594,8 +594,28 @@ def test_convert_with_a_quant_policy(tmp_path):
     assert_trees_equal(got, want)
     is_q = lambda x: isinstance(x, QuantArray)  # noqa: E731
     assert is_q(got["layers_0"]["attn"]["q"]["kernel"]) and is_q(got["lm_head"]["kernel"])
-    with pytest.raises(SystemExit, match="--quant-policy needs --quantization"):
-        main(["convert", src, str(tmp_path / "x"), "--quant-policy", "all"])
+    # a policy or a mode the saved 8-bit weights do not follow is refused, not ignored
+    import imp_jax
+
+    dst = str(tmp_path / "q")
+    kw = dict(max_model_len=32)
+    with pytest.raises(ValueError, match="already quantized \\(int8\\), including .* keeps "
+                                         "unquantized .*convert the full-precision source"):
+        imp_jax.LLM(dst, quantization="int8", quant_policy="default", **kw)
+    with pytest.raises(ValueError, match="already quantized to 'int8'.*quantization='int8'"):
+        imp_jax.LLM(dst, quantization="fp8", **kw)
+    llm = imp_jax.LLM(dst, quantization="int8", quant_policy="all", **kw)
+    assert_trees_equal(llm.model.params, want)
+    with pytest.raises(ValueError, match="already quantized"):  # the same through loaded=
+        imp_jax.LLM(dst, loaded=llm.model, quantization="int8", quant_policy="default", **kw)
+    # bad flags fail before the source is read (here it does not even exist)
+    for argv, msg in ((["--quant-policy", "all"], "--quant-policy needs --quantization"),
+                      (["--quantization", "int8", "--quant-policy", "lm_hed=1"],
+                       "bad quantization policy item 'lm_hed=1'")):
+        capsys.readouterr()
+        assert main(["convert", os.path.join(TINY, "nowhere"), str(tmp_path / "x"), *argv]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_info(qwen2_orbax, capsys):

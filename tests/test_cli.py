@@ -1,8 +1,12 @@
-"""The command line as a user runs it (subprocesses, real stdin/stdout)."""
+"""The command line as a user runs it (subprocesses, real stdin/stdout), and which flags reach
+the engine (in-process)."""
 
+import argparse
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = os.path.join(ROOT, "tests", "data", "tiny", "llama3")
@@ -57,3 +61,47 @@ def test_bad_arguments_fail_with_a_message(tmp_path):
         r = run(*args)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, \
             (args, r.stderr[-800:])
+
+
+class _Built(Exception):
+    """Raised by the stand-in LLM below once it has the arguments a command built it with."""
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "bench", "batch", "serve"])
+def test_quantization_flags_reach_the_llm(command, monkeypatch, tmp_path):
+    """Every command that loads a model passes --quantization and --quant-policy on to LLM
+    (LLM(quant_policy=) itself is tested with real models in test_quant / test_checkpoints)."""
+    import imp_jax
+    import imp_jax.llm
+    from imp_jax import quant
+    from imp_jax.cli import add_quantization_args
+
+    got = {}
+
+    def record(*args, **kwargs):
+        got.update(kwargs)
+        raise _Built
+
+    monkeypatch.setattr(imp_jax, "LLM", record)
+    monkeypatch.setattr(imp_jax.llm, "LLM", record)
+    flags = ["--quantization", "int8", "--quant-policy", "all,keep_first=1"]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("")
+    if command in ("generate", "chat"):
+        from imp_jax.cli import main
+        argv = [command] + (["hi"] if command == "generate" else []) + ["--model", "random:tiny"]
+    elif command == "bench":
+        from imp_jax.bench import main
+        argv = ["latency", "--model", "random:tiny"]
+    elif command == "batch":
+        from imp_jax.batch import main
+        argv = [str(inp), "-o", str(tmp_path / "out.jsonl"), "--model", "random:tiny"]
+    else:
+        from imp_jax.server.cli import main
+        argv = ["random:tiny"]
+    with pytest.raises(_Built):
+        main(argv + flags)
+    assert got["quantization"] == "int8" and got["quant_policy"] == "all,keep_first=1"
+    p = argparse.ArgumentParser()
+    add_quantization_args(p)
+    assert tuple(p._option_string_actions["--quantization"].choices) == quant.MODES

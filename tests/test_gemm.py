@@ -352,15 +352,17 @@ def test_gemv_chain_dry_run(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     weight_only = {"bf16_cat", "xla_wo_kn", "reduce", "reduce_cat", "f16bits", "f16bits_cat",
-                   "bf16bits", "bf16bits_cat", "triton", "xla_wo_f16",
-                   "xla_wo_int8"}
+                   "bf16bits", "bf16bits_cat", "triton", "xla_wo_f16"}
     for r in rows:
         if r["variant"].startswith("mgpu"):
             assert "GPU only" in r["error"]
             continue
         assert "error" not in r and r["ms"] > 0, r
-        bound = 0.0 if r["variant"] == "bf16" else 0.02 if r["variant"] in weight_only else 0.1
+        # int8 codes re-quantize the e4m3 weights: their own rounding on top (~0.015 here)
+        bound = {"bf16": 0.0, "xla_wo_int8": 0.04}.get(
+            r["variant"], 0.02 if r["variant"] in weight_only else 0.1)
         assert r["rel_err_vs_bf16"] <= bound, r
     assert {(r["variant"], r["m"]) for r in rows} >= {
-        (v, m) for v in weight_only | {"xla_wo", "xla_wo_cat", "w8a8_nk", "w8a8_nk_cat"}
+        (v, m) for v in weight_only | {"xla_wo", "xla_wo_cat", "w8a8_nk", "w8a8_nk_cat",
+                                       "xla_wo_int8"}
         for m in (1, 4) if m == 1 or not v.startswith("reduce")}

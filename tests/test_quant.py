@@ -309,11 +309,12 @@ def test_block_fraction():
     assert QuantPolicy(keep_last=1).block_fraction(SHAPES["llama3-8b"]) == pytest.approx(31 / 32)
 
 
-def test_random_shapes_are_generated_already_quantized():
+def test_random_shapes_are_generated_already_quantized(monkeypatch):
     # Init + quantize leaf by leaf (no full-precision copy alive at once) gives exactly what
     # quantizing the plain random weights gives, and an LLM runs on it. (The tiny shape has 2
     # blocks, which the default policy's keep-first/last would both keep.)
     import imp_jax
+    from imp_jax import loaders
     from imp_jax.loaders import load_model
 
     policy = QuantPolicy(keep_first=0, keep_last=0)
@@ -322,13 +323,23 @@ def test_random_shapes_are_generated_already_quantized():
     plain = load_model("random:tiny", "bfloat16")
     want = quantize_params(plain.params, plain.cfg, "fp8", policy)
     assert jax.tree.structure(fused.params) == jax.tree.structure(want)
+    assert sum(isinstance(x, QuantArray) for x in jax.tree.leaves(
+        fused.params, is_leaf=lambda x: isinstance(x, QuantArray))) == 2 * 7
     assert any(isinstance(x, QuantArray) for x in jax.tree.leaves(
         fused.params, is_leaf=lambda x: isinstance(x, QuantArray)))
     for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(want)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    # the LLM's policy reaches the generator (else quantize_loaded would make up the difference
+    # with the same values, and the full-precision blocks would have been alive meanwhile)
+    seen = []
+    real = loaders.random_params
+    monkeypatch.setattr(loaders, "random_params",
+                        lambda *a: seen.append(a[4]) or real(*a))
     llm = imp_jax.LLM("random:tiny", dtype="bfloat16", quantization="fp8", max_model_len=32,
                       quant_policy="keep_first=0,keep_last=0")
+    assert seen == [policy]
+    assert jax.tree.structure(llm.model.params) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(llm.model.params), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     out = llm.generate([[5, 6, 7]], max_tokens=4, ignore_eos=True, temperature=0,
@@ -351,8 +362,13 @@ def test_parse_policy():
     k = kinds(quantize_params(p, TINY_UNTIED, "int8", parse_policy("all")), TINY_UNTIED)
     assert k["lm_head/kernel"] == "Q" and k["layers_0/attn/q/kernel"] == "Q"
     assert k["layers_2/mlp/down/kernel"] == "Q" and k["embed/embedding"] == "F"
+    assert parse_policy("all,lm_head=0") == QuantPolicy()  # a preset, then overrides
+    assert parse_policy("default,keep_first=2").keep_last == DEFAULT_POLICY.keep_last
     for bad, match in (("bogus", "bad quantization policy item 'bogus'.*default, all.*keep_first"),
+                       ("keep_first=1,all", "bad quantization policy item 'all'.*first"),
                        ("keep_first=-1", "keep_first must be an integer >= 0, got '-1'"),
+                       ("keep_first=\u00b2", "keep_first must be an integer >= 0"),
+                       ("lm_head=1,lm_head=0", "sets lm_head twice"),
                        ("lm_head=yes", "lm_head must be 0 or 1, got 'yes'"),
                        ("scales=max", "scales must be one of absmax, mse, got 'max'"),
                        ("keep_last", "bad quantization policy item 'keep_last'"),
@@ -370,6 +386,8 @@ def test_llm_quant_policy_errors():
         imp_jax.LLM("random:tiny", quant_policy="all")
     with pytest.raises(ValueError, match="lm_head must be 0 or 1"):
         imp_jax.LLM("random:tiny", quantization="int8", quant_policy="lm_head=2")
+    with pytest.raises(ValueError, match="keep pattern 'layers_.*/attn/kk' matches no weight"):
+        imp_jax.LLM("random:tiny", quantization="int8", quant_policy="keep=layers_*/attn/kk")
     src = os.path.join(os.path.dirname(__file__), "data", "tiny", "llama3_ct_fp8")
     with pytest.raises(ValueError, match="already FP8.*policy cannot apply"):
         imp_jax.LLM(src, quantization="fp8", quant_policy="all", max_model_len=32)
