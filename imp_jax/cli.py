@@ -157,7 +157,8 @@ def cmd_convert(args) -> int:
     model = load_model(args.src, args.dtype)
     params = model.params
     if args.quantization:
-        params = quantize_loaded(params, model.cfg, args.quantization, model.fp8_scales, policy)
+        params = quantize_loaded(params, model.cfg, args.quantization, model.fp8_scales,
+                                 policy=policy)
     orbax_ckpt.save(args.dst, model.cfg, params,
                     {"generation_config": model.generation_config, "source": args.src,
                      "quantization": args.quantization, "quant_policy": args.quant_policy})

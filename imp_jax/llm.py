@@ -162,9 +162,7 @@ class LLM:
 
             shardings_fn = lambda cfg: param_shardings(cfg, mesh, sharding_rules)  # noqa: E731
         if quant_policy is not None:
-            from imp_jax.quant import parse_policy
-
-            from imp_jax.quant import MODES
+            from imp_jax.quant import MODES, parse_policy
 
             if quantization is None:
                 raise ValueError(f"quant_policy={quant_policy!r} needs quantization= "
@@ -180,7 +178,7 @@ class LLM:
             from imp_jax.quant import quantize_loaded
 
             params = quantize_loaded(params, cfg, quantization, self.model.fp8_scales,
-                                     quant_policy)
+                                     policy=quant_policy)
             # Keep only the quantized tree: holding the loaded one too kept a full-precision
             # copy on the device (and shrank the KV pool sized from free memory after it), and
             # `bench` counts the bytes a step reads from `self.model.params`.

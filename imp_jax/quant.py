@@ -509,21 +509,29 @@ def quantize_params(params: dict[str, Any], cfg: ModelConfig, mode: str,
 
 
 def quantize_loaded(params: dict[str, Any], cfg: ModelConfig, mode: str,
-                    fp8_scales: dict[str, Any] | None = None,
+                    fp8_scales: dict[str, Any] | None = None, *,
                     policy: QuantPolicy | None = None) -> dict[str, Any]:
     """Quantize a loaded model at load time (`LLM(quantization=)`, `imp-jax convert`). An FP8
     checkpoint (`LoadedModel.fp8_scales`) in an fp8 mode: exactly the weights it quantized,
     with its own scales where they are per tensor or per channel (its e4m3 codes come back
-    unchanged), absmax per channel where they are per block; otherwise `policy` (default:
-    `DEFAULT_POLICY`)."""
+    unchanged), absmax per channel where they are per block. Weights quantized already (a
+    converted checkpoint, a `loaded=` model): kept as they are, relabelled between "fp8" and
+    "fp8-weight-only" (the same codes), and with no policy nothing else is quantized. Otherwise
+    `policy` (default: `DEFAULT_POLICY`)."""
     check_mode(mode)
-    saved = quant_meta(params)  # weights quantized already (a converted checkpoint, `loaded=`)
-    if saved and saved["mode"] != mode:
+    saved = quant_meta(params)
+    if saved and (saved["mode"] == "int8") != (mode == "int8"):
         raise ValueError(f"these weights are already quantized to {saved['mode']!r}; load them "
                          f"with quantization={saved['mode']!r} (or None), or convert the "
                          f"full-precision source again with --quantization {mode}")
+    if saved and saved["mode"] != mode:  # fp8 <-> fp8-weight-only: the same e4m3 codes
+        params = jax.tree.map(
+            lambda x: dataclasses.replace(x, mode=mode) if isinstance(x, QuantArray) else x,
+            params, is_leaf=lambda x: isinstance(x, QuantArray))
     if policy is not None:
         _check_policy(policy, cfg, saved)
+    elif saved:  # as saved
+        return params
     scales = fp8_scales if mode != "int8" else None
     if not scales:
         return quantize_params(params, cfg, mode, policy)
@@ -537,24 +545,27 @@ def quantize_loaded(params: dict[str, Any], cfg: ModelConfig, mode: str,
 def _check_policy(policy: QuantPolicy, cfg: ModelConfig, saved: dict[str, Any] | None) -> None:
     """A policy given by the user must do what it says: each `keep` pattern names some weight,
     and weights that are 8-bit already (a converted checkpoint) are all ones it selects."""
-    paths, selected = [], set()
+    everything = QuantPolicy(quantize_embedding=True, quantize_lm_head=True)
+    weights, selected = [], set()  # what any policy could quantize; what this one does
 
     def one(path, spec):
         name = "/".join(path)
-        paths.append(name)
+        if everything.selects(path, spec, cfg):
+            weights.append(name)
         if policy.selects(path, spec, cfg):
             selected.add(name)
 
     map_specs(one, param_specs(cfg))
     for pat in policy.keep:
-        if not any(fnmatch.fnmatchcase(name, pat) for name in paths):
-            raise ValueError(f"keep pattern {pat!r} matches no weight of this model; its paths "
-                             f"look like {paths[min(3, len(paths) - 1)]!r}")
+        if not any(fnmatch.fnmatchcase(name, pat) for name in weights):
+            raise ValueError(f"keep pattern {pat!r} matches no quantizable weight of this model "
+                             f"(such as {', '.join(repr(w) for w in weights[1:3])})")
     extra = sorted(set(saved["paths"]) - selected) if saved else []
     if extra:
-        raise ValueError(f"these weights are already quantized ({saved['mode']}), including "
-                         f"{len(extra)} the policy keeps unquantized (e.g. {extra[0]!r}); "
-                         f"convert the full-precision source again with this policy")
+        raise ValueError(f"{len(extra)} weights are already quantized ({saved['mode']}) that this "
+                         f"policy keeps unquantized: {', '.join(extra[:3])}"
+                         f"{', ...' if len(extra) > 3 else ''}; drop the policy to use them as "
+                         f"saved, or convert the full-precision source again with it")
 
 
 # Named policies for `parse_policy` (the command line's --quant-policy).

@@ -599,13 +599,25 @@ def test_convert_with_a_quant_policy(tmp_path, capsys):
 
     dst = str(tmp_path / "q")
     kw = dict(max_model_len=32)
-    with pytest.raises(ValueError, match="already quantized \\(int8\\), including .* keeps "
-                                         "unquantized .*convert the full-precision source"):
+    with pytest.raises(ValueError, match="weights are already quantized \\(int8\\) that this "
+                                         "policy keeps unquantized: .*layers_0/.*drop the policy"):
         imp_jax.LLM(dst, quantization="int8", quant_policy="default", **kw)
     with pytest.raises(ValueError, match="already quantized to 'int8'.*quantization='int8'"):
         imp_jax.LLM(dst, quantization="fp8", **kw)
     llm = imp_jax.LLM(dst, quantization="int8", quant_policy="all", **kw)
     assert_trees_equal(llm.model.params, want)
+    # without a policy a converted checkpoint loads as saved, whatever the default would pick
+    assert main(["convert", src, str(tmp_path / "k"), "--quantization", "fp8",
+                 "--quant-policy", "keep_first=0,keep_last=0,keep=layers_1/mlp/*"]) == 0
+    saved = load_model(str(tmp_path / "k")).params
+    assert not is_q(saved["layers_1"]["mlp"]["up"]["kernel"])
+    for mode in ("fp8", "fp8-weight-only"):  # the same e4m3 codes, relabelled
+        got = imp_jax.LLM(str(tmp_path / "k"), quantization=mode, **kw).model.params
+        leaves = [x for x in jax.tree.leaves(got, is_leaf=is_q) if is_q(x)]
+        assert leaves and all(x.mode == mode for x in leaves)
+        as_fp8 = jax.tree.map(lambda x: dataclasses.replace(x, mode="fp8") if is_q(x) else x,
+                              got, is_leaf=is_q)
+        assert_trees_equal(as_fp8, saved)
     with pytest.raises(ValueError, match="already quantized"):  # the same through loaded=
         imp_jax.LLM(dst, loaded=llm.model, quantization="int8", quant_policy="default", **kw)
     # bad flags fail before the source is read (here it does not even exist)

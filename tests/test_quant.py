@@ -1,6 +1,7 @@
 """Weight quantization (imp_jax/quant.py): error bounds, the quantized matmuls, the model end to
 end on a tiny random config, the policy, checkpoints. Random weights, never zeros."""
 
+import inspect
 import json
 import os
 
@@ -334,8 +335,11 @@ def test_random_shapes_are_generated_already_quantized(monkeypatch):
     # with the same values, and the full-precision blocks would have been alive meanwhile)
     seen = []
     real = loaders.random_params
-    monkeypatch.setattr(loaders, "random_params",
-                        lambda *a: seen.append(a[4]) or real(*a))
+    def spy(*args, **kwargs):
+        seen.append(inspect.signature(real).bind(*args, **kwargs).arguments["quant_policy"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loaders, "random_params", spy)
     llm = imp_jax.LLM("random:tiny", dtype="bfloat16", quantization="fp8", max_model_len=32,
                       quant_policy="keep_first=0,keep_last=0")
     assert seen == [policy]
@@ -386,8 +390,10 @@ def test_llm_quant_policy_errors():
         imp_jax.LLM("random:tiny", quant_policy="all")
     with pytest.raises(ValueError, match="lm_head must be 0 or 1"):
         imp_jax.LLM("random:tiny", quantization="int8", quant_policy="lm_head=2")
-    with pytest.raises(ValueError, match="keep pattern 'layers_.*/attn/kk' matches no weight"):
-        imp_jax.LLM("random:tiny", quantization="int8", quant_policy="keep=layers_*/attn/kk")
+    for pat in ("layers_*/attn/kk", "layers_*/attn_norm*"):  # no weight / not a quantizable one
+        with pytest.raises(ValueError, match=f"keep pattern '{pat.replace('*', '.')}' matches no "
+                                             "quantizable weight .*such as 'layers_0/"):
+            imp_jax.LLM("random:tiny", quantization="int8", quant_policy=f"keep={pat}")
     src = os.path.join(os.path.dirname(__file__), "data", "tiny", "llama3_ct_fp8")
     with pytest.raises(ValueError, match="already FP8.*policy cannot apply"):
         imp_jax.LLM(src, quantization="fp8", quant_policy="all", max_model_len=32)
