@@ -145,14 +145,14 @@ def cmd_chat(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from imp_jax.loaders import load_model
-    from imp_jax.loaders import orbax_ckpt
-
-    from imp_jax.quant import MODES, parse_policy, quantize_loaded
+    from imp_jax.loaders import load_model, orbax_ckpt, read_config
+    from imp_jax.quant import MODES, check_policy, parse_policy, quantize_loaded
 
     if args.quant_policy and not args.quantization:
         raise ValueError(f"--quant-policy needs --quantization ({', '.join(MODES)})")
     policy = parse_policy(args.quant_policy)  # a typo fails before the load
+    if policy is not None:
+        check_policy(policy, read_config(args.src))
     start = time.perf_counter()
     model = load_model(args.src, args.dtype)
     params = model.params
@@ -172,10 +172,10 @@ def cmd_info(args) -> int:
     import numpy as np
 
     from imp_jax.cache import KVCache
-    from imp_jax.loaders import parse_dtype
+    from imp_jax.loaders import parse_dtype, read_config
     from imp_jax.spec import param_bytes
 
-    cfg = _config_only(args.model)
+    cfg = read_config(args.model)
     dtype = np.dtype(parse_dtype(args.dtype))
     print(f"model       {args.model}")
     print(f"family      {cfg.family}")
@@ -192,38 +192,6 @@ def cmd_info(args) -> int:
         # planned from the mesh shape alone: no need for the devices to be attached
         print(memory_plan(cfg, args.mesh, dtype=dtype))
     return 0
-
-
-def _config_only(model: str):
-    """The ModelConfig without loading weights (what `info` needs)."""
-    import os
-
-    from checkpoints.presets import PRESETS, SHAPES, resolve_preset
-    from imp_jax.config import ModelConfig
-
-    if model.startswith("random:"):
-        shape = model[len("random:"):]
-        if shape not in SHAPES:
-            raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
-        return SHAPES[shape]
-    if model in PRESETS:
-        model = resolve_preset(model)
-    if model.endswith(".gguf"):
-        from imp_jax.loaders.gguf_file import open_gguf
-
-        contents = open_gguf(model)
-        return ModelConfig.from_gguf(contents.metadata, set(contents.tensors), model)
-    from imp_jax.loaders import orbax_ckpt
-
-    if orbax_ckpt.is_orbax_dir(model):
-        from imp_jax.config import read_json
-
-        return ModelConfig.from_dict(read_json(os.path.join(model, orbax_ckpt.CONFIG))["config"])
-    if not os.path.isdir(model):
-        from imp_jax.loaders import load_model
-
-        load_model(model)  # raises its error, which lists the forms a model may take
-    return ModelConfig.from_hf_file(os.path.join(model, "config.json"))
 
 
 def main(argv: list[str] | None = None) -> int:

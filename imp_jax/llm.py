@@ -168,6 +168,11 @@ class LLM:
                 raise ValueError(f"quant_policy={quant_policy!r} needs quantization= "
                                  f"({', '.join(MODES)})")
             quant_policy = parse_policy(quant_policy)
+            if loaded is None:  # a keep typo fails before a long load
+                from imp_jax.loaders import read_config
+                from imp_jax.quant import check_policy
+
+                check_policy(quant_policy, read_config(model))
         # random shapes are generated already quantized (never whole in full precision)
         self.model = loaded or load_model(model, dtype, shardings=shardings_fn,
                                           random_quantization=quantization,

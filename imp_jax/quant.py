@@ -529,7 +529,7 @@ def quantize_loaded(params: dict[str, Any], cfg: ModelConfig, mode: str,
             lambda x: dataclasses.replace(x, mode=mode) if isinstance(x, QuantArray) else x,
             params, is_leaf=lambda x: isinstance(x, QuantArray))
     if policy is not None:
-        _check_policy(policy, cfg, saved)
+        check_policy(policy, cfg, saved)
     elif saved:  # as saved
         return params
     scales = fp8_scales if mode != "int8" else None
@@ -542,9 +542,11 @@ def quantize_loaded(params: dict[str, Any], cfg: ModelConfig, mode: str,
     return quantize_params(params, cfg, mode, ExactPolicy(paths=frozenset(scales)), scales)
 
 
-def _check_policy(policy: QuantPolicy, cfg: ModelConfig, saved: dict[str, Any] | None) -> None:
+def check_policy(policy: QuantPolicy, cfg: ModelConfig,
+                 saved: dict[str, Any] | None = None) -> None:
     """A policy given by the user must do what it says: each `keep` pattern names some weight,
-    and weights that are 8-bit already (a converted checkpoint) are all ones it selects."""
+    and weights that are 8-bit already (`saved`: `quant_meta` of a converted checkpoint) are all
+    ones it selects. Raises ValueError naming what does not fit."""
     everything = QuantPolicy(quantize_embedding=True, quantize_lm_head=True)
     weights, selected = [], set()  # what any policy could quantize; what this one does
 

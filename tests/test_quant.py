@@ -394,6 +394,9 @@ def test_llm_quant_policy_errors():
         with pytest.raises(ValueError, match=f"keep pattern '{pat.replace('*', '.')}' matches no "
                                              "quantizable weight .*such as 'layers_0/"):
             imp_jax.LLM("random:tiny", quantization="int8", quant_policy=f"keep={pat}")
+    # checked from the config, before the weights: a 70B shape would not even fit this machine
+    with pytest.raises(ValueError, match="keep pattern 'lm_head/kernel2' matches no"):
+        imp_jax.LLM("random:llama3-70b", quantization="int8", quant_policy="keep=lm_head/kernel2")
     src = os.path.join(os.path.dirname(__file__), "data", "tiny", "llama3_ct_fp8")
     with pytest.raises(ValueError, match="already FP8.*policy cannot apply"):
         imp_jax.LLM(src, quantization="fp8", quant_policy="all", max_model_len=32)

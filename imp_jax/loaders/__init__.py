@@ -118,6 +118,32 @@ def _random_leaf(key, *, spec, dtype, mode, contract, scales, sharding):
     return w
 
 
+def read_config(model: str) -> ModelConfig:
+    """The ModelConfig of anything `load_model` takes, without loading weights (`imp-jax info`,
+    a policy checked before a long load)."""
+    from checkpoints.presets import PRESETS, SHAPES, resolve_preset
+
+    if model.startswith("random:"):
+        shape = model[len("random:"):]
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
+        return SHAPES[shape]
+    if model in PRESETS:
+        model = resolve_preset(model)
+    if model.endswith(".gguf"):
+        from imp_jax.loaders.gguf_file import open_gguf
+
+        contents = open_gguf(model)
+        return ModelConfig.from_gguf(contents.metadata, set(contents.tensors), model)
+    from imp_jax.loaders import orbax_ckpt
+
+    if orbax_ckpt.is_orbax_dir(model):
+        return ModelConfig.from_dict(read_json(os.path.join(model, orbax_ckpt.CONFIG))["config"])
+    if not os.path.isdir(model):
+        load_model(model)  # raises its error, which lists the forms a model may take
+    return ModelConfig.from_hf_file(os.path.join(model, "config.json"))
+
+
 def load_model(model: str, dtype=None, shardings=None,
                random_quantization: str | None = None, random_policy=None) -> LoadedModel:
     """shardings: optional `cfg -> NamedSharding tree` (imp_jax.sharding.param_shardings): every

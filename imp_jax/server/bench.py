@@ -307,9 +307,9 @@ def _random_prompts(n: int, length: int, vocab: int, rng) -> list[list[int]]:
 
 def _vocab_size(model: str) -> int:
     """The model's vocabulary size, from its config alone (no weights loaded)."""
-    from imp_jax.cli import _config_only
+    from imp_jax.loaders import read_config
 
-    return _config_only(model).vocab_size
+    return read_config(model).vocab_size
 
 
 def _text_tokenizer(model: str):
