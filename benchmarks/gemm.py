@@ -14,7 +14,7 @@
       xla_fp8         the same with both scales applied and a bf16 result (ours' contract)
       xla_bf16        bf16 x bf16 -> bf16 dot
       quant_pallas    QuantArray("fp8").quantized_dot under IMP_JAX_GEMM=pallas: bf16 x in,
-                      activation quantization + [K,N] -> [N,K] weight transpose + ours
+                      activation quantization + ours (the codes are stored K-major)
       quant_xla       the same contract through XLA (IMP_JAX_GEMM=xla)
 (b) skinny -- decode-sized weight-only GEMM (pallas_kernels/skinny_gemm.py, Triton), TB/s on
     weight bytes and % of 2.94 TB/s (bf16 GEMV-like weight read, GPU.md), M in {1, 4, 16, 64}

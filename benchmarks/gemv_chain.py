@@ -3,7 +3,7 @@
     python3 benchmarks/gemv_chain.py --out $OUT/gemv_chain.json [--layers 30] [--m 1,16]
     python3 benchmarks/gemv_chain.py --tiny      # CPU dry run: small shapes, every variant checked
 
-Batch-1 FP8 decode is 1.14x bf16 where 1.7x is the target (docs/quant_notes.md): the FP8 GEMVs
+Batch-1 FP8 decode was 1.14x bf16 before session 11 (1.40x since), where 1.7x is the target (docs/quant_notes.md): the FP8 GEMVs
 stream ~2.3 TB/s where bf16's reach the HBM rate. A kernel timed alone pays its launch and its
 ramp for every call, which no decode step pays in isolation, so this times what a step runs:
 `--layers` blocks back to back, each with its 7 matmuls on its own weights (q, k, v, o, gate, up,
@@ -204,10 +204,6 @@ def read_all(weights):
     return total
 
 
-def nbytes(tree) -> int:
-    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
-
-
 def rel(a, b) -> float:
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
@@ -262,7 +258,7 @@ def main():
         for label, prep in (("read_fp8", lambda w: w.q), ("read_bf16", VARIANTS["bf16"][0])):
             ws = [{n: prep(w) for n, w in b.items()} for b in blocks]
             s = timed(jax.jit(read_all), (ws,), args.calls, args.reps, feed=False)
-            gb = nbytes(ws) / 1e9
+            gb = quant.params_nbytes(ws) / 1e9
             res["rows"].append(dict(variant=label, m=0, ms=s * 1e3, gb=gb, tb_s=gb / s / 1e3))
             print(f"{label:12s}  {s * 1e3:8.3f} ms  {gb:6.2f} GB  {gb / s / 1e3:5.2f} TB/s",
                   flush=True)
@@ -299,7 +295,7 @@ def main():
                     base[M] = y
                 err = rel(y, base[M]) if M in base else float("nan")
                 s = timed(fn, (x, ws), args.calls, args.reps, feed=True)
-                gb = nbytes(ws) / 1e9
+                gb = quant.params_nbytes(ws) / 1e9
                 row = dict(variant=name, m=M, ms=s * 1e3, gb=gb, tb_s=gb / s / 1e3,
                            rel_err_vs_bf16=err, compile_s=compile_s)
                 if M in base and name != "bf16":

@@ -108,8 +108,7 @@ def cmd_chat(args) -> int:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     first = len(messages)  # where the turns start
-    # what the scheduler admits (check_fits): the context, and the KV pool if it holds fewer
-    limit = min(llm.runner.max_model_len, llm.engine.block_manager.capacity_tokens)
+    limit = llm.engine.scheduler.context_limit  # what the scheduler admits (check_fits)
     if (params.max_tokens or 0) >= limit:
         raise ValueError(f"--max-tokens {params.max_tokens} leaves no room for a message within "
                          f"--max-model-len {limit}")

@@ -260,10 +260,7 @@ class QuantArray:
     @property
     def shape(self) -> tuple[int, ...]:
         """The weight's shape (q's dims back in the weight's order)."""
-        out = [0] * self.q.ndim
-        for i, d in enumerate(self.axes):
-            out[d] = self.q.shape[i]
-        return tuple(out)
+        return tuple(self.q.shape[i] for i in np.argsort(self.axes))
 
     @property
     def dtype(self):

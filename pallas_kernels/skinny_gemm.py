@@ -6,8 +6,9 @@ to the activation dtype in registers (exact for e4m3 and int8 -> bf16) and accum
 the tensor cores; the per-output-channel scale factors out of the sum and is applied once at the
 end (the same algebra as `imp_jax.quant.QuantArray.quantized_dot` weight-only modes).
 
-Weight layouts: `w_layout="kn"` (W is q[K, N], the model's [in, out] layout, N contiguous) or
-`"nk"` (W is q[N, K], K contiguous: the tied embedding table [vocab, embed] used as the lm_head).
+Weight layouts: `w_layout="nk"` (W is q[N, K], K contiguous: how `imp_jax.quant.QuantArray`
+stores every weight's codes, the engine's only layout) or `"kn"` (W is q[K, N], a weight's own
+[in, out] layout, N contiguous: tests and benchmarks).
 
 Grid: (N / block_n, splits). Llama shapes give few N tiles (N = 4096 -> 32 tiles of 128) for 132
 SMs, so K may be split `splits` ways:

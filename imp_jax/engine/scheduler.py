@@ -110,6 +110,13 @@ class Scheduler:
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ requests
+    @property
+    def context_limit(self) -> int:
+        """The most tokens one sequence may hold: the context (max_model_len), and the page
+        pool if it holds fewer."""
+        limit = self.bm.capacity_tokens
+        return limit if self.max_model_len is None else min(limit, self.max_model_len)
+
     def max_total_tokens(self, seq: Sequence) -> int:
         """Most tokens (prompt + output) seq may reach: the engine must finish it by then.
 
@@ -119,9 +126,7 @@ class Scheduler:
         limit = self._max_total.get(seq.request_id)
         if limit is not None:  # asked per row per step: kept while the request is live
             return limit
-        limit = self.bm.capacity_tokens
-        if self.max_model_len is not None:
-            limit = min(limit, self.max_model_len)
+        limit = self.context_limit
         if seq.max_tokens is not None:
             limit = min(limit, seq.num_prompt_tokens + seq.max_tokens)
         if seq.request_id in self._live:

@@ -163,10 +163,7 @@ def load_model(model: str, dtype=None, shardings=None,
     if model in PRESETS:
         model = resolve_preset(model)
     if model.startswith("random:"):
-        shape = model[len("random:"):]
-        if shape not in SHAPES:
-            raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
-        cfg = SHAPES[shape]
+        cfg = read_config(model)
         params = random_params(cfg, dtype, shardings(cfg) if shardings is not None else None,
                                random_quantization, random_policy)
         return LoadedModel(cfg, params, None, {}, model)
