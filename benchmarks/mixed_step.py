@@ -9,6 +9,8 @@ first $IMP_JAX_PROMPT_ROWS chunks, default 64, as the step's prompt groups do).
     XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python benchmarks/mixed_step.py ...
     IMP_JAX_FUSED_QUANT=1 python benchmarks/mixed_step.py --quantization fp8 --prompts 64 \
         --decode 0 --modes decode        # an 8192-token FP8 prompt program, fused quantization
+    python benchmarks/mixed_step.py --quantization fp8 --kv-cache-dtype fp8 --prompts 0 \
+        --decode 704 --context 1536      # one decode step of the FP8 1k/1k run's shape
 
 --pool-gb sizes the KV pool as the engine does (~100 GB at 0.9 of an H200) instead of just the
 step's pages; --hlo lists every copy in each compiled program that moves more than 16 MB (a
@@ -43,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quantization", default=None,
                     help="fp8 / fp8-weight-only / int8 weights (default policy); with fp8, "
                     "$IMP_JAX_FUSED_QUANT=0/1 A/Bs the fused activation quantization")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="KV pages: auto (the model dtype), fp8 or int8 (with their scales)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     if min(args.prompts, args.decode) < 0 or min(args.prompt_len, args.context, args.reps) < 1:
@@ -67,10 +71,13 @@ def main(argv=None) -> int:
     max_len = max(args.prompt_len, args.context) + page
     per_seq = -(-max_len // page)
     rows = args.prompts + args.decode
-    page_bytes = KVCache.bytes_per_token(m.cfg, args.dtype) * page
+    from imp_jax.llm import _kv_cache_dtype
+    cache_dtype = _kv_cache_dtype(args.kv_cache_dtype, args.dtype)
+    page_bytes = KVCache.bytes_per_token(m.cfg, cache_dtype) * page
     num_pages = max(rows * per_seq + 1, int(args.pool_gb * 1e9 / page_bytes))
     r = ModelRunner(m.cfg, m.params, num_pages=num_pages, page_size=page,
-                    max_model_len=max_len, max_num_seqs=max(rows, 4), dtype=jax.numpy.dtype(args.dtype))
+                    max_model_len=max_len, max_num_seqs=max(rows, 4),
+                    dtype=jax.numpy.dtype(args.dtype), cache_dtype=cache_dtype)
     rng = np.random.default_rng(0)
     free = iter(range(1, rows * per_seq + 1))  # page 0 is the dummy steps' page
     vocab = m.cfg.vocab_size
@@ -129,7 +136,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     meta = dict(model=args.model, prompts=args.prompts, prompt_len=args.prompt_len,
                 decode=args.decode, context=args.context, prompt_rows=prompt_rows,
-                quantization=args.quantization,
+                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                 fused_quant=os.environ.get("IMP_JAX_FUSED_QUANT", ""),
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
                 device=jax.devices()[0].device_kind)

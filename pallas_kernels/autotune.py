@@ -53,7 +53,8 @@ CACHE_ENV = "IMP_JAX_AUTOTUNE_CACHE"
 ENABLE_ENV = "IMP_JAX_AUTOTUNE"
 # 2 (session 8): decode_mgpu's candidates gained two KV heads per CTA and both kernels lost the
 # f16 variants, so version-1 winners were chosen from another candidate set: ignored.
-CACHE_VERSION = 2
+# 3 (session 13): 8-bit keys' candidates gained the e4m3 Q K^T path (DecodeConfig.fp8_qk).
+CACHE_VERSION = 3
 DEFAULT_CACHE = os.path.join("~", ".cache", "imp_jax", "autotune.json")
 
 
@@ -340,6 +341,8 @@ def default_candidates(key: ShapeKey) -> list:
         over = [dict()] + heads + [dict(block_kv=b, num_stages=st, heads_per_cta=1)
                                    for b, st in MGPU_RINGS] + \
             [dict(num_splits=sp) for sp in {1, max(1, h.num_splits // 2), h.num_splits * 2}]
+        if key.kv_dtype:  # 8-bit pages: each with Q K^T in e4m3 and in bf16 (the default first)
+            over = [dict(o, fp8_qk=qk) for o in over for qk in (h.fp8_qk, not h.fp8_qk)]
         return list(dict.fromkeys(key.heuristic(**o) for o in over))
     bk = h.pages_per_block * key.page_size
     over = [dict()]

@@ -55,6 +55,16 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   docs/kernels_notes.md) and the numerics those of the reference, which dequantizes first.
   (An f16 variant, e4m3 -> f16 tiles with the per-key scales moved onto the logits and the
   probabilities, lost its H200 A/B against this path in session 8 and was deleted.)
+* **`fp8_qk` (the default on 8-bit pages): Q K^T in e4m3.** The 8-bit K tile is K-major for
+  Q K^T, so wgmma reads it straight from the ring: no K conversion, no converted K tile (two
+  heads per CTA get a third ring stage in that SMEM). Q is split once per CTA into two e4m3
+  terms, Q = s * (hi + lo / 16) per row (s = amax / 448; lo holds 16x hi's residual), and two
+  e4m3 wgmmas against the same tile give the logits with ~bf16 precision on Q (hi alone:
+  1.2% error against the reference in the interpret test, hi + lo: 0.28%, the converting
+  path's 0.31%). Row scales (s * scale * log2 e) and K's per-key scales multiply the f32
+  logits. V is still converted (8-bit P V would need V K-major, i.e. transposed pages). H200,
+  session 13: 8 x 2048 -19%, 256 x 2048 -10%, 1024 x 2048 -6 to -8%, 704 x 1536 and
+  64 x 4096 level (docs/kernels_notes.md).
 * `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
   and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
   Each head has its own ring, barriers and buffers (a leading [2] axis); the sequence's
@@ -103,12 +113,18 @@ class DecodeConfig:
     # (scalar loads, Q load, ring fill, output store) are shared and two consumers convert /
     # compute at once. For short contexts and 8-bit pages (H200 numbers: _heads_per_cta).
     heads_per_cta: int = 1
+    # 8-bit pages: Q K^T as e4m3 wgmmas straight on the ring's K tile (no K conversion). Q is
+    # split once per CTA into two e4m3 terms, Q ~ s * (hi + lo / 16) per row, so the logits
+    # keep ~bf16 precision on Q; K's per-key scales multiply the logits' columns.
+    fp8_qk: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
         if self.num_splits < 1:
             raise ValueError("num_splits must be >= 1")
         if self.heads_per_cta not in (1, 2):
             raise ValueError(f"heads_per_cta must be 1 or 2, got {self.heads_per_cta}")
+        if self.fp8_qk and kv_itemsize != 1:
+            raise ValueError("fp8_qk=True needs 8-bit (float8_e4m3fn) pages")
         check_ring(self, page_size, smem_bytes(self, D, kv_itemsize=kv_itemsize), min_stages=1)
 
 
@@ -116,10 +132,11 @@ def smem_bytes(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> int:
     """SMEM of a CTA (q and the output in a 16-bit dtype); kv_itemsize 1: 8-bit pages (ring of
     8-bit tiles + per-key f32 scales, and one converted K and V tile of q's dtype)."""
     itemsize = 2
-    q = 2 * MQ * D * itemsize                       # swizzled Q + unswizzled Q/O staging
+    q = 2 * MQ * D * itemsize    # swizzled Q (fp8_qk: its two e4m3 terms) + Q/O staging
     ring = 2 * cfg.num_stages * cfg.block_kv * D * kv_itemsize
-    if kv_itemsize != itemsize:
-        ring += 2 * cfg.num_stages * cfg.block_kv * 4 + 2 * cfg.block_kv * D * itemsize
+    if kv_itemsize != itemsize:  # scales and the converted V (and K, unless fp8_qk) tiles
+        ring += 2 * cfg.num_stages * cfg.block_kv * 4
+        ring += (1 if cfg.fp8_qk else 2) * cfg.block_kv * D * itemsize
     if cfg.compat:
         ring += MQ * cfg.block_kv * itemsize        # P staged through SMEM
     part = (MQ * D * 4 + MQ * 4) if cfg.num_splits > 1 else 0   # f32 partial O + lse
@@ -164,7 +181,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                   block_kv: int | None = None, num_stages: int | None = None,
                   num_splits: int | None = None, compat: bool = False,
                   num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
-                  heads_per_cta: int | None = None) -> DecodeConfig:
+                  heads_per_cta: int | None = None,
+                  fp8_qk: bool | None = None) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -184,6 +202,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                     else page_size)
     if num_stages is None:
         num_stages = 6 if short and block_kv == 64 else 3
+    if fp8_qk is None:
+        fp8_qk = _fp8_qk_default()
     max_blocks = -(-(max_pages * page_size) // block_kv)
     if num_splits is None:
         base = max(1, S * KVH // heads_per_cta)
@@ -192,7 +212,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     num_splits = max(1, min(int(num_splits), max_blocks))
     return fit_smem(DecodeConfig(block_kv=block_kv, num_stages=num_stages,
                                  num_splits=num_splits, compat=compat,
-                                 heads_per_cta=heads_per_cta), D, kv_itemsize)
+                                 heads_per_cta=heads_per_cta,
+                                 fp8_qk=fp8_qk and kv_itemsize == 1), D, kv_itemsize)
 
 
 def _heads_per_cta(S: int, KVH: int, wanted: bool, num_sms: int) -> int:
@@ -210,6 +231,17 @@ def _heads_per_cta(S: int, KVH: int, wanted: bool, num_sms: int) -> int:
     if value is not None:
         return int(value)
     return 2 if wanted and S * KVH // 2 >= num_sms else 1
+
+
+def _fp8_qk_default() -> bool:
+    """Whether 8-bit pages take the e4m3 Q K^T path (`DecodeConfig.fp8_qk`): yes by default.
+    H200, session 13 (docs/kernels_notes.md): 256 x 2048 543.6 -> 490.0 us, 1024 x 2048
+    1839 -> 1698 us, 8 x 2048 46.7 -> 37.8 us (best configs), 64 x 4096 level; a whole FP8
+    decode step at 704 x 1536 71.96 -> 66.54 ms. $IMP_JAX_MGPU_FP8_QK=0 turns it off."""
+    value = os.environ.get("IMP_JAX_MGPU_FP8_QK")
+    if value not in (None, "0", "1"):
+        raise ValueError(f"IMP_JAX_MGPU_FP8_QK={value!r}; allowed: 0, 1 (unset: 1)")
+    return value != "0"
 
 
 def fit_smem(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> DecodeConfig:
@@ -248,8 +280,8 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
 
     def of_head(ref, i):
         """Head i's part of a per-head buffer or barrier array (none has a head axis when
-        nh == 1, which keeps that kernel as it was)."""
-        return ref if nh == 1 else ref.at[i]
+        nh == 1, which keeps that kernel as it was); None for a buffer this config lacks."""
+        return ref if nh == 1 or ref is None else ref.at[i]
 
     def convert(src8, scales, dst):
         """An 8-bit [B, D] stage -> q's dtype in `dst`, each key (row) times its scale; in
@@ -261,6 +293,34 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
             sc = scales.at[pl.ds(r, n)][...]
             dst.at[pl.ds(r, n)][...] = (x * lax.broadcast_in_dim(sc, x.shape, [0])).astype(dtype)
         plgpu.commit_smem()
+
+    def split_q(qst, q8):
+        """Q (q's dtype, the staging buffer) -> its two e4m3 terms in q8 [2, MQ, D]: per row,
+        Q = s * (hi + lo / 16) with s = amax / 448 (hi: Q / s rounded to e4m3; lo: 16x its
+        residual, within e4m3's range since a residual is at most half of hi's step). Returns
+        each row's s * scale * log2(e)."""
+        q = plgpu.load(qst, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+        s_row = jnp.maximum(jnp.max(jnp.abs(q), axis=1), 1e-30) * (1.0 / 448.0)
+        x = q / lax.broadcast_in_dim(s_row, q.shape, [0])
+        hi = x.astype(FP8)
+        q8.at[0][...] = hi
+        q8.at[1][...] = ((x - hi.astype(jnp.float32)) * 16.0).astype(FP8)
+        plgpu.commit_smem()
+        return s_row * c_log2
+
+    def qk_fp8(q8, k_tile, k_scales, row_log2):
+        """S * scale * log2(e) [MQ, B]: two e4m3 wgmmas (Q's terms against the 8-bit K tile),
+        then each row's Q scale and each key's K scale."""
+        def compute(hi_ref, lo_ref):
+            kt = k_tile.transpose((1, 0))
+            plgpu.wgmma(hi_ref, q8.at[0], kt)
+            plgpu.wgmma(lo_ref, q8.at[1], kt)
+            return hi_ref[...], lo_ref[...]
+        hi, lo = pl.run_scoped(compute, plgpu.ACC((MQ, B), jnp.float32),
+                               plgpu.ACC((MQ, B), jnp.float32))
+        ks = plgpu.load(k_scales, layout=plgpu.Layout.WGMMA.reduce(0))
+        return ((hi + lo * (1.0 / 16.0)) * lax.broadcast_in_dim(row_log2, hi.shape, [0])
+                * lax.broadcast_in_dim(ks, hi.shape, [1]))
 
     def kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, out_refs, scoped):
         s = lax.axis_index("seq")
@@ -310,8 +370,11 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(h * G, G)], qst.at[pl.ds(0, G)],
                                         q_bar)
                 plgpu.barrier_wait(q_bar)
-                q_smem[...] = qst[...]
-                plgpu.commit_smem()
+                if cfg.fp8_qk:  # q_smem holds Q's two e4m3 terms [2, MQ, D]
+                    row_log2 = split_q(qst, q_smem)
+                else:
+                    q_smem[...] = qst[...]
+                    plgpu.commit_smem()
 
                 m_i, l_i, acc = softmax_state(MQ, D)
 
@@ -320,25 +383,32 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     slot = lax.rem(t, jnp.int32(stages))
                     plgpu.barrier_wait(k_bars.at[bo + slot])
                     k_tile = k_smem.at[slot]
-                    if quant:  # converted, the 8-bit stage goes straight back to the producer
-                        convert(k_tile, ks_smem.at[slot], k16)
+                    if cfg.fp8_qk:  # logits in the log2 domain, from the 8-bit tile itself
+                        sc = qk_fp8(q_smem, k_tile, ks_smem.at[slot], row_log2)
                         plgpu.barrier_arrive(k_cons.at[bo + slot])
-                        k_tile = k16
+                        c = None
+                    else:
+                        if quant:  # converted, the 8-bit stage goes straight back
+                            convert(k_tile, ks_smem.at[slot], k16)
+                            plgpu.barrier_arrive(k_cons.at[bo + slot])
+                            k_tile = k16
 
-                    def compute_qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
-                        return acc_ref[...]
-                    sc = pl.run_scoped(compute_qk, plgpu.ACC((MQ, B), jnp.float32))
-                    if not quant:
-                        plgpu.barrier_arrive(k_cons.at[bo + slot])
+                        def compute_qk(acc_ref):
+                            plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
+                            return acc_ref[...]
+                        sc = pl.run_scoped(compute_qk, plgpu.ACC((MQ, B), jnp.float32))
+                        if not quant:
+                            plgpu.barrier_arrive(k_cons.at[bo + slot])
+                        c = c_log2
                     if masked:
                         cols = plgpu.broadcasted_iota(jnp.int32, (MQ, B), 1,
                                                       layout=plgpu.Layout.WGMMA)
                         sc = jnp.where(cols + (b0 + t) * B < seq_len, sc, -jnp.inf)
                     # m lives in the log2 domain (scaled by scale*log2e): exp2(s*c - m) is an FMA.
-                    m_new = jnp.maximum(m_i, sc.max(axis=1) * c_log2)
+                    m_new = jnp.maximum(m_i, sc.max(axis=1) if c is None else sc.max(axis=1) * c)
                     alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(sc * c_log2 - lax.broadcast_in_dim(m_new, sc.shape, [0]))
+                    m_b = lax.broadcast_in_dim(m_new, sc.shape, [0])
+                    p = jnp.exp2(sc - m_b if c is None else sc * c - m_b)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
                     plgpu.barrier_wait(v_bars.at[bo + slot])
@@ -497,15 +567,17 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         sw = min(128, D * kv_dtype.itemsize)
         kv_tiles = (plgpu.TilingTransform((8, sw // kv_dtype.itemsize)),
                     plgpu.SwizzleTransform(sw))
-        q_smem = plgpu.SMEM(per((MQ, D)), dtype, transforms=(tiling, swizzle))
+        q_smem = (plgpu.SMEM(per((2, MQ, D)), FP8, transforms=kv_tiles) if cfg.fp8_qk else
+                  plgpu.SMEM(per((MQ, D)), dtype, transforms=(tiling, swizzle)))
         qst = plgpu.SMEM(per((MQ, D)), dtype)         # unswizzled Q-in / O-out staging
         kb = plgpu.SMEM(per((stages, B, D)), kv_dtype, transforms=kv_tiles)
         vb = plgpu.SMEM(per((stages, B, D)), kv_dtype, transforms=kv_tiles)
         pb = (plgpu.SMEM(per((MQ, B)), dtype, transforms=(tiling, swizzle)) if cfg.compat
               else None)
-        if quant:   # each stage's per-key scales, and one converted K and V tile
+        if quant:   # each stage's per-key scales, one converted K (unless fp8_qk) and V tile
             conv = (plgpu.SMEM(per((stages, B)), jnp.float32),
                     plgpu.SMEM(per((stages, B)), jnp.float32),
+                    None if cfg.fp8_qk else
                     plgpu.SMEM(per((B, D)), dtype, transforms=(tiling, swizzle)),
                     plgpu.SMEM(per((B, D)), dtype, transforms=(tiling, swizzle)))
         else:

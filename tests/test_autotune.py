@@ -239,9 +239,9 @@ def test_env_enabled_tunes_once_at_trace_time(monkeypatch):
 
 # ---------------------------------------------------------------------- decode_mgpu's own keys
 
-def mgpu_key(S=8, max_pages=64, page=16, kind="H200"):
+def mgpu_key(S=8, max_pages=64, page=16, kind="H200", kv_dtype=None):
     return autotune.make_key((S, 32, 128), (1000, page, 8, 128), (S, max_pages), 1,
-                             jnp.bfloat16, kind=kind, kernel="mgpu")
+                             jnp.bfloat16, kind=kind, kernel="mgpu", kv_dtype=kv_dtype)
 
 
 def test_mgpu_keys_configs_and_candidates():
@@ -259,6 +259,25 @@ def test_mgpu_keys_configs_and_candidates():
         for c in cands:  # every candidate is a launchable config for this shape
             assert isinstance(c, decode_mgpu.DecodeConfig)
             c.validate(128, 16)
+
+
+def test_mgpu_8bit_candidates_try_both_qk_paths():
+    """e4m3 pages: every candidate ring with Q K^T in e4m3 (the default) and in bf16; float
+    pages never get the e4m3 path."""
+    from pallas_kernels import decode_mgpu
+
+    k8 = mgpu_key(S=256, max_pages=128, kv_dtype=jnp.float8_e4m3fn)
+    cands = autotune.default_candidates(k8)
+    assert cands[0] == k8.heuristic() and cands[0].fp8_qk
+    assert {c.fp8_qk for c in cands} == {False, True}
+    # the same blocks, splits and heads both ways (the stages SMEM allows may differ)
+    shape = lambda c: (c.block_kv, c.num_splits, c.heads_per_cta)  # noqa: E731
+    assert {shape(c) for c in cands if c.fp8_qk} == {shape(c) for c in cands if not c.fp8_qk}
+    for c in cands:
+        c.validate(128, 16, kv_itemsize=1)
+    assert not any(c.fp8_qk for c in autotune.default_candidates(mgpu_key(S=256,
+                                                                          max_pages=128)))
+    assert decode_mgpu.DecodeConfig().fp8_qk is False  # the dataclass: float pages' value
 
 
 def test_mgpu_winner_round_trip_and_adapt(cache_file):

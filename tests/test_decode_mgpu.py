@@ -77,6 +77,13 @@ CASES = [
      "bf16"),
     ("g2_d64_p16_fp8_2heads_split2", [130, 50], 8, 4, 64, 16, 0, 1,
      C(64, 2, 2, heads_per_cta=2), "fp8"),
+    # fp8_qk: Q K^T as e4m3 wgmmas on the 8-bit K tile (Q split in two e4m3 terms)
+    ("g4_d128_p16_fp8qk_direct", [100, 37, 1], 8, 2, 128, 16, 1, 2, C(64, 2, 1, fp8_qk=True),
+     "fp8"),
+    ("g4_d64_p16_b128_fp8qk_split3", [300, 129, 16], 8, 2, 64, 16, 0, 0,
+     C(128, 2, 3, fp8_qk=True), "fp8"),
+    ("g2_d128_p16_fp8qk_2heads_split2", [130, 50], 8, 4, 128, 16, 0, 1,
+     C(64, 2, 2, heads_per_cta=2, fp8_qk=True), "fp8"),
 ]
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "fp8": jnp.bfloat16}  # fp8: q's dtype
 
@@ -256,7 +263,10 @@ FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
              (64, 4096, {}, dict(block_kv=64, num_stages=6)),
              (64, 4096, {}, dict(block_kv=64, num_stages=3, num_splits=2)),
              (1024, 256, {}, dict(block_kv=64, num_stages=3, heads_per_cta=2)),
-             (8, 2048, {}, dict(block_kv=64, num_stages=2, heads_per_cta=2))]
+             (8, 2048, {}, dict(block_kv=64, num_stages=2, heads_per_cta=2)),
+             (8, 2048, {}, dict(fp8_qk=True)), (256, 2048, {}, dict(fp8_qk=True)),
+             (1024, 256, {}, dict(fp8_qk=True, block_kv=64, num_stages=3, heads_per_cta=2)),
+             (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(fp8_qk=True, num_splits=3))]
 
 
 @pytest.mark.parametrize("B,ctx,shape_kw,cfg_kw", FP8_LOWER,
@@ -299,6 +309,25 @@ def test_heads_per_cta_choice(monkeypatch):
     monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "4")
     with pytest.raises(ValueError, match="IMP_JAX_MGPU_HEADS='4'; allowed: 1, 2"):
         choose_config(1024, 8, 16, 16)
+
+
+def test_fp8_qk_choice(monkeypatch):
+    """e4m3 pages take Q K^T in e4m3 by default (measured faster, session 13), which frees the
+    converted K tile: two heads per CTA get a third ring stage. Float pages never take it."""
+    monkeypatch.delenv("IMP_JAX_MGPU_FP8_QK", raising=False)
+    cfg = choose_config(256, 8, 128, 16, kv_itemsize=1)                  # 256 x 2048
+    assert cfg.fp8_qk and cfg.heads_per_cta == 2 and cfg.num_stages == 3
+    assert smem_bytes(cfg, 128, kv_itemsize=1) <= 232448
+    off = choose_config(256, 8, 128, 16, kv_itemsize=1, fp8_qk=False)
+    assert not off.fp8_qk and off.num_stages == 2                        # K's bf16 tile
+    assert not choose_config(256, 8, 128, 16).fp8_qk                     # bf16 pages
+    monkeypatch.setenv("IMP_JAX_MGPU_FP8_QK", "0")
+    assert not choose_config(256, 8, 128, 16, kv_itemsize=1).fp8_qk
+    monkeypatch.setenv("IMP_JAX_MGPU_FP8_QK", "yes")
+    with pytest.raises(ValueError, match="IMP_JAX_MGPU_FP8_QK='yes'; allowed: 0, 1"):
+        choose_config(256, 8, 128, 16, kv_itemsize=1)
+    with pytest.raises(ValueError, match="fp8_qk=True needs 8-bit"):
+        DecodeConfig(fp8_qk=True).validate(128, 16)
 
 
 def test_oversized_config_rejected():
