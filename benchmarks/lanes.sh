@@ -8,12 +8,27 @@
 #   FIRST_GPU=2 benchmarks/lanes.sh ...     # lanes on GPUs 2, 3, ... (others busy elsewhere)
 #
 # A LANEFILE holds one shell command per line (# comments allowed). Logs: $OUT/laneK.log.
+#
+# XLA's GEMM autotuning is ~91% of an FP8 program's first call (116 of 127 s for the FP8 prompt
+# program, session 13), and every lent machine starts empty. So the lanes share one compilation
+# cache ($IMP_JAX_CACHE_DIR, also JAX_COMPILATION_CACHE_DIR for benchmarks that build no LLM), the
+# XLA per-fusion autotune results under it come back as $OUT/autotune_cache.tgz, and a carried
+# .autotune/ folder (ignored by git: `mkdir -p .autotune && tar xzf .../autotune_cache.tgz -C
+# .autotune`, then copy it into the snapshot) is restored into it first. Only the autotune
+# results travel, not the compiled programs. Results are per GPU model; others are cache misses.
 set -u
 budget=$1; shift
 deadline=$(( $(date +%s) + budget ))
 export PYTHONPATH=${PYTHONPATH:-}:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-out}; mkdir -p "$out"
+export IMP_JAX_CACHE_DIR=${IMP_JAX_CACHE_DIR:-/tmp/imp_jax_cache}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$IMP_JAX_CACHE_DIR}
+autotune=$JAX_COMPILATION_CACHE_DIR/xla_gpu_per_fusion_autotune_cache_dir
+if [ -d .autotune ]; then
+    mkdir -p "$autotune" && cp -r .autotune/. "$autotune"/ \
+        && echo "autotune results restored: $(find "$autotune" -type f | wc -l) files"
+fi
 if [ -d .whl ]; then  # packages the GPU machine lacks (the server's), carried as wheels
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:$PYTHONPATH
@@ -39,10 +54,15 @@ for file in "$@"; do
 done
 wait
 tail -n 25 "$out"/lane*.log
+if [ -d "$autotune" ]; then
+    tar czf "$out/autotune_cache.tgz" -C "$autotune" . \
+        && echo "autotune results saved: $(find "$autotune" -type f | wc -l) files"
+fi
 # the device tool brings back at most 8 files: past that, everything but the logs in one archive
 if (( $(find "$out" -type f | wc -l) > 8 )); then
     tar czf /tmp/lanes_results.tgz -C "$out" --exclude='lane*.log' \
+        --exclude=autotune_cache.tgz \
         --exclude=lanes_results.tgz . \
-        && find "$out" -mindepth 1 -type f ! -name 'lane*.log' -delete \
+        && find "$out" -mindepth 1 -type f ! -name 'lane*.log' ! -name autotune_cache.tgz -delete \
         && find "$out" -mindepth 1 -type d -empty -delete && mv /tmp/lanes_results.tgz "$out/"
 fi
