@@ -341,7 +341,8 @@ def test_oversized_config_rejected():
 
 def _interpret_worker():
     races = [CASES[1]] + [c for c in CASES if c[0] in ("g2_d64_p16_2heads_split3",
-                                                         "g2_d64_p16_fp8_2heads_split2")]
+                                                         "g2_d64_p16_fp8_2heads_split2",
+                                                         "g2_d128_p16_fp8qk_2heads_split2")]
     mgpu_interpret.worker(CASES, run_case, races)
 
 
