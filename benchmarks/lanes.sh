@@ -9,13 +9,16 @@
 #
 # A LANEFILE holds one shell command per line (# comments allowed). Logs: $OUT/laneK.log.
 #
-# XLA's GEMM autotuning is ~91% of an FP8 program's first call (116 of 127 s for the FP8 prompt
+# XLA's GEMM autotuning is ~91% of an FP8 program's first call (~105 of 116 s for the FP8 prompt
 # program, session 13), and every lent machine starts empty. So the lanes share one compilation
-# cache ($IMP_JAX_CACHE_DIR, also JAX_COMPILATION_CACHE_DIR for benchmarks that build no LLM), the
-# XLA per-fusion autotune results under it come back as $OUT/autotune_cache.tgz, and a carried
-# .autotune/ folder (ignored by git: `mkdir -p .autotune && tar xzf .../autotune_cache.tgz -C
-# .autotune`, then copy it into the snapshot) is restored into it first. Only the autotune
-# results travel, not the compiled programs. Results are per GPU model; others are cache misses.
+# cache ($IMP_JAX_CACHE_DIR, which imp_jax's LLM and benchmarks/mixed_step.py use unless
+# IMP_JAX_NO_CACHE=1; JAX keeps XLA's per-fusion autotune results inside it). Those results come
+# back as $OUT/autotune_cache.tgz, and a .autotune/ folder in the tree is restored into the
+# cache first. .autotune/ is ignored by git, so it travels only when the call carries it (e.g.
+# inside the carried snapshot: `mkdir -p .autotune && tar xzf .../autotune_cache.tgz -C
+# .autotune`, then copy it into the snapshot). Only the autotune results travel, not the
+# compiled programs; they are per GPU model (others are cache misses). Commands that compile
+# the same programs see each other's cache within a call: a warm-up figure is then warm.
 set -u
 budget=$1; shift
 deadline=$(( $(date +%s) + budget ))
@@ -23,8 +26,7 @@ export PYTHONPATH=${PYTHONPATH:-}:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHO
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-out}; mkdir -p "$out"
 export IMP_JAX_CACHE_DIR=${IMP_JAX_CACHE_DIR:-/tmp/imp_jax_cache}
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$IMP_JAX_CACHE_DIR}
-autotune=$JAX_COMPILATION_CACHE_DIR/xla_gpu_per_fusion_autotune_cache_dir
+autotune=$IMP_JAX_CACHE_DIR/xla_gpu_per_fusion_autotune_cache_dir
 if [ -d .autotune ]; then
     mkdir -p "$autotune" && cp -r .autotune/. "$autotune"/ \
         && echo "autotune results restored: $(find "$autotune" -type f | wc -l) files"
@@ -61,8 +63,7 @@ fi
 # the device tool brings back at most 8 files: past that, everything but the logs in one archive
 if (( $(find "$out" -type f | wc -l) > 8 )); then
     tar czf /tmp/lanes_results.tgz -C "$out" --exclude='lane*.log' \
-        --exclude=autotune_cache.tgz \
         --exclude=lanes_results.tgz . \
-        && find "$out" -mindepth 1 -type f ! -name 'lane*.log' ! -name autotune_cache.tgz -delete \
+        && find "$out" -mindepth 1 -type f ! -name 'lane*.log' -delete \
         && find "$out" -mindepth 1 -type d -empty -delete && mv /tmp/lanes_results.tgz "$out/"
 fi

@@ -12,6 +12,10 @@ first $IMP_JAX_PROMPT_ROWS chunks, default 64, as the step's prompt groups do).
     python benchmarks/mixed_step.py --quantization fp8 --kv-cache-dtype fp8 --prompts 0 \
         --decode 704 --context 1536      # one decode step of the FP8 1k/1k run's shape
 
+first_call_ms is a program's first call: compile + XLA autotuning, or less where the persistent
+compilation cache ($IMP_JAX_CACHE_DIR, as LLM uses it) already holds the program or its autotune
+results; IMP_JAX_NO_CACHE=1 gives the cold figure.
+
 --pool-gb sizes the KV pool as the engine does (~100 GB at 0.9 of an H200) instead of just the
 step's pages; --hlo lists every copy in each compiled program that moves more than 16 MB (a
 donated cache the program cannot update in place is copied whole, per step).
@@ -71,8 +75,9 @@ def main(argv=None) -> int:
     max_len = max(args.prompt_len, args.context) + page
     per_seq = -(-max_len // page)
     rows = args.prompts + args.decode
-    from imp_jax.llm import _kv_cache_dtype
-    cache_dtype = _kv_cache_dtype(args.kv_cache_dtype, args.dtype)
+    from imp_jax.llm import enable_compilation_cache, resolve_kv_cache_dtype
+    enable_compilation_cache()  # as LLM does ($IMP_JAX_CACHE_DIR; IMP_JAX_NO_CACHE=1: none)
+    cache_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, args.dtype)
     page_bytes = KVCache.bytes_per_token(m.cfg, cache_dtype) * page
     num_pages = max(rows * per_seq + 1, int(args.pool_gb * 1e9 / page_bytes))
     r = ModelRunner(m.cfg, m.params, num_pages=num_pages, page_size=page,

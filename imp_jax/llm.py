@@ -34,7 +34,7 @@ _GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalt
 KV_CACHE_DTYPES = ("auto", "fp8", "int8", "bfloat16", "float16", "float32")
 
 
-def _kv_cache_dtype(name: str, model_dtype):
+def resolve_kv_cache_dtype(name: str, model_dtype):
     """"auto" = the model's dtype; "fp8" = float8_e4m3fn pages, "int8" = int8 pages (symmetric,
     max 127), both with one float32 scale per token and KV head."""
     if name not in KV_CACHE_DTYPES:
@@ -200,7 +200,7 @@ class LLM:
         is_quant = lambda x: isinstance(x, QuantArray)  # noqa: E731
         dtype = next(leaf.dtype for leaf in jax.tree.leaves(self.model.params, is_leaf=is_quant)
                      if not is_quant(leaf))
-        cache_dtype = _kv_cache_dtype(kv_cache_dtype, dtype)
+        cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
         if num_pages is None:
             per_token = KVCache.bytes_per_token(cfg, cache_dtype)
             if mesh is not None:

@@ -63,8 +63,8 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   1.2% error against the reference in the interpret test, hi + lo: 0.28%, the converting
   path's 0.31%). Row scales (s * scale * log2 e) and K's per-key scales multiply the f32
   logits. V is still converted (8-bit P V would need V K-major, i.e. transposed pages). H200,
-  session 13: 8 x 2048 -19%, 256 x 2048 -10%, 1024 x 2048 -6 to -8%, 704 x 1536 and
-  64 x 4096 level (docs/kernels_notes.md).
+  session 13, two heads per CTA: 8 x 2048 -29%, 256 x 2048 -10%, 1024 x 2048 -6 to -8%,
+  704 x 1536 and 64 x 4096 level (docs/kernels_notes.md).
 * `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
   and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
   Each head has its own ring, barriers and buffers (a leading [2] axis); the sequence's
@@ -130,7 +130,8 @@ class DecodeConfig:
 
 def smem_bytes(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> int:
     """SMEM of a CTA (q and the output in a 16-bit dtype); kv_itemsize 1: 8-bit pages (ring of
-    8-bit tiles + per-key f32 scales, and one converted K and V tile of q's dtype)."""
+    8-bit tiles + per-key f32 scales, and one converted V tile of q's dtype, plus one of K
+    unless fp8_qk, whose Q terms take the swizzled Q buffer's bytes)."""
     itemsize = 2
     q = 2 * MQ * D * itemsize    # swizzled Q (fp8_qk: its two e4m3 terms) + Q/O staging
     ring = 2 * cfg.num_stages * cfg.block_kv * D * kv_itemsize
@@ -203,7 +204,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     if num_stages is None:
         num_stages = 6 if short and block_kv == 64 else 3
     if fp8_qk is None:
-        fp8_qk = _fp8_qk_default()
+        fp8_qk = kv_itemsize == 1 and _fp8_qk_default()
     max_blocks = -(-(max_pages * page_size) // block_kv)
     if num_splits is None:
         base = max(1, S * KVH // heads_per_cta)
@@ -235,9 +236,10 @@ def _heads_per_cta(S: int, KVH: int, wanted: bool, num_sms: int) -> int:
 
 def _fp8_qk_default() -> bool:
     """Whether 8-bit pages take the e4m3 Q K^T path (`DecodeConfig.fp8_qk`): yes by default.
-    H200, session 13 (docs/kernels_notes.md): 256 x 2048 543.6 -> 490.0 us, 1024 x 2048
-    1839 -> 1698 us, 8 x 2048 46.7 -> 37.8 us (best configs), 64 x 4096 level; a whole FP8
-    decode step at 704 x 1536 71.96 -> 66.54 ms. $IMP_JAX_MGPU_FP8_QK=0 turns it off."""
+    H200, session 13 (docs/kernels_notes.md), the engine's two-head configs: 256 x 2048
+    543.6 -> 490.0 us, 1024 x 2048 1839 -> 1698 us, 704 x 1536 and 64 x 4096 level.
+    $IMP_JAX_MGPU_FP8_QK=0 turns it off where the heuristic decides (an autotuned winner in
+    the cache keeps its own choice)."""
     value = os.environ.get("IMP_JAX_MGPU_FP8_QK")
     if value not in (None, "0", "1"):
         raise ValueError(f"IMP_JAX_MGPU_FP8_QK={value!r}; allowed: 0, 1 (unset: 1)")
@@ -300,8 +302,9 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         residual, within e4m3's range since a residual is at most half of hi's step). Returns
         each row's s * scale * log2(e)."""
         q = plgpu.load(qst, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-        s_row = jnp.maximum(jnp.max(jnp.abs(q), axis=1), 1e-30) * (1.0 / 448.0)
-        x = q / lax.broadcast_in_dim(s_row, q.shape, [0])
+        amax = jnp.maximum(jnp.max(jnp.abs(q), axis=1), 1e-30)
+        x = q * lax.broadcast_in_dim(448.0 / amax, q.shape, [0])   # one divide per row
+        s_row = amax * (1.0 / 448.0)
         hi = x.astype(FP8)
         q8.at[0][...] = hi
         q8.at[1][...] = ((x - hi.astype(jnp.float32)) * 16.0).astype(FP8)

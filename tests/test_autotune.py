@@ -261,11 +261,10 @@ def test_mgpu_keys_configs_and_candidates():
             c.validate(128, 16)
 
 
-def test_mgpu_8bit_candidates_try_both_qk_paths():
+def test_mgpu_8bit_candidates_try_both_qk_paths(monkeypatch):
     """e4m3 pages: every candidate ring with Q K^T in e4m3 (the default) and in bf16; float
     pages never get the e4m3 path."""
-    from pallas_kernels import decode_mgpu
-
+    monkeypatch.delenv("IMP_JAX_MGPU_FP8_QK", raising=False)
     k8 = mgpu_key(S=256, max_pages=128, kv_dtype=jnp.float8_e4m3fn)
     cands = autotune.default_candidates(k8)
     assert cands[0] == k8.heuristic() and cands[0].fp8_qk
@@ -277,7 +276,6 @@ def test_mgpu_8bit_candidates_try_both_qk_paths():
         c.validate(128, 16, kv_itemsize=1)
     assert not any(c.fp8_qk for c in autotune.default_candidates(mgpu_key(S=256,
                                                                           max_pages=128)))
-    assert decode_mgpu.DecodeConfig().fp8_qk is False  # the dataclass: float pages' value
 
 
 def test_mgpu_winner_round_trip_and_adapt(cache_file):

@@ -330,6 +330,29 @@ def test_fp8_qk_choice(monkeypatch):
         DecodeConfig(fp8_qk=True).validate(128, 16)
 
 
+def test_fp8_qk_reads_the_8bit_tile():
+    """The kernel's own program (its jaxpr, no GPU needed): with fp8_qk the Q K^T wgmmas take
+    the ring's 8-bit K tile (byte rows of 128: `untile([8, 128])`) against Q's two e4m3 terms
+    ([0] and [1]); converting K, every wgmma reads 16-bit tiles (`untile([8, 64])`). A kernel
+    that ignored the flag would pass the numerics tests (both paths are within tolerance)."""
+    q, pool, _, pt, sl, qs = mgpu_interpret.paged_shapes(4, 8, 2, 128, 4, 8, 16)
+    pool = jax.ShapeDtypeStruct(pool.shape, jnp.float8_e4m3fn)
+    sc = jax.ShapeDtypeStruct((pool.shape[0], 2, 16), jnp.float32)
+
+    def wgmmas(qk):
+        cfg = DecodeConfig(64, 2, 1, fp8_qk=qk)
+        f = lambda q, k, v, pt, sl, qs, ks, vs: decode_kernel_call(  # noqa: E731
+            q, k, v, pt, sl, qs, scale=0.1, config=cfg, k_scale=ks, v_scale=vs)
+        text = str(jax.make_jaxpr(f)(q, pool, pool, pt, sl, qs, sc, sc))
+        return [line for line in text.splitlines() if "wgmma_ref" in line]
+
+    on, off = wgmmas(True), wgmmas(False)
+    eight_bit = [w for w in on if w.count("untile([8, 128])") == 2]
+    assert len(eight_bit) == 4     # two terms, in the full-block loop and the masked tail's
+    assert all(f"[{i % 2},:,:]" in w.split(" @ ")[0] for i, w in enumerate(eight_bit))
+    assert off and not any("untile([8, 128])" in w for w in off)
+
+
 def test_oversized_config_rejected():
     with pytest.raises(ValueError, match="SMEM"):
         DecodeConfig(block_kv=128, num_stages=4).validate(128, 16)
@@ -357,7 +380,10 @@ interpret_results, test_interpret_vs_reference, test_interpret_no_races = \
 GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
                "b64x2": dict(block_kv=64, num_stages=2), "b64x6": dict(block_kv=64, num_stages=6),
                "compat": dict(compat=True),
-               "2heads": dict(block_kv=64, num_stages=3, heads_per_cta=2)}
+               "2heads": dict(block_kv=64, num_stages=3, heads_per_cta=2),
+               # e4m3 pages converting K (fp8_qk is the heuristic's default there)
+               "2heads_convert_k": dict(block_kv=64, num_stages=3, heads_per_cta=2,
+                                        fp8_qk=False)}
 
 
 @gpu
@@ -368,6 +394,8 @@ def test_gpu_small_cases(case, cfg):
     kw = GPU_CONFIGS[cfg]
     if kw is not None and KVH % kw.get("heads_per_cta", 1):
         pytest.skip("heads_per_cta does not divide the KV heads")
+    if kw is not None and "fp8_qk" in kw and case[9] != "fp8":
+        pytest.skip("fp8_qk concerns 8-bit pages only")
     config = "case" if kw is None else choose_config(
         len(lens) + case[6], KVH, max(-(-L // page) for L in lens), page, D,
         num_splits=case[8].num_splits if case[8] is not None else None,
@@ -412,6 +440,21 @@ def test_gpu_benchmark_shapes(B, ctx, cfg):
     config = None if kw is None else choose_config(B + 3, 8, ctx // 16, 16, 128, **kw)
     out = paged_decode_mgpu(*args, scale=128 ** -0.5, config=config)
     err, pad_max, has_nan = check(args, out, 128 ** -0.5)
+    assert not has_nan and pad_max == 0.0
+    assert err < TOL, err
+
+
+@gpu
+@pytest.mark.parametrize("qk", [True, False], ids=["fp8_qk", "convert_k"])
+@pytest.mark.parametrize("B,ctx", [(256, 2048), (8, 2048), (64, 4096)],
+                         ids=["B256-ctx2048", "B8-ctx2048", "B64-ctx4096"])
+def test_gpu_fp8_benchmark_shapes(B, ctx, qk):
+    """e4m3 pages at the benchmark's shapes, both Q K^T paths, the engine's two-head configs."""
+    args, scales = quantized(bench_like_case(B, ctx, pad_seqs=3))
+    config = choose_config(B + 3, 8, ctx // 16, 16, 128, kv_itemsize=1, heads_per_cta=2,
+                           fp8_qk=qk)
+    out = paged_decode_mgpu(*args, scale=128 ** -0.5, config=config, **scales)
+    err, pad_max, has_nan = check(args, out, 128 ** -0.5, scales)
     assert not has_nan and pad_max == 0.0
     assert err < TOL, err
 

@@ -12,7 +12,7 @@ import imp_jax
 import pallas_kernels
 from imp_jax.cache import (FP8, INT8, KVCache, is_quantized, quantize_fp8, quantize_int8,
                            quantize_kv, write_kv)
-from imp_jax.llm import KV_CACHE_DTYPES, _kv_cache_dtype
+from imp_jax.llm import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from imp_jax.loaders import load_model
 from pallas_kernels import ragged_paged_attention
 from pallas_kernels.reference import ragged_paged_attention_ref
@@ -117,9 +117,10 @@ def test_attention_over_8bit_pages_tracks_float_pages(kv, bound):
 def test_kv_cache_dtype_names_and_bytes():
     model = load_model(TINY)
     cfg = model.cfg
-    assert _kv_cache_dtype("int8", jnp.float32) == jnp.int8 and "int8" in KV_CACHE_DTYPES
-    assert _kv_cache_dtype("fp8", jnp.bfloat16) == FP8
-    assert _kv_cache_dtype("auto", jnp.bfloat16) == jnp.bfloat16
+    assert resolve_kv_cache_dtype("int8", jnp.float32) == jnp.int8
+    assert "int8" in KV_CACHE_DTYPES
+    assert resolve_kv_cache_dtype("fp8", jnp.bfloat16) == FP8
+    assert resolve_kv_cache_dtype("auto", jnp.bfloat16) == jnp.bfloat16
     assert is_quantized(jnp.int8) and is_quantized(FP8) and not is_quantized(jnp.bfloat16)
     per_head = {d: KVCache.bytes_per_token(cfg, d) // (2 * cfg.num_layers * cfg.num_kv_heads)
                 for d in (INT8, FP8, jnp.bfloat16)}
