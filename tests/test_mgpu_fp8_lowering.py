@@ -104,3 +104,40 @@ def test_per_key_scales_from_a_contiguous_smem_vector():
                       plgpu.SMEM((M, B), jnp.float32), plgpu.Barrier(num_barriers=3))
     _lowers(entry, (M, B), jax.ShapeDtypeStruct((M, D), F16), jax.ShapeDtypeStruct((B, D), F16),
             jax.ShapeDtypeStruct((B,), jnp.float32))
+
+
+SW8_64 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(64))   # 8-bit rows of 64
+
+
+def test_fp8_pv_on_a_transposed_v_tile():
+    """O [64, D] = P [64, keys] @ V [keys, D] as one e4m3 wgmma, with V stored transposed
+    ([D, keys], keys contiguous: K-major for this product) and P staged in SMEM in e4m3. What
+    8-bit P V needs (session 13 probes): P as an 8-bit register LHS, a transposed ref store
+    (V [keys, D] -> [D, keys] in SMEM) and TMA boxes narrower than the swizzle tile (16- or
+    32-key pages into a 64-key V^T tile) did not lower; whole 64-key pages do (below)."""
+    def entry(p_ref, vt_ref, o_ref):
+        def body(p8, vt, o_smem, bar):
+            _load_two(p_ref, vt_ref, p8, vt, bar)
+
+            def mm(acc_ref):
+                plgpu.wgmma(acc_ref, p8, vt.transpose((1, 0)))
+                return acc_ref[...]
+            _store(o_smem, o_ref, pl.run_scoped(mm, plgpu.ACC((M, D), jnp.float32)))
+        pl.run_scoped(body, plgpu.SMEM((M, B), FP8, transforms=SW8_64),
+                      plgpu.SMEM((D, B), FP8, transforms=SW8_64),
+                      plgpu.SMEM((M, D), jnp.float32), plgpu.Barrier(num_barriers=2))
+    _lowers(entry, (M, D), jax.ShapeDtypeStruct((M, B), FP8), jax.ShapeDtypeStruct((D, B), FP8))
+
+
+def test_a_transposed_64_key_page_lands_in_a_v_tile():
+    """A transposed page [D, 64 keys] of a [pages, D, 64] pool, TMA'd into a [D, 64] e4m3 tile
+    swizzled by 64 bytes (the B operand above): one box per page, so transposed V pages of
+    64 keys fit the e4m3 P V product."""
+    def entry(pool_ref, o_ref):
+        def body(vt, o_smem, bar):
+            plgpu.copy_gmem_to_smem(pool_ref.at[1], vt, bar.at[0])
+            plgpu.barrier_wait(bar.at[0])
+            _store(o_smem, o_ref, vt[...].astype(jnp.float32))
+        pl.run_scoped(body, plgpu.SMEM((D, B), FP8, transforms=SW8_64),
+                      plgpu.SMEM((D, B), jnp.float32), plgpu.Barrier(num_barriers=1))
+    _lowers(entry, (D, B), jax.ShapeDtypeStruct((3, D, B), FP8))
