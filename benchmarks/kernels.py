@@ -342,8 +342,9 @@ MGPU_SWEEP = [dict(), dict(fp8_qk=True), dict(fp8_qk=False),
               dict(num_splits=1, block_kv=128, num_stages=3),
               dict(block_kv=64, num_stages=4, fp8_qk=True)]
 # fp8_qk (8-bit pages: Q K^T as e4m3 wgmmas on the K tile) is ignored on bf16 pages.
-MGPU_DEFAULT = [dict(), dict(block_kv=128, num_stages=3), dict(block_kv=64, num_stages=6),
-                dict(fp8_qk=False)]     # the heuristic, two rings, 8-bit pages converting K
+MGPU_DEFAULT = [dict(), dict(block_kv=128, num_stages=3, heads_per_cta=1),
+                dict(block_kv=64, num_stages=6, heads_per_cta=1),
+                dict(fp8_qk=False)]     # the heuristic, two one-head rings, 8-bit pages converting K
 MGPU_QUICK = [dict(), dict(block_kv=128, num_stages=3)]
 MGPU_SMOKE = [dict(), dict(num_splits=2)]        # one split (direct store); split-K + combine
 

@@ -18,7 +18,9 @@
 # inside the carried snapshot: `mkdir -p .autotune && tar xzf .../autotune_cache.tgz -C
 # .autotune`, then copy it into the snapshot). Only the autotune results travel, not the
 # compiled programs; they are per GPU model (others are cache misses). Commands that compile
-# the same programs see each other's cache within a call: a warm-up figure is then warm.
+# the same programs see each other's cache within a call: a warm-up figure is then warm. A
+# command that sets JAX_COMPILATION_CACHE_DIR itself keeps its results out of this. $OUT brings
+# back at most 8 files: the lane logs, lanes_results.tgz and autotune_cache.tgz (<= 6 lanes).
 set -u
 budget=$1; shift
 deadline=$(( $(date +%s) + budget ))
@@ -27,8 +29,10 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 out=${OUT:-out}; mkdir -p "$out"
 export IMP_JAX_CACHE_DIR=${IMP_JAX_CACHE_DIR:-/tmp/imp_jax_cache}
 autotune=$IMP_JAX_CACHE_DIR/xla_gpu_per_fusion_autotune_cache_dir
-if [ -d .autotune ]; then
-    mkdir -p "$autotune" && cp -r .autotune/. "$autotune"/ \
+if [ -d .autotune ]; then  # the archive's own folder name, or its contents
+    src=.autotune; [ -d .autotune/xla_gpu_per_fusion_autotune_cache_dir ] \
+        && src=.autotune/xla_gpu_per_fusion_autotune_cache_dir
+    mkdir -p "$autotune" && cp -r "$src"/. "$autotune"/ \
         && echo "autotune results restored: $(find "$autotune" -type f | wc -l) files"
 fi
 if [ -d .whl ]; then  # packages the GPU machine lacks (the server's), carried as wheels
@@ -63,7 +67,8 @@ fi
 # the device tool brings back at most 8 files: past that, everything but the logs in one archive
 if (( $(find "$out" -type f | wc -l) > 8 )); then
     tar czf /tmp/lanes_results.tgz -C "$out" --exclude='lane*.log' \
+        --exclude=autotune_cache.tgz \
         --exclude=lanes_results.tgz . \
-        && find "$out" -mindepth 1 -type f ! -name 'lane*.log' -delete \
+        && find "$out" -mindepth 1 -type f ! -name 'lane*.log' ! -name autotune_cache.tgz -delete \
         && find "$out" -mindepth 1 -type d -empty -delete && mv /tmp/lanes_results.tgz "$out/"
 fi

@@ -57,6 +57,10 @@ def main(argv=None) -> int:
         ap.error("--prompts/--decode must be >= 0, --prompt-len/--context/--reps >= 1")
     import jax
 
+    from imp_jax.llm import KV_CACHE_DTYPES, enable_compilation_cache, resolve_kv_cache_dtype
+    if args.kv_cache_dtype not in KV_CACHE_DTYPES:
+        ap.error(f"--kv-cache-dtype {args.kv_cache_dtype!r}: allowed {KV_CACHE_DTYPES}")
+    enable_compilation_cache()  # as LLM does ($IMP_JAX_CACHE_DIR; IMP_JAX_NO_CACHE=1: none)
     from imp_jax.cache import KVCache
     from imp_jax.loaders import load_model
     from imp_jax.runner import COMMAND_BUFFER_MODES, ModelRunner, StepSeq
@@ -75,8 +79,6 @@ def main(argv=None) -> int:
     max_len = max(args.prompt_len, args.context) + page
     per_seq = -(-max_len // page)
     rows = args.prompts + args.decode
-    from imp_jax.llm import enable_compilation_cache, resolve_kv_cache_dtype
-    enable_compilation_cache()  # as LLM does ($IMP_JAX_CACHE_DIR; IMP_JAX_NO_CACHE=1: none)
     cache_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, args.dtype)
     page_bytes = KVCache.bytes_per_token(m.cfg, cache_dtype) * page
     num_pages = max(rows * per_seq + 1, int(args.pool_gb * 1e9 / page_bytes))

@@ -435,8 +435,10 @@ GPU_SHAPES = [(8, 2048), (1, 1024), (1, 32768), (8, 16384), (64, 1024), (64, 409
 @pytest.mark.parametrize("cfg", list(GPU_CONFIGS), ids=list(GPU_CONFIGS))
 @pytest.mark.parametrize("B,ctx", GPU_SHAPES, ids=[f"B{b}-ctx{c}" for b, c in GPU_SHAPES])
 def test_gpu_benchmark_shapes(B, ctx, cfg):
-    args = bench_like_case(B, ctx, pad_seqs=3)
     kw = GPU_CONFIGS[cfg]
+    if kw is not None and "fp8_qk" in kw:
+        pytest.skip("bf16 pages: fp8_qk concerns 8-bit pages only")
+    args = bench_like_case(B, ctx, pad_seqs=3)
     config = None if kw is None else choose_config(B + 3, 8, ctx // 16, 16, 128, **kw)
     out = paged_decode_mgpu(*args, scale=128 ** -0.5, config=config)
     err, pad_max, has_nan = check(args, out, 128 ** -0.5)
@@ -449,7 +451,8 @@ def test_gpu_benchmark_shapes(B, ctx, cfg):
 @pytest.mark.parametrize("B,ctx", [(256, 2048), (8, 2048), (64, 4096)],
                          ids=["B256-ctx2048", "B8-ctx2048", "B64-ctx4096"])
 def test_gpu_fp8_benchmark_shapes(B, ctx, qk):
-    """e4m3 pages at the benchmark's shapes, both Q K^T paths, the engine's two-head configs."""
+    """e4m3 pages at the benchmark's shapes, both Q K^T paths, two heads per CTA (the engine's
+    config at 256 x 2k and 64 x 4k; at 8 x 2k it takes the Triton kernel today)."""
     args, scales = quantized(bench_like_case(B, ctx, pad_seqs=3))
     config = choose_config(B + 3, 8, ctx // 16, 16, 128, kv_itemsize=1, heads_per_cta=2,
                            fp8_qk=qk)

@@ -141,3 +141,43 @@ def test_a_transposed_64_key_page_lands_in_a_v_tile():
         pl.run_scoped(body, plgpu.SMEM((D, B), FP8, transforms=SW8_64),
                       plgpu.SMEM((D, B), jnp.float32), plgpu.Barrier(num_barriers=1))
     _lowers(entry, (D, B), jax.ShapeDtypeStruct((3, D, B), FP8))
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="jax 0.11.2: layout inference fails for an e4m3 register LHS made "
+                          "from a WGMMA accumulator")
+def test_pinned_limit_e4m3_p_from_the_accumulator_as_register_lhs():
+    """What keeps P in SMEM for an e4m3 P V: the softmax's P (the f32 accumulator's layout)
+    cast to e4m3 does not lower as wgmma's register operand. Strict xfail: a JAX that lowers
+    it makes this test fail, so the SMEM round trip can be dropped then."""
+    def entry(p_ref, vt_ref, o_ref):
+        def body(pf, vt, o_smem, bar):
+            _load_two(p_ref, vt_ref, pf, vt, bar)
+            p = plgpu.load(pf, layout=plgpu.Layout.WGMMA).astype(FP8)
+
+            def mm(acc_ref):
+                plgpu.wgmma(acc_ref, p, vt.transpose((1, 0)))
+            acc = pl.run_state(mm)(plgpu.ACC.init(jnp.zeros((M, D), jnp.float32)))
+            _store(o_smem, o_ref, acc)
+        pl.run_scoped(body, plgpu.SMEM((M, B), jnp.float32),
+                      plgpu.SMEM((D, B), FP8, transforms=SW8_64),
+                      plgpu.SMEM((M, D), jnp.float32), plgpu.Barrier(num_barriers=2))
+    _lowers(entry, (M, D), jax.ShapeDtypeStruct((M, B), jnp.float32),
+            jax.ShapeDtypeStruct((D, B), FP8))
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="jax 0.11.2: a TMA slice must cover whole swizzle tiles")
+def test_pinned_limit_16_key_page_boxes_into_a_v_tile():
+    """Why transposed e4m3 V pages need 64 keys: four 16-key page boxes into the column slices
+    of one [D, 64] V^T tile do not lower (strict xfail, as above)."""
+    def entry(pool_ref, o_ref):
+        def body(vt, o_smem, bar):
+            for c in range(B // 16):
+                plgpu.copy_gmem_to_smem(pool_ref.at[c], vt.at[:, pl.ds(c * 16, 16)], bar.at[0])
+            plgpu.barrier_wait(bar.at[0])
+            _store(o_smem, o_ref, vt[...].astype(jnp.float32))
+        pl.run_scoped(body, plgpu.SMEM((D, B), FP8, transforms=SW8_64),
+                      plgpu.SMEM((D, B), jnp.float32),
+                      plgpu.Barrier(num_arrivals=B // 16, num_barriers=1))
+    _lowers(entry, (D, B), jax.ShapeDtypeStruct((B // 16, D, 16), FP8))
