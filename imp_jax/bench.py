@@ -95,10 +95,10 @@ def _random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list
     return rng.integers(10, vocab - 10, size=(n, length)).tolist()
 
 
-def _make_llm(args, max_num_seqs: int, warmup: bool = True):
+def _make_llm(args, max_num_seqs: int):
     from imp_jax import LLM
 
-    llm = LLM(args.model, dtype=args.dtype,
+    return LLM(args.model, dtype=args.dtype,
               max_model_len=max(i + o for i, o in _pairs(args)) + 16,
               max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               quantization=args.quantization, quant_policy=args.quant_policy,
@@ -106,13 +106,24 @@ def _make_llm(args, max_num_seqs: int, warmup: bool = True):
               gpu_memory_utilization=args.gpu_memory_utilization,
               decode_steps=args.decode_steps, kv_cache_dtype=args.kv_cache_dtype,
               mesh=args.mesh, kv_admission=args.kv_admission)
-    if warmup:
-        start = time.perf_counter()
-        n = llm.warmup()
-        print(f"warm-up: compiled {n} programs in {time.perf_counter() - start:.1f} s",
-              file=sys.stderr)
-        freeze_gc()
-    return llm
+
+
+def _warm_up(llm, **kwargs) -> dict:
+    """llm.warmup(**kwargs), timed, then freeze_gc(). Returns the row fields that make a warm-up
+    figure readable: its programs and seconds, and how many files the persistent compilation
+    cache held before (0: every program compiled and XLA-autotuned from scratch; an FP8
+    program's first call is ~91% autotuning, docs/benchmarks.md session 13)."""
+    from imp_jax.llm import compilation_cache_files
+
+    before = compilation_cache_files()
+    start = time.perf_counter()
+    n = llm.warmup(**kwargs)
+    seconds = time.perf_counter() - start
+    cache = "no compilation cache" if before is None else \
+        f"compilation cache: {before} files before, {compilation_cache_files()} after"
+    print(f"warm-up: compiled {n} programs in {seconds:.1f} s ({cache})", file=sys.stderr)
+    freeze_gc()
+    return dict(warmup_programs=n, warmup_s=seconds, cache_files_before_warmup=before)
 
 
 def freeze_gc() -> None:
@@ -178,13 +189,9 @@ def bench_latency(args) -> list[dict]:
             for b in batches:
                 peer_rows.extend(hf_peer(shape, b, input_len, output_len,
                                          modes=_peer_modes(args)))
-    llm = _make_llm(args, max(batches), warmup=False)
+    llm = _make_llm(args, max(batches))
     # the programs these batches use, compiled in parallel (a 70B shape's are minutes one by one)
-    start = time.perf_counter()
-    n = llm.warmup(max_prompt_tokens=max(batches) * input_len)
-    print(f"warm-up: compiled {n} programs in {time.perf_counter() - start:.1f} s",
-          file=sys.stderr)
-    freeze_gc()
+    warm_fields = _warm_up(llm, max_prompt_tokens=max(batches) * input_len)
     cfg = llm.config
     kv_dtype = llm.runner.cache.k[0].dtype
     weight_bytes = step_weight_bytes(llm)
@@ -218,7 +225,7 @@ def bench_latency(args) -> list[dict]:
                    host_ms_per_step=1e3 * host / max(steps, 1),
                    watts=power.watts,
                    tokens_per_joule=tokens / (power.watts * (ttft + decode))
-                   if power.watts else None)
+                   if power.watts else None, **warm_fields)
         rows.append(row)
     return rows + peer_rows
 
@@ -229,6 +236,7 @@ def bench_throughput(args) -> list[dict]:
 
     rows = []
     llm = None if args.peer_only else _make_llm(args, args.max_num_seqs)
+    warm_fields = _warm_up(llm) if llm is not None else {}
     for input_len, output_len in _pairs(args) if llm is not None else ():
         cfg = llm.config
         rng = np.random.default_rng(input_len * 7919 + output_len)
@@ -268,7 +276,8 @@ def bench_throughput(args) -> list[dict]:
             # compile costs seconds, as session 6's tp=2 run showed)
             compiles=llm.runner.num_compiles - traced,
             watts=power.watts,
-            tokens_per_joule=out_tokens / (power.watts * elapsed) if power.watts else None))
+            tokens_per_joule=out_tokens / (power.watts * elapsed) if power.watts else None,
+            **warm_fields))
         if rows[-1]["compiles"]:
             print(f"warning: {rows[-1]['compiles']} program(s) compiled inside the timed pass; "
                   "its figures include compile time (warm-up missed a shape)", file=sys.stderr)

@@ -55,6 +55,17 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def compilation_cache_files() -> int | None:
+    """Files in JAX's persistent compilation cache (programs, and on a GPU XLA's per-fusion
+    autotune results), or None when no cache is set."""
+    import os
+
+    path = jax.config.jax_compilation_cache_dir
+    if not path:
+        return None
+    return sum(len(files) for _, _, files in os.walk(os.path.expanduser(path)))
+
+
 def _pool_pages(kv_bytes_per_token: int, page_size: int, utilization: float,
                 max_model_len: int, max_num_seqs: int) -> int:
     """Size the page pool from free device memory, like vLLM's gpu_memory_utilization.

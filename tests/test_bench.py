@@ -54,6 +54,11 @@ def test_throughput_runs_each_length_pair_once(tmp_path):
         assert r["total_tok_s"] > r["output_tok_s"]
         assert r["compiles"] == 0  # warm-up compiled every program the timed pass ran
     assert rows[0]["blocks_ahead"] > 0  # 12 tokens at 4 per block: decode blocks ran ahead
+    # the warm-up's figures travel with each row: its programs (0 where an earlier test in this
+    # process traced them), seconds, and the compilation cache it started from (tests run with
+    # the persistent cache on, conftest.py)
+    assert all(r["warmup_programs"] >= 0 and r["warmup_s"] > 0 for r in rows)
+    assert isinstance(rows[0]["cache_files_before_warmup"], int)
     assert "decode_block" in rows[0]["step_kinds"]
     for r in rows:  # 12 prompts through 4 rows: prompt steps ran, each kind timed
         kinds = r["step_kinds"]
@@ -80,3 +85,21 @@ def test_mismatched_length_lists_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--peer-modes 'hf-eager,hf-fast': allowed a comma list "
                                          "of hf-eager, hf-static-compile"):
         _rows(tmp_path, ["throughput", "--peer", "hf", "--peer-modes", "hf-eager,hf-fast"])
+
+
+def test_compilation_cache_files_counts_the_cache(tmp_path, monkeypatch):
+    import jax
+
+    from imp_jax import llm
+
+    class Config:  # stands in for jax.config: pointing the real one elsewhere mid-run would
+        jax_compilation_cache_dir = None  # move the cache of every later test
+
+    monkeypatch.setattr(llm, "jax", type("J", (), {"config": Config}))
+    assert llm.compilation_cache_files() is None
+    (tmp_path / "a").mkdir()
+    for name in ("x", "a/y", "a/z"):
+        (tmp_path / name).write_text("1")
+    Config.jax_compilation_cache_dir = str(tmp_path)
+    assert llm.compilation_cache_files() == 3
+    assert jax.config.jax_compilation_cache_dir != str(tmp_path)  # the real one untouched
