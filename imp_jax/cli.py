@@ -144,14 +144,11 @@ def cmd_chat(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from imp_jax.loaders import load_model, orbax_ckpt, read_config
-    from imp_jax.quant import MODES, check_policy, parse_policy, quantize_loaded
+    from imp_jax.loaders import load_model, orbax_ckpt
+    from imp_jax.quant import policy_before_load, quantize_loaded
 
-    if args.quant_policy and not args.quantization:
-        raise ValueError(f"--quant-policy needs --quantization ({', '.join(MODES)})")
-    policy = parse_policy(args.quant_policy)  # a typo fails before the load
-    if policy is not None:
-        check_policy(policy, read_config(args.src))
+    policy = policy_before_load(args.quant_policy, args.quantization, args.src,
+                                "--quant-policy needs --quantization")
     start = time.perf_counter()
     model = load_model(args.src, args.dtype)
     params = model.params

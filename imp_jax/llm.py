@@ -172,18 +172,12 @@ class LLM:
             from imp_jax.sharding import param_shardings
 
             shardings_fn = lambda cfg: param_shardings(cfg, mesh, sharding_rules)  # noqa: E731
-        if quant_policy is not None:
-            from imp_jax.quant import MODES, parse_policy
+        if quant_policy is not None:  # a typo fails before a long load
+            from imp_jax.quant import policy_before_load
 
-            if quantization is None:
-                raise ValueError(f"quant_policy={quant_policy!r} needs quantization= "
-                                 f"({', '.join(MODES)})")
-            quant_policy = parse_policy(quant_policy)
-            if loaded is None:  # a keep typo fails before a long load
-                from imp_jax.loaders import read_config
-                from imp_jax.quant import check_policy
-
-                check_policy(quant_policy, read_config(model))
+            quant_policy = policy_before_load(quant_policy, quantization,
+                                              None if loaded is not None else model,
+                                              f"quant_policy={quant_policy!r} needs quantization=")
         # random shapes are generated already quantized (never whole in full precision)
         self.model = loaded or load_model(model, dtype, shardings=shardings_fn,
                                           random_quantization=quantization,

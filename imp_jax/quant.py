@@ -567,6 +567,24 @@ def check_policy(policy: QuantPolicy, cfg: ModelConfig,
                          f"saved, or convert the full-precision source again with it")
 
 
+def policy_before_load(spec: str | QuantPolicy | None, mode: str | None, model: str | None,
+                       needs: str) -> QuantPolicy | None:
+    """Everything a user's policy can get wrong, checked before a long load (`LLM`, `imp-jax
+    convert`): given without a mode (ValueError starting with `needs`, the caller's own names
+    for the two), unparsable (`parse_policy`), or a `keep` pattern that matches no weight of
+    `model`'s config (`check_policy`; skipped when model is None, e.g. an already loaded one)."""
+    if spec is None:
+        return None
+    if mode is None:
+        raise ValueError(f"{needs} ({', '.join(MODES)})")
+    policy = parse_policy(spec)
+    if model is not None:
+        from imp_jax.loaders import read_config
+
+        check_policy(policy, read_config(model))
+    return policy
+
+
 # Named policies for `parse_policy` (the command line's --quant-policy).
 POLICY_PRESETS = {
     "default": DEFAULT_POLICY,
