@@ -362,8 +362,8 @@ def main():
                     help="skip our Triton kernel; time the Mosaic GPU kernel vs the peer")
     ap.add_argument("--no-mgpu", action="store_true", help="skip the Mosaic GPU kernel")
     ap.add_argument("--shapes", default=None,
-                    help="comma list of BATCHxCTX (page 16), e.g. 1024x256,64x1024: these "
-                         "cases instead of the mode's table")
+                    help="comma list of BATCHxCTX[xPAGE] (page 16 unless given), e.g. "
+                         "1024x256,256x2048x64: these cases instead of the mode's table")
     ap.add_argument("--mgpu-sweep", action="store_true",
                     help="every case: the whole Mosaic GPU config sweep (MGPU_SWEEP)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -404,12 +404,16 @@ def main():
         budget = 150.0 if args.budget_s is None else args.budget_s
     if args.shapes:
         try:
-            shapes = [(int(b), int(c), 16) for b, c in
-                      (x.lower().split("x") for x in args.shapes.split(",") if x.strip())]
+            shapes = [tuple(int(v) for v in (x.lower().split("x") + ["16"])[:3]) for x in
+                      args.shapes.split(",") if x.strip() and x.lower().count("x") in (1, 2)]
         except ValueError:
-            ap.error(f"--shapes {args.shapes!r}: expected BATCHxCTX,... (e.g. 1024x256)")
-        if not shapes or any(b < 1 or c < 16 for b, c, _ in shapes):
-            ap.error(f"--shapes {args.shapes!r}: batch >= 1 and context >= 16 (one page)")
+            shapes = []
+        if len(shapes) != len([x for x in args.shapes.split(",") if x.strip()]):
+            ap.error(f"--shapes {args.shapes!r}: expected BATCHxCTX[xPAGE],... "
+                     "(e.g. 1024x256,256x2048x64)")
+        if not shapes or any(b < 1 or p < 1 or c < p or c % p for b, c, p in shapes):
+            ap.error(f"--shapes {args.shapes!r}: batch >= 1, page >= 1, context a multiple "
+                     "of the page (page 16 unless given)")
     deadline = None if budget is None else t_start + budget
     cases = [(B, ctx, page, kv) for (B, ctx, page) in shapes for kv in kvs]
 

@@ -102,7 +102,7 @@ def _make_llm(args, max_num_seqs: int):
               max_model_len=max(i + o for i, o in _pairs(args)) + 16,
               max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               quantization=args.quantization, quant_policy=args.quant_policy,
-              num_pages=args.num_pages,
+              num_pages=args.num_pages, page_size=args.page_size,
               gpu_memory_utilization=args.gpu_memory_utilization,
               decode_steps=args.decode_steps, kv_cache_dtype=args.kv_cache_dtype,
               mesh=args.mesh, kv_admission=args.kv_admission)
@@ -522,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--num-pages", type=int, default=None)
+    ap.add_argument("--page-size", type=_positive, default=16,
+                    help="tokens per KV page (a power of two; LLM checks it)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--kv-admission", choices=["optimistic", "reserve"], default="optimistic",
                     help="reserve: admit a request only while every running one can grow to "
