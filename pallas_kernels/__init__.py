@@ -105,8 +105,9 @@ def mgpu_decode_config(q, k_pages, page_table, max_query_len: int, *, k_scale=No
                        soft_cap=None, sliding_window=None):
     """decode_mgpu's launch config for this step on a GPU, or None where another kernel serves
     it: the env choices above, the shapes `decode_mgpu.supported` covers, and for 8-bit pages
-    only configs with two KV heads per CTA, the only ones that beat the Triton kernel on
-    e4m3 pages (session 8; with one head it was level or behind, sessions 6-7)."""
+    every config but one KV head per CTA converting K (level with or behind the Triton kernel,
+    sessions 6-8). H200, e4m3 pages, session 14: 8 x 2k two heads 34.7 us, one head with
+    fp8_qk 42.3-45.8, Triton 43.9; 32 x 2k 108.0 / 113.2-125.5 / 146.8."""
     if decode_kernel() != "mgpu" or (k_scale is not None and decode_kernel_8bit() != "mgpu"):
         return None
     if not decode_mgpu.supported(q.shape, k_pages.shape, q.dtype, max_query_len,
@@ -114,7 +115,8 @@ def mgpu_decode_config(q, k_pages, page_table, max_query_len: int, *, k_scale=No
                                  sliding_window=sliding_window, k_scale=k_scale):
         return None
     config = kernel_config(q, k_pages, page_table, 1, kernel="mgpu")
-    return None if k_scale is not None and config.heads_per_cta != 2 else config
+    one_head_converting = config.heads_per_cta == 1 and not config.fp8_qk
+    return None if k_scale is not None and one_head_converting else config
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, seq_lens, query_start, *,

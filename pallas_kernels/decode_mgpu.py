@@ -197,7 +197,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     # -4%; at 64 x 1k they lost by 13% (H200, session 4, same table).
     short = max_pages * page_size <= SHORT_CTX and page_size <= 64
     if heads_per_cta is None:
-        heads_per_cta = _heads_per_cta(S, KVH, short or kv_itemsize == 1, num_sms)
+        heads_per_cta = _heads_per_cta(S, KVH, short, kv_itemsize == 1, num_sms)
     if block_kv is None:  # two heads' rings of 128-key blocks do not fit SMEM even at 2 stages
         block_kv = (64 if short or heads_per_cta == 2 else 128 if page_size <= 128
                     else page_size)
@@ -217,13 +217,15 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                                  fp8_qk=fp8_qk and kv_itemsize == 1), D, kv_itemsize)
 
 
-def _heads_per_cta(S: int, KVH: int, wanted: bool, num_sms: int) -> int:
-    """Two KV heads per CTA where `wanted` (short contexts, or 8-bit pages) once the CTAs
-    (S * KVH / 2) fill the SMs. At short contexts a CTA's fixed costs are half its time and
-    the second consumer shares them; on 8-bit pages it doubles the conversion throughput.
-    H200, session 8 (docs/kernels_notes.md): bf16 1024 x 256 404 -> 321 us, 256 x 512 198 ->
-    173 us, but 64 x 1k +14% and 8 x 2k +8%; e4m3 256 x 2k 655 -> 551 us, 64 x 4k 381.5 ->
-    336 us. $IMP_JAX_MGPU_HEADS=1 or 2 forces a choice (where 2 divides KVH)."""
+def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int) -> int:
+    """Two KV heads per CTA on 8-bit pages, and at short contexts once the CTAs (S * KVH / 2)
+    fill the SMs. At short contexts a CTA's fixed costs are half its time and the second
+    consumer shares them; on 8-bit pages it doubles the conversion throughput. H200, session 8
+    (docs/kernels_notes.md): bf16 1024 x 256 404 -> 321 us, 256 x 512 198 -> 173 us, but
+    64 x 1k +14% and 8 x 2k +8%; e4m3 256 x 2k 655 -> 551 us, 64 x 4k 381.5 -> 336 us. On
+    e4m3 pages two heads win at small batches too (session 14, fp8_qk): 8 x 2k 34.7 us
+    against 42.3-45.8 with one head, 32 x 2k 108.0 against 113.2-125.5 (splits make up the
+    CTAs). $IMP_JAX_MGPU_HEADS=1 or 2 forces a choice (where 2 divides KVH)."""
     value = os.environ.get("IMP_JAX_MGPU_HEADS")
     if value not in (None, "1", "2"):
         raise ValueError(f"IMP_JAX_MGPU_HEADS={value!r}; allowed: 1, 2 (unset: the heuristic)")
@@ -231,7 +233,7 @@ def _heads_per_cta(S: int, KVH: int, wanted: bool, num_sms: int) -> int:
         return 1
     if value is not None:
         return int(value)
-    return 2 if wanted and S * KVH // 2 >= num_sms else 1
+    return 2 if eight_bit or (short and S * KVH // 2 >= num_sms) else 1
 
 
 def _fp8_qk_default() -> bool:

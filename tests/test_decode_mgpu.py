@@ -297,10 +297,12 @@ def test_heads_per_cta_choice(monkeypatch):
     assert choose_config(16, 8, 32, 16).heads_per_cta == 1    # 64 CTAs would leave SMs idle
     assert choose_config(64, 8, 64, 16).heads_per_cta == 1    # 64 x 1k: not short
     assert choose_config(1024, 1, 16, 16).heads_per_cta == 1  # one KV head: one per CTA
-    # 8-bit pages at any context (two converting warpgroups) once the CTAs fill the SMs
+    # 8-bit pages: two heads at any context and batch (splits make up the CTAs)
     assert choose_config(256, 8, 128, 16, kv_itemsize=1).heads_per_cta == 2  # 256 x 2k
     assert choose_config(64, 8, 256, 16, kv_itemsize=1).heads_per_cta == 2   # 64 x 4k
-    assert choose_config(8, 8, 128, 16, kv_itemsize=1).heads_per_cta == 1    # 32 CTAs
+    cfg = choose_config(8, 8, 128, 16, kv_itemsize=1)                        # 8 x 2k
+    assert (cfg.heads_per_cta, cfg.num_splits, cfg.block_kv) == (2, 4, 64)    # 32 CTAs x 4
+    assert choose_config(8, 3, 128, 16, kv_itemsize=1).heads_per_cta == 1    # odd KV heads
     monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "1")
     assert choose_config(1024, 8, 16, 16).heads_per_cta == 1
     monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "2")  # forced at a long context: 64-key blocks fit
@@ -489,9 +491,10 @@ def test_decode_kernel_choices_name_a_bad_value(monkeypatch):
         pallas_kernels.decode_kernel_8bit()
 
 
-def test_8bit_pages_take_decode_mgpu_only_with_two_heads_per_cta(monkeypatch, tmp_path):
-    # e4m3 pages beat the Triton kernel only with two KV heads per CTA (session 8); with one
-    # (few rows) the Triton kernel serves them. bf16 pages take decode_mgpu either way.
+def test_8bit_pages_take_decode_mgpu_unless_one_head_converts_k(monkeypatch, tmp_path):
+    # e4m3 pages: decode_mgpu with two KV heads per CTA, or one with fp8_qk (both beat the
+    # Triton kernel, session 14); one head converting K does not, so Triton serves that.
+    # bf16 pages take decode_mgpu either way.
     import pallas_kernels
 
     monkeypatch.setenv("IMP_JAX_AUTOTUNE_CACHE", str(tmp_path / "none.json"))  # heuristics
@@ -505,8 +508,15 @@ def test_8bit_pages_take_decode_mgpu_only_with_two_heads_per_cta(monkeypatch, tm
         return pallas_kernels.mgpu_decode_config(q, pages, table, 1, k_scale=scale)
 
     assert config(256, fp8, True).heads_per_cta == 2
-    assert config(8, fp8, True) is None                  # 32 two-head CTAs: Triton
+    assert config(8, fp8, True).heads_per_cta == 2
     assert config(8, jnp.bfloat16, False).heads_per_cta == 1
+    monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "1")
+    assert config(8, fp8, True).fp8_qk
+    monkeypatch.setenv("IMP_JAX_MGPU_FP8_QK", "0")
+    assert config(8, fp8, True) is None                  # one head converting K: Triton
+    assert config(8, jnp.bfloat16, False) is not None
+    monkeypatch.delenv("IMP_JAX_MGPU_HEADS")
+    assert config(8, fp8, True).heads_per_cta == 2
     monkeypatch.setenv("IMP_JAX_DECODE_8BIT", "triton")
     assert config(256, fp8, True) is None
     assert config(256, jnp.bfloat16, False) is not None
