@@ -453,7 +453,8 @@ def parser() -> argparse.ArgumentParser:
     add_quantization_args(p)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--page-size", type=int, default=None,
+                   help="tokens per KV page (default: 64 for fp8 KV pages, else 16)")
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-admission", choices=["optimistic", "reserve"], default="optimistic",

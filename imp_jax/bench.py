@@ -522,8 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--num-pages", type=int, default=None)
-    ap.add_argument("--page-size", type=_positive, default=16,
-                    help="tokens per KV page (a power of two; LLM checks it)")
+    ap.add_argument("--page-size", type=_positive, default=None,
+                    help="tokens per KV page, a power of two (default: 64 for fp8 KV pages, "
+                         "else 16)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--kv-admission", choices=["optimistic", "reserve"], default="optimistic",
                     help="reserve: admit a request only while every running one can grow to "

@@ -44,6 +44,16 @@ def resolve_kv_cache_dtype(name: str, model_dtype):
     return jnp.dtype({"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}.get(name, name))
 
 
+def default_page_size(cache_dtype) -> int:
+    """Tokens per KV page when the caller gives none: 64 for e4m3 pages, 16 otherwise.
+
+    decode_mgpu copies a 64-key block of an e4m3 page as one TMA box (plus one for its scales)
+    instead of four of 2 KB (plus four of 64 B) at page 16. H200, session 14
+    (docs/benchmarks.md): the kernel at 256 x 2048 531.9 -> 478.9 us, one FP8 decode step at
+    704 x 1536 71.2 -> 60.2 ms. A page of 64 wastes at most 63 tokens of KV per sequence."""
+    return 64 if jnp.dtype(cache_dtype) == jnp.dtype(jnp.float8_e4m3fn) else 16
+
+
 def enable_compilation_cache() -> None:
     """Keep compiled programs on disk (XLA's persistent cache): a second run skips compiling."""
     import os
@@ -89,8 +99,9 @@ class LLM:
         directory written by `imp-jax convert`, or "random:<shape>" (e.g. "random:llama3-8b").
       dtype: weights and activations; default bf16 on GPU, float32 on CPU.
       max_model_len: longest sequence (prompt + output); default the model's context length.
-      page_size / num_pages: KV-cache pages; num_pages defaults to what
-        `gpu_memory_utilization` of free device memory holds.
+      page_size / num_pages: KV-cache pages; page_size defaults to 64 tokens for fp8 pages
+        and 16 otherwise (`default_page_size`), num_pages to what `gpu_memory_utilization` of
+        free device memory holds.
       max_num_seqs / max_num_batched_tokens: per-step batch limits of the scheduler.
       quantization: None, "fp8", "fp8-weight-only" or "int8" (weights quantized at load time).
         An FP8 checkpoint (compressed-tensors or transformers' fine-grained layout) is
@@ -117,7 +128,7 @@ class LLM:
     """
 
     def __init__(self, model: str = "smollm2-135m", *, dtype=None, max_model_len: int | None = None,
-                 page_size: int = 16, num_pages: int | None = None,
+                 page_size: int | None = None, num_pages: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 1024, enable_prefix_caching: bool = True,
                  long_prefill_token_threshold: int = 0, attn_impl: str = "auto",
@@ -140,7 +151,7 @@ class LLM:
         if decode_steps > MAX_DECODE_STEPS:
             raise ValueError(f"decode_steps must be in [1, {MAX_DECODE_STEPS}], got "
                              f"{decode_steps}")
-        if page_size & (page_size - 1):
+        if page_size is not None and page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
         if isinstance(gpu_memory_utilization, bool) or not isinstance(
                 gpu_memory_utilization, (int, float, np.integer, np.floating)):
@@ -206,6 +217,8 @@ class LLM:
         dtype = next(leaf.dtype for leaf in jax.tree.leaves(self.model.params, is_leaf=is_quant)
                      if not is_quant(leaf))
         cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
+        if page_size is None:
+            page_size = default_page_size(cache_dtype)
         if num_pages is None:
             per_token = KVCache.bytes_per_token(cfg, cache_dtype)
             if mesh is not None:

@@ -185,3 +185,18 @@ def test_llm_8bit_kv_through_the_kernel(kv, monkeypatch):
     want = ref.generate([ids], temperature=0, max_tokens=4, use_tqdm=False)[0].token_ids
     got = kern.generate([ids], temperature=0, max_tokens=4, use_tqdm=False)[0].token_ids
     assert got == want
+
+
+def test_fp8_pages_default_to_64_tokens():
+    # decode_mgpu reads a 64-key block of e4m3 pages as one TMA box (H200: 256 x 2048 -10%,
+    # one FP8 decode step -15%); other pools keep pages of 16, and a given page_size wins
+    model = load_model(TINY)
+    kw = dict(loaded=model, max_model_len=128, max_num_seqs=2, num_pages=8)
+    sizes = {kv: imp_jax.LLM(TINY, kv_cache_dtype=kv, **kw).runner.page_size
+             for kv in ("fp8", "int8", "auto")}
+    assert sizes == {"fp8": 64, "int8": 16, "auto": 16}
+    llm = imp_jax.LLM(TINY, kv_cache_dtype="fp8", page_size=4, **kw)
+    assert llm.runner.page_size == 4 and llm.runner.cache.k[0].shape[1] == 4
+    assert imp_jax.llm.default_page_size(FP8) == 64
+    with pytest.raises(ValueError, match="page_size must be a power of two, got 48"):
+        imp_jax.LLM(TINY, kv_cache_dtype="fp8", page_size=48, **kw)

@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the model id clients send (default: the model's name)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--page-size", type=int, default=None,
+                   help="tokens per KV page (default: 64 for fp8 KV pages, else 16)")
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, default=64)
