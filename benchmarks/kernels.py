@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # GPU interpret mode (--smoke's mgpu rows) runs each warpgroup on the XLA CPU client's thread
 # pool; on a small machine that pool starves and the kernel hangs (tests/test_flash_prefill.py).
 os.environ.setdefault("NPROC", str(max(16, os.cpu_count() or 1)))
-from pallas_kernels import decode_mgpu, decode_swap  # noqa: E402
+from pallas_kernels import decode_mgpu  # noqa: E402
 from pallas_kernels import (autotune, choose_config, paged_attention_kernel,  # noqa
                             ragged_paged_attention_ref)
 
@@ -119,8 +119,7 @@ def make_pools(key, P, page, kv):
 
 
 def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=False,
-               interpret=False, max_calls=16, deadline=None, mgpu_configs=(),
-               swap_configs=()):
+               interpret=False, max_calls=16, deadline=None, mgpu_configs=()):
     pages_per_seq = ctx // page
     kv_bytes = 2 * B * ctx * KVH * kv_bytes_per_token_head(kv)
     # Rotate among R page-table sets so the N timed calls stream >= ~1 GB from HBM, not L2.
@@ -238,61 +237,42 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
     def mgpu(cfg):
         return lambda q, kp, vp, pt, ln, sc: decode_mgpu.paged_decode_mgpu(
             q, kp, vp, pt, ln, qs, scale=scale, config=cfg, interpret=interpret, **sc)
-
-    def swap(cfg):
-        return lambda q, kp, vp, pt, ln, sc: decode_swap.paged_decode_swap(
-            q, kp, vp, pt, ln, qs, scale=scale, config=cfg, interpret=interpret, **sc)
-
-    def mgpu_config(**kw):
-        return decode_mgpu.choose_config(B, KVH, pages_per_seq, page, D,
+    mbest, mseen = None, set()
+    for cfg_kw in (mgpu_configs if mgpu_ok else ()):
+        if mbest is not None and deadline is not None and time.time() > deadline:
+            row["mgpu_configs_cut_by_budget"] = True
+            break
+        kw = dict(cfg_kw)
+        mult = kw.pop("splits_mult", None)
+        mcfg = decode_mgpu.choose_config(B, KVH, pages_per_seq, page, D,
                                          kv_itemsize=kv_itemsize, **kw)
-
-    def swap_config(**kw):
-        return decode_swap.choose_config(B, KVH, pages_per_seq, page, **kw)
-
-    def mosaic(kind, cfg_list, make_config, make_call):
-        """Time each config of a Mosaic GPU kernel (checked against the reference first); the
-        best into row[kind + "_us"] etc. Returns the configs run."""
-        best, seen = None, set()
-        for cfg_kw in cfg_list:
-            if best is not None and deadline is not None and time.time() > deadline:
-                row[f"{kind}_configs_cut_by_budget"] = True
-                break
-            kw = dict(cfg_kw)
-            mult = kw.pop("splits_mult", None)
-            cfg = make_config(**kw)
-            if mult is not None:
-                cfg = make_config(**{**kw, "num_splits": cfg.num_splits * mult})
-            if cfg in seen:
-                continue
-            seen.add(cfg)
-            try:
-                out = jax.jit(make_call(cfg))(q, k_pages, v_pages, pts[0], lens, sc)
-                err = rel(out, ref_out) if ref_out is not None else (
-                    rel(out, first_out) if first_out is not None else None)
-                if err is not None and not err < 2e-2:
-                    raise AssertionError(f"{kind} {cfg}: rel err {err} vs the reference")
-                t, _ = timeit(looped_config(kind, cfg, make_call),
-                              (q, k_pages, v_pages, pts, lens, sc), reps)
-            except Exception as e:  # noqa: BLE001 -- report and go on
-                print(f"  {kind} {cfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                row.setdefault(f"{kind}_failed", []).append(f"{cfg}: {type(e).__name__}: "
-                                                            f"{str(e)[:200]}")
-                continue
-            rec = record(kind, f"{kind} ", cfg, t, err)
-            if best is None or rec["us"] < best["us"]:
-                best = rec
-        if best is not None:
-            row.update({f"{kind}_us": best["us"], f"{kind}_tbs": best["tbs"],
-                        f"{kind}_cfg": best["cfg"], f"{kind}_err": best["rel_err"]})
-        return seen
-
-    mseen = mosaic("mgpu", mgpu_configs if mgpu_ok else (), mgpu_config, mgpu)
-    swap_ok = decode_swap.supported(q.shape, k_pages.shape, q.dtype, 1, k_dtype=k_pages.dtype,
-                                    k_scale=sc.get("k_scale"))
-    mosaic("swap", swap_configs if swap_ok else (), swap_config, swap)
-    if "swap_us" in row and "mgpu_us" in row:
-        row["mgpu_over_swap"] = row["mgpu_us"] / row["swap_us"]
+        if mult is not None:
+            mcfg = decode_mgpu.choose_config(B, KVH, pages_per_seq, page, D,
+                                             num_splits=mcfg.num_splits * mult,
+                                             kv_itemsize=kv_itemsize, **kw)
+        if mcfg in mseen:
+            continue
+        mseen.add(mcfg)
+        mcall = mgpu(mcfg)
+        try:
+            mout = jax.jit(mcall)(q, k_pages, v_pages, pts[0], lens, sc)
+            merr = rel(mout, ref_out) if ref_out is not None else (
+                rel(mout, first_out) if first_out is not None else None)
+            if merr is not None and not merr < 2e-2:
+                raise AssertionError(f"mgpu {mcfg}: rel err {merr} vs the reference")
+            t, _ = timeit(looped_config("mgpu", mcfg, mgpu), (q, k_pages, v_pages, pts, lens, sc),
+                          reps)
+        except Exception as e:  # noqa: BLE001 -- report and go on
+            print(f"  mgpu {mcfg} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            row.setdefault("mgpu_failed", []).append(f"{mcfg}: {type(e).__name__}: "
+                                                     f"{str(e)[:200]}")
+            continue
+        rec = record("mgpu", "mgpu ", mcfg, t, merr)
+        if mbest is None or rec["us"] < mbest["us"]:
+            mbest = rec
+    if mbest is not None:
+        row.update(mgpu_us=mbest["us"], mgpu_tbs=mbest["tbs"], mgpu_cfg=mbest["cfg"],
+                   mgpu_err=mbest["rel_err"])
     if tune and mgpu_ok and mgpu_configs and not interpret:  # decode_mgpu's own bucket
         mkey = autotune.make_key(q.shape, k_pages.shape, pts[0].shape, 1, q.dtype,
                                  kv_dtype=k_pages.dtype, kernel="mgpu")
@@ -366,10 +346,6 @@ MGPU_DEFAULT = [dict(), dict(block_kv=128, num_stages=3, heads_per_cta=1),
                 dict(block_kv=64, num_stages=6, heads_per_cta=1),
                 dict(fp8_qk=False)]     # the heuristic, two one-head rings, 8-bit pages converting K
 MGPU_QUICK = [dict(), dict(block_kv=128, num_stages=3)]
-# --swap: decode_swap (keys-major, experimental) beside decode_mgpu; choose_config overrides
-SWAP_SWEEP = [dict(), dict(num_stages=6), dict(block_kv=128, num_stages=3), dict(splits_mult=2),
-              dict(num_stages=2)]
-SWAP_SMOKE = [dict(), dict(num_splits=2)]
 MGPU_SMOKE = [dict(), dict(num_splits=2)]        # one split (direct store); split-K + combine
 
 
@@ -388,8 +364,6 @@ def main():
     ap.add_argument("--shapes", default=None,
                     help="comma list of BATCHxCTX[xPAGE] (page 16 unless given), e.g. "
                          "1024x256,256x2048x64: these cases instead of the mode's table")
-    ap.add_argument("--swap", action="store_true",
-                    help="also time decode_swap (keys-major decode, SWAP_SWEEP) beside mgpu")
     ap.add_argument("--mgpu-sweep", action="store_true",
                     help="every case: the whole Mosaic GPU config sweep (MGPU_SWEEP)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -497,9 +471,7 @@ def main():
             row = bench_case(B, ctx, page, kv, reps=reps, configs=configs, run_ref=run_ref,
                              run_peer=peer, key=sub,
                              tune=args.autotune, interpret=smoke, max_calls=max_calls,
-                             deadline=deadline, mgpu_configs=mgpu_configs,
-                             swap_configs=(SWAP_SMOKE if smoke else SWAP_SWEEP) if args.swap
-                             else ())
+                             deadline=deadline, mgpu_configs=mgpu_configs)
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: record and go on
             print(f"case B={B} ctx={ctx} kv={kv} failed: {type(e).__name__}: {str(e)[:300]}",
                   flush=True)
@@ -521,10 +493,9 @@ def main():
                                                for s in skipped))
     print("\n| B | ctx | page | kv | KV MB | floor us | ours us | ours TB/s | %ceil | mgpu us | "
           "mgpu TB/s | mgpu %ceil | peer us | peer TB/s | peer/mgpu | ref us | ref TB/s | "
-          "err ours | err mgpu | err peer | best cfg | best mgpu cfg | swap us | swap TB/s | "
-          "mgpu/swap | best swap cfg |")
+          "err ours | err mgpu | err peer | best cfg | best mgpu cfg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-          "---|---|---|---|---|")
+          "---|")
     f = lambda x, p=1: "-" if x is None else (f"{x:.{p}f}" if isinstance(x, float) else str(x))  # noqa
     for r in rows:
         print(f"| {r['B']} | {r['ctx']} | {r['page']} | {r['kv']} | "
@@ -539,10 +510,7 @@ def main():
               f"{f(r.get('ref_tbs'), 2)} | {f(r.get('ours_err'), 4)} | "
               f"{f(r.get('mgpu_err'), 4)} | {f(r.get('peer_err'), 4)} | "
               f"{(r.get('ours_cfg') or '-').replace('KernelConfig', '')} | "
-              f"{(r.get('mgpu_cfg') or '-').replace('DecodeConfig', '')} | "
-              f"{f(r.get('swap_us'))} | {f(r.get('swap_tbs'), 2)} | "
-              f"{f(r.get('mgpu_over_swap'), 2)} | "
-              f"{(r.get('swap_cfg') or '-').replace('SwapConfig', '')} |")
+              f"{(r.get('mgpu_cfg') or '-').replace('DecodeConfig', '')} |")
 
 
 if __name__ == "__main__":
