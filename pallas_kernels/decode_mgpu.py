@@ -101,6 +101,7 @@ from pallas_kernels.paged_decode import NEG, NUM_SMS_H100, combine_splits
 MQ = 64                        # query rows of one wgmma (the G real rows are padded to it)
 FP8 = jnp.float8_e4m3fn        # the 8-bit page dtype this kernel reads (with scales)
 CONVERT_ROWS = 64              # 8-bit tile rows converted per register pass (register pressure)
+V_GAIN = 256.0                 # f16_v: P x V's scale x V_GAIN in f16 (undone by the final 1 / l)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +118,10 @@ class DecodeConfig:
     # split once per CTA into two e4m3 terms, Q ~ s * (hi + lo / 16) per row, so the logits
     # keep ~bf16 precision on Q; K's per-key scales multiply the logits' columns.
     fp8_qk: bool = False
+    # 8-bit pages: V's tile cast e4m3 -> f16 (one hardware conversion per two codes, no scale
+    # multiply) and P V in f16, V's per-key scales folded into P's columns (x V_GAIN, a power
+    # of two that keeps P's small products out of f16's subnormals; undone with 1 / l).
+    f16_v: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
         if self.num_splits < 1:
@@ -125,6 +130,8 @@ class DecodeConfig:
             raise ValueError(f"heads_per_cta must be 1 or 2, got {self.heads_per_cta}")
         if self.fp8_qk and kv_itemsize != 1:
             raise ValueError("fp8_qk=True needs 8-bit (float8_e4m3fn) pages")
+        if self.f16_v and kv_itemsize != 1:
+            raise ValueError("f16_v=True needs 8-bit (float8_e4m3fn) pages")
         check_ring(self, page_size, smem_bytes(self, D, kv_itemsize=kv_itemsize), min_stages=1)
 
 
@@ -183,7 +190,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                   num_splits: int | None = None, compat: bool = False,
                   num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
                   heads_per_cta: int | None = None,
-                  fp8_qk: bool | None = None) -> DecodeConfig:
+                  fp8_qk: bool | None = None, f16_v: bool = False) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -214,7 +221,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     return fit_smem(DecodeConfig(block_kv=block_kv, num_stages=num_stages,
                                  num_splits=num_splits, compat=compat,
                                  heads_per_cta=heads_per_cta,
-                                 fp8_qk=fp8_qk and kv_itemsize == 1), D, kv_itemsize)
+                                 fp8_qk=fp8_qk and kv_itemsize == 1,
+                                 f16_v=f16_v and kv_itemsize == 1), D, kv_itemsize)
 
 
 def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int) -> int:
@@ -288,14 +296,18 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         return ref if nh == 1 or ref is None else ref.at[i]
 
     def convert(src8, scales, dst):
-        """An 8-bit [B, D] stage -> q's dtype in `dst`, each key (row) times its scale; in
-        passes of CONVERT_ROWS rows (a 128 x 128 tile in f32 would need 128 registers per
-        thread at once)."""
+        """An 8-bit [B, D] stage -> `dst`'s dtype, each key (row) times its scale (scales None:
+        a plain e4m3 -> f16 cast); in passes of CONVERT_ROWS rows (a 128 x 128 tile in f32
+        would need 128 registers per thread at once)."""
         n = min(CONVERT_ROWS, B)
         for r in range(0, B, n):
+            if scales is None:
+                dst.at[pl.ds(r, n)][...] = src8.at[pl.ds(r, n)][...].astype(dst.dtype)
+                continue
             x = src8.at[pl.ds(r, n)][...].astype(jnp.float32)
             sc = scales.at[pl.ds(r, n)][...]
-            dst.at[pl.ds(r, n)][...] = (x * lax.broadcast_in_dim(sc, x.shape, [0])).astype(dtype)
+            dst.at[pl.ds(r, n)][...] = (x * lax.broadcast_in_dim(sc, x.shape, [0])).astype(
+                dst.dtype)
         plgpu.commit_smem()
 
     def split_q(qst, q8):
@@ -417,10 +429,15 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
                     plgpu.barrier_wait(v_bars.at[bo + slot])
-                    p16 = p.astype(dtype)
                     v_tile = v_smem.at[slot]
+                    if cfg.f16_v:   # V's scales (and the gain) on P's columns, V cast only
+                        vs = plgpu.load(vs_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                        p16 = (p * lax.broadcast_in_dim(vs * V_GAIN, p.shape, [1])).astype(
+                            jnp.float16)
+                    else:
+                        p16 = p.astype(dtype)
                     if quant:
-                        convert(v_tile, vs_smem.at[slot], v16)
+                        convert(v_tile, None if cfg.f16_v else vs_smem.at[slot], v16)
                         plgpu.barrier_arrive(v_cons.at[bo + slot])
                         v_tile = v16
                     if not cfg.compat:
@@ -448,7 +465,8 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 # A split that saw no key (past its sequence's end) has l == 0: O = 0, lse = NEG.
                 has = l_i > 0.0
                 l_safe = jnp.where(has, l_i, 1.0)
-                out = acc / lax.broadcast_in_dim(l_safe, (MQ, D), [0])
+                l_out = l_safe * V_GAIN if cfg.f16_v else l_safe
+                out = acc / lax.broadcast_in_dim(l_out, (MQ, D), [0])
                 if splits == 1:
                     (o_ref,) = out_refs
                     qst[...] = out.astype(dtype)
@@ -577,14 +595,15 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         qst = plgpu.SMEM(per((MQ, D)), dtype)         # unswizzled Q-in / O-out staging
         kb = plgpu.SMEM(per((stages, B, D)), kv_dtype, transforms=kv_tiles)
         vb = plgpu.SMEM(per((stages, B, D)), kv_dtype, transforms=kv_tiles)
-        pb = (plgpu.SMEM(per((MQ, B)), dtype, transforms=(tiling, swizzle)) if cfg.compat
+        pv_dtype = jnp.float16 if cfg.f16_v else dtype    # P and the converted V tile
+        pb = (plgpu.SMEM(per((MQ, B)), pv_dtype, transforms=(tiling, swizzle)) if cfg.compat
               else None)
         if quant:   # each stage's per-key scales, one converted K (unless fp8_qk) and V tile
             conv = (plgpu.SMEM(per((stages, B)), jnp.float32),
                     plgpu.SMEM(per((stages, B)), jnp.float32),
                     None if cfg.fp8_qk else
                     plgpu.SMEM(per((B, D)), dtype, transforms=(tiling, swizzle)),
-                    plgpu.SMEM(per((B, D)), dtype, transforms=(tiling, swizzle)))
+                    plgpu.SMEM(per((B, D)), pv_dtype, transforms=(tiling, swizzle)))
         else:
             conv = (None, None, None, None)
         if splits > 1:

@@ -84,6 +84,11 @@ CASES = [
      C(128, 2, 3, fp8_qk=True), "fp8"),
     ("g2_d128_p16_fp8qk_2heads_split2", [130, 50], 8, 4, 128, 16, 0, 1,
      C(64, 2, 2, heads_per_cta=2, fp8_qk=True), "fp8"),
+    # f16_v: V cast e4m3 -> f16, its scales on P's columns, P V in f16
+    ("g4_d128_p64_fp8qk_f16v_2heads", [130, 50, 1], 8, 2, 128, 64, 1, 2,
+     C(64, 2, 1, heads_per_cta=2, fp8_qk=True, f16_v=True), "fp8"),
+    ("g4_d64_p16_b128_f16v_split3", [300, 129, 16], 8, 2, 64, 16, 0, 0,
+     C(128, 2, 3, f16_v=True), "fp8"),
 ]
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "fp8": jnp.bfloat16}  # fp8: q's dtype
 
@@ -266,7 +271,11 @@ FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
              (8, 2048, {}, dict(block_kv=64, num_stages=2, heads_per_cta=2)),
              (8, 2048, {}, dict(fp8_qk=True)), (256, 2048, {}, dict(fp8_qk=True)),
              (1024, 256, {}, dict(fp8_qk=True, block_kv=64, num_stages=3, heads_per_cta=2)),
-             (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(fp8_qk=True, num_splits=3))]
+             (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(fp8_qk=True, num_splits=3)),
+             (256, 2048, dict(page=64), dict(fp8_qk=True, f16_v=True)),
+             (8, 2048, {}, dict(fp8_qk=True, f16_v=True)),
+             (1024, 2048, dict(page=64), dict(f16_v=True, heads_per_cta=1, block_kv=128,
+                                              num_stages=3))]
 
 
 @pytest.mark.parametrize("B,ctx,shape_kw,cfg_kw", FP8_LOWER,
@@ -330,6 +339,9 @@ def test_fp8_qk_choice(monkeypatch):
         choose_config(256, 8, 128, 16, kv_itemsize=1)
     with pytest.raises(ValueError, match="fp8_qk=True needs 8-bit"):
         DecodeConfig(fp8_qk=True).validate(128, 16)
+    with pytest.raises(ValueError, match="f16_v=True needs 8-bit"):
+        DecodeConfig(f16_v=True).validate(128, 16)
+    assert not choose_config(8, 8, 128, 16, f16_v=True).f16_v      # bf16 pages: ignored
 
 
 def test_fp8_qk_reads_the_8bit_tile():
@@ -449,15 +461,15 @@ def test_gpu_benchmark_shapes(B, ctx, cfg):
 
 
 @gpu
-@pytest.mark.parametrize("qk", [True, False], ids=["fp8_qk", "convert_k"])
-@pytest.mark.parametrize("B,ctx", [(256, 2048), (8, 2048), (64, 4096)],
-                         ids=["B256-ctx2048", "B8-ctx2048", "B64-ctx4096"])
-def test_gpu_fp8_benchmark_shapes(B, ctx, qk):
-    """e4m3 pages at the benchmark's shapes, both Q K^T paths, two heads per CTA (the engine's
-    config at 256 x 2k and 64 x 4k; at 8 x 2k it takes the Triton kernel today)."""
-    args, scales = quantized(bench_like_case(B, ctx, pad_seqs=3))
-    config = choose_config(B + 3, 8, ctx // 16, 16, 128, kv_itemsize=1, heads_per_cta=2,
-                           fp8_qk=qk)
+@pytest.mark.parametrize("qk", [True, False, "f16_v"], ids=["fp8_qk", "convert_k", "f16_v"])
+@pytest.mark.parametrize("B,ctx,page", [(256, 2048, 64), (8, 2048, 16), (64, 4096, 16)],
+                         ids=["B256-ctx2048-p64", "B8-ctx2048", "B64-ctx4096"])
+def test_gpu_fp8_benchmark_shapes(B, ctx, page, qk):
+    """e4m3 pages at the benchmark's shapes, both Q K^T paths and the f16 P V, two heads per
+    CTA (the engine's config on e4m3 pages)."""
+    args, scales = quantized(bench_like_case(B, ctx, page=page, pad_seqs=3))
+    config = choose_config(B + 3, 8, ctx // page, page, 128, kv_itemsize=1, heads_per_cta=2,
+                           fp8_qk=qk is not False, f16_v=qk == "f16_v")
     out = paged_decode_mgpu(*args, scale=128 ** -0.5, config=config, **scales)
     err, pad_max, has_nan = check(args, out, 128 ** -0.5, scales)
     assert not has_nan and pad_max == 0.0
