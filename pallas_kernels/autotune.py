@@ -56,7 +56,8 @@ ENABLE_ENV = "IMP_JAX_AUTOTUNE"
 # 3 (session 13): 8-bit keys' candidates gained the e4m3 Q K^T path (DecodeConfig.fp8_qk), so
 # 8-bit winners of version 2 were chosen without it; the bump drops every entry (re-tuning is
 # an explicit step), which is simpler than telling those entries apart.
-CACHE_VERSION = 3
+# 4 (session 14): and the f16 P V (DecodeConfig.f16_v), likewise.
+CACHE_VERSION = 4
 DEFAULT_CACHE = os.path.join("~", ".cache", "imp_jax", "autotune.json")
 
 
@@ -343,8 +344,9 @@ def default_candidates(key: ShapeKey) -> list:
         over = [dict()] + heads + [dict(block_kv=b, num_stages=st, heads_per_cta=1)
                                    for b, st in MGPU_RINGS] + \
             [dict(num_splits=sp) for sp in {1, max(1, h.num_splits // 2), h.num_splits * 2}]
-        if key.kv_dtype:  # 8-bit pages: each with Q K^T in e4m3 and in bf16 (the default first)
-            over = [dict(o, fp8_qk=qk) for o in over for qk in (h.fp8_qk, not h.fp8_qk)]
+        if key.kv_dtype:  # 8-bit pages: Q K^T in e4m3 or bf16, P V in f16 or bf16 (defaults first)
+            over = [dict(o, fp8_qk=qk, f16_v=fv) for o in over for qk in (h.fp8_qk, not h.fp8_qk)
+                    for fv in (h.f16_v, not h.f16_v)]
         return list(dict.fromkeys(key.heuristic(**o) for o in over))
     bk = h.pages_per_block * key.page_size
     over = [dict()]

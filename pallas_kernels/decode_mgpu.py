@@ -53,8 +53,9 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   stage at once, and runs the same wgmmas on the converted tiles. Dequantizing K and V before
   the products keeps every wgmma in bf16 (8-bit wgmma operands must be K-major, which V is not; see
   docs/kernels_notes.md) and the numerics those of the reference, which dequantizes first.
-  (An f16 variant, e4m3 -> f16 tiles with the per-key scales moved onto the logits and the
-  probabilities, lost its H200 A/B against this path in session 8 and was deleted.)
+  (An f16 variant that converted K and V to f16 with the per-key scales moved onto the logits
+  and the probabilities lost its H200 A/B against this path in session 8 and was deleted;
+  with Q K^T in e4m3, below, the f16 P V alone wins: `f16_v`.)
 * **`fp8_qk` (the default on 8-bit pages): Q K^T in e4m3.** The 8-bit K tile is K-major for
   Q K^T, so wgmma reads it straight from the ring: no K conversion, no converted K tile (two
   heads per CTA get a third ring stage in that SMEM). Q is split once per CTA into two e4m3
@@ -65,6 +66,12 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   logits. V is still converted (8-bit P V would need V K-major, i.e. transposed pages). H200,
   session 13, two heads per CTA: 8 x 2048 -29%, 256 x 2048 -10%, 1024 x 2048 -6 to -8%,
   704 x 1536 and 64 x 4096 level (docs/kernels_notes.md).
+* **`f16_v` (the default on 8-bit pages): P V in f16.** V's e4m3 tile is only cast to f16 (one
+  hardware conversion per two codes, no f32 detour, no multiply) and V's per-key scales go
+  onto P's columns (times V_GAIN = 256, which keeps P's smallest products out of f16's
+  subnormals; the final 1 / l undoes it). H200, session 14, 64-key pages, two heads per CTA:
+  256 x 2048 487.1 -> 447.7 us, 1024 x 2048 1611.2 -> 1486.1 us (-8%), error against the
+  reference 0.31% -> 0.19% (f16 keeps 3 more mantissa bits than bf16).
 * `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
   and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
   Each head has its own ring, barriers and buffers (a leading [2] axis); the sequence's
@@ -74,8 +81,8 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   warpgroup's conversion sets the pace. With splits, the partials alias the rings, so both
   consumers meet at a barrier before writing them (the race detector caught the version
   without). On an H200 it cut 1024 x 256 by 21% and 256 x 512 by 12% (bf16) and e4m3 pages'
-  steps by 13-16%, so `choose_config` takes it at short contexts and on 8-bit pages once the
-  CTAs fill the SMs (`_heads_per_cta`, session 8).
+  steps by 13-16%, so `choose_config` takes it at short contexts once the CTAs fill the SMs
+  and on 8-bit pages at every batch (`_heads_per_cta`, sessions 8 and 14).
 * `compat=True`: the interpret-mode-safe PV step (P through SMEM into a fresh accumulator that
   is added), because GPU interpret mode runs neither `pl.run_state` nor a register-LHS wgmma.
   It also compiles for the GPU (slower). The default keeps P in registers.
@@ -118,9 +125,10 @@ class DecodeConfig:
     # split once per CTA into two e4m3 terms, Q ~ s * (hi + lo / 16) per row, so the logits
     # keep ~bf16 precision on Q; K's per-key scales multiply the logits' columns.
     fp8_qk: bool = False
-    # 8-bit pages: V's tile cast e4m3 -> f16 (one hardware conversion per two codes, no scale
-    # multiply) and P V in f16, V's per-key scales folded into P's columns (x V_GAIN, a power
-    # of two that keeps P's small products out of f16's subnormals; undone with 1 / l).
+    # 8-bit pages (the default there): V's tile cast e4m3 -> f16 (one hardware conversion per
+    # two codes, no scale multiply) and P V in f16, V's per-key scales folded into P's columns
+    # (x V_GAIN, a power of two that keeps P's small products out of f16's subnormals; undone
+    # with 1 / l).
     f16_v: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
@@ -190,7 +198,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                   num_splits: int | None = None, compat: bool = False,
                   num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
                   heads_per_cta: int | None = None,
-                  fp8_qk: bool | None = None, f16_v: bool = False) -> DecodeConfig:
+                  fp8_qk: bool | None = None, f16_v: bool | None = None) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -212,6 +220,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         num_stages = 6 if short and block_kv == 64 else 3
     if fp8_qk is None:
         fp8_qk = kv_itemsize == 1 and _fp8_qk_default()
+    if f16_v is None:  # H200, session 14, 64-key pages: 256 x 2k 487.1 -> 447.7 us, 1024 x 2k
+        f16_v = kv_itemsize == 1   # 1611.2 -> 1486.1 us; error 0.31% -> 0.19% (f16's mantissa)
     max_blocks = -(-(max_pages * page_size) // block_kv)
     if num_splits is None:
         base = max(1, S * KVH // heads_per_cta)

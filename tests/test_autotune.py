@@ -261,21 +261,23 @@ def test_mgpu_keys_configs_and_candidates():
             c.validate(128, 16)
 
 
-def test_mgpu_8bit_candidates_try_both_qk_paths(monkeypatch):
-    """e4m3 pages: every candidate ring with Q K^T in e4m3 (the default) and in bf16; float
-    pages never get the e4m3 path."""
+def test_mgpu_8bit_candidates_try_both_qk_and_pv_paths(monkeypatch):
+    """e4m3 pages: every candidate ring with Q K^T in e4m3 (the default) and in bf16, each with
+    P V in f16 (the default) and in bf16; float pages never get either 8-bit path."""
     monkeypatch.delenv("IMP_JAX_MGPU_FP8_QK", raising=False)
     k8 = mgpu_key(S=256, max_pages=128, kv_dtype=jnp.float8_e4m3fn)
     cands = autotune.default_candidates(k8)
-    assert cands[0] == k8.heuristic() and cands[0].fp8_qk
-    assert {c.fp8_qk for c in cands} == {False, True}
-    # the same blocks, splits and heads both ways (the stages SMEM allows may differ)
+    assert cands[0] == k8.heuristic() and cands[0].fp8_qk and cands[0].f16_v
+    assert {(c.fp8_qk, c.f16_v) for c in cands} == {(a, b) for a in (0, 1) for b in (0, 1)}
+    # the same blocks, splits and heads every way (the stages SMEM allows may differ)
     shape = lambda c: (c.block_kv, c.num_splits, c.heads_per_cta)  # noqa: E731
-    assert {shape(c) for c in cands if c.fp8_qk} == {shape(c) for c in cands if not c.fp8_qk}
+    ways = [{shape(c) for c in cands if (c.fp8_qk, c.f16_v) == w} for w in
+            ((1, 1), (1, 0), (0, 1), (0, 0))]
+    assert all(w == ways[0] for w in ways)
     for c in cands:
         c.validate(128, 16, kv_itemsize=1)
-    assert not any(c.fp8_qk for c in autotune.default_candidates(mgpu_key(S=256,
-                                                                          max_pages=128)))
+    assert not any(c.fp8_qk or c.f16_v for c in autotune.default_candidates(
+        mgpu_key(S=256, max_pages=128)))
 
 
 def test_mgpu_winner_round_trip_and_adapt(cache_file):
