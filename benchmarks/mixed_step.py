@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=192, help="decode rows' context (C)")
     ap.add_argument("--modes", default="all,decode,none")
     ap.add_argument("--reps", type=int, default=8)
-    ap.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    ap.add_argument("--page-size", type=int, default=None,
+                    help="tokens per KV page (default: the engine's, 64 for fp8 pages, else 16)")
     ap.add_argument("--pool-gb", type=float, default=0.0, help="KV pool size (0: just enough)")
     ap.add_argument("--hlo", action="store_true", help="report large copies in the programs")
     ap.add_argument("--quantization", default=None,
@@ -56,11 +57,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if min(args.prompts, args.decode) < 0 or min(args.prompt_len, args.context, args.reps) < 1:
         ap.error("--prompts/--decode must be >= 0, --prompt-len/--context/--reps >= 1")
-    if args.page_size < 1 or args.page_size & (args.page_size - 1):
+    if args.page_size is not None and (args.page_size < 1 or args.page_size & (args.page_size - 1)):
         ap.error(f"--page-size {args.page_size}: a power of two >= 1")
     import jax
 
-    from imp_jax.llm import KV_CACHE_DTYPES, enable_compilation_cache, resolve_kv_cache_dtype
+    from imp_jax.llm import (KV_CACHE_DTYPES, default_page_size, enable_compilation_cache,
+                             resolve_kv_cache_dtype)
     if args.kv_cache_dtype not in KV_CACHE_DTYPES:
         ap.error(f"--kv-cache-dtype {args.kv_cache_dtype!r}: allowed {KV_CACHE_DTYPES}")
     enable_compilation_cache()  # as LLM does ($IMP_JAX_CACHE_DIR; IMP_JAX_NO_CACHE=1: none)
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     if bad := [m for m in modes if m not in COMMAND_BUFFER_MODES]:
         ap.error(f"--modes {bad}: allowed {COMMAND_BUFFER_MODES}")
-    page = args.page_size
+    page = args.page_size or default_page_size(
+        resolve_kv_cache_dtype(args.kv_cache_dtype, args.dtype))
     random = args.model.startswith("random:")
     m = load_model(args.model, args.dtype,
                    random_quantization=args.quantization if random else None)

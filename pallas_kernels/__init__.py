@@ -12,13 +12,14 @@ and KV head, imp_jax/cache.py's layout); the kernel dequantizes the tiles it rea
 reference the pages it gathers.
 
 Dispatch: on a GPU, decode steps go to `decode_mgpu.py` when it covers them
-(IMP_JAX_DECODE=triton opts out; float8_e4m3fn pages only with two KV heads per CTA, see
-`mgpu_decode_config`); prompt steps the Mosaic GPU kernel covers (`use_flash_prefill`) run
-`flash_prefill.py` (FA3-style: TMA K/V page gathers, two wgmma warpgroups, work list longest
-first). Otherwise, on a GPU (or with interpret=True) the Pallas kernel of `paged_decode.py` runs, in its
-decode form (one query block holding all max_query_len tokens, split-K over pages) when
-max_query_len * (H // KVH) <= 64, else in its prefill form (query blocks of ~64 rows, causal block
-skipping). Shapes the kernel does not cover (non power-of-two head_dim / group / page size) and
+(IMP_JAX_DECODE=triton opts out; float8_e4m3fn pages unless one KV head per CTA would
+convert K, see `mgpu_decode_config`); prompt steps the Mosaic GPU kernel covers
+(`use_flash_prefill`) run `flash_prefill.py` (FA3-style: TMA K/V page gathers, two wgmma
+warpgroups, work list longest first). Otherwise, on a GPU (or with interpret=True) the Pallas
+kernel of `paged_decode.py` runs, in its decode form (one query block holding all
+max_query_len tokens, split-K over pages) when max_query_len * (H // KVH) <= 64, else in its
+prefill form (query blocks of ~64 rows, causal block skipping). Shapes the kernel does not
+cover (non power-of-two head_dim / group / page size) and
 non-GPU backends without interpret use `reference.ragged_paged_attention_ref`.
 
 Launch config (Triton kernel and decode_mgpu, each with its own entries): `autotune.lookup` of
@@ -91,10 +92,10 @@ def decode_kernel() -> str:
 
 def decode_kernel_8bit() -> str:
     """$IMP_JAX_DECODE_8BIT: which kernel reads float8_e4m3fn pages in decode steps on a GPU.
-    "mgpu" (the default): decode_mgpu where it serves two KV heads per CTA (two converting
-    warpgroups; `mgpu_decode_config`), which beat the Triton kernel by 13-18% on an H200
-    (256 x 2048: 551 vs 671 us; 64 x 4096: 336 vs 387; docs/benchmarks.md session 8), the
-    Triton kernel elsewhere; "triton" always the Triton kernel (int8 pages always take it)."""
+    "mgpu" (the default): decode_mgpu wherever `mgpu_decode_config` gives it the step (two KV
+    heads per CTA at every batch; H200, page 16: 256 x 2048 551 vs 671 us in session 8,
+    8 x 2048 34.7 vs 43.9 us in session 14), else the Triton kernel; "triton" always the
+    Triton kernel (int8 pages always take it)."""
     choice = os.environ.get("IMP_JAX_DECODE_8BIT", "mgpu")
     if choice not in DECODE_KERNELS:
         raise ValueError(f"IMP_JAX_DECODE_8BIT={choice!r}; allowed: {', '.join(DECODE_KERNELS)}")
@@ -106,8 +107,9 @@ def mgpu_decode_config(q, k_pages, page_table, max_query_len: int, *, k_scale=No
     """decode_mgpu's launch config for this step on a GPU, or None where another kernel serves
     it: the env choices above, the shapes `decode_mgpu.supported` covers, and for 8-bit pages
     every config but one KV head per CTA converting K (level with or behind the Triton kernel,
-    sessions 6-8). H200, e4m3 pages, session 14: 8 x 2k two heads 34.7 us, one head with
-    fp8_qk 42.3-45.8, Triton 43.9; 32 x 2k 108.0 / 113.2-125.5 / 146.8."""
+    sessions 6-8). H200, e4m3 pages of 16, session 14: 8 x 2k two heads 34.7 us, one head with
+    fp8_qk 42.3-54.4 (level with Triton's 43.9 at best), 32 x 2k 108.0 / 113.2-125.5 / 146.8.
+    One head serves odd KV-head counts (or IMP_JAX_MGPU_HEADS=1)."""
     if decode_kernel() != "mgpu" or (k_scale is not None and decode_kernel_8bit() != "mgpu"):
         return None
     if not decode_mgpu.supported(q.shape, k_pages.shape, q.dtype, max_query_len,

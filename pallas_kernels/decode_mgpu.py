@@ -128,7 +128,8 @@ class DecodeConfig:
     # 8-bit pages (the default there): V's tile cast e4m3 -> f16 (one hardware conversion per
     # two codes, no scale multiply) and P V in f16, V's per-key scales folded into P's columns
     # (x V_GAIN, a power of two that keeps P's small products out of f16's subnormals; undone
-    # with 1 / l).
+    # with 1 / l). Range: P x scale x V_GAIN must stay below f16's 65504, i.e. a token's V
+    # amax below 448 x 65504 / V_GAIN (~1.1e5).
     f16_v: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
@@ -219,9 +220,9 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     if num_stages is None:
         num_stages = 6 if short and block_kv == 64 else 3
     if fp8_qk is None:
-        fp8_qk = kv_itemsize == 1 and _fp8_qk_default()
-    if f16_v is None:  # H200, session 14, 64-key pages: 256 x 2k 487.1 -> 447.7 us, 1024 x 2k
-        f16_v = kv_itemsize == 1   # 1611.2 -> 1486.1 us; error 0.31% -> 0.19% (f16's mantissa)
+        fp8_qk = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_FP8_QK")
+    if f16_v is None:
+        f16_v = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_F16_V")
     max_blocks = -(-(max_pages * page_size) // block_kv)
     if num_splits is None:
         base = max(1, S * KVH // heads_per_cta)
@@ -254,15 +255,18 @@ def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int)
     return 2 if eight_bit or (short and S * KVH // 2 >= num_sms) else 1
 
 
-def _fp8_qk_default() -> bool:
-    """Whether 8-bit pages take the e4m3 Q K^T path (`DecodeConfig.fp8_qk`): yes by default.
-    H200, session 13 (docs/kernels_notes.md), the engine's two-head configs: 256 x 2048
-    543.6 -> 490.0 us, 1024 x 2048 1839 -> 1698 us, 704 x 1536 and 64 x 4096 level.
-    $IMP_JAX_MGPU_FP8_QK=0 turns it off where the heuristic decides (an autotuned winner in
-    the cache keeps its own choice)."""
-    value = os.environ.get("IMP_JAX_MGPU_FP8_QK")
+def _env_default(name: str) -> bool:
+    """Whether 8-bit pages take one of their paths where the heuristic decides (an autotuned
+    winner in the cache keeps its own choice): yes unless $name is "0".
+      IMP_JAX_MGPU_FP8_QK (`DecodeConfig.fp8_qk`): H200, session 13, the engine's two-head
+        configs: 256 x 2048 543.6 -> 490.0 us, 1024 x 2048 1839 -> 1698 us, 704 x 1536 and
+        64 x 4096 level.
+      IMP_JAX_MGPU_F16_V (`DecodeConfig.f16_v`): H200, session 14, 64-key pages, two heads,
+        fp8_qk: 256 x 2048 487.1 -> 447.7 us, 1024 x 2048 1611.2 -> 1486.1 us; error against
+        the reference 0.31% -> 0.19%. Untimed elsewhere (small batches, one head)."""
+    value = os.environ.get(name)
     if value not in (None, "0", "1"):
-        raise ValueError(f"IMP_JAX_MGPU_FP8_QK={value!r}; allowed: 0, 1 (unset: 1)")
+        raise ValueError(f"{name}={value!r}; allowed: 0, 1 (unset: 1)")
     return value != "0"
 
 

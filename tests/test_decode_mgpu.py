@@ -89,8 +89,14 @@ CASES = [
      C(64, 2, 1, heads_per_cta=2, fp8_qk=True, f16_v=True), "fp8"),
     ("g4_d64_p16_b128_f16v_split3", [300, 129, 16], 8, 2, 64, 16, 0, 0,
      C(128, 2, 3, f16_v=True), "fp8"),
+    # ... with V 1e-5x and 1e3x as large (f16's subnormals and its range, V_GAIN)
+    ("g4_d128_p64_f16v_small_v", [130, 50], 8, 2, 128, 64, 0, 1,
+     C(64, 2, 1, heads_per_cta=2, fp8_qk=True, f16_v=True), "fp8_v1e-5"),
+    ("g4_d128_p64_f16v_large_v", [130, 50], 8, 2, 128, 64, 0, 1,
+     C(64, 2, 1, heads_per_cta=2, fp8_qk=True, f16_v=True), "fp8_v1e3"),
 ]
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "fp8": jnp.bfloat16}  # fp8: q's dtype
+V_MULT = {"fp8_v1e-5": 1e-5, "fp8_v1e3": 1e3}  # e4m3 pages with V scaled by that
 
 
 def make_case(seed, seq_lens, H, KVH, D, page, S_pad=0, T_pad=0, dtype=jnp.bfloat16):
@@ -102,7 +108,7 @@ def make_case(seed, seq_lens, H, KVH, D, page, S_pad=0, T_pad=0, dtype=jnp.bfloa
 rel = mgpu_interpret.rel
 
 
-def quantized(args, seed=0):
+def quantized(args, seed=0, v_mult=1.0):
     """The case with float8_e4m3fn pages: values spread over ~2 decades per token and head (a
     wrong or missing scale shows), quantized by the cache's own quantizer; (args, scales)."""
     from imp_jax.cache import quantize_pool
@@ -111,7 +117,7 @@ def quantized(args, seed=0):
     rng = np.random.default_rng(seed)
     mag = lambda: jnp.asarray(np.exp(rng.uniform(-2, 2, kp.shape[:3] + (1,))), jnp.float32)
     k8, ks = quantize_pool(kp.astype(jnp.float32) * mag(), jnp.float8_e4m3fn)
-    v8, vs = quantize_pool(vp.astype(jnp.float32) * mag(), jnp.float8_e4m3fn)
+    v8, vs = quantize_pool(vp.astype(jnp.float32) * mag() * v_mult, jnp.float8_e4m3fn)
     return (q, k8, v8, pt, sl, qs), dict(k_scale=ks, v_scale=vs)
 
 
@@ -127,10 +133,10 @@ def run_case(case, *, interpret, config="case"):
     name, lens, H, KVH, D, page, S_pad, T_pad, cfg, dt = case
     if config != "case":
         cfg = config
-    args = make_case(0, lens, H, KVH, D, page, S_pad, T_pad, DTYPES[dt])
+    args = make_case(0, lens, H, KVH, D, page, S_pad, T_pad, DTYPES.get(dt, jnp.bfloat16))
     scales = None
-    if dt == "fp8":
-        args, scales = quantized(args)
+    if dt.startswith("fp8"):
+        args, scales = quantized(args, v_mult=V_MULT.get(dt, 1.0))
     scale = D ** -0.5
     out = paged_decode_mgpu(*args, scale=scale, interpret=interpret, config=cfg,
                             **(scales or {}))
@@ -273,6 +279,7 @@ FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
              (1024, 256, {}, dict(fp8_qk=True, block_kv=64, num_stages=3, heads_per_cta=2)),
              (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(fp8_qk=True, num_splits=3)),
              (256, 2048, dict(page=64), dict(fp8_qk=True, f16_v=True)),
+             (256, 2048, dict(page=64), dict(fp8_qk=True, f16_v=False)),
              (8, 2048, {}, dict(fp8_qk=True, f16_v=True)),
              (1024, 2048, dict(page=64), dict(f16_v=True, heads_per_cta=1, block_kv=128,
                                               num_stages=3))]
@@ -345,6 +352,11 @@ def test_fp8_qk_choice(monkeypatch):
     # e4m3 pages take the f16 P V by default (session 14: -8% at 256 and 1024 x 2048)
     monkeypatch.delenv("IMP_JAX_MGPU_FP8_QK")
     assert cfg.f16_v and not choose_config(256, 8, 128, 16, kv_itemsize=1, f16_v=False).f16_v
+    monkeypatch.setenv("IMP_JAX_MGPU_F16_V", "0")
+    assert not choose_config(256, 8, 128, 16, kv_itemsize=1).f16_v
+    monkeypatch.setenv("IMP_JAX_MGPU_F16_V", "on")
+    with pytest.raises(ValueError, match="IMP_JAX_MGPU_F16_V='on'; allowed: 0, 1"):
+        choose_config(256, 8, 128, 16, kv_itemsize=1)
 
 
 def test_fp8_qk_reads_the_8bit_tile():
@@ -411,12 +423,12 @@ def test_gpu_small_cases(case, cfg):
     kw = GPU_CONFIGS[cfg]
     if kw is not None and KVH % kw.get("heads_per_cta", 1):
         pytest.skip("heads_per_cta does not divide the KV heads")
-    if kw is not None and "fp8_qk" in kw and case[9] != "fp8":
+    if kw is not None and "fp8_qk" in kw and not case[9].startswith("fp8"):
         pytest.skip("fp8_qk concerns 8-bit pages only")
     config = "case" if kw is None else choose_config(
         len(lens) + case[6], KVH, max(-(-L // page) for L in lens), page, D,
         num_splits=case[8].num_splits if case[8] is not None else None,
-        kv_itemsize=1 if case[9] == "fp8" else 2, **kw)
+        kv_itemsize=1 if case[9].startswith("fp8") else 2, **kw)
     if config != "case" and page > config.block_kv and page % config.block_kv:
         pytest.skip("page/block mismatch")
     err, pad_max, has_nan = run_case(case, interpret=False, config=config)
@@ -507,9 +519,9 @@ def test_decode_kernel_choices_name_a_bad_value(monkeypatch):
 
 
 def test_8bit_pages_take_decode_mgpu_unless_one_head_converts_k(monkeypatch, tmp_path):
-    # e4m3 pages: decode_mgpu with two KV heads per CTA, or one with fp8_qk (both beat the
-    # Triton kernel, session 14); one head converting K does not, so Triton serves that.
-    # bf16 pages take decode_mgpu either way.
+    # e4m3 pages: decode_mgpu with two KV heads per CTA (faster than the Triton kernel at 8 and
+    # 32 x 2k, session 14), or one with fp8_qk (level at 8 x 2k, faster at 32 x 2k); one head
+    # converting K was behind, so Triton serves that. bf16 pages take decode_mgpu either way.
     import pallas_kernels
 
     monkeypatch.setenv("IMP_JAX_AUTOTUNE_CACHE", str(tmp_path / "none.json"))  # heuristics
@@ -532,6 +544,14 @@ def test_8bit_pages_take_decode_mgpu_unless_one_head_converts_k(monkeypatch, tmp
     assert config(8, jnp.bfloat16, False) is not None
     monkeypatch.delenv("IMP_JAX_MGPU_HEADS")
     assert config(8, fp8, True).heads_per_cta == 2
+    # an odd KV-head count (e.g. 3, SmolLM2-135M): one head per CTA, with fp8_qk on by default
+    monkeypatch.delenv("IMP_JAX_MGPU_FP8_QK")
+    q3 = jax.ShapeDtypeStruct((8, 9, 128), jnp.bfloat16)
+    pages3 = jax.ShapeDtypeStruct((4096, 16, 3, 128), fp8)
+    odd = pallas_kernels.mgpu_decode_config(q3, pages3, jax.ShapeDtypeStruct((8, 128), jnp.int32),
+                                            1, k_scale=jax.ShapeDtypeStruct((4096, 3, 16),
+                                                                            jnp.float32))
+    assert odd.heads_per_cta == 1 and odd.fp8_qk and odd.f16_v
     monkeypatch.setenv("IMP_JAX_DECODE_8BIT", "triton")
     assert config(256, fp8, True) is None
     assert config(256, jnp.bfloat16, False) is not None
