@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
     meta = dict(model=args.model, prompts=args.prompts, prompt_len=args.prompt_len,
-                decode=args.decode, context=args.context, prompt_rows=prompt_rows,
+                decode=args.decode, context=args.context, prompt_rows=prompt_rows, page_size=page,
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                 fused_quant=os.environ.get("IMP_JAX_FUSED_QUANT", ""),
                 xla_flags=os.environ.get("XLA_FLAGS", ""),

@@ -243,7 +243,7 @@ def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int)
     (docs/kernels_notes.md): bf16 1024 x 256 404 -> 321 us, 256 x 512 198 -> 173 us, but
     64 x 1k +14% and 8 x 2k +8%; e4m3 256 x 2k 655 -> 551 us, 64 x 4k 381.5 -> 336 us. On
     e4m3 pages two heads win at small batches too (session 14, fp8_qk): 8 x 2k 34.7 us
-    against 42.3-45.8 with one head, 32 x 2k 108.0 against 113.2-125.5 (splits make up the
+    against 42.3-54.4 with one head, 32 x 2k 108.0 against 113.2-125.5 (splits make up the
     CTAs). $IMP_JAX_MGPU_HEADS=1 or 2 forces a choice (where 2 divides KVH)."""
     value = os.environ.get("IMP_JAX_MGPU_HEADS")
     if value not in (None, "1", "2"):

@@ -264,7 +264,8 @@ def test_mgpu_keys_configs_and_candidates():
 def test_mgpu_8bit_candidates_try_both_qk_and_pv_paths(monkeypatch):
     """e4m3 pages: every candidate ring with Q K^T in e4m3 (the default) and in bf16, each with
     P V in f16 (the default) and in bf16; float pages never get either 8-bit path."""
-    monkeypatch.delenv("IMP_JAX_MGPU_FP8_QK", raising=False)
+    for name in ("IMP_JAX_MGPU_FP8_QK", "IMP_JAX_MGPU_F16_V"):
+        monkeypatch.delenv(name, raising=False)
     k8 = mgpu_key(S=256, max_pages=128, kv_dtype=jnp.float8_e4m3fn)
     cands = autotune.default_candidates(k8)
     assert cands[0] == k8.heuristic() and cands[0].fp8_qk and cands[0].f16_v

@@ -280,6 +280,8 @@ FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
              (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(fp8_qk=True, num_splits=3)),
              (256, 2048, dict(page=64), dict(fp8_qk=True, f16_v=True)),
              (256, 2048, dict(page=64), dict(fp8_qk=True, f16_v=False)),
+             (256, 2048, dict(page=64), dict(fp8_qk=False, f16_v=True)),
+             (256, 2048, dict(page=64), dict(fp8_qk=False, f16_v=False)),
              (8, 2048, {}, dict(fp8_qk=True, f16_v=True)),
              (1024, 2048, dict(page=64), dict(f16_v=True, heads_per_cta=1, block_kv=128,
                                               num_stages=3))]
@@ -332,7 +334,8 @@ def test_heads_per_cta_choice(monkeypatch):
 def test_fp8_qk_choice(monkeypatch):
     """e4m3 pages take Q K^T in e4m3 by default (measured faster, session 13), which frees the
     converted K tile: two heads per CTA get a third ring stage. Float pages never take it."""
-    monkeypatch.delenv("IMP_JAX_MGPU_FP8_QK", raising=False)
+    for name in ("IMP_JAX_MGPU_FP8_QK", "IMP_JAX_MGPU_F16_V", "IMP_JAX_MGPU_HEADS"):
+        monkeypatch.delenv(name, raising=False)
     cfg = choose_config(256, 8, 128, 16, kv_itemsize=1)                  # 256 x 2048
     assert cfg.fp8_qk and cfg.heads_per_cta == 2 and cfg.num_stages == 3
     assert smem_bytes(cfg, 128, kv_itemsize=1) <= 232448
@@ -525,6 +528,9 @@ def test_8bit_pages_take_decode_mgpu_unless_one_head_converts_k(monkeypatch, tmp
     import pallas_kernels
 
     monkeypatch.setenv("IMP_JAX_AUTOTUNE_CACHE", str(tmp_path / "none.json"))  # heuristics
+    for name in ("IMP_JAX_MGPU_FP8_QK", "IMP_JAX_MGPU_F16_V", "IMP_JAX_MGPU_HEADS",
+                 "IMP_JAX_DECODE", "IMP_JAX_DECODE_8BIT"):
+        monkeypatch.delenv(name, raising=False)
     fp8 = jnp.float8_e4m3fn
 
     def config(S, kv_dtype, scaled):
