@@ -123,7 +123,10 @@ def _warm_up(llm, **kwargs) -> dict:
         f"compilation cache: {before} files before, {compilation_cache_files()} after"
     print(f"warm-up: compiled {n} programs in {seconds:.1f} s ({cache})", file=sys.stderr)
     freeze_gc()
-    return dict(warmup_programs=n, warmup_s=seconds, cache_files_before_warmup=before)
+    # and the KV layout the engine chose (page size and dtype depend on kv_cache_dtype)
+    return dict(warmup_programs=n, warmup_s=seconds, cache_files_before_warmup=before,
+                page_size=llm.runner.page_size, kv_dtype=str(llm.runner.cache.k[0].dtype)
+                if llm.runner.cache is not None else None)
 
 
 def freeze_gc() -> None:

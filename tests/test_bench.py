@@ -59,6 +59,7 @@ def test_throughput_runs_each_length_pair_once(tmp_path):
     # the persistent cache on, conftest.py)
     assert all(r["warmup_programs"] >= 0 and r["warmup_s"] > 0 for r in rows)
     assert isinstance(rows[0]["cache_files_before_warmup"], int)
+    assert all(r["page_size"] == 16 and r["kv_dtype"] == "float32" for r in rows)  # KV layout
     assert "decode_block" in rows[0]["step_kinds"]
     for r in rows:  # 12 prompts through 4 rows: prompt steps ran, each kind timed
         kinds = r["step_kinds"]
