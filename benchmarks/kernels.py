@@ -405,11 +405,13 @@ def main():
         budget = 150.0 if args.budget_s is None else args.budget_s
     if args.shapes:
         try:
-            shapes = [tuple(int(v) for v in (x.lower().split("x") + ["16"])[:3]) for x in
-                      args.shapes.split(",") if x.strip() and x.lower().count("x") in (1, 2)]
-        except ValueError:
             shapes = []
-        if len(shapes) != len([x for x in args.shapes.split(",") if x.strip()]):
+            for x in filter(None, (x.strip() for x in args.shapes.lower().split(","))):
+                b, c, *p = (int(v) for v in x.split("x"))
+                if len(p) > 1:
+                    raise ValueError(x)
+                shapes.append((b, c, p[0] if p else 16))
+        except ValueError:
             ap.error(f"--shapes {args.shapes!r}: expected BATCHxCTX[xPAGE],... "
                      "(e.g. 1024x256,256x2048x64)")
         if not shapes or any(b < 1 or p < 1 or c < p or c % p for b, c, p in shapes):

@@ -74,8 +74,8 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     if bad := [m for m in modes if m not in COMMAND_BUFFER_MODES]:
         ap.error(f"--modes {bad}: allowed {COMMAND_BUFFER_MODES}")
-    page = args.page_size or default_page_size(
-        resolve_kv_cache_dtype(args.kv_cache_dtype, args.dtype))
+    cache_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, args.dtype)
+    page = args.page_size or default_page_size(cache_dtype)
     random = args.model.startswith("random:")
     m = load_model(args.model, args.dtype,
                    random_quantization=args.quantization if random else None)
@@ -85,7 +85,6 @@ def main(argv=None) -> int:
     max_len = max(args.prompt_len, args.context) + page
     per_seq = -(-max_len // page)
     rows = args.prompts + args.decode
-    cache_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, args.dtype)
     page_bytes = KVCache.bytes_per_token(m.cfg, cache_dtype) * page
     num_pages = max(rows * per_seq + 1, int(args.pool_gb * 1e9 / page_bytes))
     r = ModelRunner(m.cfg, m.params, num_pages=num_pages, page_size=page,

@@ -123,10 +123,12 @@ def _warm_up(llm, **kwargs) -> dict:
         f"compilation cache: {before} files before, {compilation_cache_files()} after"
     print(f"warm-up: compiled {n} programs in {seconds:.1f} s ({cache})", file=sys.stderr)
     freeze_gc()
-    # and the KV layout the engine chose (page size and dtype depend on kv_cache_dtype)
-    return dict(warmup_programs=n, warmup_s=seconds, cache_files_before_warmup=before,
-                page_size=llm.runner.page_size, kv_dtype=str(llm.runner.cache.k[0].dtype)
-                if llm.runner.cache is not None else None)
+    return dict(warmup_programs=n, warmup_s=seconds, cache_files_before_warmup=before)
+
+
+def _kv_layout(llm) -> dict:
+    """The KV layout the engine chose, for the rows: its page size depends on kv_cache_dtype."""
+    return dict(page_size=llm.runner.page_size, kv_dtype=str(llm.runner.cache.k[0].dtype))
 
 
 def freeze_gc() -> None:
@@ -194,7 +196,8 @@ def bench_latency(args) -> list[dict]:
                                          modes=_peer_modes(args)))
     llm = _make_llm(args, max(batches))
     # the programs these batches use, compiled in parallel (a 70B shape's are minutes one by one)
-    warm_fields = _warm_up(llm, max_prompt_tokens=max(batches) * input_len)
+    warm_fields = {**_warm_up(llm, max_prompt_tokens=max(batches) * input_len),
+                   **_kv_layout(llm)}
     cfg = llm.config
     kv_dtype = llm.runner.cache.k[0].dtype
     weight_bytes = step_weight_bytes(llm)
@@ -239,7 +242,7 @@ def bench_throughput(args) -> list[dict]:
 
     rows = []
     llm = None if args.peer_only else _make_llm(args, args.max_num_seqs)
-    warm_fields = _warm_up(llm) if llm is not None else {}
+    warm_fields = {**_warm_up(llm), **_kv_layout(llm)} if llm is not None else {}
     for input_len, output_len in _pairs(args) if llm is not None else ():
         cfg = llm.config
         rng = np.random.default_rng(input_len * 7919 + output_len)
