@@ -62,15 +62,16 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   terms, Q = s * (hi + lo / 16) per row (s = amax / 448; lo holds 16x hi's residual), and two
   e4m3 wgmmas against the same tile give the logits with ~bf16 precision on Q (hi alone:
   1.2% error against the reference in the interpret test, hi + lo: 0.28%, the converting
-  path's 0.31%). Row scales (s * scale * log2 e) and K's per-key scales multiply the f32
-  logits. V is still converted (8-bit P V would need V K-major, i.e. transposed pages). H200,
-  session 13, two heads per CTA: 8 x 2048 -29%, 256 x 2048 -10%, 1024 x 2048 -6 to -8%,
-  704 x 1536 and 64 x 4096 level (docs/kernels_notes.md).
+  path's 0.31%). K's per-key scales multiply the f32 logits; the row scales
+  (s * scale * log2 e) ride in the softmax's exp2 FMA. V is still converted (8-bit P V would
+  need V K-major, i.e. transposed pages). H200, session 13, two heads per CTA: 8 x 2048
+  -29%, 256 x 2048 -10%, 1024 x 2048 -6 to -8%, 704 x 1536 and 64 x 4096 level
+  (docs/kernels_notes.md).
 * **`f16_v` (the default on 8-bit pages): P V in f16.** V's e4m3 tile is only cast to f16 (one
   hardware conversion per two codes, no f32 detour, no multiply) and V's per-key scales go
-  onto P's columns (times V_GAIN = 256, which keeps P's smallest products out of f16's
-  subnormals; the final 1 / l undoes it). H200, session 14, 64-key pages, two heads per CTA:
-  256 x 2048 487.1 -> 447.7 us, 1024 x 2048 1611.2 -> 1486.1 us (-8%), error against the
+  onto P's columns. P carries a gain of 2**V_GAIN_LOG2 = 256 (folded into the exp2's max),
+  which keeps P's smallest products out of f16's subnormals; the final 1 / l undoes it.
+  H200, session 14, 64-key pages, two heads per CTA: 256 x 2048 487.1 -> 447.7 us, 1024 x 2048 1611.2 -> 1486.1 us (-8%), error against the
   reference 0.31% -> 0.19% (f16 keeps 3 more mantissa bits than bf16).
 * `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
   and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
@@ -108,7 +109,8 @@ from pallas_kernels.paged_decode import NEG, NUM_SMS_H100, combine_splits
 MQ = 64                        # query rows of one wgmma (the G real rows are padded to it)
 FP8 = jnp.float8_e4m3fn        # the 8-bit page dtype this kernel reads (with scales)
 CONVERT_ROWS = 64              # 8-bit tile rows converted per register pass (register pressure)
-V_GAIN = 256.0                 # f16_v: P x V's scale x V_GAIN in f16 (undone by the final 1 / l)
+V_GAIN_LOG2 = 8.0              # f16_v: P (and l) x 2**8, so P x V's scale stays out of f16's
+                               # subnormals (undone by the final 1 / l)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +129,9 @@ class DecodeConfig:
     fp8_qk: bool = False
     # 8-bit pages (the default there): V's tile cast e4m3 -> f16 (one hardware conversion per
     # two codes, no scale multiply) and P V in f16, V's per-key scales folded into P's columns
-    # (x V_GAIN, a power of two that keeps P's small products out of f16's subnormals; undone
-    # with 1 / l). Range: P x scale x V_GAIN must stay below f16's 65504, i.e. a token's V
-    # amax below 448 x 65504 / V_GAIN (~1.1e5).
+    # (x a gain of 2**V_GAIN_LOG2 = 256 that keeps P's small products out of f16's
+    # subnormals; undone with 1 / l). Range: P x scale x 256 must stay below f16's 65504, i.e.
+    # a token's V amax below 448 x 65504 / 256 (~1.1e5).
     f16_v: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
@@ -212,17 +214,21 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
     # CTA has 2-4 blocks of 128) 64-key blocks in 6 stages won: 1024 x 256 -16%, 256 x 512
     # -4%; at 64 x 1k they lost by 13% (H200, session 4, same table).
     short = max_pages * page_size <= SHORT_CTX and page_size <= 64
+    if fp8_qk is None:
+        fp8_qk = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_FP8_QK")
+    if f16_v is None:
+        f16_v = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_F16_V")
     if heads_per_cta is None:
         heads_per_cta = _heads_per_cta(S, KVH, short, kv_itemsize == 1, num_sms)
+        if heads_per_cta == 2 and block_kv is not None:  # a given block two rings cannot hold
+            two = DecodeConfig(block_kv=block_kv, num_stages=2, num_splits=2, heads_per_cta=2,
+                               fp8_qk=fp8_qk, f16_v=f16_v)
+            heads_per_cta = 1 if smem_bytes(two, D, kv_itemsize) > SMEM_BYTES_H100 else 2
     if block_kv is None:  # two heads' rings of 128-key blocks do not fit SMEM even at 2 stages
         block_kv = (64 if short or heads_per_cta == 2 else 128 if page_size <= 128
                     else page_size)
     if num_stages is None:
         num_stages = 6 if short and block_kv == 64 else 3
-    if fp8_qk is None:
-        fp8_qk = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_FP8_QK")
-    if f16_v is None:
-        f16_v = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_F16_V")
     max_blocks = -(-(max_pages * page_size) // block_kv)
     if num_splits is None:
         base = max(1, S * KVH // heads_per_cta)
@@ -315,7 +321,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         would need 128 registers per thread at once)."""
         n = min(CONVERT_ROWS, B)
         for r in range(0, B, n):
-            if scales is None:
+            if scales is None:  # (8-byte loads in WGMMA_UPCAST_4X lost: +6-12%, session 15)
                 dst.at[pl.ds(r, n)][...] = src8.at[pl.ds(r, n)][...].astype(dst.dtype)
                 continue
             x = src8.at[pl.ds(r, n)][...].astype(jnp.float32)
@@ -339,9 +345,13 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         plgpu.commit_smem()
         return s_row * c_log2
 
-    def qk_fp8(q8, k_tile, k_scales, row_log2):
-        """S * scale * log2(e) [MQ, B]: two e4m3 wgmmas (Q's terms against the 8-bit K tile),
-        then each row's Q scale and each key's K scale."""
+    def qk_fp8(q8, k_tile, k_scales):
+        """Q K^T / s per row [MQ, B] (s: split_q's row scale, applied in the softmax's exp2
+        FMA): two e4m3 wgmmas (Q's terms against the 8-bit K tile), then each key's K scale.
+        The terms keep separate accumulators: with one shared accumulator (lo unscaled) the
+        error against the reference rose from 0.19% to 0.27% on an H200 (session 15), where
+        interpret mode showed no change; likely Hopper's FP8 MMA accumulating with reduced
+        precision, so lo's small products lose bits beside hi's."""
         def compute(hi_ref, lo_ref):
             kt = k_tile.transpose((1, 0))
             plgpu.wgmma(hi_ref, q8.at[0], kt)
@@ -350,8 +360,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         hi, lo = pl.run_scoped(compute, plgpu.ACC((MQ, B), jnp.float32),
                                plgpu.ACC((MQ, B), jnp.float32))
         ks = plgpu.load(k_scales, layout=plgpu.Layout.WGMMA.reduce(0))
-        return ((hi + lo * (1.0 / 16.0)) * lax.broadcast_in_dim(row_log2, hi.shape, [0])
-                * lax.broadcast_in_dim(ks, hi.shape, [1]))
+        return (hi + lo * (1.0 / 16.0)) * lax.broadcast_in_dim(ks, hi.shape, [1])
 
     def kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, out_refs, scoped):
         s = lax.axis_index("seq")
@@ -414,10 +423,10 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     slot = lax.rem(t, jnp.int32(stages))
                     plgpu.barrier_wait(k_bars.at[bo + slot])
                     k_tile = k_smem.at[slot]
-                    if cfg.fp8_qk:  # logits in the log2 domain, from the 8-bit tile itself
-                        sc = qk_fp8(q_smem, k_tile, ks_smem.at[slot], row_log2)
+                    if cfg.fp8_qk:  # from the 8-bit tile itself; c: each row's scale
+                        sc = qk_fp8(q_smem, k_tile, ks_smem.at[slot])
                         plgpu.barrier_arrive(k_cons.at[bo + slot])
-                        c = None
+                        c = row_log2
                     else:
                         if quant:  # converted, the 8-bit stage goes straight back
                             convert(k_tile, ks_smem.at[slot], k16)
@@ -435,18 +444,22 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                         cols = plgpu.broadcasted_iota(jnp.int32, (MQ, B), 1,
                                                       layout=plgpu.Layout.WGMMA)
                         sc = jnp.where(cols + (b0 + t) * B < seq_len, sc, -jnp.inf)
-                    # m lives in the log2 domain (scaled by scale*log2e): exp2(s*c - m) is an FMA.
-                    m_new = jnp.maximum(m_i, sc.max(axis=1) if c is None else sc.max(axis=1) * c)
+                    # m lives in the log2 domain (scaled by c = scale*log2e, per row with
+                    # fp8_qk; c > 0, so max(s) * c = max(s * c)): exp2(s*c - m) is one FMA.
+                    m_new = jnp.maximum(m_i, sc.max(axis=1) * c)
                     alpha = jnp.exp2(m_i - m_new)
-                    m_b = lax.broadcast_in_dim(m_new, sc.shape, [0])
-                    p = jnp.exp2(sc - m_b if c is None else sc * c - m_b)
+                    # f16_v: P x V_GAIN (m lowered by its log2), and l with it
+                    m_b = lax.broadcast_in_dim(m_new - V_GAIN_LOG2 if cfg.f16_v else m_new,
+                                               sc.shape, [0])
+                    c_b = lax.broadcast_in_dim(c, sc.shape, [0]) if cfg.fp8_qk else c
+                    p = jnp.exp2(sc * c_b - m_b)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
                     plgpu.barrier_wait(v_bars.at[bo + slot])
                     v_tile = v_smem.at[slot]
                     if cfg.f16_v:   # V's scales (and the gain) on P's columns, V cast only
                         vs = plgpu.load(vs_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                        p16 = (p * lax.broadcast_in_dim(vs * V_GAIN, p.shape, [1])).astype(
+                        p16 = (p * lax.broadcast_in_dim(vs, p.shape, [1])).astype(
                             jnp.float16)
                     else:
                         p16 = p.astype(dtype)
@@ -479,8 +492,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 # A split that saw no key (past its sequence's end) has l == 0: O = 0, lse = NEG.
                 has = l_i > 0.0
                 l_safe = jnp.where(has, l_i, 1.0)
-                l_out = l_safe * V_GAIN if cfg.f16_v else l_safe
-                out = acc / lax.broadcast_in_dim(l_out, (MQ, D), [0])
+                out = acc / lax.broadcast_in_dim(l_safe, (MQ, D), [0])
                 if splits == 1:
                     (o_ref,) = out_refs
                     qst[...] = out.astype(dtype)
@@ -495,7 +507,8 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                         plgpu.barrier_arrive(done)
                         plgpu.barrier_wait(done)
                     ost[...] = out
-                    lse_smem[...] = jnp.where(has, m_i + jnp.log2(l_safe), NEG)
+                    lse_smem[...] = jnp.where(
+                        has, m_i + jnp.log2(l_safe) - (V_GAIN_LOG2 if cfg.f16_v else 0.0), NEG)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(ost.at[pl.ds(0, MP)], o_sp.at[s, h, 0, j])
                     plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, MP)], lse_ref.at[s, h, 0, j])

@@ -89,7 +89,7 @@ CASES = [
      C(64, 2, 1, heads_per_cta=2, fp8_qk=True, f16_v=True), "fp8"),
     ("g4_d64_p16_b128_f16v_split3", [300, 129, 16], 8, 2, 64, 16, 0, 0,
      C(128, 2, 3, f16_v=True), "fp8"),
-    # ... with V 1e-5x and 1e3x as large (f16's subnormals and its range, V_GAIN)
+    # ... with V 1e-5x and 1e3x as large (f16's subnormals and its range, the P gain)
     ("g4_d128_p64_f16v_small_v", [130, 50], 8, 2, 128, 64, 0, 1,
      C(64, 2, 1, heads_per_cta=2, fp8_qk=True, f16_v=True), "fp8_v1e-5"),
     ("g4_d128_p64_f16v_large_v", [130, 50], 8, 2, 128, 64, 0, 1,
@@ -321,6 +321,13 @@ def test_heads_per_cta_choice(monkeypatch):
     cfg = choose_config(8, 8, 128, 16, kv_itemsize=1)                        # 8 x 2k
     assert (cfg.heads_per_cta, cfg.num_splits, cfg.block_kv) == (2, 4, 64)    # 32 CTAs x 4
     assert choose_config(8, 3, 128, 16, kv_itemsize=1).heads_per_cta == 1    # odd KV heads
+    # a block size given (the GPU tests' b128x3): one head where two rings of it cannot fit
+    for kv_itemsize in (1, 2):
+        cfg = choose_config(256, 8, 128, 16, kv_itemsize=kv_itemsize, block_kv=128,
+                            num_stages=3)
+        assert cfg.heads_per_cta == 1 and cfg.block_kv == 128
+        cfg.validate(128, 16, kv_itemsize)
+    assert choose_config(256, 8, 128, 16, kv_itemsize=1, block_kv=64).heads_per_cta == 2
     monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "1")
     assert choose_config(1024, 8, 16, 16).heads_per_cta == 1
     monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "2")  # forced at a long context: 64-key blocks fit
