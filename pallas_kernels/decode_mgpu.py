@@ -71,8 +71,12 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   hardware conversion per two codes, no f32 detour, no multiply) and V's per-key scales go
   onto P's columns. P carries a gain of 2**V_GAIN_LOG2 = 256 (folded into the exp2's max),
   which keeps P's smallest products out of f16's subnormals; the final 1 / l undoes it.
-  H200, session 14, 64-key pages, two heads per CTA: 256 x 2048 487.1 -> 447.7 us, 1024 x 2048 1611.2 -> 1486.1 us (-8%), error against the
-  reference 0.31% -> 0.19% (f16 keeps 3 more mantissa bits than bf16).
+  H200, session 14, 64-key pages, two heads per CTA: 256 x 2048 487.1 -> 447.7 us,
+  1024 x 2048 1611.2 -> 1486.1 us (-8%), error against the reference 0.31% -> 0.19% (f16
+  keeps 3 more mantissa bits than bf16).
+* **`early_v` (off; fp8_qk only)**: V's stage is cast while the Q K^T wgmmas run instead of
+  after the softmax (session 15's profile: a pass spends 11% waiting for Q K^T and 19% on the
+  cast). Untimed.
 * `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
   and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
   Each head has its own ring, barriers and buffers (a leading [2] axis); the sequence's
@@ -133,6 +137,10 @@ class DecodeConfig:
     # subnormals; undone with 1 / l). Range: P x scale x 256 must stay below f16's 65504, i.e.
     # a token's V amax below 448 x 65504 / 256 (~1.1e5).
     f16_v: bool = False
+    # fp8_qk only: V's stage is cast (and released) while the Q K^T wgmmas run, not after the
+    # softmax, so the cast hides the wait for Q K^T (session 15's profile of one pass: 11%
+    # waiting for Q K^T, 19% casting V). Off by default until a GPU measures it.
+    early_v: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
         if self.num_splits < 1:
@@ -143,6 +151,8 @@ class DecodeConfig:
             raise ValueError("fp8_qk=True needs 8-bit (float8_e4m3fn) pages")
         if self.f16_v and kv_itemsize != 1:
             raise ValueError("f16_v=True needs 8-bit (float8_e4m3fn) pages")
+        if self.early_v and not self.fp8_qk:
+            raise ValueError("early_v=True needs fp8_qk=True (the Q K^T it overlaps)")
         check_ring(self, page_size, smem_bytes(self, D, kv_itemsize=kv_itemsize), min_stages=1)
 
 
@@ -201,7 +211,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                   num_splits: int | None = None, compat: bool = False,
                   num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
                   heads_per_cta: int | None = None,
-                  fp8_qk: bool | None = None, f16_v: bool | None = None) -> DecodeConfig:
+                  fp8_qk: bool | None = None, f16_v: bool | None = None,
+                  early_v: bool = False) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -239,7 +250,9 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                                  num_splits=num_splits, compat=compat,
                                  heads_per_cta=heads_per_cta,
                                  fp8_qk=fp8_qk and kv_itemsize == 1,
-                                 f16_v=f16_v and kv_itemsize == 1), D, kv_itemsize)
+                                 f16_v=f16_v and kv_itemsize == 1,
+                                 early_v=early_v and fp8_qk and kv_itemsize == 1), D,
+                    kv_itemsize)
 
 
 def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int) -> int:
@@ -345,9 +358,10 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         plgpu.commit_smem()
         return s_row * c_log2
 
-    def qk_fp8(q8, k_tile, k_scales):
-        """Q K^T / s per row [MQ, B] (s: split_q's row scale, applied in the softmax's exp2
-        FMA): two e4m3 wgmmas (Q's terms against the 8-bit K tile), then each key's K scale.
+    def qk_fp8(q8, k_tile, k_scales, during=None):
+        """(Q K^T / s per row [MQ, B], during's result) (s: split_q's row scale, applied in
+        the softmax's exp2 FMA): two e4m3 wgmmas (Q's terms against the 8-bit K tile), then
+        each key's K scale; `during()` runs while the wgmmas do.
         The terms keep separate accumulators: with one shared accumulator (lo unscaled) the
         error against the reference rose from 0.19% to 0.27% on an H200 (session 15), where
         interpret mode showed no change; likely Hopper's FP8 MMA accumulating with reduced
@@ -356,11 +370,12 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
             kt = k_tile.transpose((1, 0))
             plgpu.wgmma(hi_ref, q8.at[0], kt)
             plgpu.wgmma(lo_ref, q8.at[1], kt)
-            return hi_ref[...], lo_ref[...]
-        hi, lo = pl.run_scoped(compute, plgpu.ACC((MQ, B), jnp.float32),
-                               plgpu.ACC((MQ, B), jnp.float32))
+            extra = during() if during is not None else None
+            return hi_ref[...], lo_ref[...], extra
+        hi, lo, extra = pl.run_scoped(compute, plgpu.ACC((MQ, B), jnp.float32),
+                                      plgpu.ACC((MQ, B), jnp.float32))
         ks = plgpu.load(k_scales, layout=plgpu.Layout.WGMMA.reduce(0))
-        return (hi + lo * (1.0 / 16.0)) * lax.broadcast_in_dim(ks, hi.shape, [1])
+        return (hi + lo * (1.0 / 16.0)) * lax.broadcast_in_dim(ks, hi.shape, [1]), extra
 
     def kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, out_refs, scoped):
         s = lax.axis_index("seq")
@@ -424,7 +439,17 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     plgpu.barrier_wait(k_bars.at[bo + slot])
                     k_tile = k_smem.at[slot]
                     if cfg.fp8_qk:  # from the 8-bit tile itself; c: each row's scale
-                        sc = qk_fp8(q_smem, k_tile, ks_smem.at[slot])
+                        def cast_v():   # early_v: V's stage -> v16 and released; V's scales
+                            plgpu.barrier_wait(v_bars.at[bo + slot])
+                            vs = (plgpu.load(vs_smem.at[slot],
+                                             layout=plgpu.Layout.WGMMA.reduce(0))
+                                  if cfg.f16_v else None)
+                            convert(v_smem.at[slot], None if cfg.f16_v else vs_smem.at[slot],
+                                    v16)
+                            plgpu.barrier_arrive(v_cons.at[bo + slot])
+                            return vs
+                        sc, vs = qk_fp8(q_smem, k_tile, ks_smem.at[slot],
+                                        during=cast_v if cfg.early_v else None)
                         plgpu.barrier_arrive(k_cons.at[bo + slot])
                         c = row_log2
                     else:
@@ -455,17 +480,21 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     p = jnp.exp2(sc * c_b - m_b)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
-                    plgpu.barrier_wait(v_bars.at[bo + slot])
+                    if not cfg.early_v:
+                        plgpu.barrier_wait(v_bars.at[bo + slot])
                     v_tile = v_smem.at[slot]
                     if cfg.f16_v:   # V's scales (and the gain) on P's columns, V cast only
-                        vs = plgpu.load(vs_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                        if not cfg.early_v:
+                            vs = plgpu.load(vs_smem.at[slot],
+                                            layout=plgpu.Layout.WGMMA.reduce(0))
                         p16 = (p * lax.broadcast_in_dim(vs, p.shape, [1])).astype(
                             jnp.float16)
                     else:
                         p16 = p.astype(dtype)
                     if quant:
-                        convert(v_tile, None if cfg.f16_v else vs_smem.at[slot], v16)
-                        plgpu.barrier_arrive(v_cons.at[bo + slot])
+                        if not cfg.early_v:
+                            convert(v_tile, None if cfg.f16_v else vs_smem.at[slot], v16)
+                            plgpu.barrier_arrive(v_cons.at[bo + slot])
                         v_tile = v16
                     if not cfg.compat:
                         def compute_pv(acc_ref):

@@ -94,6 +94,11 @@ CASES = [
      C(64, 2, 1, heads_per_cta=2, fp8_qk=True, f16_v=True), "fp8_v1e-5"),
     ("g4_d128_p64_f16v_large_v", [130, 50], 8, 2, 128, 64, 0, 1,
      C(64, 2, 1, heads_per_cta=2, fp8_qk=True, f16_v=True), "fp8_v1e3"),
+    # early_v: V cast (and its stage released) while the Q K^T wgmmas run
+    ("g4_d128_p64_early_v_2heads", [130, 50, 1], 8, 2, 128, 64, 1, 2,
+     C(64, 2, 1, heads_per_cta=2, fp8_qk=True, f16_v=True, early_v=True), "fp8"),
+    ("g4_d64_p16_b128_early_v_bf16pv_split3", [300, 129, 16], 8, 2, 64, 16, 0, 0,
+     C(128, 2, 3, fp8_qk=True, early_v=True), "fp8"),
 ]
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "fp8": jnp.bfloat16}  # fp8: q's dtype
 V_MULT = {"fp8_v1e-5": 1e-5, "fp8_v1e3": 1e3}  # e4m3 pages with V scaled by that
@@ -284,7 +289,10 @@ FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
              (256, 2048, dict(page=64), dict(fp8_qk=False, f16_v=False)),
              (8, 2048, {}, dict(fp8_qk=True, f16_v=True)),
              (1024, 2048, dict(page=64), dict(f16_v=True, heads_per_cta=1, block_kv=128,
-                                              num_stages=3))]
+                                              num_stages=3)),
+             (256, 2048, dict(page=64), dict(early_v=True)),
+             (8, 2048, {}, dict(early_v=True, f16_v=False)),
+             (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(early_v=True, num_splits=3))]
 
 
 @pytest.mark.parametrize("B,ctx,shape_kw,cfg_kw", FP8_LOWER,
@@ -362,6 +370,13 @@ def test_fp8_qk_choice(monkeypatch):
     # e4m3 pages take the f16 P V by default (session 14: -8% at 256 and 1024 x 2048)
     monkeypatch.delenv("IMP_JAX_MGPU_FP8_QK")
     assert cfg.f16_v and not choose_config(256, 8, 128, 16, kv_itemsize=1, f16_v=False).f16_v
+    # early_v: off unless asked for, and only beside fp8_qk on 8-bit pages
+    assert not cfg.early_v
+    assert choose_config(256, 8, 128, 16, kv_itemsize=1, early_v=True).early_v
+    assert not choose_config(256, 8, 128, 16, kv_itemsize=1, fp8_qk=False, early_v=True).early_v
+    assert not choose_config(256, 8, 128, 16, early_v=True).early_v      # bf16 pages
+    with pytest.raises(ValueError, match="early_v=True needs fp8_qk=True"):
+        DecodeConfig(early_v=True).validate(128, 16, 1)
     monkeypatch.setenv("IMP_JAX_MGPU_F16_V", "0")
     assert not choose_config(256, 8, 128, 16, kv_itemsize=1).f16_v
     monkeypatch.setenv("IMP_JAX_MGPU_F16_V", "on")
@@ -390,6 +405,42 @@ def test_fp8_qk_reads_the_8bit_tile():
     assert len(eight_bit) == 4     # two terms, in the full-block loop and the masked tail's
     assert all(f"[{i % 2},:,:]" in w.split(" @ ")[0] for i, w in enumerate(eight_bit))
     assert off and not any("untile([8, 128])" in w for w in off)
+
+
+def test_early_v_casts_v_during_qk():
+    """The kernel's own program: with early_v the f16 cast of V sits inside the scope of the
+    Q K^T wgmmas (so it runs while they do), in the full-block loop and the masked tail's;
+    without it, no such scope. Numerics alone would not show the flag being ignored."""
+    q, pool, _, pt, sl, qs = mgpu_interpret.paged_shapes(4, 8, 2, 128, 4, 8, 16)
+    pool = jax.ShapeDtypeStruct(pool.shape, jnp.float8_e4m3fn)
+    sc = jax.ShapeDtypeStruct((pool.shape[0], 2, 16), jnp.float32)
+
+    def subjaxprs(eqn):
+        for v in eqn.params.values():
+            for x in (v if isinstance(v, (tuple, list)) else (v,)):
+                j = getattr(x, "jaxpr", x)
+                if hasattr(j, "eqns"):
+                    yield j
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for j in subjaxprs(eqn):
+                yield from walk(j)
+
+    def scopes_casting_v_during_qk(early_v):
+        cfg = DecodeConfig(64, 2, 1, fp8_qk=True, f16_v=True, early_v=early_v)
+        f = lambda q, k, v, pt, sl, qs, ks, vs: decode_kernel_call(  # noqa: E731
+            q, k, v, pt, sl, qs, scale=0.1, config=cfg, k_scale=ks, v_scale=vs)
+        n = 0
+        for eqn in walk(jax.make_jaxpr(f)(q, pool, pool, pt, sl, qs, sc, sc).jaxpr):
+            for body in subjaxprs(eqn) if eqn.primitive.name == "run_scoped" else ():
+                ops = [(e.primitive.name, str(e.params.get("new_dtype"))) for e in body.eqns]
+                n += ("wgmma_ref", "None") in ops and ("convert_element_type", "float16") in ops
+        return n
+
+    assert scopes_casting_v_during_qk(True) == 2
+    assert scopes_casting_v_during_qk(False) == 0
 
 
 def test_oversized_config_rejected():
@@ -422,7 +473,8 @@ GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
                "2heads": dict(block_kv=64, num_stages=3, heads_per_cta=2),
                # e4m3 pages converting K (fp8_qk is the heuristic's default there)
                "2heads_convert_k": dict(block_kv=64, num_stages=3, heads_per_cta=2,
-                                        fp8_qk=False)}
+                                        fp8_qk=False),
+               "early_v": dict(fp8_qk=True, early_v=True)}
 
 
 @gpu
@@ -486,7 +538,8 @@ def test_gpu_benchmark_shapes(B, ctx, cfg):
 
 
 @gpu
-@pytest.mark.parametrize("qk", [True, False, "f16_v"], ids=["fp8_qk", "convert_k", "f16_v"])
+@pytest.mark.parametrize("qk", [True, False, "f16_v", "early_v"],
+                         ids=["fp8_qk", "convert_k", "f16_v", "early_v"])
 @pytest.mark.parametrize("B,ctx,page", [(256, 2048, 64), (8, 2048, 16), (64, 4096, 16)],
                          ids=["B256-ctx2048-p64", "B8-ctx2048", "B64-ctx4096"])
 def test_gpu_fp8_benchmark_shapes(B, ctx, page, qk):
@@ -494,7 +547,8 @@ def test_gpu_fp8_benchmark_shapes(B, ctx, page, qk):
     CTA (the engine's config on e4m3 pages)."""
     args, scales = quantized(bench_like_case(B, ctx, page=page, pad_seqs=3))
     config = choose_config(B + 3, 8, ctx // page, page, 128, kv_itemsize=1, heads_per_cta=2,
-                           fp8_qk=qk is not False, f16_v=qk == "f16_v")
+                           fp8_qk=qk is not False, f16_v=qk in ("f16_v", "early_v"),
+                           early_v=qk == "early_v")
     out = paged_decode_mgpu(*args, scale=128 ** -0.5, config=config, **scales)
     err, pad_max, has_nan = check(args, out, 128 ** -0.5, scales)
     assert not has_nan and pad_max == 0.0
