@@ -57,8 +57,7 @@ ENABLE_ENV = "IMP_JAX_AUTOTUNE"
 # 8-bit winners of version 2 were chosen without it; the bump drops every entry (re-tuning is
 # an explicit step), which is simpler than telling those entries apart.
 # 4 (session 14): and the f16 P V (DecodeConfig.f16_v), likewise.
-# 5 (session 15): and V's cast during Q K^T (DecodeConfig.early_v), likewise.
-CACHE_VERSION = 5
+CACHE_VERSION = 4
 DEFAULT_CACHE = os.path.join("~", ".cache", "imp_jax", "autotune.json")
 
 
@@ -345,11 +344,11 @@ def default_candidates(key: ShapeKey) -> list:
         over = [dict()] + heads + [dict(block_kv=b, num_stages=st, heads_per_cta=1)
                                    for b, st in MGPU_RINGS] + \
             [dict(num_splits=sp) for sp in {1, max(1, h.num_splits // 2), h.num_splits * 2}]
-        if key.kv_dtype:  # 8-bit pages: Q K^T in e4m3 or bf16, P V in f16 or bf16 (defaults
-            # first), V cast after the softmax or during an e4m3 Q K^T
-            over = [dict(o, fp8_qk=qk, f16_v=fv, early_v=ev) for o in over
-                    for qk in (h.fp8_qk, not h.fp8_qk) for fv in (h.f16_v, not h.f16_v)
-                    for ev in ((False, True) if qk else (False,))]
+        # 8-bit pages: Q K^T in e4m3 or bf16, P V in f16 or bf16 (defaults first); not
+        # DecodeConfig.early_v until a GPU has run it (autotuning times, it does not check)
+        if key.kv_dtype:
+            over = [dict(o, fp8_qk=qk, f16_v=fv) for o in over for qk in (h.fp8_qk, not h.fp8_qk)
+                    for fv in (h.f16_v, not h.f16_v)]
         return list(dict.fromkeys(key.heuristic(**o) for o in over))
     bk = h.pages_per_block * key.page_size
     over = [dict()]

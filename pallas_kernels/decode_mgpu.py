@@ -231,9 +231,11 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         f16_v = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_F16_V")
     if heads_per_cta is None:
         heads_per_cta = _heads_per_cta(S, KVH, short, kv_itemsize == 1, num_sms)
-        if heads_per_cta == 2 and block_kv is not None:  # a given block two rings cannot hold
+        forced = os.environ.get("IMP_JAX_MGPU_HEADS") is not None
+        if heads_per_cta == 2 and block_kv is not None and not forced:
+            # a block size given (autotune, the benchmark) that two heads' rings cannot hold
             two = DecodeConfig(block_kv=block_kv, num_stages=2, num_splits=2, heads_per_cta=2,
-                               fp8_qk=fp8_qk, f16_v=f16_v)
+                               compat=compat, fp8_qk=fp8_qk, f16_v=f16_v)
             heads_per_cta = 1 if smem_bytes(two, D, kv_itemsize) > SMEM_BYTES_H100 else 2
     if block_kv is None:  # two heads' rings of 128-key blocks do not fit SMEM even at 2 stages
         block_kv = (64 if short or heads_per_cta == 2 else 128 if page_size <= 128
@@ -334,7 +336,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         would need 128 registers per thread at once)."""
         n = min(CONVERT_ROWS, B)
         for r in range(0, B, n):
-            if scales is None:  # (8-byte loads in WGMMA_UPCAST_4X lost: +6-12%, session 15)
+            if scales is None:  # (8-byte loads in WGMMA_UPCAST_4X lost: +5-12%, session 15)
                 dst.at[pl.ds(r, n)][...] = src8.at[pl.ds(r, n)][...].astype(dst.dtype)
                 continue
             x = src8.at[pl.ds(r, n)][...].astype(jnp.float32)
@@ -438,18 +440,24 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     slot = lax.rem(t, jnp.int32(stages))
                     plgpu.barrier_wait(k_bars.at[bo + slot])
                     k_tile = k_smem.at[slot]
+
+                    def take_v():   # wait for V's stage; its scales for f16_v's P columns
+                        plgpu.barrier_wait(v_bars.at[bo + slot])
+                        return (plgpu.load(vs_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                                if cfg.f16_v else None)
+
+                    def cast_v():   # 8-bit V's stage -> v16 (q's dtype or f16); stage released
+                        convert(v_smem.at[slot], None if cfg.f16_v else vs_smem.at[slot], v16)
+                        plgpu.barrier_arrive(v_cons.at[bo + slot])
+
+                    def take_and_cast_v():
+                        vs = take_v()
+                        cast_v()
+                        return vs
+
                     if cfg.fp8_qk:  # from the 8-bit tile itself; c: each row's scale
-                        def cast_v():   # early_v: V's stage -> v16 and released; V's scales
-                            plgpu.barrier_wait(v_bars.at[bo + slot])
-                            vs = (plgpu.load(vs_smem.at[slot],
-                                             layout=plgpu.Layout.WGMMA.reduce(0))
-                                  if cfg.f16_v else None)
-                            convert(v_smem.at[slot], None if cfg.f16_v else vs_smem.at[slot],
-                                    v16)
-                            plgpu.barrier_arrive(v_cons.at[bo + slot])
-                            return vs
                         sc, vs = qk_fp8(q_smem, k_tile, ks_smem.at[slot],
-                                        during=cast_v if cfg.early_v else None)
+                                        during=take_and_cast_v if cfg.early_v else None)
                         plgpu.barrier_arrive(k_cons.at[bo + slot])
                         c = row_log2
                     else:
@@ -473,7 +481,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     # fp8_qk; c > 0, so max(s) * c = max(s * c)): exp2(s*c - m) is one FMA.
                     m_new = jnp.maximum(m_i, sc.max(axis=1) * c)
                     alpha = jnp.exp2(m_i - m_new)
-                    # f16_v: P x V_GAIN (m lowered by its log2), and l with it
+                    # f16_v: P x 2**V_GAIN_LOG2 (m lowered by it), and l with it
                     m_b = lax.broadcast_in_dim(m_new - V_GAIN_LOG2 if cfg.f16_v else m_new,
                                                sc.shape, [0])
                     c_b = lax.broadcast_in_dim(c, sc.shape, [0]) if cfg.fp8_qk else c
@@ -481,20 +489,16 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     l_i = l_i * alpha + p.sum(axis=1)
                     if not cfg.early_v:
-                        plgpu.barrier_wait(v_bars.at[bo + slot])
-                    v_tile = v_smem.at[slot]
-                    if cfg.f16_v:   # V's scales (and the gain) on P's columns, V cast only
-                        if not cfg.early_v:
-                            vs = plgpu.load(vs_smem.at[slot],
-                                            layout=plgpu.Layout.WGMMA.reduce(0))
+                        vs = take_v()
+                    if cfg.f16_v:   # V's scales on P's columns, V cast only
                         p16 = (p * lax.broadcast_in_dim(vs, p.shape, [1])).astype(
                             jnp.float16)
                     else:
                         p16 = p.astype(dtype)
+                    v_tile = v_smem.at[slot]
                     if quant:
                         if not cfg.early_v:
-                            convert(v_tile, None if cfg.f16_v else vs_smem.at[slot], v16)
-                            plgpu.barrier_arrive(v_cons.at[bo + slot])
+                            cast_v()
                         v_tile = v16
                     if not cfg.compat:
                         def compute_pv(acc_ref):

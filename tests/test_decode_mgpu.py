@@ -329,9 +329,11 @@ def test_heads_per_cta_choice(monkeypatch):
     cfg = choose_config(8, 8, 128, 16, kv_itemsize=1)                        # 8 x 2k
     assert (cfg.heads_per_cta, cfg.num_splits, cfg.block_kv) == (2, 4, 64)    # 32 CTAs x 4
     assert choose_config(8, 3, 128, 16, kv_itemsize=1).heads_per_cta == 1    # odd KV heads
-    # a block size given (the GPU tests' b128x3): one head where two rings of it cannot fit
-    for kv_itemsize in (1, 2):
-        cfg = choose_config(256, 8, 128, 16, kv_itemsize=kv_itemsize, block_kv=128,
+    # a block size given (the GPU tests' b128x3) where the heuristic wants two heads (8-bit
+    # pages; bf16 at a short context): one head, since two rings of it cannot fit SMEM
+    for S, pages, kv_itemsize in ((256, 128, 1), (1024, 16, 2)):
+        assert choose_config(S, 8, pages, 16, kv_itemsize=kv_itemsize).heads_per_cta == 2
+        cfg = choose_config(S, 8, pages, 16, kv_itemsize=kv_itemsize, block_kv=128,
                             num_stages=3)
         assert cfg.heads_per_cta == 1 and cfg.block_kv == 128
         cfg.validate(128, 16, kv_itemsize)
@@ -341,6 +343,11 @@ def test_heads_per_cta_choice(monkeypatch):
     monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "2")  # forced at a long context: 64-key blocks fit
     cfg = choose_config(8, 8, 128, 16)
     assert cfg.heads_per_cta == 2 and cfg.block_kv == 64 and smem_bytes(cfg, 128) <= 232448
+    # a forced count stands even with a given block too large for it (validate() says so)
+    cfg = choose_config(256, 8, 128, 16, kv_itemsize=1, block_kv=128)
+    assert cfg.heads_per_cta == 2
+    with pytest.raises(ValueError, match="SMEM"):
+        cfg.validate(128, 16, 1)
     monkeypatch.setenv("IMP_JAX_MGPU_HEADS", "4")
     with pytest.raises(ValueError, match="IMP_JAX_MGPU_HEADS='4'; allowed: 1, 2"):
         choose_config(1024, 8, 16, 16)
@@ -429,14 +436,22 @@ def test_early_v_casts_v_during_qk():
                 yield from walk(j)
 
     def scopes_casting_v_during_qk(early_v):
+        """Scopes that issue wgmmas, then cast to f16 and release V's stage, and only then
+        read an accumulator (which waits for the wgmmas)."""
         cfg = DecodeConfig(64, 2, 1, fp8_qk=True, f16_v=True, early_v=early_v)
         f = lambda q, k, v, pt, sl, qs, ks, vs: decode_kernel_call(  # noqa: E731
             q, k, v, pt, sl, qs, scale=0.1, config=cfg, k_scale=ks, v_scale=vs)
         n = 0
         for eqn in walk(jax.make_jaxpr(f)(q, pool, pool, pt, sl, qs, sc, sc).jaxpr):
             for body in subjaxprs(eqn) if eqn.primitive.name == "run_scoped" else ():
-                ops = [(e.primitive.name, str(e.params.get("new_dtype"))) for e in body.eqns]
-                n += ("wgmma_ref", "None") in ops and ("convert_element_type", "float16") in ops
+                ops = [e.primitive.name + ":" + str(e.params.get("new_dtype", ""))
+                       for e in body.eqns]
+                if "convert_element_type:float16" not in ops or "wgmma_ref:" not in ops:
+                    continue
+                cast = ops.index("convert_element_type:float16")
+                first_read = ops.index("wgmma_accumulator_deref_p:")
+                n += (max(i for i, o in enumerate(ops) if o == "wgmma_ref:") < cast
+                      < ops.index("barrier_arrive:") < first_read)
         return n
 
     assert scopes_casting_v_during_qk(True) == 2
