@@ -341,13 +341,15 @@ MGPU_SWEEP = [dict(), dict(fp8_qk=True), dict(fp8_qk=False),
               dict(block_kv=64, num_stages=3), dict(splits_mult=2), dict(num_splits=1),
               dict(num_splits=1, block_kv=128, num_stages=3),
               dict(block_kv=64, num_stages=4, fp8_qk=True), dict(f16_v=False),
-              dict(early_v=True)]
-# fp8_qk (8-bit pages: Q K^T as e4m3 wgmmas on the K tile), f16_v (P V in f16, V cast only)
-# and early_v (V cast while Q K^T runs) are ignored on bf16 pages.
+              dict(early_v=True), dict(pipelined=True)]
+# fp8_qk (8-bit pages: Q K^T as e4m3 wgmmas on the K tile), f16_v (P V in f16, V cast only),
+# early_v (V cast while Q K^T runs) and pipelined (the key loop one block out of phase) are
+# ignored on bf16 pages.
 MGPU_DEFAULT = [dict(), dict(f16_v=False), dict(block_kv=128, num_stages=3, heads_per_cta=1),
                 dict(block_kv=64, num_stages=6, heads_per_cta=1),
-                dict(fp8_qk=False), dict(early_v=True)]
-# (the heuristic, bf16 P V, two one-head rings, converting K, V cast during Q K^T)
+                dict(fp8_qk=False), dict(early_v=True), dict(pipelined=True)]
+# (the heuristic, bf16 P V, two one-head rings, converting K, V cast during Q K^T, the key
+# loop one block out of phase)
 MGPU_QUICK = [dict(), dict(block_kv=128, num_stages=3)]
 MGPU_SMOKE = [dict(), dict(num_splits=2)]        # one split (direct store); split-K + combine
 

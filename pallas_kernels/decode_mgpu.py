@@ -77,6 +77,12 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
 * **`early_v` (off; fp8_qk only)**: V's stage is cast while the Q K^T wgmmas run instead of
   after the softmax (session 15's profile: a pass spends 11% waiting for Q K^T and 19% on the
   cast). Untimed.
+* **`pipelined` (off; fp8_qk only)**: the key loop one block out of phase (`pipelined_loop`):
+  a pass issues block t+1's Q K^T, casts block t's V, issues block t's P V and then waits for
+  the Q K^T alone (`wgmma_accumulator_load(..., wait_n=1)`), so block t+1's softmax runs
+  while the P V does (the profile's other 12.5%, the P V wait). GPU interpret mode cannot run
+  it (resolve_config takes the plain loop there); it lowers for Hopper, and its GPU tests have
+  not run yet.
 * `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
   and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
   Each head has its own ring, barriers and buffers (a leading [2] axis); the sequence's
@@ -141,6 +147,11 @@ class DecodeConfig:
     # softmax, so the cast hides the wait for Q K^T (session 15's profile of one pass: 11%
     # waiting for Q K^T, 19% casting V). Off by default until a GPU measures it.
     early_v: bool = False
+    # fp8_qk only: the key loop one block out of phase (pipelined_loop): block t+1's Q K^T is
+    # issued before block t's P V, whose wait then hides behind block t+1's softmax (the
+    # profile's other 12.5%). Off by default and untested on a GPU: interpret mode cannot run
+    # it (it takes the plain loop there), so only a GPU checks its numbers.
+    pipelined: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
         if self.num_splits < 1:
@@ -153,6 +164,9 @@ class DecodeConfig:
             raise ValueError("f16_v=True needs 8-bit (float8_e4m3fn) pages")
         if self.early_v and not self.fp8_qk:
             raise ValueError("early_v=True needs fp8_qk=True (the Q K^T it overlaps)")
+        if self.pipelined and (not self.fp8_qk or self.compat or self.early_v):
+            raise ValueError("pipelined=True needs fp8_qk=True, compat=False and "
+                             "early_v=False (it casts V during Q K^T itself)")
         check_ring(self, page_size, smem_bytes(self, D, kv_itemsize=kv_itemsize), min_stages=1)
 
 
@@ -212,7 +226,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                   num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
                   heads_per_cta: int | None = None,
                   fp8_qk: bool | None = None, f16_v: bool | None = None,
-                  early_v: bool = False) -> DecodeConfig:
+                  early_v: bool = False, pipelined: bool = False) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -253,8 +267,9 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                                  heads_per_cta=heads_per_cta,
                                  fp8_qk=fp8_qk and kv_itemsize == 1,
                                  f16_v=f16_v and kv_itemsize == 1,
-                                 early_v=early_v and fp8_qk and kv_itemsize == 1), D,
-                    kv_itemsize)
+                                 early_v=early_v and fp8_qk and kv_itemsize == 1,
+                                 pipelined=(pipelined and fp8_qk and kv_itemsize == 1
+                                            and not compat)), D, kv_itemsize)
 
 
 def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int) -> int:
@@ -435,29 +450,54 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
 
                 m_i, l_i, acc = softmax_state(MQ, D)
 
+                def take_v(slot):   # wait for V's stage; its scales for f16_v's P columns
+                    plgpu.barrier_wait(v_bars.at[bo + slot])
+                    return (plgpu.load(vs_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                            if cfg.f16_v else None)
+
+                def cast_v(slot):   # 8-bit V's stage -> v16 (q's dtype or f16); stage released
+                    convert(v_smem.at[slot], None if cfg.f16_v else vs_smem.at[slot], v16)
+                    plgpu.barrier_arrive(v_cons.at[bo + slot])
+
+                def take_and_cast_v(slot):
+                    vs = take_v(slot)
+                    cast_v(slot)
+                    return vs
+
+                def p_for_pv(p, vs):   # f16_v: V's scales on P's columns, V cast only
+                    if cfg.f16_v:
+                        return (p * lax.broadcast_in_dim(vs, p.shape, [1])).astype(jnp.float16)
+                    return p.astype(dtype)
+
+                def mask(sc, t):   # keys of block t at or past seq_len -> -inf
+                    cols = plgpu.broadcasted_iota(jnp.int32, (MQ, B), 1,
+                                                  layout=plgpu.Layout.WGMMA)
+                    return jnp.where(cols + (b0 + t) * B < seq_len, sc, -jnp.inf)
+
+                def softmax(sc, c, m_i, l_i, empty_rows=False):
+                    """(P, alpha, m, l) after one block of logits sc. m lives in the log2 domain
+                    (scaled by c = scale*log2e, per row with fp8_qk; c > 0, so max(s) * c =
+                    max(s * c)): exp2(s*c - m) is one FMA. f16_v: P x 2**V_GAIN_LOG2 (m
+                    lowered by it), and l with it. empty_rows: rows may be all -inf with
+                    m_i = -inf (the pipelined loop's first block of a split past its
+                    sequence's end), which then give P = 0 and l = 0, not NaN."""
+                    m_new = jnp.maximum(m_i, sc.max(axis=1) * c)
+                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if empty_rows else m_new
+                    alpha = jnp.exp2(m_i - m_safe)
+                    m_b = lax.broadcast_in_dim(m_safe - V_GAIN_LOG2 if cfg.f16_v else m_safe,
+                                               sc.shape, [0])
+                    c_b = lax.broadcast_in_dim(c, sc.shape, [0]) if cfg.fp8_qk else c
+                    p = jnp.exp2(sc * c_b - m_b)
+                    return p, alpha, m_new, l_i * alpha + p.sum(axis=1)
+
                 def kv_step(t, carry, masked: bool):
                     acc, m_i, l_i = carry
                     slot = lax.rem(t, jnp.int32(stages))
                     plgpu.barrier_wait(k_bars.at[bo + slot])
                     k_tile = k_smem.at[slot]
-
-                    def take_v():   # wait for V's stage; its scales for f16_v's P columns
-                        plgpu.barrier_wait(v_bars.at[bo + slot])
-                        return (plgpu.load(vs_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                                if cfg.f16_v else None)
-
-                    def cast_v():   # 8-bit V's stage -> v16 (q's dtype or f16); stage released
-                        convert(v_smem.at[slot], None if cfg.f16_v else vs_smem.at[slot], v16)
-                        plgpu.barrier_arrive(v_cons.at[bo + slot])
-
-                    def take_and_cast_v():
-                        vs = take_v()
-                        cast_v()
-                        return vs
-
                     if cfg.fp8_qk:  # from the 8-bit tile itself; c: each row's scale
-                        sc, vs = qk_fp8(q_smem, k_tile, ks_smem.at[slot],
-                                        during=take_and_cast_v if cfg.early_v else None)
+                        during = functools.partial(take_and_cast_v, slot) if cfg.early_v else None
+                        sc, vs = qk_fp8(q_smem, k_tile, ks_smem.at[slot], during=during)
                         plgpu.barrier_arrive(k_cons.at[bo + slot])
                         c = row_log2
                     else:
@@ -474,31 +514,16 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                             plgpu.barrier_arrive(k_cons.at[bo + slot])
                         c = c_log2
                     if masked:
-                        cols = plgpu.broadcasted_iota(jnp.int32, (MQ, B), 1,
-                                                      layout=plgpu.Layout.WGMMA)
-                        sc = jnp.where(cols + (b0 + t) * B < seq_len, sc, -jnp.inf)
-                    # m lives in the log2 domain (scaled by c = scale*log2e, per row with
-                    # fp8_qk; c > 0, so max(s) * c = max(s * c)): exp2(s*c - m) is one FMA.
-                    m_new = jnp.maximum(m_i, sc.max(axis=1) * c)
-                    alpha = jnp.exp2(m_i - m_new)
-                    # f16_v: P x 2**V_GAIN_LOG2 (m lowered by it), and l with it
-                    m_b = lax.broadcast_in_dim(m_new - V_GAIN_LOG2 if cfg.f16_v else m_new,
-                                               sc.shape, [0])
-                    c_b = lax.broadcast_in_dim(c, sc.shape, [0]) if cfg.fp8_qk else c
-                    p = jnp.exp2(sc * c_b - m_b)
+                        sc = mask(sc, t)
+                    p, alpha, m_new, l_i = softmax(sc, c, m_i, l_i)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    l_i = l_i * alpha + p.sum(axis=1)
                     if not cfg.early_v:
-                        vs = take_v()
-                    if cfg.f16_v:   # V's scales on P's columns, V cast only
-                        p16 = (p * lax.broadcast_in_dim(vs, p.shape, [1])).astype(
-                            jnp.float16)
-                    else:
-                        p16 = p.astype(dtype)
+                        vs = take_v(slot)
+                    p16 = p_for_pv(p, vs)
                     v_tile = v_smem.at[slot]
                     if quant:
                         if not cfg.early_v:
-                            cast_v()
+                            cast_v(slot)
                         v_tile = v16
                     if not cfg.compat:
                         def compute_pv(acc_ref):
@@ -516,11 +541,84 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                         plgpu.barrier_arrive(v_cons.at[bo + slot])
                     return acc, m_new, l_i
 
-                carry = (acc, m_i, l_i)
-                carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), carry)
-                carry = lax.fori_loop(n_full, nsteps, functools.partial(kv_step, masked=True),
-                                      carry)
-                acc, m_i, l_i = carry
+                def issue_qk(hi_ref, lo_ref, slot):   # fp8_qk's two wgmmas, not waited for
+                    kt = k_smem.at[slot].transpose((1, 0))
+                    plgpu.wgmma(hi_ref, q_smem.at[0], kt)
+                    plgpu.wgmma(lo_ref, q_smem.at[1], kt)
+
+                def logits(hi, lo, t, slot, masked):   # block t's (before its K stage goes back)
+                    ks = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                    sc = (hi + lo * (1.0 / 16.0)) * lax.broadcast_in_dim(ks, hi.shape, [1])
+                    return mask(sc, t) if masked else sc
+
+                def pipelined_loop(acc, m_i, l_i):
+                    """The key loop, one block out of phase: pass t casts V of block t and
+                    issues its P V, then waits only for block t+1's Q K^T (issued first) and
+                    runs its softmax while that P V runs. Blocks: 0's Q K^T and softmax
+                    before the loop, the last block's P V after it."""
+                    def first_qk(hi_ref, lo_ref):
+                        issue_qk(hi_ref, lo_ref, 0)
+                        return hi_ref[...], lo_ref[...]
+                    pl.when(nsteps > 0)(lambda: plgpu.barrier_wait(k_bars.at[bo]))
+                    # with no block (nsteps == 0) the stale tile is read and fully masked
+                    hi, lo = pl.run_scoped(first_qk, plgpu.ACC((MQ, B), jnp.float32),
+                                           plgpu.ACC((MQ, B), jnp.float32))
+                    sc = logits(hi, lo, 0, 0, masked=True)
+                    pl.when(nsteps > 0)(lambda: plgpu.barrier_arrive(k_cons.at[bo]))
+                    p, _, m_i, l_i = softmax(sc, row_log2, m_i, l_i, empty_rows=True)
+
+                    def one_pass(t, carry, masked_next: bool):
+                        acc, m_i, l_i, p = carry
+                        slot = lax.rem(t, jnp.int32(stages))
+                        nslot = lax.rem(t + 1, jnp.int32(stages))
+                        plgpu.barrier_wait(k_bars.at[bo + nslot])
+
+                        def body(refs):
+                            o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
+
+                            def scoped(hi_ref, lo_ref):
+                                issue_qk(hi_ref, lo_ref, nslot)            # block t+1
+                                vs = take_and_cast_v(slot)                 # during it: V of t
+                                plgpu.wgmma(o_ref, p_for_pv(p_ref[...], vs), v16)   # P V of t
+                                hi = plgpu.wgmma_accumulator_load(hi_ref, wait_n=1)
+                                lo = plgpu.wgmma_accumulator_load(lo_ref, wait_n=1)
+                                sc = logits(hi, lo, t + 1, nslot, masked_next)
+                                plgpu.barrier_arrive(k_cons.at[bo + nslot])
+                                p_ref[...], alpha_ref[...], m_ref[...], l_ref[...] = softmax(
+                                    sc, row_log2, m_ref[...], l_ref[...])
+                            pl.run_scoped(scoped, plgpu.ACC((MQ, B), jnp.float32),
+                                          plgpu.ACC((MQ, B), jnp.float32))
+                        # run_state waits for block t's P V as it returns
+                        acc, p, m_i, l_i, alpha = pl.run_state(body)(
+                            (plgpu.ACC.init(acc), p, m_i, l_i, m_i))
+                        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_i, l_i, p
+
+                    carry = (acc, m_i, l_i, p)
+                    carry = lax.fori_loop(0, n_full - 1,
+                                          functools.partial(one_pass, masked_next=False), carry)
+                    carry = lax.fori_loop(jnp.maximum(n_full - 1, 0), nsteps - 1,
+                                          functools.partial(one_pass, masked_next=True), carry)
+                    acc, m_i, l_i, p = carry
+
+                    def last_pv(acc, p):   # the last block's V and P V
+                        slot = lax.rem(nsteps - 1, jnp.int32(stages))
+                        p16 = p_for_pv(p, take_and_cast_v(slot))
+
+                        def compute_pv(acc_ref):
+                            plgpu.wgmma(acc_ref, p16, v16)
+                        return pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                    acc = lax.cond(nsteps > 0, last_pv, lambda acc, p: acc, acc, p)
+                    return acc, m_i, l_i
+
+                if cfg.pipelined:
+                    acc, m_i, l_i = pipelined_loop(acc, m_i, l_i)
+                else:
+                    carry = (acc, m_i, l_i)
+                    carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False),
+                                          carry)
+                    carry = lax.fori_loop(n_full, nsteps,
+                                          functools.partial(kv_step, masked=True), carry)
+                    acc, m_i, l_i = carry
 
                 # A split that saw no key (past its sequence's end) has l == 0: O = 0, lse = NEG.
                 has = l_i > 0.0
@@ -720,7 +818,7 @@ def resolve_config(q_shape, k_pages_shape, page_table_shape, *, interpret=None,
     if interpret is not None and not cfg.compat:
         # Interpret mode runs neither pl.run_state nor a register-LHS wgmma: use the compat PV,
         # whose P staging buffer may cost the ring a stage.
-        cfg = fit_smem(dataclasses.replace(cfg, compat=True), D, kv_itemsize)
+        cfg = fit_smem(dataclasses.replace(cfg, compat=True, pipelined=False), D, kv_itemsize)
     cfg.validate(D, page_size, kv_itemsize)
     return cfg
 

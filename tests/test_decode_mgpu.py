@@ -292,7 +292,12 @@ FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
                                               num_stages=3)),
              (256, 2048, dict(page=64), dict(early_v=True)),
              (8, 2048, {}, dict(early_v=True, f16_v=False)),
-             (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(early_v=True, num_splits=3))]
+             (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(early_v=True, num_splits=3)),
+             (256, 2048, dict(page=64), dict(pipelined=True)),
+             (8, 2048, {}, dict(pipelined=True, f16_v=False)),
+             (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(pipelined=True, num_splits=3)),
+             (8, 2048, dict(H=12, KVH=3), dict(pipelined=True)),       # one head per CTA
+             (1024, 256, {}, dict(pipelined=True))]
 
 
 @pytest.mark.parametrize("B,ctx,shape_kw,cfg_kw", FP8_LOWER,
@@ -384,6 +389,15 @@ def test_fp8_qk_choice(monkeypatch):
     assert not choose_config(256, 8, 128, 16, early_v=True).early_v      # bf16 pages
     with pytest.raises(ValueError, match="early_v=True needs fp8_qk=True"):
         DecodeConfig(early_v=True).validate(128, 16, 1)
+    # pipelined: likewise off unless asked for; beside fp8_qk, never with compat or early_v
+    assert not cfg.pipelined
+    assert choose_config(256, 8, 128, 16, kv_itemsize=1, pipelined=True).pipelined
+    assert not choose_config(256, 8, 128, 16, pipelined=True).pipelined     # bf16 pages
+    assert not choose_config(256, 8, 128, 16, kv_itemsize=1, compat=True,
+                             pipelined=True).pipelined
+    for bad in (dict(fp8_qk=False), dict(compat=True), dict(early_v=True)):
+        with pytest.raises(ValueError, match="pipelined=True needs fp8_qk=True"):
+            DecodeConfig(**{"fp8_qk": True, "pipelined": True, **bad}).validate(128, 16, 1)
     monkeypatch.setenv("IMP_JAX_MGPU_F16_V", "0")
     assert not choose_config(256, 8, 128, 16, kv_itemsize=1).f16_v
     monkeypatch.setenv("IMP_JAX_MGPU_F16_V", "on")
@@ -414,48 +428,73 @@ def test_fp8_qk_reads_the_8bit_tile():
     assert off and not any("untile([8, 128])" in w for w in off)
 
 
-def test_early_v_casts_v_during_qk():
-    """The kernel's own program: with early_v the f16 cast of V sits inside the scope of the
-    Q K^T wgmmas (so it runs while they do), in the full-block loop and the masked tail's;
-    without it, no such scope. Numerics alone would not show the flag being ignored."""
+def _subjaxprs(eqn):
+    for v in eqn.params.values():
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            j = getattr(x, "jaxpr", x)
+            if hasattr(j, "eqns"):
+                yield j
+
+
+def _scope_ops(cfg):
+    """Per `run_scoped` body of the kernel's program on e4m3 pages (its jaxpr, no GPU needed):
+    its ops as "name:new_dtype:wait_n" strings, in order."""
     q, pool, _, pt, sl, qs = mgpu_interpret.paged_shapes(4, 8, 2, 128, 4, 8, 16)
     pool = jax.ShapeDtypeStruct(pool.shape, jnp.float8_e4m3fn)
     sc = jax.ShapeDtypeStruct((pool.shape[0], 2, 16), jnp.float32)
-
-    def subjaxprs(eqn):
-        for v in eqn.params.values():
-            for x in (v if isinstance(v, (tuple, list)) else (v,)):
-                j = getattr(x, "jaxpr", x)
-                if hasattr(j, "eqns"):
-                    yield j
+    f = lambda q, k, v, pt, sl, qs, ks, vs: decode_kernel_call(  # noqa: E731
+        q, k, v, pt, sl, qs, scale=0.1, config=cfg, k_scale=ks, v_scale=vs)
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
-            yield eqn
-            for j in subjaxprs(eqn):
+            if eqn.primitive.name == "run_scoped":
+                yield from ([f"{e.primitive.name}:{e.params.get('new_dtype', '')}:"
+                             f"{e.params.get('wait_n', '')}" for e in body.eqns]
+                            for body in _subjaxprs(eqn))
+            for j in _subjaxprs(eqn):
                 yield from walk(j)
+    return list(walk(jax.make_jaxpr(f)(q, pool, pool, pt, sl, qs, sc, sc).jaxpr))
 
-    def scopes_casting_v_during_qk(early_v):
-        """Scopes that issue wgmmas, then cast to f16 and release V's stage, and only then
-        read an accumulator (which waits for the wgmmas)."""
-        cfg = DecodeConfig(64, 2, 1, fp8_qk=True, f16_v=True, early_v=early_v)
-        f = lambda q, k, v, pt, sl, qs, ks, vs: decode_kernel_call(  # noqa: E731
-            q, k, v, pt, sl, qs, scale=0.1, config=cfg, k_scale=ks, v_scale=vs)
+
+def _first(ops, prefix):
+    return next(i for i, o in enumerate(ops) if o.startswith(prefix))
+
+
+def test_early_v_casts_v_during_qk():
+    """With early_v the f16 cast of V (and its stage's release) sits inside the scope of the
+    Q K^T wgmmas, after both and before their accumulators are read (which waits for them), in
+    the full-block loop and the masked tail's; without it, no such scope. Numerics alone would
+    not show the flag being ignored."""
+    def scopes(early_v):
         n = 0
-        for eqn in walk(jax.make_jaxpr(f)(q, pool, pool, pt, sl, qs, sc, sc).jaxpr):
-            for body in subjaxprs(eqn) if eqn.primitive.name == "run_scoped" else ():
-                ops = [e.primitive.name + ":" + str(e.params.get("new_dtype", ""))
-                       for e in body.eqns]
-                if "convert_element_type:float16" not in ops or "wgmma_ref:" not in ops:
-                    continue
-                cast = ops.index("convert_element_type:float16")
-                first_read = ops.index("wgmma_accumulator_deref_p:")
-                n += (max(i for i, o in enumerate(ops) if o == "wgmma_ref:") < cast
-                      < ops.index("barrier_arrive:") < first_read)
+        for ops in _scope_ops(DecodeConfig(64, 2, 1, fp8_qk=True, f16_v=True, early_v=early_v)):
+            wgmmas = [i for i, o in enumerate(ops) if o.startswith("wgmma_ref:")]
+            if wgmmas and any(o.startswith("convert_element_type:float16") for o in ops):
+                cast = _first(ops, "convert_element_type:float16")
+                n += (wgmmas[-1] < cast < _first(ops, "barrier_arrive:")
+                      < _first(ops, "wgmma_accumulator_deref_p:"))
         return n
+    assert scopes(True) == 2
+    assert scopes(False) == 0
 
-    assert scopes_casting_v_during_qk(True) == 2
-    assert scopes_casting_v_during_qk(False) == 0
+
+def test_pipelined_issues_pv_before_waiting_for_qk():
+    """With pipelined a pass's scope issues block t+1's two Q K^T wgmmas, casts block t's V,
+    issues its P V, and only then reads the Q K^T accumulators, waiting with one wgmma (the
+    P V) left in flight; in both loops (next block full or masked). Without it, none."""
+    def scopes(pipelined):
+        n = 0
+        for ops in _scope_ops(DecodeConfig(64, 3, 1, fp8_qk=True, f16_v=True,
+                                           pipelined=pipelined)):
+            wgmmas = [i for i, o in enumerate(ops) if o.startswith("wgmma_ref:")]
+            reads = [o for o in ops if o.startswith("wgmma_accumulator_deref_p:")]
+            if len(wgmmas) == 3 and reads:
+                cast = _first(ops, "convert_element_type:float16")
+                n += (wgmmas[1] < cast < wgmmas[2] < _first(ops, "wgmma_accumulator_deref_p:")
+                      and all(o.endswith(":1") for o in reads))
+        return n
+    assert scopes(True) == 2
+    assert scopes(False) == 0
 
 
 def test_oversized_config_rejected():
@@ -489,7 +528,8 @@ GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
                # e4m3 pages converting K (fp8_qk is the heuristic's default there)
                "2heads_convert_k": dict(block_kv=64, num_stages=3, heads_per_cta=2,
                                         fp8_qk=False),
-               "early_v": dict(fp8_qk=True, early_v=True)}
+               "early_v": dict(fp8_qk=True, early_v=True),
+               "pipelined": dict(fp8_qk=True, pipelined=True)}
 
 
 @gpu
@@ -553,8 +593,8 @@ def test_gpu_benchmark_shapes(B, ctx, cfg):
 
 
 @gpu
-@pytest.mark.parametrize("qk", [True, False, "f16_v", "early_v"],
-                         ids=["fp8_qk", "convert_k", "f16_v", "early_v"])
+@pytest.mark.parametrize("qk", [True, False, "f16_v", "early_v", "pipelined"],
+                         ids=["fp8_qk", "convert_k", "f16_v", "early_v", "pipelined"])
 @pytest.mark.parametrize("B,ctx,page", [(256, 2048, 64), (8, 2048, 16), (64, 4096, 16)],
                          ids=["B256-ctx2048-p64", "B8-ctx2048", "B64-ctx4096"])
 def test_gpu_fp8_benchmark_shapes(B, ctx, page, qk):
@@ -562,8 +602,9 @@ def test_gpu_fp8_benchmark_shapes(B, ctx, page, qk):
     CTA (the engine's config on e4m3 pages)."""
     args, scales = quantized(bench_like_case(B, ctx, page=page, pad_seqs=3))
     config = choose_config(B + 3, 8, ctx // page, page, 128, kv_itemsize=1, heads_per_cta=2,
-                           fp8_qk=qk is not False, f16_v=qk in ("f16_v", "early_v"),
-                           early_v=qk == "early_v")
+                           fp8_qk=qk is not False,
+                           f16_v=qk in ("f16_v", "early_v", "pipelined"),
+                           early_v=qk == "early_v", pipelined=qk == "pipelined")
     out = paged_decode_mgpu(*args, scale=128 ** -0.5, config=config, **scales)
     err, pad_max, has_nan = check(args, out, 128 ** -0.5, scales)
     assert not has_nan and pad_max == 0.0
