@@ -77,12 +77,12 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
 * **`early_v` (off; fp8_qk only)**: V's stage is cast while the Q K^T wgmmas run instead of
   after the softmax (session 15's profile: a pass spends 11% waiting for Q K^T and 19% on the
   cast). Untimed.
-* **`pipelined` (off; fp8_qk only)**: the key loop one block out of phase (`pipelined_loop`):
-  a pass issues block t+1's Q K^T, casts block t's V, issues block t's P V and then waits for
-  the Q K^T alone (`wgmma_accumulator_load(..., wait_n=1)`), so block t+1's softmax runs
-  while the P V does (the profile's other 12.5%, the P V wait). GPU interpret mode cannot run
-  it (resolve_config takes the plain loop there); it lowers for Hopper, and its GPU tests have
-  not run yet.
+* **`pipelined` (off; bf16 pages, or e4m3 pages with fp8_qk)**: the key loop one block out of
+  phase (`pipelined_loop`): a pass issues block t+1's Q K^T, casts block t's V (e4m3), issues
+  block t's P V and then waits for the Q K^T alone (`wgmma_accumulator_load(...,
+  wait_n=1)`), so block t+1's softmax runs while the P V does (the profile's other 12.5%, the
+  P V wait). GPU interpret mode cannot run it (resolve_config takes the plain loop there); it
+  lowers for Hopper, and its GPU tests have not run yet.
 * `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
   and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
   Each head has its own ring, barriers and buffers (a leading [2] axis); the sequence's
@@ -147,10 +147,11 @@ class DecodeConfig:
     # softmax, so the cast hides the wait for Q K^T (session 15's profile of one pass: 11%
     # waiting for Q K^T, 19% casting V). Off by default until a GPU measures it.
     early_v: bool = False
-    # fp8_qk only: the key loop one block out of phase (pipelined_loop): block t+1's Q K^T is
-    # issued before block t's P V, whose wait then hides behind block t+1's softmax (the
-    # profile's other 12.5%). Off by default and untested on a GPU: interpret mode cannot run
-    # it (it takes the plain loop there), so only a GPU checks its numbers.
+    # bf16 pages, or e4m3 pages with fp8_qk: the key loop one block out of phase
+    # (pipelined_loop): block t+1's Q K^T is issued before block t's P V, whose wait then
+    # hides behind block t+1's softmax (the profile's other 12.5%). Off by default and untested
+    # on a GPU: interpret mode cannot run it (it takes the plain loop there), so only a GPU
+    # checks its numbers.
     pipelined: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
@@ -164,9 +165,10 @@ class DecodeConfig:
             raise ValueError("f16_v=True needs 8-bit (float8_e4m3fn) pages")
         if self.early_v and not self.fp8_qk:
             raise ValueError("early_v=True needs fp8_qk=True (the Q K^T it overlaps)")
-        if self.pipelined and (not self.fp8_qk or self.compat or self.early_v):
-            raise ValueError("pipelined=True needs fp8_qk=True, compat=False and "
-                             "early_v=False (it casts V during Q K^T itself)")
+        if self.pipelined and (self.compat or self.early_v
+                               or (kv_itemsize == 1 and not self.fp8_qk)):
+            raise ValueError("pipelined=True needs compat=False, early_v=False (it casts V "
+                             "during Q K^T itself) and, on 8-bit pages, fp8_qk=True")
         check_ring(self, page_size, smem_bytes(self, D, kv_itemsize=kv_itemsize), min_stages=1)
 
 
@@ -268,8 +270,9 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                                  fp8_qk=fp8_qk and kv_itemsize == 1,
                                  f16_v=f16_v and kv_itemsize == 1,
                                  early_v=early_v and fp8_qk and kv_itemsize == 1,
-                                 pipelined=(pipelined and fp8_qk and kv_itemsize == 1
-                                            and not compat)), D, kv_itemsize)
+                                 pipelined=(pipelined and not compat
+                                            and (fp8_qk or kv_itemsize == 2))), D,
+                    kv_itemsize)
 
 
 def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int) -> int:
@@ -541,31 +544,51 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                         plgpu.barrier_arrive(v_cons.at[bo + slot])
                     return acc, m_new, l_i
 
-                def issue_qk(hi_ref, lo_ref, slot):   # fp8_qk's two wgmmas, not waited for
-                    kt = k_smem.at[slot].transpose((1, 0))
-                    plgpu.wgmma(hi_ref, q_smem.at[0], kt)
-                    plgpu.wgmma(lo_ref, q_smem.at[1], kt)
+                n_qk = 2 if cfg.fp8_qk else 1          # Q K^T accumulators: Q's terms
 
-                def logits(hi, lo, t, slot, masked):   # block t's (before its K stage goes back)
-                    ks = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                    sc = (hi + lo * (1.0 / 16.0)) * lax.broadcast_in_dim(ks, hi.shape, [1])
+                def issue_qk(s_refs, slot):   # block's Q K^T wgmmas, not waited for
+                    kt = k_smem.at[slot].transpose((1, 0))
+                    if cfg.fp8_qk:
+                        plgpu.wgmma(s_refs[0], q_smem.at[0], kt)
+                        plgpu.wgmma(s_refs[1], q_smem.at[1], kt)
+                    else:
+                        plgpu.wgmma(s_refs[0], q_smem, kt)
+
+                def logits(s_vals, t, slot, masked):   # block t's (before its K stage goes back)
+                    if cfg.fp8_qk:
+                        hi, lo = s_vals
+                        ks = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                        sc = (hi + lo * (1.0 / 16.0)) * lax.broadcast_in_dim(ks, hi.shape, [1])
+                    else:
+                        (sc,) = s_vals
                     return mask(sc, t) if masked else sc
 
+                c_pass = row_log2 if cfg.fp8_qk else c_log2
+                s_accs = [plgpu.ACC((MQ, B), jnp.float32) for _ in range(n_qk)]
+
                 def pipelined_loop(acc, m_i, l_i):
-                    """The key loop, one block out of phase: pass t casts V of block t and
-                    issues its P V, then waits only for block t+1's Q K^T (issued first) and
-                    runs its softmax while that P V runs. Blocks: 0's Q K^T and softmax
-                    before the loop, the last block's P V after it."""
-                    def first_qk(hi_ref, lo_ref):
-                        issue_qk(hi_ref, lo_ref, 0)
-                        return hi_ref[...], lo_ref[...]
+                    """The key loop, one block out of phase: pass t issues block t+1's Q K^T,
+                    casts block t's V (8-bit pages) and issues its P V, then waits for the
+                    Q K^T alone and runs block t+1's softmax while that P V runs. Blocks: 0's
+                    Q K^T and softmax before the loop, the last block's P V after it."""
+                    def first_qk(*s_refs):
+                        issue_qk(s_refs, 0)
+                        return [r[...] for r in s_refs]
                     pl.when(nsteps > 0)(lambda: plgpu.barrier_wait(k_bars.at[bo]))
                     # with no block (nsteps == 0) the stale tile is read and fully masked
-                    hi, lo = pl.run_scoped(first_qk, plgpu.ACC((MQ, B), jnp.float32),
-                                           plgpu.ACC((MQ, B), jnp.float32))
-                    sc = logits(hi, lo, 0, 0, masked=True)
+                    sc = logits(pl.run_scoped(first_qk, *s_accs), 0, 0, masked=True)
                     pl.when(nsteps > 0)(lambda: plgpu.barrier_arrive(k_cons.at[bo]))
-                    p, _, m_i, l_i = softmax(sc, row_log2, m_i, l_i, empty_rows=True)
+                    p, _, m_i, l_i = softmax(sc, c_pass, m_i, l_i, empty_rows=True)
+
+                    def v_for_pv(slot):   # (V's tile for P V, V's scales): 8-bit: cast first
+                        if quant:
+                            return v16, take_and_cast_v(slot)
+                        plgpu.barrier_wait(v_bars.at[bo + slot])
+                        return v_smem.at[slot], None
+
+                    def v_done(slot):   # bf16 pages: P V read the ring's stage itself
+                        if not quant:
+                            plgpu.barrier_arrive(v_cons.at[bo + slot])
 
                     def one_pass(t, carry, masked_next: bool):
                         acc, m_i, l_i, p = carry
@@ -576,21 +599,21 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                         def body(refs):
                             o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
 
-                            def scoped(hi_ref, lo_ref):
-                                issue_qk(hi_ref, lo_ref, nslot)            # block t+1
-                                vs = take_and_cast_v(slot)                 # during it: V of t
-                                plgpu.wgmma(o_ref, p_for_pv(p_ref[...], vs), v16)   # P V of t
-                                hi = plgpu.wgmma_accumulator_load(hi_ref, wait_n=1)
-                                lo = plgpu.wgmma_accumulator_load(lo_ref, wait_n=1)
-                                sc = logits(hi, lo, t + 1, nslot, masked_next)
+                            def scoped(*s_refs):
+                                issue_qk(s_refs, nslot)                     # block t+1
+                                v_tile, vs = v_for_pv(slot)                 # during it: V of t
+                                plgpu.wgmma(o_ref, p_for_pv(p_ref[...], vs), v_tile)  # P V, t
+                                s_vals = [plgpu.wgmma_accumulator_load(r, wait_n=1)
+                                          for r in s_refs]                  # P V still runs
+                                sc = logits(s_vals, t + 1, nslot, masked_next)
                                 plgpu.barrier_arrive(k_cons.at[bo + nslot])
                                 p_ref[...], alpha_ref[...], m_ref[...], l_ref[...] = softmax(
-                                    sc, row_log2, m_ref[...], l_ref[...])
-                            pl.run_scoped(scoped, plgpu.ACC((MQ, B), jnp.float32),
-                                          plgpu.ACC((MQ, B), jnp.float32))
+                                    sc, c_pass, m_ref[...], l_ref[...])
+                            pl.run_scoped(scoped, *s_accs)
                         # run_state waits for block t's P V as it returns
                         acc, p, m_i, l_i, alpha = pl.run_state(body)(
                             (plgpu.ACC.init(acc), p, m_i, l_i, m_i))
+                        v_done(slot)
                         return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_i, l_i, p
 
                     carry = (acc, m_i, l_i, p)
@@ -602,11 +625,14 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
 
                     def last_pv(acc, p):   # the last block's V and P V
                         slot = lax.rem(nsteps - 1, jnp.int32(stages))
-                        p16 = p_for_pv(p, take_and_cast_v(slot))
+                        v_tile, vs = v_for_pv(slot)
+                        p16 = p_for_pv(p, vs)
 
                         def compute_pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p16, v16)
-                        return pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                            plgpu.wgmma(acc_ref, p16, v_tile)
+                        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                        v_done(slot)
+                        return acc
                     acc = lax.cond(nsteps > 0, last_pv, lambda acc, p: acc, acc, p)
                     return acc, m_i, l_i
 

@@ -258,6 +258,12 @@ LOWER_CONFIGS = [
     (8, 2048, dict(H=8, KVH=1), dict(num_splits=1)),
     (8, 2048, dict(H=64, KVH=1, D=64), dict(num_splits=2)),
     (8, 2048, dict(T=20), dict(num_splits=1)),
+    # the key loop one block out of phase (DecodeConfig.pipelined)
+    (8, 2048, dict(), dict(pipelined=True)),
+    (8, 2048, dict(), dict(pipelined=True, block_kv=64, num_stages=3)),
+    (256, 4096, dict(), dict(pipelined=True)),
+    (1024, 256, dict(), dict(pipelined=True)),
+    (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(pipelined=True, num_splits=3)),
 ]
 
 
@@ -389,15 +395,19 @@ def test_fp8_qk_choice(monkeypatch):
     assert not choose_config(256, 8, 128, 16, early_v=True).early_v      # bf16 pages
     with pytest.raises(ValueError, match="early_v=True needs fp8_qk=True"):
         DecodeConfig(early_v=True).validate(128, 16, 1)
-    # pipelined: likewise off unless asked for; beside fp8_qk, never with compat or early_v
+    # pipelined: likewise off unless asked for; on bf16 pages or beside fp8_qk, never with
+    # compat or early_v
     assert not cfg.pipelined
     assert choose_config(256, 8, 128, 16, kv_itemsize=1, pipelined=True).pipelined
-    assert not choose_config(256, 8, 128, 16, pipelined=True).pipelined     # bf16 pages
+    assert choose_config(256, 8, 128, 16, pipelined=True).pipelined          # bf16 pages
+    assert not choose_config(256, 8, 128, 16, kv_itemsize=1, fp8_qk=False,
+                             pipelined=True).pipelined                      # converting K
     assert not choose_config(256, 8, 128, 16, kv_itemsize=1, compat=True,
                              pipelined=True).pipelined
     for bad in (dict(fp8_qk=False), dict(compat=True), dict(early_v=True)):
-        with pytest.raises(ValueError, match="pipelined=True needs fp8_qk=True"):
+        with pytest.raises(ValueError, match="pipelined=True needs compat=False"):
             DecodeConfig(**{"fp8_qk": True, "pipelined": True, **bad}).validate(128, 16, 1)
+    DecodeConfig(pipelined=True).validate(128, 16)                          # bf16 pages
     monkeypatch.setenv("IMP_JAX_MGPU_F16_V", "0")
     assert not choose_config(256, 8, 128, 16, kv_itemsize=1).f16_v
     monkeypatch.setenv("IMP_JAX_MGPU_F16_V", "on")
@@ -436,14 +446,16 @@ def _subjaxprs(eqn):
                 yield j
 
 
-def _scope_ops(cfg):
-    """Per `run_scoped` body of the kernel's program on e4m3 pages (its jaxpr, no GPU needed):
-    its ops as "name:new_dtype:wait_n" strings, in order."""
+def _scope_ops(cfg, fp8=True):
+    """Per `run_scoped` body of the kernel's program on e4m3 (or bf16) pages (its jaxpr, no GPU
+    needed): its ops as "name:new_dtype:wait_n" strings, in order."""
     q, pool, _, pt, sl, qs = mgpu_interpret.paged_shapes(4, 8, 2, 128, 4, 8, 16)
-    pool = jax.ShapeDtypeStruct(pool.shape, jnp.float8_e4m3fn)
+    if fp8:
+        pool = jax.ShapeDtypeStruct(pool.shape, jnp.float8_e4m3fn)
     sc = jax.ShapeDtypeStruct((pool.shape[0], 2, 16), jnp.float32)
     f = lambda q, k, v, pt, sl, qs, ks, vs: decode_kernel_call(  # noqa: E731
-        q, k, v, pt, sl, qs, scale=0.1, config=cfg, k_scale=ks, v_scale=vs)
+        q, k, v, pt, sl, qs, scale=0.1, config=cfg, k_scale=ks if fp8 else None,
+        v_scale=vs if fp8 else None)
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
@@ -479,9 +491,10 @@ def test_early_v_casts_v_during_qk():
 
 
 def test_pipelined_issues_pv_before_waiting_for_qk():
-    """With pipelined a pass's scope issues block t+1's two Q K^T wgmmas, casts block t's V,
-    issues its P V, and only then reads the Q K^T accumulators, waiting with one wgmma (the
-    P V) left in flight; in both loops (next block full or masked). Without it, none."""
+    """With pipelined a pass's scope issues block t+1's two Q K^T wgmmas (e4m3 pages), casts
+    block t's V, issues its P V, and only then reads the Q K^T accumulators, waiting with one
+    wgmma (the P V) left in flight; in both loops (next block full or masked); likewise on
+    bf16 pages with one Q K^T wgmma and no cast. Without it, none."""
     def scopes(pipelined):
         n = 0
         for ops in _scope_ops(DecodeConfig(64, 3, 1, fp8_qk=True, f16_v=True,
@@ -495,6 +508,15 @@ def test_pipelined_issues_pv_before_waiting_for_qk():
         return n
     assert scopes(True) == 2
     assert scopes(False) == 0
+    # bf16 pages: one Q K^T wgmma, then the P V on the ring's V tile, then the wait
+    for pipelined, expected in ((True, 2), (False, 0)):
+        n = 0
+        for ops in _scope_ops(DecodeConfig(64, 3, 1, pipelined=pipelined), fp8=False):
+            wgmmas = [i for i, o in enumerate(ops) if o.startswith("wgmma_ref:")]
+            reads = [i for i, o in enumerate(ops) if o.startswith("wgmma_accumulator_deref_p:")]
+            n += (len(wgmmas) == 2 and bool(reads) and wgmmas[1] < reads[0]
+                  and all(ops[i].endswith(":1") for i in reads))
+        assert n == expected
 
 
 def test_oversized_config_rejected():
@@ -529,7 +551,7 @@ GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
                "2heads_convert_k": dict(block_kv=64, num_stages=3, heads_per_cta=2,
                                         fp8_qk=False),
                "early_v": dict(fp8_qk=True, early_v=True),
-               "pipelined": dict(fp8_qk=True, pipelined=True)}
+               "pipelined": dict(pipelined=True)}   # bf16 pages, and e4m3 with fp8_qk
 
 
 @gpu
