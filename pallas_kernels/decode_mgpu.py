@@ -580,11 +580,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     pl.when(nsteps > 0)(lambda: plgpu.barrier_arrive(k_cons.at[bo]))
                     p, _, m_i, l_i = softmax(sc, c_pass, m_i, l_i, empty_rows=True)
 
-                    def v_for_pv(slot):   # (V's tile for P V, V's scales): 8-bit: cast first
-                        if quant:
-                            return v16, take_and_cast_v(slot)
-                        plgpu.barrier_wait(v_bars.at[bo + slot])
-                        return v_smem.at[slot], None
+                    v_tile = (lambda slot: v16) if quant else (lambda slot: v_smem.at[slot])
 
                     def v_done(slot):   # bf16 pages: P V read the ring's stage itself
                         if not quant:
@@ -600,9 +596,13 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                             o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
 
                             def scoped(*s_refs):
+                                # block t's P first (its V stage waited for), so that only the
+                                # cast runs between the wgmmas, with fewer registers live
+                                p16 = p_for_pv(p_ref[...], take_v(slot))
                                 issue_qk(s_refs, nslot)                     # block t+1
-                                v_tile, vs = v_for_pv(slot)                 # during it: V of t
-                                plgpu.wgmma(o_ref, p_for_pv(p_ref[...], vs), v_tile)  # P V, t
+                                if quant:
+                                    cast_v(slot)                            # during it: V of t
+                                plgpu.wgmma(o_ref, p16, v_tile(slot))       # P V of block t
                                 s_vals = [plgpu.wgmma_accumulator_load(r, wait_n=1)
                                           for r in s_refs]                  # P V still runs
                                 sc = logits(s_vals, t + 1, nslot, masked_next)
@@ -625,11 +625,12 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
 
                     def last_pv(acc, p):   # the last block's V and P V
                         slot = lax.rem(nsteps - 1, jnp.int32(stages))
-                        v_tile, vs = v_for_pv(slot)
-                        p16 = p_for_pv(p, vs)
+                        p16 = p_for_pv(p, take_v(slot))
+                        if quant:
+                            cast_v(slot)
 
                         def compute_pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p16, v_tile)
+                            plgpu.wgmma(acc_ref, p16, v_tile(slot))
                         acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
                         v_done(slot)
                         return acc

@@ -448,7 +448,7 @@ def _subjaxprs(eqn):
 
 def _scope_ops(cfg, fp8=True):
     """Per `run_scoped` body of the kernel's program on e4m3 (or bf16) pages (its jaxpr, no GPU
-    needed): its ops as "name:new_dtype:wait_n" strings, in order."""
+    needed): its ops as "name:new_dtype:wait_n:first operand's dtype" strings, in order."""
     q, pool, _, pt, sl, qs = mgpu_interpret.paged_shapes(4, 8, 2, 128, 4, 8, 16)
     if fp8:
         pool = jax.ShapeDtypeStruct(pool.shape, jnp.float8_e4m3fn)
@@ -461,11 +461,16 @@ def _scope_ops(cfg, fp8=True):
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "run_scoped":
                 yield from ([f"{e.primitive.name}:{e.params.get('new_dtype', '')}:"
-                             f"{e.params.get('wait_n', '')}" for e in body.eqns]
+                             f"{e.params.get('wait_n', '')}:"
+                             f"{getattr(getattr(e.invars[0], 'aval', None), 'dtype', '')}"
+                             if e.invars else e.primitive.name for e in body.eqns]
                             for body in _subjaxprs(eqn))
             for j in _subjaxprs(eqn):
                 yield from walk(j)
     return list(walk(jax.make_jaxpr(f)(q, pool, pool, pt, sl, qs, sc, sc).jaxpr))
+
+
+V_CAST = "convert_element_type:float16::float8_e4m3fn"   # V's e4m3 tile cast to f16
 
 
 def _first(ops, prefix):
@@ -481,8 +486,8 @@ def test_early_v_casts_v_during_qk():
         n = 0
         for ops in _scope_ops(DecodeConfig(64, 2, 1, fp8_qk=True, f16_v=True, early_v=early_v)):
             wgmmas = [i for i, o in enumerate(ops) if o.startswith("wgmma_ref:")]
-            if wgmmas and any(o.startswith("convert_element_type:float16") for o in ops):
-                cast = _first(ops, "convert_element_type:float16")
+            if wgmmas and any(o.startswith(V_CAST) for o in ops):
+                cast = _first(ops, V_CAST)
                 n += (wgmmas[-1] < cast < _first(ops, "barrier_arrive:")
                       < _first(ops, "wgmma_accumulator_deref_p:"))
         return n
@@ -502,9 +507,9 @@ def test_pipelined_issues_pv_before_waiting_for_qk():
             wgmmas = [i for i, o in enumerate(ops) if o.startswith("wgmma_ref:")]
             reads = [o for o in ops if o.startswith("wgmma_accumulator_deref_p:")]
             if len(wgmmas) == 3 and reads:
-                cast = _first(ops, "convert_element_type:float16")
+                cast = _first(ops, V_CAST)
                 n += (wgmmas[1] < cast < wgmmas[2] < _first(ops, "wgmma_accumulator_deref_p:")
-                      and all(o.endswith(":1") for o in reads))
+                      and all(o.split(":")[2] == "1" for o in reads))
         return n
     assert scopes(True) == 2
     assert scopes(False) == 0
@@ -515,7 +520,7 @@ def test_pipelined_issues_pv_before_waiting_for_qk():
             wgmmas = [i for i, o in enumerate(ops) if o.startswith("wgmma_ref:")]
             reads = [i for i, o in enumerate(ops) if o.startswith("wgmma_accumulator_deref_p:")]
             n += (len(wgmmas) == 2 and bool(reads) and wgmmas[1] < reads[0]
-                  and all(ops[i].endswith(":1") for i in reads))
+                  and all(ops[i].split(":")[2] == "1" for i in reads))
         assert n == expected
 
 
@@ -551,7 +556,10 @@ GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
                "2heads_convert_k": dict(block_kv=64, num_stages=3, heads_per_cta=2,
                                         fp8_qk=False),
                "early_v": dict(fp8_qk=True, early_v=True),
-               "pipelined": dict(pipelined=True)}   # bf16 pages, and e4m3 with fp8_qk
+               "pipelined": dict(pipelined=True),   # bf16 pages, and e4m3 with fp8_qk
+               # ... with the consumer holding two of a short ring's stages at once
+               "pipelined_s2_1head": dict(pipelined=True, num_stages=2, heads_per_cta=1),
+               "pipelined_s1_1head": dict(pipelined=True, num_stages=1, heads_per_cta=1)}
 
 
 @gpu
