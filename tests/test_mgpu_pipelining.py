@@ -28,13 +28,18 @@ N, M = 4, 64                                               # passes; tile rows /
 SW16 = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+def _load(a_ref, b_ref, a_smem, b_smem, bar):
+    """A and B into SMEM; B^T (the Q K^T's K-major operand) as a view."""
+    plgpu.copy_gmem_to_smem(a_ref, a_smem, bar.at[0])
+    plgpu.copy_gmem_to_smem(b_ref, b_smem, bar.at[1])
+    plgpu.barrier_wait(bar.at[0])
+    plgpu.barrier_wait(bar.at[1])
+    return b_smem.transpose((1, 0))
+
+
 def _kernel(p_in_registers: bool):
     def entry(a_ref, b_ref, o_ref, a_smem, b_smem, bar):
-        plgpu.copy_gmem_to_smem(a_ref, a_smem, bar.at[0])
-        plgpu.copy_gmem_to_smem(b_ref, b_smem, bar.at[1])
-        plgpu.barrier_wait(bar.at[0])
-        plgpu.barrier_wait(bar.at[1])
-        bt = b_smem.transpose((1, 0))
+        bt = _load(a_ref, b_ref, a_smem, b_smem, bar)
 
         def scoped(s_acc, o_acc):
             plgpu.wgmma(s_acc, a_smem.at[0], bt)                 # S_0, before the loop
@@ -63,11 +68,7 @@ def _kernel(p_in_registers: bool):
 
 
 def _run_state_kernel(a_ref, b_ref, o_ref, a_smem, b_smem, bar):
-    plgpu.copy_gmem_to_smem(a_ref, a_smem, bar.at[0])
-    plgpu.copy_gmem_to_smem(b_ref, b_smem, bar.at[1])
-    plgpu.barrier_wait(bar.at[0])
-    plgpu.barrier_wait(bar.at[1])
-    bt = b_smem.transpose((1, 0))
+    bt = _load(a_ref, b_ref, a_smem, b_smem, bar)
 
     def first(s_acc):
         plgpu.wgmma(s_acc, a_smem.at[0], bt)
