@@ -228,7 +228,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                   num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
                   heads_per_cta: int | None = None,
                   fp8_qk: bool | None = None, f16_v: bool | None = None,
-                  early_v: bool = False, pipelined: bool = False) -> DecodeConfig:
+                  early_v: bool | None = None, pipelined: bool | None = None) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -245,6 +245,10 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         fp8_qk = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_FP8_QK")
     if f16_v is None:
         f16_v = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_F16_V")
+    if early_v is None:   # untimed paths: off unless asked for (an end-to-end A/B's switch)
+        early_v = _env_default("IMP_JAX_MGPU_EARLY_V", default=False)
+    if pipelined is None:
+        pipelined = _env_default("IMP_JAX_MGPU_PIPELINED", default=False)
     if heads_per_cta is None:
         heads_per_cta = _heads_per_cta(S, KVH, short, kv_itemsize == 1, num_sms)
         forced = os.environ.get("IMP_JAX_MGPU_HEADS") is not None
@@ -258,6 +262,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                     else page_size)
     if num_stages is None:
         num_stages = 6 if short and block_kv == 64 else 3
+    # the key loop out of phase (it casts V during Q K^T itself, so early_v gives way)
+    pipe = bool(pipelined) and not compat and (fp8_qk or kv_itemsize == 2)
     max_blocks = -(-(max_pages * page_size) // block_kv)
     if num_splits is None:
         base = max(1, S * KVH // heads_per_cta)
@@ -269,10 +275,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                                  heads_per_cta=heads_per_cta,
                                  fp8_qk=fp8_qk and kv_itemsize == 1,
                                  f16_v=f16_v and kv_itemsize == 1,
-                                 early_v=early_v and fp8_qk and kv_itemsize == 1,
-                                 pipelined=(pipelined and not compat
-                                            and (fp8_qk or kv_itemsize == 2))), D,
-                    kv_itemsize)
+                                 early_v=early_v and fp8_qk and kv_itemsize == 1 and not pipe,
+                                 pipelined=pipe), D, kv_itemsize)
 
 
 def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int) -> int:
@@ -294,9 +298,11 @@ def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int)
     return 2 if eight_bit or (short and S * KVH // 2 >= num_sms) else 1
 
 
-def _env_default(name: str) -> bool:
-    """Whether 8-bit pages take one of their paths where the heuristic decides (an autotuned
-    winner in the cache keeps its own choice): yes unless $name is "0".
+def _env_default(name: str, default: bool = True) -> bool:
+    """Whether a path is taken where the heuristic decides (an autotuned winner in the cache
+    keeps its own choice): $name "1" yes, "0" no, unset `default`.
+      IMP_JAX_MGPU_EARLY_V, IMP_JAX_MGPU_PIPELINED (`DecodeConfig.early_v` / `.pipelined`,
+        default off): built in session 15 and not yet run on a GPU.
       IMP_JAX_MGPU_FP8_QK (`DecodeConfig.fp8_qk`): H200, session 13, the engine's two-head
         configs: 256 x 2048 543.6 -> 490.0 us, 1024 x 2048 1839 -> 1698 us, 704 x 1536 and
         64 x 4096 level.
@@ -305,8 +311,8 @@ def _env_default(name: str) -> bool:
         the reference 0.31% -> 0.19%. Untimed elsewhere (small batches, one head)."""
     value = os.environ.get(name)
     if value not in (None, "0", "1"):
-        raise ValueError(f"{name}={value!r}; allowed: 0, 1 (unset: 1)")
-    return value != "0"
+        raise ValueError(f"{name}={value!r}; allowed: 0, 1 (unset: {int(default)})")
+    return default if value is None else value == "1"
 
 
 def fit_smem(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> DecodeConfig:

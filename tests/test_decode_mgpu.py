@@ -367,7 +367,8 @@ def test_heads_per_cta_choice(monkeypatch):
 def test_fp8_qk_choice(monkeypatch):
     """e4m3 pages take Q K^T in e4m3 by default (measured faster, session 13), which frees the
     converted K tile: two heads per CTA get a third ring stage. Float pages never take it."""
-    for name in ("IMP_JAX_MGPU_FP8_QK", "IMP_JAX_MGPU_F16_V", "IMP_JAX_MGPU_HEADS"):
+    for name in ("IMP_JAX_MGPU_FP8_QK", "IMP_JAX_MGPU_F16_V", "IMP_JAX_MGPU_HEADS",
+                 "IMP_JAX_MGPU_EARLY_V", "IMP_JAX_MGPU_PIPELINED"):
         monkeypatch.delenv(name, raising=False)
     cfg = choose_config(256, 8, 128, 16, kv_itemsize=1)                  # 256 x 2048
     assert cfg.fp8_qk and cfg.heads_per_cta == 2 and cfg.num_stages == 3
@@ -413,6 +414,20 @@ def test_fp8_qk_choice(monkeypatch):
     monkeypatch.setenv("IMP_JAX_MGPU_F16_V", "on")
     with pytest.raises(ValueError, match="IMP_JAX_MGPU_F16_V='on'; allowed: 0, 1"):
         choose_config(256, 8, 128, 16, kv_itemsize=1)
+    monkeypatch.delenv("IMP_JAX_MGPU_F16_V")
+    # the untimed paths' opt-in switches (for an end-to-end A/B); pipelined beats early_v
+    monkeypatch.setenv("IMP_JAX_MGPU_EARLY_V", "1")
+    assert choose_config(256, 8, 128, 16, kv_itemsize=1).early_v
+    monkeypatch.setenv("IMP_JAX_MGPU_PIPELINED", "1")
+    both = choose_config(256, 8, 128, 16, kv_itemsize=1)
+    assert both.pipelined and not both.early_v
+    both.validate(128, 16, 1)
+    assert choose_config(8, 8, 128, 16).pipelined                          # bf16 pages too
+    assert not choose_config(8, 8, 128, 16, pipelined=False).pipelined     # an argument wins
+    monkeypatch.setenv("IMP_JAX_MGPU_PIPELINED", "yes")
+    with pytest.raises(ValueError, match="IMP_JAX_MGPU_PIPELINED='yes'; allowed: 0, 1 "
+                                         r"\(unset: 0\)"):
+        choose_config(8, 8, 128, 16)
 
 
 def test_fp8_qk_reads_the_8bit_tile():
@@ -676,7 +691,8 @@ def test_8bit_pages_take_decode_mgpu_unless_one_head_converts_k(monkeypatch, tmp
 
     monkeypatch.setenv("IMP_JAX_AUTOTUNE_CACHE", str(tmp_path / "none.json"))  # heuristics
     for name in ("IMP_JAX_MGPU_FP8_QK", "IMP_JAX_MGPU_F16_V", "IMP_JAX_MGPU_HEADS",
-                 "IMP_JAX_DECODE", "IMP_JAX_DECODE_8BIT"):
+                 "IMP_JAX_MGPU_EARLY_V", "IMP_JAX_MGPU_PIPELINED", "IMP_JAX_DECODE",
+                 "IMP_JAX_DECODE_8BIT"):
         monkeypatch.delenv(name, raising=False)
     fp8 = jnp.float8_e4m3fn
 
