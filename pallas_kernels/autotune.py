@@ -344,12 +344,14 @@ def default_candidates(key: ShapeKey) -> list:
         over = [dict()] + heads + [dict(block_kv=b, num_stages=st, heads_per_cta=1)
                                    for b, st in MGPU_RINGS] + \
             [dict(num_splits=sp) for sp in {1, max(1, h.num_splits // 2), h.num_splits * 2}]
-        # 8-bit pages: Q K^T in e4m3 or bf16, P V in f16 or bf16 (defaults first); not
-        # DecodeConfig.early_v until a GPU has run it (autotuning times, it does not check)
+        # 8-bit pages: Q K^T in e4m3 or bf16, P V in f16 or bf16 (defaults first)
         if key.kv_dtype:
             over = [dict(o, fp8_qk=qk, f16_v=fv) for o in over for qk in (h.fp8_qk, not h.fp8_qk)
                     for fv in (h.f16_v, not h.f16_v)]
-        return list(dict.fromkeys(key.heuristic(**o) for o in over))
+        # never DecodeConfig.early_v / .pipelined (not even from their opt-in switches) until
+        # a GPU has run them: autotuning times, it does not check, and a winner stays cached
+        off = dict(early_v=False, pipelined=False)
+        return list(dict.fromkeys(key.heuristic(**o, **off) for o in over))
     bk = h.pages_per_block * key.page_size
     over = [dict()]
     for b in sorted({32, 64, 128} | {bk}):

@@ -144,12 +144,12 @@ class DecodeConfig:
     # a token's V amax below 448 x 65504 / 256 (~1.1e5).
     f16_v: bool = False
     # fp8_qk only: V's stage is cast (and released) while the Q K^T wgmmas run, not after the
-    # softmax, so the cast hides the wait for Q K^T (session 15's profile of one pass: 11%
+    # softmax, so that the cast can overlap the wait for Q K^T (session 15's profile of one pass: 11%
     # waiting for Q K^T, 19% casting V). Off by default until a GPU measures it.
     early_v: bool = False
     # bf16 pages, or e4m3 pages with fp8_qk: the key loop one block out of phase
-    # (pipelined_loop): block t+1's Q K^T is issued before block t's P V, whose wait then
-    # hides behind block t+1's softmax (the profile's other 12.5%). Off by default and untested
+    # (pipelined_loop): block t+1's Q K^T is issued before block t's P V, whose wait is then
+    # meant to hide behind block t+1's softmax (the profile's other 12.5%). Off by default and untested
     # on a GPU: interpret mode cannot run it (it takes the plain loop there), so only a GPU
     # checks its numbers.
     pipelined: bool = False

@@ -415,7 +415,7 @@ def test_fp8_qk_choice(monkeypatch):
     with pytest.raises(ValueError, match="IMP_JAX_MGPU_F16_V='on'; allowed: 0, 1"):
         choose_config(256, 8, 128, 16, kv_itemsize=1)
     monkeypatch.delenv("IMP_JAX_MGPU_F16_V")
-    # the untimed paths' opt-in switches (for an end-to-end A/B); pipelined beats early_v
+    # the untimed paths' opt-in switches (for an end-to-end A/B); pipelined takes precedence
     monkeypatch.setenv("IMP_JAX_MGPU_EARLY_V", "1")
     assert choose_config(256, 8, 128, 16, kv_itemsize=1).early_v
     monkeypatch.setenv("IMP_JAX_MGPU_PIPELINED", "1")
