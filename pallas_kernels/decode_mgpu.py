@@ -144,14 +144,14 @@ class DecodeConfig:
     # a token's V amax below 448 x 65504 / 256 (~1.1e5).
     f16_v: bool = False
     # fp8_qk only: V's stage is cast (and released) while the Q K^T wgmmas run, not after the
-    # softmax, so that the cast can overlap the wait for Q K^T (session 15's profile of one pass: 11%
-    # waiting for Q K^T, 19% casting V). Off by default until a GPU measures it.
+    # softmax, so that the cast can overlap the wait for Q K^T (session 15's profile of one
+    # pass: 11% waiting for Q K^T, 19% casting V). Off by default until a GPU measures it.
     early_v: bool = False
     # bf16 pages, or e4m3 pages with fp8_qk: the key loop one block out of phase
     # (pipelined_loop): block t+1's Q K^T is issued before block t's P V, whose wait is then
-    # meant to hide behind block t+1's softmax (the profile's other 12.5%). Off by default and untested
-    # on a GPU: interpret mode cannot run it (it takes the plain loop there), so only a GPU
-    # checks its numbers.
+    # meant to hide behind block t+1's softmax (the profile's other 12.5%). Off by default
+    # and untested on a GPU: interpret mode cannot run it (it takes the plain loop there), so
+    # only a GPU checks its numbers.
     pipelined: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
@@ -384,25 +384,6 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         plgpu.commit_smem()
         return s_row * c_log2
 
-    def qk_fp8(q8, k_tile, k_scales, during=None):
-        """(Q K^T / s per row [MQ, B], during's result) (s: split_q's row scale, applied in
-        the softmax's exp2 FMA): two e4m3 wgmmas (Q's terms against the 8-bit K tile), then
-        each key's K scale; `during()` runs while the wgmmas do.
-        The terms keep separate accumulators: with one shared accumulator (lo unscaled) the
-        error against the reference rose from 0.19% to 0.27% on an H200 (session 15), where
-        interpret mode showed no change; likely Hopper's FP8 MMA accumulating with reduced
-        precision, so lo's small products lose bits beside hi's."""
-        def compute(hi_ref, lo_ref):
-            kt = k_tile.transpose((1, 0))
-            plgpu.wgmma(hi_ref, q8.at[0], kt)
-            plgpu.wgmma(lo_ref, q8.at[1], kt)
-            extra = during() if during is not None else None
-            return hi_ref[...], lo_ref[...], extra
-        hi, lo, extra = pl.run_scoped(compute, plgpu.ACC((MQ, B), jnp.float32),
-                                      plgpu.ACC((MQ, B), jnp.float32))
-        ks = plgpu.load(k_scales, layout=plgpu.Layout.WGMMA.reduce(0))
-        return (hi + lo * (1.0 / 16.0)) * lax.broadcast_in_dim(ks, hi.shape, [1]), extra
-
     def kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, out_refs, scoped):
         s = lax.axis_index("seq")
         hc = lax.axis_index("kvh")                       # the CTA's group of nh KV heads
@@ -499,68 +480,36 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     p = jnp.exp2(sc * c_b - m_b)
                     return p, alpha, m_new, l_i * alpha + p.sum(axis=1)
 
-                def kv_step(t, carry, masked: bool):
-                    acc, m_i, l_i = carry
-                    slot = lax.rem(t, jnp.int32(stages))
-                    plgpu.barrier_wait(k_bars.at[bo + slot])
-                    k_tile = k_smem.at[slot]
-                    if cfg.fp8_qk:  # from the 8-bit tile itself; c: each row's scale
-                        during = functools.partial(take_and_cast_v, slot) if cfg.early_v else None
-                        sc, vs = qk_fp8(q_smem, k_tile, ks_smem.at[slot], during=during)
-                        plgpu.barrier_arrive(k_cons.at[bo + slot])
-                        c = row_log2
-                    else:
-                        if quant:  # converted, the 8-bit stage goes straight back
-                            convert(k_tile, ks_smem.at[slot], k16)
-                            plgpu.barrier_arrive(k_cons.at[bo + slot])
-                            k_tile = k16
-
-                        def compute_qk(acc_ref):
-                            plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
-                            return acc_ref[...]
-                        sc = pl.run_scoped(compute_qk, plgpu.ACC((MQ, B), jnp.float32))
-                        if not quant:
-                            plgpu.barrier_arrive(k_cons.at[bo + slot])
-                        c = c_log2
-                    if masked:
-                        sc = mask(sc, t)
-                    p, alpha, m_new, l_i = softmax(sc, c, m_i, l_i)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    if not cfg.early_v:
-                        vs = take_v(slot)
-                    p16 = p_for_pv(p, vs)
-                    v_tile = v_smem.at[slot]
-                    if quant:
-                        if not cfg.early_v:
-                            cast_v(slot)
-                        v_tile = v16
-                    if not cfg.compat:
-                        def compute_pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p16, v_tile)
-                        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-                    else:
-                        p_smem[...] = p16
-                        plgpu.commit_smem()
-
-                        def compute_pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p_smem, v_tile)
-                            return acc_ref[...]
-                        acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((MQ, D), jnp.float32))
-                    if not quant:
-                        plgpu.barrier_arrive(v_cons.at[bo + slot])
-                    return acc, m_new, l_i
-
                 n_qk = 2 if cfg.fp8_qk else 1          # Q K^T accumulators: Q's terms
+                s_accs = [plgpu.ACC((MQ, B), jnp.float32) for _ in range(n_qk)]
+                c_pass = row_log2 if cfg.fp8_qk else c_log2
 
-                def issue_qk(s_refs, slot):   # block's Q K^T wgmmas, not waited for
-                    kt = k_smem.at[slot].transpose((1, 0))
+                def issue_qk(s_refs, k_tile):
+                    """A block's Q K^T wgmmas, not waited for. fp8_qk: Q's two e4m3 terms
+                    against the 8-bit K tile, each into its own accumulator: with one shared
+                    accumulator (lo unscaled) the error against the reference rose from 0.19%
+                    to 0.27% on an H200 (session 15), where interpret mode showed no change;
+                    likely Hopper's FP8 MMA accumulating with reduced precision, so lo's small
+                    products lose bits beside hi's."""
+                    kt = k_tile.transpose((1, 0))
                     if cfg.fp8_qk:
                         plgpu.wgmma(s_refs[0], q_smem.at[0], kt)
                         plgpu.wgmma(s_refs[1], q_smem.at[1], kt)
                     else:
                         plgpu.wgmma(s_refs[0], q_smem, kt)
 
+                def qk(k_tile, during=None):
+                    """(the Q K^T accumulators' values, during's result): `during()` runs
+                    while the wgmmas do."""
+                    def compute(*s_refs):
+                        issue_qk(s_refs, k_tile)
+                        extra = during() if during is not None else None
+                        return [r[...] for r in s_refs], extra
+                    return pl.run_scoped(compute, *s_accs)
+
                 def logits(s_vals, t, slot, masked):   # block t's (before its K stage goes back)
+                    """Q K^T / s per row (s: split_q's row scale, applied in the softmax's
+                    exp2 FMA), times each key's K scale (fp8_qk); keys past seq_len masked."""
                     if cfg.fp8_qk:
                         hi, lo = s_vals
                         ks = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -569,28 +518,65 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                         (sc,) = s_vals
                     return mask(sc, t) if masked else sc
 
-                c_pass = row_log2 if cfg.fp8_qk else c_log2
-                s_accs = [plgpu.ACC((MQ, B), jnp.float32) for _ in range(n_qk)]
+                def v_tile(slot):   # P V's V: the cast tile (8-bit pages) or the ring's stage
+                    return v16 if quant else v_smem.at[slot]
+
+                def v_done(slot):   # float pages: P V read the ring's stage itself
+                    if not quant:
+                        plgpu.barrier_arrive(v_cons.at[bo + slot])
+
+                def pv(acc, p16, v):   # acc + P V (P from registers), waited for
+                    def compute_pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v)
+                    return pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+
+                def kv_step(t, carry, masked: bool):
+                    acc, m_i, l_i = carry
+                    slot = lax.rem(t, jnp.int32(stages))
+                    plgpu.barrier_wait(k_bars.at[bo + slot])
+                    k_tile = k_smem.at[slot]
+                    if quant and not cfg.fp8_qk:  # converted, the 8-bit stage goes straight back
+                        convert(k_tile, ks_smem.at[slot], k16)
+                        plgpu.barrier_arrive(k_cons.at[bo + slot])
+                        k_tile = k16
+                    during = functools.partial(take_and_cast_v, slot) if cfg.early_v else None
+                    s_vals, vs = qk(k_tile, during)
+                    sc = logits(s_vals, t, slot, masked=False)
+                    if not (quant and not cfg.fp8_qk):
+                        plgpu.barrier_arrive(k_cons.at[bo + slot])
+                    if masked:
+                        sc = mask(sc, t)
+                    p, alpha, m_new, l_i = softmax(sc, c_pass, m_i, l_i)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    if not cfg.early_v:
+                        vs = take_v(slot)
+                    p16 = p_for_pv(p, vs)
+                    if quant and not cfg.early_v:
+                        cast_v(slot)
+                    if not cfg.compat:
+                        acc = pv(acc, p16, v_tile(slot))
+                    else:
+                        p_smem[...] = p16
+                        plgpu.commit_smem()
+
+                        def compute_pv(acc_ref):
+                            plgpu.wgmma(acc_ref, p_smem, v_tile(slot))
+                            return acc_ref[...]
+                        acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((MQ, D), jnp.float32))
+                    v_done(slot)
+                    return acc, m_new, l_i
+
 
                 def pipelined_loop(acc, m_i, l_i):
                     """The key loop, one block out of phase: pass t issues block t+1's Q K^T,
                     casts block t's V (8-bit pages) and issues its P V, then waits for the
                     Q K^T alone and runs block t+1's softmax while that P V runs. Blocks: 0's
                     Q K^T and softmax before the loop, the last block's P V after it."""
-                    def first_qk(*s_refs):
-                        issue_qk(s_refs, 0)
-                        return [r[...] for r in s_refs]
                     pl.when(nsteps > 0)(lambda: plgpu.barrier_wait(k_bars.at[bo]))
                     # with no block (nsteps == 0) the stale tile is read and fully masked
-                    sc = logits(pl.run_scoped(first_qk, *s_accs), 0, 0, masked=True)
+                    sc = logits(qk(k_smem.at[0])[0], 0, 0, masked=True)
                     pl.when(nsteps > 0)(lambda: plgpu.barrier_arrive(k_cons.at[bo]))
                     p, _, m_i, l_i = softmax(sc, c_pass, m_i, l_i, empty_rows=True)
-
-                    v_tile = (lambda slot: v16) if quant else (lambda slot: v_smem.at[slot])
-
-                    def v_done(slot):   # bf16 pages: P V read the ring's stage itself
-                        if not quant:
-                            plgpu.barrier_arrive(v_cons.at[bo + slot])
 
                     def one_pass(t, carry, masked_next: bool):
                         acc, m_i, l_i, p = carry
@@ -605,7 +591,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                                 # block t's P first (its V stage waited for), so that only the
                                 # cast runs between the wgmmas, with fewer registers live
                                 p16 = p_for_pv(p_ref[...], take_v(slot))
-                                issue_qk(s_refs, nslot)                     # block t+1
+                                issue_qk(s_refs, k_smem.at[nslot])          # block t+1
                                 if quant:
                                     cast_v(slot)                            # during it: V of t
                                 plgpu.wgmma(o_ref, p16, v_tile(slot))       # P V of block t
@@ -634,10 +620,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                         p16 = p_for_pv(p, take_v(slot))
                         if quant:
                             cast_v(slot)
-
-                        def compute_pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p16, v_tile(slot))
-                        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                        acc = pv(acc, p16, v_tile(slot))
                         v_done(slot)
                         return acc
                     acc = lax.cond(nsteps > 0, last_pv, lambda acc, p: acc, acc, p)
