@@ -15,16 +15,21 @@ head: D * 2 for bf16, D * 1 + 4 for the 8-bit pools (values + scale), K and V.
 
 Timing: each timed jit runs N calls back to back (unrolled, each on a different page table over a
 pool large enough that N calls do not fit in L2), warm-up first, then the median of `reps` runs;
-time per call = median / N. Achieved bandwidth counts K+V bytes read once (the floor).
+time per call = median / N. N streams ~32 GB (4 <= N <= 64): a run's fixed dispatch + sync cost
+(0.14-0.28 ms on an H200, session 16) then adds ~4% per call at 64 x 4096 and ~8% at 8 x 2048
+(64 calls); before session 16 runs made >= 4 calls and it added up to ~25%. Achieved bandwidth counts K+V bytes read once (the floor).
 
   PYTHONPATH=$PWD python benchmarks/kernels.py [--reps 10] [--full | --quick] [--kv bf16,fp8]
       [--budget-s S] [--out DIR] [--autotune [--cache F]] [--smoke]
-      [--shapes 1024x256,64x1024] [--mgpu-sweep]
+      [--shapes 1024x256,64x1024] [--mgpu-sweep] [--mgpu-only]
+      [--mgpu-configs '[{}, {"block_kv": 64, "num_stages": 3}]'] [--rounds 5]
 
 --quick: bf16 only, B in {1, 8, 64} x ctx {1k, 2k, 4k, 16k} (B=8 x 2k first, with the whole
 mgpu config sweep), each kernel's default config plus one alternative for mgpu, the reference as
 a correctness check only (not timed); 150 s budget by default. --mgpu-only: skip the Triton
-kernel ("ours") and time mgpu against the peer.
+kernel ("ours") and time mgpu against the peer. --mgpu-configs: these decode_mgpu.choose_config
+overrides instead of the mode's list. --rounds N: each mgpu config timed N times, interleaved
+with the others, reported as its median round (single passes moved 30-50% between calls).
 
 Default: a sweep sized to finish in under ~3 minutes on an H100 (B=8 x ctx 2048 vs the
 deprecated kernel first, then the small-batch rows, then the rest), guarded by --budget-s
@@ -43,6 +48,7 @@ Prints a table last and writes JSON to $OUT (or --out) after every case.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -119,12 +125,18 @@ def make_pools(key, P, page, kv):
 
 
 def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=False,
-               interpret=False, max_calls=16, deadline=None, mgpu_configs=()):
+               interpret=False, max_calls=16, deadline=None, mgpu_configs=(), rounds=1,
+               calls=None):
     pages_per_seq = ctx // page
     kv_bytes = 2 * B * ctx * KVH * kv_bytes_per_token_head(kv)
     # Rotate among R page-table sets so the N timed calls stream >= ~1 GB from HBM, not L2.
-    R = int(max(1, min(max_calls, math.ceil(1.0e9 / kv_bytes))))
-    n_calls = max(R, min(4, max_calls))
+    R = int(max(1, min(max(max_calls, calls or 0), math.ceil(1.0e9 / kv_bytes))))
+    # Each timed run pays a fixed cost besides its calls (dispatch + host sync: ~140 us at
+    # 8 x 2048 and ~275 us at 64 x 4096 on an H200, session 16, from runs of 15 / 64 and 4 / 16
+    # calls). So a run makes enough calls to stream ~32 GB (~8 ms of HBM time), at least 4 and
+    # at most max_calls (small shapes stay short of it); --calls N overrides.
+    n_calls = (max(R, min(max_calls, max(4, math.ceil(32e9 / kv_bytes)))) if calls is None
+               else max(R, calls))
     P = R * B * pages_per_seq + 1
     kp_key, k3, k4 = jax.random.split(key, 3)
     k_pages, v_pages, scales = make_pools(kp_key, P, page, kv)
@@ -132,7 +144,9 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
     pts = perm.reshape(R, B, pages_per_seq)
     # n_calls distinct page tables (identical calls would be CSE'd by XLA): set i % R, with the
     # sequences rolled by i // R so that every call reads different pages per sequence.
-    pts = jnp.stack([jnp.roll(pts[i % R], i // R, axis=0) for i in range(n_calls)])
+    # (pages rolled within each sequence too, so that B = 1 gets distinct tables)
+    pts = jnp.stack([jnp.roll(pts[i % R], (i // R, i // R), axis=(0, 1))
+                     for i in range(n_calls)])
     q = jax.random.normal(k4, (B, H, D), jnp.bfloat16)
     # ragged: lengths in [ctx/2, ctx], one sequence at exactly ctx
     lens = jax.random.randint(jax.random.fold_in(key, 7), (B,), ctx // 2, ctx + 1).astype(jnp.int32)
@@ -237,9 +251,9 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
     def mgpu(cfg):
         return lambda q, kp, vp, pt, ln, sc: decode_mgpu.paged_decode_mgpu(
             q, kp, vp, pt, ln, qs, scale=scale, config=cfg, interpret=interpret, **sc)
-    mbest, mseen = None, set()
+    mbest, mseen, timed = None, set(), []
     for cfg_kw in (mgpu_configs if mgpu_ok else ()):
-        if mbest is not None and deadline is not None and time.time() > deadline:
+        if timed and deadline is not None and time.time() > deadline:
             row["mgpu_configs_cut_by_budget"] = True
             break
         kw = dict(cfg_kw)
@@ -268,6 +282,26 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
                                                      f"{str(e)[:200]}")
             continue
         rec = record("mgpu", "mgpu ", mcfg, t, merr)
+        timed.append((rec, mcfg))
+    # --rounds: every timed config again, interleaved (A B C A B C ...), so that a slow spell of
+    # the machine (configs of one shape have differed by 30-50% between calls, session 16)
+    # lands on all of them; each config's figure is then the median of its rounds.
+    for r in range(1, rounds):
+        for rec, mcfg in timed:
+            try:
+                t, _ = timeit(looped_config("mgpu", mcfg, mgpu),
+                              (q, k_pages, v_pages, pts, lens, sc), reps)
+            except Exception as e:  # noqa: BLE001 -- keep the rounds it has
+                print(f"  mgpu {mcfg} round {r} failed: {type(e).__name__}: {str(e)[:200]}",
+                      flush=True)
+                continue
+            rec.setdefault("rounds_us", [rec["us"]]).append(t / n_calls * 1e6)
+    for rec, mcfg in timed:
+        if "rounds_us" in rec:
+            rec["us"] = statistics.median(rec["rounds_us"])
+            rec["tbs"] = bytes_read / (rec["us"] * 1e-6) / 1e12
+            print(f"  B={B} ctx={ctx} page={page} kv={kv} mgpu {mcfg}: median {rec['us']:.1f} us "
+                  f"of rounds {[round(u, 1) for u in rec['rounds_us']]}", flush=True)
         if mbest is None or rec["us"] < mbest["us"]:
             mbest = rec
     if mbest is not None:
@@ -346,13 +380,26 @@ MGPU_SWEEP = [dict(), dict(fp8_qk=True), dict(fp8_qk=False),
 MGPU_DEFAULT = [dict(), dict(f16_v=False), dict(block_kv=128, num_stages=3, heads_per_cta=1),
                 dict(block_kv=64, num_stages=6, heads_per_cta=1),
                 dict(fp8_qk=False)]     # the heuristic, bf16 P V, two one-head rings, converting K
-# --untimed adds these to every case: loop schedules built in session 15 and not yet run on a
-# GPU (an illegal address in one would poison the rest of the process, so they stay out of the
-# default runs until their GPU tests pass). early_v (V cast while Q K^T runs) is ignored on
-# bf16 pages; pipelined (the key loop one block out of phase) runs on both.
-MGPU_UNTIMED = [dict(early_v=True), dict(pipelined=True)]
 MGPU_QUICK = [dict(), dict(block_kv=128, num_stages=3)]
 MGPU_SMOKE = [dict(), dict(num_splits=2)]        # one split (direct store); split-K + combine
+
+
+def parse_mgpu_configs(ap, text):
+    """--mgpu-configs: a JSON list of dicts of choose_config keywords (or splits_mult)."""
+    if text is None:
+        return None
+    allowed = set(inspect.signature(decode_mgpu.choose_config).parameters) - {
+        "S", "KVH", "max_pages", "page_size", "D", "kv_itemsize", "num_sms"} | {"splits_mult"}
+    try:
+        configs = json.loads(text)
+    except json.JSONDecodeError as e:
+        ap.error(f"--mgpu-configs {text!r}: not JSON ({e})")
+    if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+        ap.error(f"--mgpu-configs {text!r}: expected a JSON list of objects")
+    for c in configs:
+        if bad := sorted(set(c) - allowed):
+            ap.error(f"--mgpu-configs: unknown keys {bad}; allowed: {sorted(allowed)}")
+    return configs
 
 
 def main():
@@ -372,9 +419,16 @@ def main():
                          "1024x256,256x2048x64: these cases instead of the mode's table")
     ap.add_argument("--mgpu-sweep", action="store_true",
                     help="every case: the whole Mosaic GPU config sweep (MGPU_SWEEP)")
-    ap.add_argument("--untimed", action="store_true",
-                    help="also time the Mosaic GPU loop schedules not yet run on a GPU "
-                         "(MGPU_UNTIMED: early_v, pipelined)")
+    ap.add_argument("--mgpu-configs", default=None, metavar="JSON",
+                    help='the Mosaic GPU configs to time instead of the mode\'s list: a JSON '
+                         'list of choose_config overrides, e.g. \'[{}, {"block_kv": 64, '
+                         '"num_stages": 2, "num_splits": 4}]\'')
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the Mosaic GPU configs this many times, interleaved; each "
+                         "config's figure is the median of its rounds")
+    ap.add_argument("--calls", type=int, default=None,
+                    help="calls per timed run (default: enough page-table sets to defeat L2, "
+                         ">= 4); more calls spread the run's fixed dispatch + sync cost thinner")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--budget-s", type=float, default=None,
@@ -385,6 +439,9 @@ def main():
     ap.add_argument("--cache", default=None, help="autotune cache file (default: "
                     "$IMP_JAX_AUTOTUNE_CACHE or ~/.cache/imp_jax/autotune.json)")
     args = ap.parse_args()
+    given_configs = parse_mgpu_configs(ap, args.mgpu_configs)
+    if args.calls is not None and args.calls < 1:
+        ap.error(f"--calls {args.calls}: must be >= 1")
     t_start = time.time()
     if args.cache:
         os.environ[autotune.CACHE_ENV] = args.cache
@@ -403,13 +460,13 @@ def main():
         shapes, reps, max_calls = SMOKE_SHAPES, 1, 2
         budget = args.budget_s
     elif args.quick:
-        shapes, reps, max_calls = QUICK_SHAPES, min(args.reps, 10), 16
+        shapes, reps, max_calls = QUICK_SHAPES, min(args.reps, 10), 64
         budget = 150.0 if args.budget_s is None else args.budget_s
     elif args.full:
-        shapes, reps, max_calls = FULL_SHAPES, args.reps, 16
+        shapes, reps, max_calls = FULL_SHAPES, args.reps, 64
         budget = args.budget_s
     else:
-        shapes, reps, max_calls = DEFAULT_SHAPES, args.reps, 16
+        shapes, reps, max_calls = DEFAULT_SHAPES, args.reps, 64
         budget = 150.0 if args.budget_s is None else args.budget_s
     if args.shapes:
         try:
@@ -474,8 +531,8 @@ def main():
             mgpu_configs = MGPU_QUICK
         else:
             mgpu_configs = MGPU_DEFAULT
-        if args.untimed and not args.no_mgpu and not smoke:
-            mgpu_configs = list(mgpu_configs) + MGPU_UNTIMED
+        if args.mgpu_configs is not None and not args.no_mgpu:
+            mgpu_configs = given_configs
         # Beside the deprecated peer on 1024 x 2048 e4m3 pages an illegal address surfaced (in
         # XLA's autotuner, compiling the peer's program) and poisoned the process for every
         # later case (H200, session 13): the peer is not run on 8-bit pages at B >= 1024.
@@ -484,7 +541,8 @@ def main():
             row = bench_case(B, ctx, page, kv, reps=reps, configs=configs, run_ref=run_ref,
                              run_peer=peer, key=sub,
                              tune=args.autotune, interpret=smoke, max_calls=max_calls,
-                             deadline=deadline, mgpu_configs=mgpu_configs)
+                             deadline=deadline, mgpu_configs=mgpu_configs, rounds=args.rounds,
+                             calls=args.calls)
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: record and go on
             print(f"case B={B} ctx={ctx} kv={kv} failed: {type(e).__name__}: {str(e)[:300]}",
                   flush=True)

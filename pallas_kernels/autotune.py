@@ -348,10 +348,7 @@ def default_candidates(key: ShapeKey) -> list:
         if key.kv_dtype:
             over = [dict(o, fp8_qk=qk, f16_v=fv) for o in over for qk in (h.fp8_qk, not h.fp8_qk)
                     for fv in (h.f16_v, not h.f16_v)]
-        # never DecodeConfig.early_v / .pipelined (not even from their opt-in switches) until
-        # a GPU has run them: autotuning times, it does not check, and a winner stays cached
-        off = dict(early_v=False, pipelined=False)
-        return list(dict.fromkeys(key.heuristic(**o, **off) for o in over))
+        return list(dict.fromkeys(key.heuristic(**o) for o in over))
     bk = h.pages_per_block * key.page_size
     over = [dict()]
     for b in sorted({32, 64, 128} | {bk}):

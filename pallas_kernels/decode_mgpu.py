@@ -74,15 +74,12 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   H200, session 14, 64-key pages, two heads per CTA: 256 x 2048 487.1 -> 447.7 us,
   1024 x 2048 1611.2 -> 1486.1 us (-8%), error against the reference 0.31% -> 0.19% (f16
   keeps 3 more mantissa bits than bf16).
-* **`early_v` (off; fp8_qk only)**: V's stage is cast while the Q K^T wgmmas run instead of
-  after the softmax (session 15's profile: a pass spends 11% waiting for Q K^T and 19% on the
-  cast). Untimed.
-* **`pipelined` (off; bf16 pages, or e4m3 pages with fp8_qk)**: the key loop one block out of
-  phase (`pipelined_loop`): a pass issues block t+1's Q K^T, casts block t's V (e4m3), issues
-  block t's P V and then waits for the Q K^T alone (`wgmma_accumulator_load(...,
-  wait_n=1)`), so block t+1's softmax runs while the P V does (the profile's other 12.5%, the
-  P V wait). GPU interpret mode cannot run it (resolve_config takes the plain loop there); it
-  lowers for Hopper, and its GPU tests have not run yet.
+* Loop schedules measured and removed (session 16, docs/kernels_notes.md): casting V during
+  the Q K^T wgmmas (`early_v`) and the key loop one block out of phase, FA3-style, so that a
+  softmax runs while the previous block's P V does (`pipelined`). Both were correct on an
+  H200. Timed in five interleaved rounds, the best of either was within -2% to +2% of the
+  best plain config on bf16 pages. On e4m3 pages pipelined was 4-9% slower and early_v -1%
+  to +12%. The bf16 decode step was level or slower. Their code is in git history at 5676676.
 * `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
   and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
   Each head has its own ring, barriers and buffers (a leading [2] axis); the sequence's
@@ -143,16 +140,6 @@ class DecodeConfig:
     # subnormals; undone with 1 / l). Range: P x scale x 256 must stay below f16's 65504, i.e.
     # a token's V amax below 448 x 65504 / 256 (~1.1e5).
     f16_v: bool = False
-    # fp8_qk only: V's stage is cast (and released) while the Q K^T wgmmas run, not after the
-    # softmax, so that the cast can overlap the wait for Q K^T (session 15's profile of one
-    # pass: 11% waiting for Q K^T, 19% casting V). Off by default until a GPU measures it.
-    early_v: bool = False
-    # bf16 pages, or e4m3 pages with fp8_qk: the key loop one block out of phase
-    # (pipelined_loop): block t+1's Q K^T is issued before block t's P V, whose wait is then
-    # meant to hide behind block t+1's softmax (the profile's other 12.5%). Off by default
-    # and untested on a GPU: interpret mode cannot run it (it takes the plain loop there), so
-    # only a GPU checks its numbers.
-    pipelined: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
         if self.num_splits < 1:
@@ -163,12 +150,6 @@ class DecodeConfig:
             raise ValueError("fp8_qk=True needs 8-bit (float8_e4m3fn) pages")
         if self.f16_v and kv_itemsize != 1:
             raise ValueError("f16_v=True needs 8-bit (float8_e4m3fn) pages")
-        if self.early_v and not self.fp8_qk:
-            raise ValueError("early_v=True needs fp8_qk=True (the Q K^T it overlaps)")
-        if self.pipelined and (self.compat or self.early_v
-                               or (kv_itemsize == 1 and not self.fp8_qk)):
-            raise ValueError("pipelined=True needs compat=False, early_v=False (it casts V "
-                             "during Q K^T itself) and, on 8-bit pages, fp8_qk=True")
         check_ring(self, page_size, smem_bytes(self, D, kv_itemsize=kv_itemsize), min_stages=1)
 
 
@@ -227,8 +208,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                   num_splits: int | None = None, compat: bool = False,
                   num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
                   heads_per_cta: int | None = None,
-                  fp8_qk: bool | None = None, f16_v: bool | None = None,
-                  early_v: bool | None = None, pipelined: bool | None = None) -> DecodeConfig:
+                  fp8_qk: bool | None = None, f16_v: bool | None = None) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -245,10 +225,6 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         fp8_qk = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_FP8_QK")
     if f16_v is None:
         f16_v = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_F16_V")
-    if early_v is None:   # untimed paths: off unless asked for (an end-to-end A/B's switch)
-        early_v = _env_default("IMP_JAX_MGPU_EARLY_V", default=False)
-    if pipelined is None:
-        pipelined = _env_default("IMP_JAX_MGPU_PIPELINED", default=False)
     if heads_per_cta is None:
         heads_per_cta = _heads_per_cta(S, KVH, short, kv_itemsize == 1, num_sms)
         forced = os.environ.get("IMP_JAX_MGPU_HEADS") is not None
@@ -262,8 +238,6 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                     else page_size)
     if num_stages is None:
         num_stages = 6 if short and block_kv == 64 else 3
-    # the key loop out of phase (it casts V during Q K^T itself, so early_v gives way)
-    pipe = bool(pipelined) and not compat and (fp8_qk or kv_itemsize == 2)
     max_blocks = -(-(max_pages * page_size) // block_kv)
     if num_splits is None:
         base = max(1, S * KVH // heads_per_cta)
@@ -274,9 +248,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                                  num_splits=num_splits, compat=compat,
                                  heads_per_cta=heads_per_cta,
                                  fp8_qk=fp8_qk and kv_itemsize == 1,
-                                 f16_v=f16_v and kv_itemsize == 1,
-                                 early_v=early_v and fp8_qk and kv_itemsize == 1 and not pipe,
-                                 pipelined=pipe), D, kv_itemsize)
+                                 f16_v=f16_v and kv_itemsize == 1), D, kv_itemsize)
 
 
 def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int) -> int:
@@ -298,11 +270,9 @@ def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int)
     return 2 if eight_bit or (short and S * KVH // 2 >= num_sms) else 1
 
 
-def _env_default(name: str, default: bool = True) -> bool:
+def _env_default(name: str) -> bool:
     """Whether a path is taken where the heuristic decides (an autotuned winner in the cache
-    keeps its own choice): $name "1" yes, "0" no, unset `default`.
-      IMP_JAX_MGPU_EARLY_V, IMP_JAX_MGPU_PIPELINED (`DecodeConfig.early_v` / `.pipelined`,
-        default off): built in session 15 and not yet run on a GPU.
+    keeps its own choice): $name "1" yes, "0" no, unset yes.
       IMP_JAX_MGPU_FP8_QK (`DecodeConfig.fp8_qk`): H200, session 13, the engine's two-head
         configs: 256 x 2048 543.6 -> 490.0 us, 1024 x 2048 1839 -> 1698 us, 704 x 1536 and
         64 x 4096 level.
@@ -311,8 +281,8 @@ def _env_default(name: str, default: bool = True) -> bool:
         the reference 0.31% -> 0.19%. Untimed elsewhere (small batches, one head)."""
     value = os.environ.get(name)
     if value not in (None, "0", "1"):
-        raise ValueError(f"{name}={value!r}; allowed: 0, 1 (unset: {int(default)})")
-    return default if value is None else value == "1"
+        raise ValueError(f"{name}={value!r}; allowed: 0, 1 (unset: 1)")
+    return value != "0"
 
 
 def fit_smem(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> DecodeConfig:
@@ -439,202 +409,101 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     plgpu.commit_smem()
 
                 m_i, l_i, acc = softmax_state(MQ, D)
-
-                def take_v(slot):   # wait for V's stage; its scales for f16_v's P columns
-                    plgpu.barrier_wait(v_bars.at[bo + slot])
-                    return (plgpu.load(vs_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                            if cfg.f16_v else None)
-
-                def cast_v(slot):   # 8-bit V's stage -> v16 (q's dtype or f16); stage released
-                    convert(v_smem.at[slot], None if cfg.f16_v else vs_smem.at[slot], v16)
-                    plgpu.barrier_arrive(v_cons.at[bo + slot])
-
-                def take_and_cast_v(slot):
-                    vs = take_v(slot)
-                    cast_v(slot)
-                    return vs
-
-                def p_for_pv(p, vs):   # f16_v: V's scales on P's columns, V cast only
-                    if cfg.f16_v:
-                        return (p * lax.broadcast_in_dim(vs, p.shape, [1])).astype(jnp.float16)
-                    return p.astype(dtype)
-
-                def mask(sc, t):   # keys of block t at or past seq_len -> -inf
-                    cols = plgpu.broadcasted_iota(jnp.int32, (MQ, B), 1,
-                                                  layout=plgpu.Layout.WGMMA)
-                    return jnp.where(cols + (b0 + t) * B < seq_len, sc, -jnp.inf)
-
-                def softmax(sc, c, m_i, l_i, empty_rows=False):
-                    """(P, alpha, m, l) after one block of logits sc. m lives in the log2 domain
-                    (scaled by c = scale*log2e, per row with fp8_qk; c > 0, so max(s) * c =
-                    max(s * c)): exp2(s*c - m) is one FMA. f16_v: P x 2**V_GAIN_LOG2 (m
-                    lowered by it), and l with it. empty_rows: rows may be all -inf with
-                    m_i = -inf (the pipelined loop's first block of a split past its
-                    sequence's end), which then give P = 0 and l = 0, not NaN."""
-                    m_new = jnp.maximum(m_i, sc.max(axis=1) * c)
-                    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if empty_rows else m_new
-                    alpha = jnp.exp2(m_i - m_safe)
-                    m_b = lax.broadcast_in_dim(m_safe - V_GAIN_LOG2 if cfg.f16_v else m_safe,
-                                               sc.shape, [0])
-                    c_b = lax.broadcast_in_dim(c, sc.shape, [0]) if cfg.fp8_qk else c
-                    p = jnp.exp2(sc * c_b - m_b)
-                    return p, alpha, m_new, l_i * alpha + p.sum(axis=1)
-
                 n_qk = 2 if cfg.fp8_qk else 1          # Q K^T accumulators: Q's terms
-                s_accs = [plgpu.ACC((MQ, B), jnp.float32) for _ in range(n_qk)]
                 c_pass = row_log2 if cfg.fp8_qk else c_log2
 
-                def issue_qk(s_refs, k_tile):
-                    """A block's Q K^T wgmmas, not waited for. fp8_qk: Q's two e4m3 terms
-                    against the 8-bit K tile, each into its own accumulator: with one shared
+                def qk(k_tile):
+                    """A block's Q K^T accumulator values. fp8_qk: Q's two e4m3 terms against
+                    the 8-bit K tile, each into its own accumulator: with one shared
                     accumulator (lo unscaled) the error against the reference rose from 0.19%
                     to 0.27% on an H200 (session 15), where interpret mode showed no change;
                     likely Hopper's FP8 MMA accumulating with reduced precision, so lo's small
                     products lose bits beside hi's."""
                     kt = k_tile.transpose((1, 0))
-                    if cfg.fp8_qk:
-                        plgpu.wgmma(s_refs[0], q_smem.at[0], kt)
-                        plgpu.wgmma(s_refs[1], q_smem.at[1], kt)
-                    else:
-                        plgpu.wgmma(s_refs[0], q_smem, kt)
 
-                def qk(k_tile, during=None):
-                    """(the Q K^T accumulators' values, during's result): `during()` runs
-                    while the wgmmas do."""
                     def compute(*s_refs):
-                        issue_qk(s_refs, k_tile)
-                        extra = during() if during is not None else None
-                        return [r[...] for r in s_refs], extra
-                    return pl.run_scoped(compute, *s_accs)
+                        if cfg.fp8_qk:
+                            plgpu.wgmma(s_refs[0], q_smem.at[0], kt)
+                            plgpu.wgmma(s_refs[1], q_smem.at[1], kt)
+                        else:
+                            plgpu.wgmma(s_refs[0], q_smem, kt)
+                        return [r[...] for r in s_refs]
+                    return pl.run_scoped(compute, *[plgpu.ACC((MQ, B), jnp.float32)
+                                                    for _ in range(n_qk)])
 
-                def logits(s_vals, t, slot, masked):   # block t's (before its K stage goes back)
+                def logits(s_vals, slot):   # read before block's K stage goes back
                     """Q K^T / s per row (s: split_q's row scale, applied in the softmax's
-                    exp2 FMA), times each key's K scale (fp8_qk); keys past seq_len masked."""
-                    if cfg.fp8_qk:
-                        hi, lo = s_vals
-                        ks = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                        sc = (hi + lo * (1.0 / 16.0)) * lax.broadcast_in_dim(ks, hi.shape, [1])
-                    else:
-                        (sc,) = s_vals
-                    return mask(sc, t) if masked else sc
+                    exp2 FMA), times each key's K scale (fp8_qk)."""
+                    if not cfg.fp8_qk:
+                        return s_vals[0]
+                    hi, lo = s_vals
+                    ks = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                    return (hi + lo * (1.0 / 16.0)) * lax.broadcast_in_dim(ks, hi.shape, [1])
 
-                def v_tile(slot):   # P V's V: the cast tile (8-bit pages) or the ring's stage
-                    return v16 if quant else v_smem.at[slot]
-
-                def v_done(slot):   # float pages: P V read the ring's stage itself
-                    if not quant:
-                        plgpu.barrier_arrive(v_cons.at[bo + slot])
-
-                def pv(acc, p16, v):   # acc + P V (P from registers), waited for
-                    def compute_pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p16, v)
-                    return pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                def softmax(sc, c, m_i, l_i):
+                    """(P, alpha, m, l) after one block of logits sc. m lives in the log2 domain
+                    (scaled by c = scale*log2e, per row with fp8_qk; c > 0, so max(s) * c =
+                    max(s * c)): exp2(s*c - m) is one FMA. f16_v: P x 2**V_GAIN_LOG2 (m
+                    lowered by it), and l with it."""
+                    m_new = jnp.maximum(m_i, sc.max(axis=1) * c)
+                    alpha = jnp.exp2(m_i - m_new)
+                    m_b = lax.broadcast_in_dim(m_new - V_GAIN_LOG2 if cfg.f16_v else m_new,
+                                               sc.shape, [0])
+                    c_b = lax.broadcast_in_dim(c, sc.shape, [0]) if cfg.fp8_qk else c
+                    p = jnp.exp2(sc * c_b - m_b)
+                    return p, alpha, m_new, l_i * alpha + p.sum(axis=1)
 
                 def kv_step(t, carry, masked: bool):
                     acc, m_i, l_i = carry
                     slot = lax.rem(t, jnp.int32(stages))
                     plgpu.barrier_wait(k_bars.at[bo + slot])
                     k_tile = k_smem.at[slot]
-                    if quant and not cfg.fp8_qk:  # converted, the 8-bit stage goes straight back
+                    convert_k = quant and not cfg.fp8_qk
+                    if convert_k:  # converted, the 8-bit stage goes straight back
                         convert(k_tile, ks_smem.at[slot], k16)
                         plgpu.barrier_arrive(k_cons.at[bo + slot])
                         k_tile = k16
-                    during = functools.partial(take_and_cast_v, slot) if cfg.early_v else None
-                    s_vals, vs = qk(k_tile, during)
-                    sc = logits(s_vals, t, slot, masked=False)
-                    if not (quant and not cfg.fp8_qk):
+                    sc = logits(qk(k_tile), slot)
+                    if not convert_k:
                         plgpu.barrier_arrive(k_cons.at[bo + slot])
-                    if masked:
-                        sc = mask(sc, t)
+                    if masked:   # keys of block t at or past seq_len -> -inf
+                        cols = plgpu.broadcasted_iota(jnp.int32, (MQ, B), 1,
+                                                      layout=plgpu.Layout.WGMMA)
+                        sc = jnp.where(cols + (b0 + t) * B < seq_len, sc, -jnp.inf)
                     p, alpha, m_new, l_i = softmax(sc, c_pass, m_i, l_i)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    if not cfg.early_v:
-                        vs = take_v(slot)
-                    p16 = p_for_pv(p, vs)
-                    if quant and not cfg.early_v:
-                        cast_v(slot)
-                    if not cfg.compat:
-                        acc = pv(acc, p16, v_tile(slot))
+                    plgpu.barrier_wait(v_bars.at[bo + slot])
+                    if cfg.f16_v:   # V's scales on P's columns, V cast only
+                        vs = plgpu.load(vs_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                        p16 = (p * lax.broadcast_in_dim(vs, p.shape, [1])).astype(jnp.float16)
+                    else:
+                        p16 = p.astype(dtype)
+                    v_tile = v_smem.at[slot]
+                    if quant:   # 8-bit V's stage -> v16 (q's dtype or f16); stage released
+                        convert(v_tile, None if cfg.f16_v else vs_smem.at[slot], v16)
+                        plgpu.barrier_arrive(v_cons.at[bo + slot])
+                        v_tile = v16
+                    if not cfg.compat:   # P from registers
+                        def compute_pv(acc_ref):
+                            plgpu.wgmma(acc_ref, p16, v_tile)
+                        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
                     else:
                         p_smem[...] = p16
                         plgpu.commit_smem()
 
                         def compute_pv(acc_ref):
-                            plgpu.wgmma(acc_ref, p_smem, v_tile(slot))
+                            plgpu.wgmma(acc_ref, p_smem, v_tile)
                             return acc_ref[...]
                         acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((MQ, D), jnp.float32))
-                    v_done(slot)
+                    if not quant:   # float pages: P V read the ring's stage itself
+                        plgpu.barrier_arrive(v_cons.at[bo + slot])
                     return acc, m_new, l_i
 
-
-                def pipelined_loop(acc, m_i, l_i):
-                    """The key loop, one block out of phase: pass t issues block t+1's Q K^T,
-                    casts block t's V (8-bit pages) and issues its P V, then waits for the
-                    Q K^T alone and runs block t+1's softmax while that P V runs. Blocks: 0's
-                    Q K^T and softmax before the loop, the last block's P V after it."""
-                    pl.when(nsteps > 0)(lambda: plgpu.barrier_wait(k_bars.at[bo]))
-                    # with no block (nsteps == 0) the stale tile is read and fully masked
-                    sc = logits(qk(k_smem.at[0])[0], 0, 0, masked=True)
-                    pl.when(nsteps > 0)(lambda: plgpu.barrier_arrive(k_cons.at[bo]))
-                    p, _, m_i, l_i = softmax(sc, c_pass, m_i, l_i, empty_rows=True)
-
-                    def one_pass(t, carry, masked_next: bool):
-                        acc, m_i, l_i, p = carry
-                        slot = lax.rem(t, jnp.int32(stages))
-                        nslot = lax.rem(t + 1, jnp.int32(stages))
-                        plgpu.barrier_wait(k_bars.at[bo + nslot])
-
-                        def body(refs):
-                            o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
-
-                            def scoped(*s_refs):
-                                # block t's P first (its V stage waited for), so that only the
-                                # cast runs between the wgmmas, with fewer registers live
-                                p16 = p_for_pv(p_ref[...], take_v(slot))
-                                issue_qk(s_refs, k_smem.at[nslot])          # block t+1
-                                if quant:
-                                    cast_v(slot)                            # during it: V of t
-                                plgpu.wgmma(o_ref, p16, v_tile(slot))       # P V of block t
-                                s_vals = [plgpu.wgmma_accumulator_load(r, wait_n=1)
-                                          for r in s_refs]                  # P V still runs
-                                sc = logits(s_vals, t + 1, nslot, masked_next)
-                                plgpu.barrier_arrive(k_cons.at[bo + nslot])
-                                p_ref[...], alpha_ref[...], m_ref[...], l_ref[...] = softmax(
-                                    sc, c_pass, m_ref[...], l_ref[...])
-                            pl.run_scoped(scoped, *s_accs)
-                        # run_state waits for block t's P V as it returns
-                        acc, p, m_i, l_i, alpha = pl.run_state(body)(
-                            (plgpu.ACC.init(acc), p, m_i, l_i, m_i))
-                        v_done(slot)
-                        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_i, l_i, p
-
-                    carry = (acc, m_i, l_i, p)
-                    carry = lax.fori_loop(0, n_full - 1,
-                                          functools.partial(one_pass, masked_next=False), carry)
-                    carry = lax.fori_loop(jnp.maximum(n_full - 1, 0), nsteps - 1,
-                                          functools.partial(one_pass, masked_next=True), carry)
-                    acc, m_i, l_i, p = carry
-
-                    def last_pv(acc, p):   # the last block's V and P V
-                        slot = lax.rem(nsteps - 1, jnp.int32(stages))
-                        p16 = p_for_pv(p, take_v(slot))
-                        if quant:
-                            cast_v(slot)
-                        acc = pv(acc, p16, v_tile(slot))
-                        v_done(slot)
-                        return acc
-                    acc = lax.cond(nsteps > 0, last_pv, lambda acc, p: acc, acc, p)
-                    return acc, m_i, l_i
-
-                if cfg.pipelined:
-                    acc, m_i, l_i = pipelined_loop(acc, m_i, l_i)
-                else:
-                    carry = (acc, m_i, l_i)
-                    carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False),
-                                          carry)
-                    carry = lax.fori_loop(n_full, nsteps,
-                                          functools.partial(kv_step, masked=True), carry)
-                    acc, m_i, l_i = carry
+                carry = (acc, m_i, l_i)
+                carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), carry)
+                carry = lax.fori_loop(n_full, nsteps, functools.partial(kv_step, masked=True),
+                                      carry)
+                acc, m_i, l_i = carry
 
                 # A split that saw no key (past its sequence's end) has l == 0: O = 0, lse = NEG.
                 has = l_i > 0.0
@@ -834,7 +703,7 @@ def resolve_config(q_shape, k_pages_shape, page_table_shape, *, interpret=None,
     if interpret is not None and not cfg.compat:
         # Interpret mode runs neither pl.run_state nor a register-LHS wgmma: use the compat PV,
         # whose P staging buffer may cost the ring a stage.
-        cfg = fit_smem(dataclasses.replace(cfg, compat=True, pipelined=False), D, kv_itemsize)
+        cfg = fit_smem(dataclasses.replace(cfg, compat=True), D, kv_itemsize)
     cfg.validate(D, page_size, kv_itemsize)
     return cfg
 

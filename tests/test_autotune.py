@@ -281,18 +281,6 @@ def test_mgpu_8bit_candidates_try_both_qk_and_pv_paths(monkeypatch):
         mgpu_key(S=256, max_pages=128)))
 
 
-def test_mgpu_candidates_leave_out_the_untimed_schedules(monkeypatch):
-    """DecodeConfig.early_v / .pipelined have not run on a GPU: autotuning (which times and
-    does not check, and whose winner stays cached) never tries them, not even with their
-    opt-in switches set, which the heuristic itself follows."""
-    monkeypatch.setenv("IMP_JAX_MGPU_EARLY_V", "1")
-    monkeypatch.setenv("IMP_JAX_MGPU_PIPELINED", "1")
-    for key in (mgpu_key(S=256, max_pages=128, kv_dtype=jnp.float8_e4m3fn),
-                mgpu_key(S=8, max_pages=128)):
-        assert key.heuristic().pipelined
-        assert not any(c.early_v or c.pipelined for c in autotune.default_candidates(key))
-
-
 def test_mgpu_winner_round_trip_and_adapt(cache_file):
     from pallas_kernels import decode_mgpu
 

@@ -94,11 +94,6 @@ CASES = [
      C(64, 2, 1, heads_per_cta=2, fp8_qk=True, f16_v=True), "fp8_v1e-5"),
     ("g4_d128_p64_f16v_large_v", [130, 50], 8, 2, 128, 64, 0, 1,
      C(64, 2, 1, heads_per_cta=2, fp8_qk=True, f16_v=True), "fp8_v1e3"),
-    # early_v: V cast (and its stage released) while the Q K^T wgmmas run
-    ("g4_d128_p64_early_v_2heads", [130, 50, 1], 8, 2, 128, 64, 1, 2,
-     C(64, 2, 1, heads_per_cta=2, fp8_qk=True, f16_v=True, early_v=True), "fp8"),
-    ("g4_d64_p16_b128_early_v_bf16pv_split3", [300, 129, 16], 8, 2, 64, 16, 0, 0,
-     C(128, 2, 3, fp8_qk=True, early_v=True), "fp8"),
 ]
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "fp8": jnp.bfloat16}  # fp8: q's dtype
 V_MULT = {"fp8_v1e-5": 1e-5, "fp8_v1e3": 1e3}  # e4m3 pages with V scaled by that
@@ -258,12 +253,6 @@ LOWER_CONFIGS = [
     (8, 2048, dict(H=8, KVH=1), dict(num_splits=1)),
     (8, 2048, dict(H=64, KVH=1, D=64), dict(num_splits=2)),
     (8, 2048, dict(T=20), dict(num_splits=1)),
-    # the key loop one block out of phase (DecodeConfig.pipelined)
-    (8, 2048, dict(), dict(pipelined=True)),
-    (8, 2048, dict(), dict(pipelined=True, block_kv=64, num_stages=3)),
-    (256, 4096, dict(), dict(pipelined=True)),
-    (1024, 256, dict(), dict(pipelined=True)),
-    (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(pipelined=True, num_splits=3)),
 ]
 
 
@@ -295,15 +284,7 @@ FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
              (256, 2048, dict(page=64), dict(fp8_qk=False, f16_v=False)),
              (8, 2048, {}, dict(fp8_qk=True, f16_v=True)),
              (1024, 2048, dict(page=64), dict(f16_v=True, heads_per_cta=1, block_kv=128,
-                                              num_stages=3)),
-             (256, 2048, dict(page=64), dict(early_v=True)),
-             (8, 2048, {}, dict(early_v=True, f16_v=False)),
-             (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(early_v=True, num_splits=3)),
-             (256, 2048, dict(page=64), dict(pipelined=True)),
-             (8, 2048, {}, dict(pipelined=True, f16_v=False)),
-             (8, 2048, dict(page=32, D=64, H=8, KVH=8), dict(pipelined=True, num_splits=3)),
-             (8, 2048, dict(H=12, KVH=3), dict(pipelined=True)),       # one head per CTA
-             (1024, 256, {}, dict(pipelined=True))]
+                                              num_stages=3))]
 
 
 @pytest.mark.parametrize("B,ctx,shape_kw,cfg_kw", FP8_LOWER,
@@ -367,8 +348,7 @@ def test_heads_per_cta_choice(monkeypatch):
 def test_fp8_qk_choice(monkeypatch):
     """e4m3 pages take Q K^T in e4m3 by default (measured faster, session 13), which frees the
     converted K tile: two heads per CTA get a third ring stage. Float pages never take it."""
-    for name in ("IMP_JAX_MGPU_FP8_QK", "IMP_JAX_MGPU_F16_V", "IMP_JAX_MGPU_HEADS",
-                 "IMP_JAX_MGPU_EARLY_V", "IMP_JAX_MGPU_PIPELINED"):
+    for name in ("IMP_JAX_MGPU_FP8_QK", "IMP_JAX_MGPU_F16_V", "IMP_JAX_MGPU_HEADS"):
         monkeypatch.delenv(name, raising=False)
     cfg = choose_config(256, 8, 128, 16, kv_itemsize=1)                  # 256 x 2048
     assert cfg.fp8_qk and cfg.heads_per_cta == 2 and cfg.num_stages == 3
@@ -389,45 +369,11 @@ def test_fp8_qk_choice(monkeypatch):
     # e4m3 pages take the f16 P V by default (session 14: -8% at 256 and 1024 x 2048)
     monkeypatch.delenv("IMP_JAX_MGPU_FP8_QK")
     assert cfg.f16_v and not choose_config(256, 8, 128, 16, kv_itemsize=1, f16_v=False).f16_v
-    # early_v: off unless asked for, and only beside fp8_qk on 8-bit pages
-    assert not cfg.early_v
-    assert choose_config(256, 8, 128, 16, kv_itemsize=1, early_v=True).early_v
-    assert not choose_config(256, 8, 128, 16, kv_itemsize=1, fp8_qk=False, early_v=True).early_v
-    assert not choose_config(256, 8, 128, 16, early_v=True).early_v      # bf16 pages
-    with pytest.raises(ValueError, match="early_v=True needs fp8_qk=True"):
-        DecodeConfig(early_v=True).validate(128, 16, 1)
-    # pipelined: likewise off unless asked for; on bf16 pages or beside fp8_qk, never with
-    # compat or early_v
-    assert not cfg.pipelined
-    assert choose_config(256, 8, 128, 16, kv_itemsize=1, pipelined=True).pipelined
-    assert choose_config(256, 8, 128, 16, pipelined=True).pipelined          # bf16 pages
-    assert not choose_config(256, 8, 128, 16, kv_itemsize=1, fp8_qk=False,
-                             pipelined=True).pipelined                      # converting K
-    assert not choose_config(256, 8, 128, 16, kv_itemsize=1, compat=True,
-                             pipelined=True).pipelined
-    for bad in (dict(fp8_qk=False), dict(compat=True), dict(early_v=True)):
-        with pytest.raises(ValueError, match="pipelined=True needs compat=False"):
-            DecodeConfig(**{"fp8_qk": True, "pipelined": True, **bad}).validate(128, 16, 1)
-    DecodeConfig(pipelined=True).validate(128, 16)                          # bf16 pages
     monkeypatch.setenv("IMP_JAX_MGPU_F16_V", "0")
     assert not choose_config(256, 8, 128, 16, kv_itemsize=1).f16_v
     monkeypatch.setenv("IMP_JAX_MGPU_F16_V", "on")
     with pytest.raises(ValueError, match="IMP_JAX_MGPU_F16_V='on'; allowed: 0, 1"):
         choose_config(256, 8, 128, 16, kv_itemsize=1)
-    monkeypatch.delenv("IMP_JAX_MGPU_F16_V")
-    # the untimed paths' opt-in switches (for an end-to-end A/B); pipelined takes precedence
-    monkeypatch.setenv("IMP_JAX_MGPU_EARLY_V", "1")
-    assert choose_config(256, 8, 128, 16, kv_itemsize=1).early_v
-    monkeypatch.setenv("IMP_JAX_MGPU_PIPELINED", "1")
-    both = choose_config(256, 8, 128, 16, kv_itemsize=1)
-    assert both.pipelined and not both.early_v
-    both.validate(128, 16, 1)
-    assert choose_config(8, 8, 128, 16).pipelined                          # bf16 pages too
-    assert not choose_config(8, 8, 128, 16, pipelined=False).pipelined     # an argument wins
-    monkeypatch.setenv("IMP_JAX_MGPU_PIPELINED", "yes")
-    with pytest.raises(ValueError, match="IMP_JAX_MGPU_PIPELINED='yes'; allowed: 0, 1 "
-                                         r"\(unset: 0\)"):
-        choose_config(8, 8, 128, 16)
 
 
 def test_fp8_qk_reads_the_8bit_tile():
@@ -451,92 +397,6 @@ def test_fp8_qk_reads_the_8bit_tile():
     assert len(eight_bit) == 4     # two terms, in the full-block loop and the masked tail's
     assert all(f"[{i % 2},:,:]" in w.split(" @ ")[0] for i, w in enumerate(eight_bit))
     assert off and not any("untile([8, 128])" in w for w in off)
-
-
-def _subjaxprs(eqn):
-    for v in eqn.params.values():
-        for x in (v if isinstance(v, (tuple, list)) else (v,)):
-            j = getattr(x, "jaxpr", x)
-            if hasattr(j, "eqns"):
-                yield j
-
-
-def _scope_ops(cfg, fp8=True):
-    """Per `run_scoped` body of the kernel's program on e4m3 (or bf16) pages (its jaxpr, no GPU
-    needed): its ops as "name:new_dtype:wait_n:first operand's dtype" strings, in order."""
-    q, pool, _, pt, sl, qs = mgpu_interpret.paged_shapes(4, 8, 2, 128, 4, 8, 16)
-    if fp8:
-        pool = jax.ShapeDtypeStruct(pool.shape, jnp.float8_e4m3fn)
-    sc = jax.ShapeDtypeStruct((pool.shape[0], 2, 16), jnp.float32)
-    f = lambda q, k, v, pt, sl, qs, ks, vs: decode_kernel_call(  # noqa: E731
-        q, k, v, pt, sl, qs, scale=0.1, config=cfg, k_scale=ks if fp8 else None,
-        v_scale=vs if fp8 else None)
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "run_scoped":
-                yield from ([f"{e.primitive.name}:{e.params.get('new_dtype', '')}:"
-                             f"{e.params.get('wait_n', '')}:"
-                             f"{getattr(getattr(e.invars[0], 'aval', None), 'dtype', '')}"
-                             if e.invars else e.primitive.name for e in body.eqns]
-                            for body in _subjaxprs(eqn))
-            for j in _subjaxprs(eqn):
-                yield from walk(j)
-    return list(walk(jax.make_jaxpr(f)(q, pool, pool, pt, sl, qs, sc, sc).jaxpr))
-
-
-V_CAST = "convert_element_type:float16::float8_e4m3fn"   # V's e4m3 tile cast to f16
-
-
-def _first(ops, prefix):
-    return next(i for i, o in enumerate(ops) if o.startswith(prefix))
-
-
-def test_early_v_casts_v_during_qk():
-    """With early_v the f16 cast of V (and its stage's release) sits inside the scope of the
-    Q K^T wgmmas, after both and before their accumulators are read (which waits for them), in
-    the full-block loop and the masked tail's; without it, no such scope. Numerics alone would
-    not show the flag being ignored."""
-    def scopes(early_v):
-        n = 0
-        for ops in _scope_ops(DecodeConfig(64, 2, 1, fp8_qk=True, f16_v=True, early_v=early_v)):
-            wgmmas = [i for i, o in enumerate(ops) if o.startswith("wgmma_ref:")]
-            if wgmmas and any(o.startswith(V_CAST) for o in ops):
-                cast = _first(ops, V_CAST)
-                n += (wgmmas[-1] < cast < _first(ops, "barrier_arrive:")
-                      < _first(ops, "wgmma_accumulator_deref_p:"))
-        return n
-    assert scopes(True) == 2
-    assert scopes(False) == 0
-
-
-def test_pipelined_issues_pv_before_waiting_for_qk():
-    """With pipelined a pass's scope issues block t+1's two Q K^T wgmmas (e4m3 pages), casts
-    block t's V, issues its P V, and only then reads the Q K^T accumulators, waiting with one
-    wgmma (the P V) left in flight; in both loops (next block full or masked); likewise on
-    bf16 pages with one Q K^T wgmma and no cast. Without it, none."""
-    def scopes(pipelined):
-        n = 0
-        for ops in _scope_ops(DecodeConfig(64, 3, 1, fp8_qk=True, f16_v=True,
-                                           pipelined=pipelined)):
-            wgmmas = [i for i, o in enumerate(ops) if o.startswith("wgmma_ref:")]
-            reads = [o for o in ops if o.startswith("wgmma_accumulator_deref_p:")]
-            if len(wgmmas) == 3 and reads:
-                cast = _first(ops, V_CAST)
-                n += (wgmmas[1] < cast < wgmmas[2] < _first(ops, "wgmma_accumulator_deref_p:")
-                      and all(o.split(":")[2] == "1" for o in reads))
-        return n
-    assert scopes(True) == 2
-    assert scopes(False) == 0
-    # bf16 pages: one Q K^T wgmma, then the P V on the ring's V tile, then the wait
-    for pipelined, expected in ((True, 2), (False, 0)):
-        n = 0
-        for ops in _scope_ops(DecodeConfig(64, 3, 1, pipelined=pipelined), fp8=False):
-            wgmmas = [i for i, o in enumerate(ops) if o.startswith("wgmma_ref:")]
-            reads = [i for i, o in enumerate(ops) if o.startswith("wgmma_accumulator_deref_p:")]
-            n += (len(wgmmas) == 2 and bool(reads) and wgmmas[1] < reads[0]
-                  and all(ops[i].split(":")[2] == "1" for i in reads))
-        assert n == expected
 
 
 def test_oversized_config_rejected():
@@ -569,12 +429,7 @@ GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
                "2heads": dict(block_kv=64, num_stages=3, heads_per_cta=2),
                # e4m3 pages converting K (fp8_qk is the heuristic's default there)
                "2heads_convert_k": dict(block_kv=64, num_stages=3, heads_per_cta=2,
-                                        fp8_qk=False),
-               "early_v": dict(fp8_qk=True, early_v=True),
-               "pipelined": dict(pipelined=True),   # bf16 pages, and e4m3 with fp8_qk
-               # ... with the consumer holding two of a short ring's stages at once
-               "pipelined_s2_1head": dict(pipelined=True, num_stages=2, heads_per_cta=1),
-               "pipelined_s1_1head": dict(pipelined=True, num_stages=1, heads_per_cta=1)}
+                                        fp8_qk=False)}
 
 
 @gpu
@@ -638,8 +493,7 @@ def test_gpu_benchmark_shapes(B, ctx, cfg):
 
 
 @gpu
-@pytest.mark.parametrize("qk", [True, False, "f16_v", "early_v", "pipelined"],
-                         ids=["fp8_qk", "convert_k", "f16_v", "early_v", "pipelined"])
+@pytest.mark.parametrize("qk", [True, False, "f16_v"], ids=["fp8_qk", "convert_k", "f16_v"])
 @pytest.mark.parametrize("B,ctx,page", [(256, 2048, 64), (8, 2048, 16), (64, 4096, 16)],
                          ids=["B256-ctx2048-p64", "B8-ctx2048", "B64-ctx4096"])
 def test_gpu_fp8_benchmark_shapes(B, ctx, page, qk):
@@ -648,8 +502,7 @@ def test_gpu_fp8_benchmark_shapes(B, ctx, page, qk):
     args, scales = quantized(bench_like_case(B, ctx, page=page, pad_seqs=3))
     config = choose_config(B + 3, 8, ctx // page, page, 128, kv_itemsize=1, heads_per_cta=2,
                            fp8_qk=qk is not False,
-                           f16_v=qk in ("f16_v", "early_v", "pipelined"),
-                           early_v=qk == "early_v", pipelined=qk == "pipelined")
+                           f16_v=qk == "f16_v")
     out = paged_decode_mgpu(*args, scale=128 ** -0.5, config=config, **scales)
     err, pad_max, has_nan = check(args, out, 128 ** -0.5, scales)
     assert not has_nan and pad_max == 0.0
@@ -691,7 +544,7 @@ def test_8bit_pages_take_decode_mgpu_unless_one_head_converts_k(monkeypatch, tmp
 
     monkeypatch.setenv("IMP_JAX_AUTOTUNE_CACHE", str(tmp_path / "none.json"))  # heuristics
     for name in ("IMP_JAX_MGPU_FP8_QK", "IMP_JAX_MGPU_F16_V", "IMP_JAX_MGPU_HEADS",
-                 "IMP_JAX_MGPU_EARLY_V", "IMP_JAX_MGPU_PIPELINED", "IMP_JAX_DECODE",
+                 "IMP_JAX_DECODE",
                  "IMP_JAX_DECODE_8BIT"):
         monkeypatch.delenv(name, raising=False)
     fp8 = jnp.float8_e4m3fn
