@@ -7,13 +7,24 @@ SmolLM2-135M (the default model), tests/data/text in chunks of 512, scored by qu
 * fp8 (W8A8), fp8-weight-only and int8 under the default policy (first and last block in bf16);
 * fp8 weight-only with one scale per (group of K, output channel), simulated: each selected
   weight is replaced by its dequantized bf16 value (the kernels take no block scales).
+
+    PYTHONPATH=$PWD python benchmarks/quant_block_scales.py --act-groups
+
+W8A8 fp8 (default policy) with the activations' e4m3 scales per token (what the kernels do)
+and per (token, group of 128 / 64 / 32 channels), simulated: each activation is replaced by
+its dequantized value before the dot with the e4m3 weight (exact for a dot that applied the
+group scales per K-slice). Session 16: does finer activation scaling close W8A8's gap to
+weight-only?
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+
+import jax
 
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +56,35 @@ def block_fp8(params, cfg, group: int, policy=DEFAULT_POLICY):
     return map_specs(one, param_specs(cfg))
 
 
+@contextlib.contextmanager
+def grouped_activations(group: int | None):
+    """W8A8's activation quantization per (token, `group` contracted channels) while inside
+    (None: per token, as shipped); groups that do not divide a dot's K fall back to 64, then
+    to K. Traces
+    are cleared on entry and exit so the patched function is what the programs use."""
+    import imp_jax.quant as Q
+
+    shipped = Q._fp8_activations
+
+    def per_group(x, dims):   # dims: the contracted trailing axes (2 for o: heads x head_dim)
+        x = Q.materialize(x)
+        lead = x.shape[:x.ndim - dims]
+        K = math.prod(x.shape[x.ndim - dims:])
+        g = group if K % group == 0 else (64 if K % 64 == 0 else K)
+        x32 = x.astype(jnp.float32).reshape(lead + (K // g, g))
+        s = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), 1e-12) / FP8_MAX
+        deq = jnp.clip(x32 / s, -FP8_MAX, FP8_MAX).astype(FP8).astype(jnp.float32) * s
+        return deq.reshape(x.shape), jnp.ones(lead, jnp.float32)
+
+    Q._fp8_activations = shipped if group is None else per_group
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        Q._fp8_activations = shipped
+        jax.clear_caches()
+
+
 def main() -> int:
     _, cfg, params, tok = qb.load_model()
     bf16 = cast_unquantized(params, jnp.bfloat16)
@@ -52,6 +92,18 @@ def main() -> int:
     chunks = [c for c in (ids[i:i + 512] for i in range(0, len(ids), 512)) if len(c) >= 2]
     score = qb.Scorer(cfg, bf16, chunks, 512)
     ref = score(bf16)["ppl"]
+    if "--act-groups" in sys.argv[1:]:
+        fp8 = quantize_params(bf16, cfg, "fp8")
+        print(f"| W8A8 fp8, activation scales per | ppl | vs bf16 ({ref:.3f}) | KL vs bf16 | "
+              "top-1 vs bf16 | SE % |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for group in (None, 128, 64, 32):
+            with grouped_activations(group):
+                r = score(fp8)
+            print(f"| {'token' if group is None else f'token x {group} channels'} | "
+                  f"{r['ppl']:.3f} | {100 * (r['ppl'] / ref - 1):+.2f}% | {r['kl']:.4f} | "
+                  f"{100 * r['top1']:.1f}% | {r['se_pct']:.2f} |", flush=True)
+        return 0
     rows = [(f"{mode} (default policy)", quantize_params(bf16, cfg, mode))
             for mode in ("fp8", "fp8-weight-only", "int8")]
     rows += [(f"fp8 weight-only, scales per {g} keys x output channel (simulated)",

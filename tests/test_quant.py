@@ -438,3 +438,32 @@ def test_block_scale_simulation_with_one_group_is_per_channel_fp8(monkeypatch):
 
     map_specs(one, param_specs(m.cfg))
     assert len(checked) >= 7
+
+
+def test_grouped_activation_simulation_with_one_group_is_per_token():
+    """benchmarks/quant_block_scales.py --act-groups: with one group spanning the contracted
+    dims (1 or 2 of them) the simulated activations equal the shipped per-token e4m3
+    quantization, dequantized; groups of 16 fit them at least as well; the shipped function
+    is back in place afterwards."""
+    import importlib.util
+
+    from imp_jax import quant
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quant_block_scales.py")
+    spec = importlib.util.spec_from_file_location("quant_block_scales", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shipped = quant._fp8_activations
+    x = jax.random.normal(jax.random.key(3), (3, 4, 64), jnp.float32) * jnp.linspace(0.1, 9, 64)
+    for dims in (1, 2):
+        xq, s = quant.quantize_activations(x, dims)
+        per_token = xq.astype(jnp.float32) * s.reshape(s.shape + (1,) * dims)
+        with mod.grouped_activations(int(np.prod(x.shape[-dims:]))):   # one group of K
+            whole, ones = quant._fp8_activations(x, dims)
+        with mod.grouped_activations(16):
+            fine, _ = quant._fp8_activations(x, dims)
+        assert ones.shape == s.shape and bool(jnp.all(ones == 1.0))
+        np.testing.assert_allclose(np.asarray(whole), np.asarray(per_token), rtol=1e-6)
+        assert float(jnp.sum((fine - x) ** 2)) <= float(jnp.sum((whole - x) ** 2))
+        assert float(jnp.max(jnp.abs(fine - whole))) > 0      # the groups did change something
+    assert quant._fp8_activations is shipped
