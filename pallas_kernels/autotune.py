@@ -319,6 +319,7 @@ def tune(key: ShapeKey, candidates: Iterable, run_fn: Callable[[Any], Any],
     t_best, _, best = min(results, key=lambda r: (r[0], r[1]))
     if save:
         entry = dict(config=dataclasses.asdict(best), us=t_best / calls_per_run * 1e6,
+                     calls_per_run=calls_per_run,
                      timings_us={str(c): t / calls_per_run * 1e6 for t, _, c in results},
                      failed=failed, jax=jax.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"),
                      shape=dict(S=key.S, max_query_len=key.max_query_len,
@@ -411,25 +412,55 @@ def synthetic_scales(key: ShapeKey, num_pages: int, seed: int = 0) -> dict:
 
 def tune_shape(key: ShapeKey, *, candidates: Sequence | None = None,
                interpret: bool = False, reps: int = 5, soft_cap=None, sliding_window=None,
-               path: str | None = None):
-    """Tune key's bucket on synthetic inputs of key's exact shape and store the winner."""
+               path: str | None = None, calls: int | None = None):
+    """Tune key's bucket on synthetic inputs of key's exact shape and store the winner.
+
+    Each timed run is one jitted program of `calls` kernel calls (a fori_loop, each call on
+    its own random page table), so that a run's fixed dispatch + host sync cost (0.14-0.28 ms
+    on an H200, session 16: more than a small batch's whole kernel) weighs little per call.
+    Default: enough calls to read ~8 GB of K/V, at most 64; one, run eagerly, in interpret
+    mode."""
+    import numpy as np
+
     from pallas_kernels.paged_decode import paged_attention_kernel
 
-    args = synthetic_inputs(key)
-    scales = synthetic_scales(key, args[1].shape[0])
+    q, kp, vp, pt, lens, qs = synthetic_inputs(key)
+    scales = synthetic_scales(key, kp.shape[0])
     scale = 1.0 / math.sqrt(key.head_dim)
+    if calls is None:
+        per_call = 2 * pt.size * math.prod(kp.shape[1:]) * kp.dtype.itemsize   # K and V
+        calls = 1 if interpret else int(min(64, max(1, math.ceil(8e9 / per_call))))
 
-    def run_fn(cfg):
+    def kernel(cfg, q, kp, vp, pt, lens, qs, scales):
         if key.kernel == "mgpu":
             from pallas_kernels.decode_mgpu import paged_decode_mgpu
-            return paged_decode_mgpu(*args, scale=scale, config=cfg, interpret=interpret,
-                                     **scales)
-        return paged_attention_kernel(*args, max_query_len=key.max_query_len, scale=scale,
-                                      soft_cap=soft_cap, sliding_window=sliding_window,
-                                      config=cfg, interpret=interpret, **scales)
+            return paged_decode_mgpu(q, kp, vp, pt, lens, qs, scale=scale, config=cfg,
+                                     interpret=interpret, **scales)
+        return paged_attention_kernel(q, kp, vp, pt, lens, qs, max_query_len=key.max_query_len,
+                                      scale=scale, soft_cap=soft_cap,
+                                      sliding_window=sliding_window, config=cfg,
+                                      interpret=interpret, **scales)
+
+    if calls == 1:
+        def run_fn(cfg):
+            return kernel(cfg, q, kp, vp, pt, lens, qs, scales)
+    else:
+        pts = jnp.asarray(np.random.default_rng(1).integers(
+            1, kp.shape[0], size=(calls,) + pt.shape).astype(np.int32))
+        loops = {}   # config -> its jitted loop (compiled once, timed reps times)
+
+        def run_fn(cfg):
+            if cfg not in loops:
+                def loop(q, kp, vp, pts, lens, qs, scales):
+                    return jax.lax.fori_loop(
+                        0, calls, lambda i, acc: acc + kernel(
+                            cfg, q, kp, vp, pts[i], lens, qs, scales).astype(jnp.float32),
+                        jnp.zeros(q.shape, jnp.float32))
+                loops[cfg] = jax.jit(loop)
+            return loops[cfg](q, kp, vp, pts, lens, qs, scales)
 
     cands = list(candidates) if candidates is not None else default_candidates(key)
-    return tune(key, cands, run_fn, reps=reps, path=path)
+    return tune(key, cands, run_fn, reps=reps, path=path, calls_per_run=calls)
 
 
 _tried: set[str] = set()

@@ -370,3 +370,17 @@ def test_mgpu_tune_shape_on_gpu(cache_file):
     assert won is not None and autotune.lookup(k) == autotune.adapt(k, won)
     entry = json.loads(cache_file.read_text())["entries"][k.id]
     assert len(entry["timings_us"]) >= 5 and not entry["failed"]
+
+
+def test_tune_shape_times_loops_of_calls(cache_file):
+    """tune_shape times each candidate as one jitted program of `calls` kernel calls, each on
+    its own page table (so a run's fixed dispatch + sync cost is spread over them), and records
+    per-call microseconds with the calls per run; interpret mode on CPU."""
+    k = autotune.make_key((4, 8, 64), (40, 16, 2, 64), (4, 4), 1, jnp.float32)
+    cands = autotune.default_candidates(k)[:2]
+    won = autotune.tune_shape(k, candidates=cands, interpret=True, reps=1, calls=3)
+    entry = json.loads(cache_file.read_text())["entries"][k.id]
+    assert won in cands and entry["calls_per_run"] == 3
+    assert len(entry["timings_us"]) == len(set(cands)) and not entry["failed"]
+    autotune.tune_shape(k, candidates=cands, interpret=True, reps=1)   # interpret: one call
+    assert json.loads(cache_file.read_text())["entries"][k.id]["calls_per_run"] == 1
