@@ -15,9 +15,12 @@ head: D * 2 for bf16, D * 1 + 4 for the 8-bit pools (values + scale), K and V.
 
 Timing: each timed jit runs N calls back to back (unrolled, each on a different page table over a
 pool large enough that N calls do not fit in L2), warm-up first, then the median of `reps` runs;
-time per call = median / N. N streams ~32 GB (4 <= N <= 64): a run's fixed dispatch + sync cost
-(0.14-0.28 ms on an H200, session 16) then adds ~4% per call at 64 x 4096 and ~8% at 8 x 2048
-(64 calls); before session 16 runs made >= 4 calls and it added up to ~25%. Achieved bandwidth counts K+V bytes read once (the floor).
+time per call = median / N. N = enough calls to stream ~32 GB, at least 4 and at most 64 (30 at
+64 x 4096, 64 at 8 x 2048): per-call figures fall as N grows (session 16, H200: 64 x 4096
+295.4 -> 243.8 us from 4 to 16 calls, 8 x 2048 37.3 -> 30.1 us from 15 to 64; the peer's
+likewise), a per-run cost whose cause is not isolated (dispatch + sync, or a run's first call
+running cold). Small shapes capped at 64 calls still carry some of it. Achieved bandwidth
+counts K+V bytes read once (the floor).
 
   PYTHONPATH=$PWD python benchmarks/kernels.py [--reps 10] [--full | --quick] [--kv bf16,fp8]
       [--budget-s S] [--out DIR] [--autotune [--cache F]] [--smoke]
@@ -131,10 +134,10 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
     kv_bytes = 2 * B * ctx * KVH * kv_bytes_per_token_head(kv)
     # Rotate among R page-table sets so the N timed calls stream >= ~1 GB from HBM, not L2.
     R = int(max(1, min(max(max_calls, calls or 0), math.ceil(1.0e9 / kv_bytes))))
-    # Each timed run pays a fixed cost besides its calls (dispatch + host sync: ~140 us at
-    # 8 x 2048 and ~275 us at 64 x 4096 on an H200, session 16, from runs of 15 / 64 and 4 / 16
-    # calls). So a run makes enough calls to stream ~32 GB (~8 ms of HBM time), at least 4 and
-    # at most max_calls (small shapes stay short of it); --calls N overrides.
+    # A timed run carries a per-run cost beside its calls (session 16, H200: fitting
+    # T = F + N * c to runs of 4 / 16 and 15 / 64 calls gives F ~50-570 us by row), so a run
+    # makes enough calls to stream ~32 GB (~8 ms of HBM time), at least 4 and at most
+    # max_calls (small shapes stay short of it); --calls N overrides.
     n_calls = (max(R, min(max_calls, max(4, math.ceil(32e9 / kv_bytes)))) if calls is None
                else max(R, calls))
     P = R * B * pages_per_seq + 1
@@ -142,9 +145,9 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
     k_pages, v_pages, scales = make_pools(kp_key, P, page, kv)
     perm = jax.random.permutation(k3, jnp.arange(1, P, dtype=jnp.int32))
     pts = perm.reshape(R, B, pages_per_seq)
-    # n_calls distinct page tables (identical calls would be CSE'd by XLA): set i % R, with the
-    # sequences rolled by i // R so that every call reads different pages per sequence.
-    # (pages rolled within each sequence too, so that B = 1 gets distinct tables)
+    # n_calls page tables: set i % R, with the sequences (and each sequence's pages, for B = 1)
+    # rolled by i // R, so that consecutive calls read different pages per sequence instead of
+    # what the last call left in L2.
     pts = jnp.stack([jnp.roll(pts[i % R], (i // R, i // R), axis=(0, 1))
                      for i in range(n_calls)])
     q = jax.random.normal(k4, (B, H, D), jnp.bfloat16)

@@ -369,8 +369,11 @@ def default_candidates(key: ShapeKey) -> list:
     return out
 
 
-def synthetic_inputs(key: ShapeKey, *, pool_bytes_max: float = 1.0e9, seed: int = 0):
+def synthetic_inputs(key: ShapeKey, *, pool_bytes_max: float = 1.0e9, seed: int = 0,
+                     pool_pages: int | None = None):
     """Random inputs of key's exact shape (pool capped at pool_bytes_max; ragged lengths).
+    pool_pages: at least this many pages (within the cap), for tables that must not share an
+    L2-sized pool.
 
     8-bit page keys (key.kv_dtype) get random 8-bit pages; `synthetic_scales` gives their
     scales."""
@@ -381,7 +384,7 @@ def synthetic_inputs(key: ShapeKey, *, pool_bytes_max: float = 1.0e9, seed: int 
     dtype = jnp.dtype(key.dtype)
     kv_dtype = jnp.dtype(key.kv_dtype or key.dtype)
     page_bytes = 2 * page * KVH * (D * kv_dtype.itemsize + (4 if key.kv_dtype else 0))
-    P = int(max(2, min(S * mp + 1, pool_bytes_max // page_bytes)))
+    P = int(max(2, min(max(S * mp + 1, pool_pages or 0), pool_bytes_max // page_bytes)))
     rng = np.random.default_rng(seed)
     ctx = mp * page
     lens = rng.integers(max(Q, ctx // 2), ctx + 1, size=S).astype(np.int32)
@@ -415,21 +418,25 @@ def tune_shape(key: ShapeKey, *, candidates: Sequence | None = None,
                path: str | None = None, calls: int | None = None):
     """Tune key's bucket on synthetic inputs of key's exact shape and store the winner.
 
-    Each timed run is one jitted program of `calls` kernel calls (a fori_loop, each call on
-    its own random page table), so that a run's fixed dispatch + host sync cost (0.14-0.28 ms
-    on an H200, session 16: more than a small batch's whole kernel) weighs little per call.
-    Default: enough calls to read ~8 GB of K/V, at most 64; one, run eagerly, in interpret
-    mode."""
+    Each timed run is one jitted program of `calls` kernel calls (unrolled, each on its own
+    random page table over a pool of up to 1 GB, so that they do not read each other's
+    pages from L2). A run carries a per-run cost (dispatch + sync, ~0.05-0.5 ms on an H200,
+    session 16: more than a small batch's whole kernel) that one call per run mostly timed.
+    Default: enough calls to read ~2 GB of K/V, at most 16 (compile time grows with them);
+    one, run eagerly, in interpret mode."""
     import numpy as np
 
     from pallas_kernels.paged_decode import paged_attention_kernel
 
-    q, kp, vp, pt, lens, qs = synthetic_inputs(key)
+    mp, page = max(1, key.max_pages), key.page_size
+    per_call = 2 * max(1, key.S) * mp * page * key.kv_heads * key.head_dim * jnp.dtype(
+        key.kv_dtype or key.dtype).itemsize                                  # K and V bytes
+    if calls is None:
+        calls = 1 if interpret else int(min(16, max(1, math.ceil(2e9 / per_call))))
+    pool_pages = (calls * max(1, key.S) * mp + 1) if calls > 1 else None
+    q, kp, vp, pt, lens, qs = synthetic_inputs(key, pool_pages=pool_pages)
     scales = synthetic_scales(key, kp.shape[0])
     scale = 1.0 / math.sqrt(key.head_dim)
-    if calls is None:
-        per_call = 2 * pt.size * math.prod(kp.shape[1:]) * kp.dtype.itemsize   # K and V
-        calls = 1 if interpret else int(min(64, max(1, math.ceil(8e9 / per_call))))
 
     def kernel(cfg, q, kp, vp, pt, lens, qs, scales):
         if key.kernel == "mgpu":
@@ -452,10 +459,11 @@ def tune_shape(key: ShapeKey, *, candidates: Sequence | None = None,
         def run_fn(cfg):
             if cfg not in loops:
                 def loop(q, kp, vp, pts, lens, qs, scales):
-                    return jax.lax.fori_loop(
-                        0, calls, lambda i, acc: acc + kernel(
-                            cfg, q, kp, vp, pts[i], lens, qs, scales).astype(jnp.float32),
-                        jnp.zeros(q.shape, jnp.float32))
+                    acc = jnp.zeros(q.shape, jnp.float32)
+                    for i in range(calls):   # unrolled: no while loop between the calls
+                        acc = acc + kernel(cfg, q, kp, vp, pts[i], lens, qs,
+                                           scales).astype(jnp.float32)
+                    return acc
                 loops[cfg] = jax.jit(loop)
             return loops[cfg](q, kp, vp, pts, lens, qs, scales)
 

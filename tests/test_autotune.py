@@ -384,3 +384,6 @@ def test_tune_shape_times_loops_of_calls(cache_file):
     assert len(entry["timings_us"]) == len(set(cands)) and not entry["failed"]
     autotune.tune_shape(k, candidates=cands, interpret=True, reps=1)   # interpret: one call
     assert json.loads(cache_file.read_text())["entries"][k.id]["calls_per_run"] == 1
+    # the looped tables draw from a pool of calls x the shape's pages (not one L2-sized set)
+    assert autotune.synthetic_inputs(k, pool_pages=3 * 4 * 4 + 1)[1].shape[0] == 49
+    assert autotune.synthetic_inputs(k)[1].shape[0] == 17
