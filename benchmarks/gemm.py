@@ -29,11 +29,13 @@
     (pallas_kernels/fused_quant.py) vs XLA's fusion of the same math, M in {8192, 1024, 128}.
 
 Every variant's output is checked (relative Frobenius error vs its jnp reference) before timing.
-Timing: one jit runs R calls back to back, each on a different weight buffer (passed as R
-separate arrays: no slicing copies, no common subexpressions; >= ~0.25 GB of 8-bit weights per
-jit, so the 50 MB L2 cannot serve them), every output returned (no extra reduction); its first
-run is the compile, the warm-up and the correctness check; then the median of --reps (>= 10)
-runs, divided by R.
+Timing: one jit runs N calls back to back, cycling through R weight buffers (passed as R
+separate arrays: no slicing copies, no common subexpressions; >= ~0.25 GB of 8-bit weights, so
+the 50 MB L2 cannot serve them), every output returned (no extra reduction); its first run is
+the compile, the warm-up and the correctness check; then the median of --reps (>= 10) runs,
+divided by N. N = R for the FP8 GEMM part; the bandwidth-bound parts (skinny, skinny_fp8,
+fused_quant) make N calls that move ~4 GB (at most 64, session 16), because a timed run
+carries a per-run cost that a few calls spread into every per-call figure.
 
 Each part runs in its own subprocess (a kernel fault cannot take the other part down), under a
 time budget: every problem's main variants first, config sweeps after; what the budget cuts is
@@ -85,11 +87,12 @@ def rel(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def run_variant(row, label, call, x, ws, ss, ref, *, reps, budget, work, unit):
+def run_variant(row, label, call, x, ws, ss, ref, *, reps, budget, work, unit, calls=None):
     """Check, then time, one variant; store into row[label]. work: FLOPs or bytes per call.
 
-    One jit runs call(x, ws[i], ss[i]) for every i and returns every output; its first run
-    (compile + warm-up) also gives the output checked against `ref`."""
+    One jit runs `calls` calls (default len(ws)), call j on (x, ws[j % R], ss[j % R]) with x
+    passed once per call (separate parameters: nothing for XLA to merge), and returns every
+    output; its first run (compile + warm-up) also gives the output checked against `ref`."""
     import jax
     if budget.left() <= 0:
         row.setdefault("skipped", []).append(label)
@@ -97,16 +100,18 @@ def run_variant(row, label, call, x, ws, ss, ref, *, reps, budget, work, unit):
         return None
     t0 = time.time()
     try:
-        g = jax.jit(lambda x, ws, ss: [call(x, w, s) for w, s in zip(ws, ss)])
-        outs = jax.block_until_ready(g(x, ws, ss))
+        R, n = len(ws), calls or len(ws)
+        g = jax.jit(lambda xs, ws, ss: [call(xs[j], ws[j % R], ss[j % R]) for j in range(n)])
+        xs = [x] * n
+        outs = jax.block_until_ready(g(xs, ws, ss))
         err = rel(outs[0], ref) if ref is not None else None
         del outs
         compile_s = time.time() - t0
         ts = []
         for _ in range(reps):
             t = time.perf_counter()
-            jax.block_until_ready(g(x, ws, ss))
-            ts.append((time.perf_counter() - t) / len(ws))
+            jax.block_until_ready(g(xs, ws, ss))
+            ts.append((time.perf_counter() - t) / n)
         t = statistics.median(ts)
     except Exception as e:  # noqa: BLE001 -- report and keep going
         traceback.print_exc()
@@ -114,7 +119,7 @@ def run_variant(row, label, call, x, ws, ss, ref, *, reps, budget, work, unit):
         print(f"    {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         return None
     rate = work / t / 1e12
-    rec = dict(us=t * 1e6, rate=rate, unit=unit, rel_err=err, us_min=min(ts) * 1e6,
+    rec = dict(us=t * 1e6, rate=rate, unit=unit, rel_err=err, us_min=min(ts) * 1e6, calls=n,
                compile_s=compile_s, wall_s=time.time() - t0)
     row[label] = rec
     e = "-" if err is None else f"{err:.2e}"
@@ -299,6 +304,14 @@ def _ms(args, default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(m) for m in args.ms.split(",")) if args.ms else default
 
 
+def _calls(bytes_per_call: float, R: int, interp: bool) -> int:
+    """Calls per timed jit for the bandwidth-bound parts: enough to move ~4 GB, 64 at most (R
+    in interpret mode). A timed run carries a per-run cost besides its calls (~50-570 us on an
+    H200, session 16, docs/benchmarks.md), which 2-16 calls spread into every per-call figure
+    (the lm_head's 2 calls of ~0.2 ms, say)."""
+    return R if interp else max(R, min(64, math.ceil(4e9 / bytes_per_call)))
+
+
 def _rotations(K: int, N: int, interp: bool) -> int:
     """Weight buffers a timed jit cycles through: >= ~0.25 GB of 8-bit weights, so the 50 MB L2
     cannot serve them (2 in interpret mode)."""
@@ -340,7 +353,7 @@ def skinny_part(args, out_path):
             row["error"] = f"setup: {type(e).__name__}: {e}"
             continue
         nb8 = sk.weight_bytes(K, N, 1)
-        common = dict(reps=args.reps, budget=budget, unit="TB/s")
+        common = dict(reps=args.reps, budget=budget, unit="TB/s", calls=_calls(nb8, R, interp))
         if phase == "main":
             ref_bf = jnp.dot(x, wts[0], preferred_element_type=jnp.float32)
             run_variant(row, "xla_bf16", lambda x, w, s: jnp.dot(
@@ -444,7 +457,8 @@ def skinny_fp8_part(args, out_path):
             row["error"] = f"setup: {type(e).__name__}: {e}"
             continue
         nb8 = sf.weight_bytes(K, N)
-        common = dict(reps=args.reps, budget=budget, unit="TB/s", work=nb8)
+        common = dict(reps=args.reps, budget=budget, unit="TB/s", work=nb8,
+                      calls=_calls(nb8, R, interp))
         cfg0 = sf.choose_config(M, K, N)
         if phase == "main":
             row["ours_cfg"] = str(cfg0)
@@ -551,7 +565,8 @@ def fused_quant_part(args, out_path):
             row["rotations"], row["bytes"] = R, nbytes
             for label, call in variants.items():
                 check = None if label.endswith("_only") else ref
-                run_variant(row, label, call, first, *ops, check, work=nbytes, **common)
+                run_variant(row, label, call, first, *ops, check, work=nbytes,
+                            calls=_calls(nbytes, R, interp), **common)
             write(out_path, meta)
             del xs, ops, ref
     write(out_path, meta)

@@ -366,3 +366,21 @@ def test_gemv_chain_dry_run(tmp_path):
         (v, m) for v in weight_only | {"xla_wo", "xla_wo_cat", "w8a8_nk", "w8a8_nk_cat",
                                        "xla_wo_int8"}
         for m in (1, 4) if m == 1 or not v.startswith("reduce")}
+
+
+def test_gemm_benchmark_calls_per_timed_run():
+    """benchmarks/gemm.py: the bandwidth-bound parts time enough calls per run to move ~4 GB
+    (at most 64, at least the rotation count; the rotation count in interpret mode), so a
+    run's own cost is spread thin (e.g. the lm_head, 525 MB of e4m3, no longer 2 calls)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gemm.py")
+    spec = importlib.util.spec_from_file_location("gemm_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lm_head = 4096 * 128256
+    assert mod._rotations(4096, 128256, False) == 2 and mod._calls(lm_head, 2, False) == 8
+    assert mod._calls(4096 * 4096, mod._rotations(4096, 4096, False), False) == 64
+    assert mod._calls(8e9, 3, False) == 3
+    assert mod._calls(lm_head, 2, True) == 2
