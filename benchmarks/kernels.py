@@ -32,7 +32,7 @@ mgpu config sweep), each kernel's default config plus one alternative for mgpu, 
 a correctness check only (not timed); 150 s budget by default. --mgpu-only: skip the Triton
 kernel ("ours") and time mgpu against the peer. --mgpu-configs: these decode_mgpu.choose_config
 overrides instead of the mode's list. --rounds N: each mgpu config timed N times, interleaved
-with the others, reported as its median round (single passes moved 30-50% between calls).
+with the others, reported as its median round (single passes disagreed by 30-50%).
 
 Default: a sweep sized to finish in under ~3 minutes on an H100 (B=8 x ctx 2048 vs the
 deprecated kernel first, then the small-batch rows, then the rest), guarded by --budget-s
@@ -287,8 +287,8 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
         rec = record("mgpu", "mgpu ", mcfg, t, merr)
         timed.append((rec, mcfg))
     # --rounds: every timed config again, interleaved (A B C A B C ...), so that a slow spell of
-    # the machine (configs of one shape have differed by 30-50% between calls, session 16)
-    # lands on all of them; each config's figure is then the median of its rounds.
+    # the machine (single passes of one shape disagreed by 30-50%, session 16) lands on all of
+    # them; each config's figure is then the median of its rounds.
     for r in range(1, rounds):
         for rec, mcfg in timed:
             try:
@@ -430,8 +430,8 @@ def main():
                     help="time the Mosaic GPU configs this many times, interleaved; each "
                          "config's figure is the median of its rounds")
     ap.add_argument("--calls", type=int, default=None,
-                    help="calls per timed run (default: enough page-table sets to defeat L2, "
-                         ">= 4); more calls spread the run's fixed dispatch + sync cost thinner")
+                    help="calls per timed run (default: enough to stream ~32 GB, 4 to 64); "
+                         "more calls spread a run's own cost thinner")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--budget-s", type=float, default=None,

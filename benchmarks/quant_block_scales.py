@@ -25,7 +25,6 @@ import os
 import sys
 
 import jax
-
 import jax.numpy as jnp
 import numpy as np
 
@@ -60,8 +59,8 @@ def block_fp8(params, cfg, group: int, policy=DEFAULT_POLICY):
 def grouped_activations(group: int | None):
     """W8A8's activation quantization per (token, `group` contracted channels) while inside
     (None: per token, as shipped); groups that do not divide a dot's K fall back to 64, then
-    to K. Traces
-    are cleared on entry and exit so the patched function is what the programs use."""
+    to K. Each group goes through the shipped per-token quantizer, dequantized. Traces are
+    cleared on entry and exit so the patched function is what the programs use."""
     import imp_jax.quant as Q
 
     shipped = Q._fp8_activations
@@ -71,9 +70,8 @@ def grouped_activations(group: int | None):
         lead = x.shape[:x.ndim - dims]
         K = math.prod(x.shape[x.ndim - dims:])
         g = group if K % group == 0 else (64 if K % 64 == 0 else K)
-        x32 = x.astype(jnp.float32).reshape(lead + (K // g, g))
-        s = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), 1e-12) / FP8_MAX
-        deq = jnp.clip(x32 / s, -FP8_MAX, FP8_MAX).astype(FP8).astype(jnp.float32) * s
+        xq, s = Q.quantize_activations(x.reshape(lead + (K // g, g)), 1)   # s: [..., K // g]
+        deq = xq.astype(jnp.float32) * s[..., None]
         return deq.reshape(x.shape), jnp.ones(lead, jnp.float32)
 
     Q._fp8_activations = shipped if group is None else per_group
@@ -83,6 +81,12 @@ def grouped_activations(group: int | None):
     finally:
         Q._fp8_activations = shipped
         jax.clear_caches()
+
+
+def table_row(name: str, r: dict, ref: float) -> str:
+    """One markdown row of a Scorer result r against the bf16 perplexity ref."""
+    return (f"| {name} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref - 1):+.2f}% | {r['kl']:.4f} | "
+            f"{100 * r['top1']:.1f}% | {r['se_pct']:.2f} |")
 
 
 def main() -> int:
@@ -100,9 +104,8 @@ def main() -> int:
         for group in (None, 128, 64, 32):
             with grouped_activations(group):
                 r = score(fp8)
-            print(f"| {'token' if group is None else f'token x {group} channels'} | "
-                  f"{r['ppl']:.3f} | {100 * (r['ppl'] / ref - 1):+.2f}% | {r['kl']:.4f} | "
-                  f"{100 * r['top1']:.1f}% | {r['se_pct']:.2f} |", flush=True)
+            name = "token" if group is None else f"token x {group} channels"
+            print(table_row(name, r, ref), flush=True)
         return 0
     rows = [(f"{mode} (default policy)", quantize_params(bf16, cfg, mode))
             for mode in ("fp8", "fp8-weight-only", "int8")]
@@ -113,9 +116,7 @@ def main() -> int:
     print(f"| variant | ppl | vs bf16 ({ref:.3f}) | KL vs bf16 | top-1 vs bf16 | SE % |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, p in rows:
-        r = score(p)
-        print(f"| {name} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref - 1):+.2f}% | {r['kl']:.4f} | "
-              f"{100 * r['top1']:.1f}% | {r['se_pct']:.2f} |", flush=True)
+        print(table_row(name, score(p), ref), flush=True)
     return 0
 
 

@@ -369,6 +369,13 @@ def default_candidates(key: ShapeKey) -> list:
     return out
 
 
+def _page_bytes(key: ShapeKey) -> int:
+    """Bytes of one page of K and V for key (values, plus the f32 scales of 8-bit pages)."""
+    kv_dtype = jnp.dtype(key.kv_dtype or key.dtype)
+    return 2 * key.page_size * key.kv_heads * (key.head_dim * kv_dtype.itemsize
+                                               + (4 if key.kv_dtype else 0))
+
+
 def synthetic_inputs(key: ShapeKey, *, pool_bytes_max: float = 1.0e9, seed: int = 0,
                      pool_pages: int | None = None):
     """Random inputs of key's exact shape (pool capped at pool_bytes_max; ragged lengths).
@@ -383,8 +390,7 @@ def synthetic_inputs(key: ShapeKey, *, pool_bytes_max: float = 1.0e9, seed: int 
     H, D, KVH = key.group * key.kv_heads, key.head_dim, key.kv_heads
     dtype = jnp.dtype(key.dtype)
     kv_dtype = jnp.dtype(key.kv_dtype or key.dtype)
-    page_bytes = 2 * page * KVH * (D * kv_dtype.itemsize + (4 if key.kv_dtype else 0))
-    P = int(max(2, min(max(S * mp + 1, pool_pages or 0), pool_bytes_max // page_bytes)))
+    P = int(max(2, min(max(S * mp + 1, pool_pages or 0), pool_bytes_max // _page_bytes(key))))
     rng = np.random.default_rng(seed)
     ctx = mp * page
     lens = rng.integers(max(Q, ctx // 2), ctx + 1, size=S).astype(np.int32)
@@ -428,12 +434,11 @@ def tune_shape(key: ShapeKey, *, candidates: Sequence | None = None,
 
     from pallas_kernels.paged_decode import paged_attention_kernel
 
-    mp, page = max(1, key.max_pages), key.page_size
-    per_call = 2 * max(1, key.S) * mp * page * key.kv_heads * key.head_dim * jnp.dtype(
-        key.kv_dtype or key.dtype).itemsize                                  # K and V bytes
+    pages = max(1, key.S) * max(1, key.max_pages)                  # one call's page table
     if calls is None:
-        calls = 1 if interpret else int(min(16, max(1, math.ceil(2e9 / per_call))))
-    pool_pages = (calls * max(1, key.S) * mp + 1) if calls > 1 else None
+        calls = 1 if interpret else int(min(16, max(1, math.ceil(
+            2e9 / (pages * _page_bytes(key))))))
+    pool_pages = calls * pages + 1 if calls > 1 else None
     q, kp, vp, pt, lens, qs = synthetic_inputs(key, pool_pages=pool_pages)
     scales = synthetic_scales(key, kp.shape[0])
     scale = 1.0 / math.sqrt(key.head_dim)

@@ -431,7 +431,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     return pl.run_scoped(compute, *[plgpu.ACC((MQ, B), jnp.float32)
                                                     for _ in range(n_qk)])
 
-                def logits(s_vals, slot):   # read before block's K stage goes back
+                def logits(s_vals, slot):   # before the block's K stage goes back
                     """Q K^T / s per row (s: split_q's row scale, applied in the softmax's
                     exp2 FMA), times each key's K scale (fp8_qk)."""
                     if not cfg.fp8_qk:

@@ -501,8 +501,7 @@ def test_gpu_fp8_benchmark_shapes(B, ctx, page, qk):
     CTA (the engine's config on e4m3 pages)."""
     args, scales = quantized(bench_like_case(B, ctx, page=page, pad_seqs=3))
     config = choose_config(B + 3, 8, ctx // page, page, 128, kv_itemsize=1, heads_per_cta=2,
-                           fp8_qk=qk is not False,
-                           f16_v=qk == "f16_v")
+                           fp8_qk=qk is not False, f16_v=qk == "f16_v")
     out = paged_decode_mgpu(*args, scale=128 ** -0.5, config=config, **scales)
     err, pad_max, has_nan = check(args, out, 128 ** -0.5, scales)
     assert not has_nan and pad_max == 0.0
@@ -544,8 +543,7 @@ def test_8bit_pages_take_decode_mgpu_unless_one_head_converts_k(monkeypatch, tmp
 
     monkeypatch.setenv("IMP_JAX_AUTOTUNE_CACHE", str(tmp_path / "none.json"))  # heuristics
     for name in ("IMP_JAX_MGPU_FP8_QK", "IMP_JAX_MGPU_F16_V", "IMP_JAX_MGPU_HEADS",
-                 "IMP_JAX_DECODE",
-                 "IMP_JAX_DECODE_8BIT"):
+                 "IMP_JAX_DECODE", "IMP_JAX_DECODE_8BIT"):
         monkeypatch.delenv(name, raising=False)
     fp8 = jnp.float8_e4m3fn
 
