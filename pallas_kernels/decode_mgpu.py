@@ -80,6 +80,14 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   H200. Timed in five interleaved rounds, the best of either was within -2% to +2% of the
   best plain config on bf16 pages. On e4m3 pages pipelined was 4-9% slower and early_v -1%
   to +12%. The bf16 decode step was level or slower. Their code is in git history at 5676676.
+* The split-K combine folded into this kernel, measured and removed (session 17): splits
+  0..n-2 published their partials and counted a GMEM semaphore, the last split waited, merged
+  and wrote o. Correct on an H200 (18 GPU tests), but slower: bf16 8 x 2048 x 64 30.2 ->
+  32.2 us, 1 x 32768 53.5 -> 55.1, e4m3 8 x 2048 30.5 -> 34.2, 1 x 8192 32.9 -> 38.3.
+  Kernel-only it was 24.1 us against 21.5 + the combine's 3.3, plus the 2.1 us kernel that
+  zeroes the semaphores before each call. The last split's wait, publish and merge sit on the
+  critical path, where the combine kernel spreads the merge over all CTAs. The code is in git
+  history at f78bcd3.
 * `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
   and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
   Each head has its own ring, barriers and buffers (a leading [2] axis); the sequence's
@@ -107,7 +115,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jax.experimental.mosaic import gpu as mgpu
 
 from pallas_kernels.flash_prefill import (LOG2E, SMEM_BYTES_H100, check_ring, interpret_params,
                                           softmax_state)
@@ -117,7 +124,6 @@ from pallas_kernels.paged_decode import NEG, NUM_SMS_H100, combine_splits
 MQ = 64                        # query rows of one wgmma (the G real rows are padded to it)
 FP8 = jnp.float8_e4m3fn        # the 8-bit page dtype this kernel reads (with scales)
 CONVERT_ROWS = 64              # 8-bit tile rows converted per register pass (register pressure)
-MERGE_ROWS = 128               # fused_combine: rows of the last split's staging of partials
 V_GAIN_LOG2 = 8.0              # f16_v: P (and l) x 2**8, so P x V's scale stays out of f16's
                                # subnormals (undone by the final 1 / l)
 
@@ -142,11 +148,6 @@ class DecodeConfig:
     # subnormals; undone with 1 / l). Range: P x scale x 256 must stay below f16's 65504, i.e.
     # a token's V amax below 448 x 65504 / 256 (~1.1e5).
     f16_v: bool = False
-    # With splits: the split-K combine inside the decode kernel instead of a second launch.
-    # Splits 0..n-2 publish their partials and count up a GMEM semaphore of their (sequence,
-    # head); the last split, dispatched last, waits for the n-1 others, merges and writes o.
-    # GPU only: interpret mode has no semaphores (resolve_config turns it off there).
-    fused_combine: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
         if self.num_splits < 1:
@@ -173,8 +174,6 @@ def smem_bytes(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> int:
     if cfg.compat:
         ring += MQ * cfg.block_kv * itemsize        # P staged through SMEM
     part = (MQ * D * 4 + MQ * 4) if cfg.num_splits > 1 else 0   # f32 partial O + lse
-    if cfg.num_splits > 1 and cfg.fused_combine:   # the last split's staging of the others'
-        part = max(part, MERGE_ROWS * (D + 1) * 4)
     return cfg.heads_per_cta * (q + max(ring, part)) + 1024     # + barriers / alignment
 
 
@@ -217,8 +216,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                   num_splits: int | None = None, compat: bool = False,
                   num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
                   heads_per_cta: int | None = None,
-                  fp8_qk: bool | None = None, f16_v: bool | None = None,
-                  fused_combine: bool | None = None) -> DecodeConfig:
+                  fp8_qk: bool | None = None, f16_v: bool | None = None) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -235,8 +233,6 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         fp8_qk = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_FP8_QK")
     if f16_v is None:
         f16_v = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_F16_V")
-    if fused_combine is None:
-        fused_combine = _env_default("IMP_JAX_MGPU_FUSED_COMBINE", default=False)
     if heads_per_cta is None:
         heads_per_cta = _heads_per_cta(S, KVH, short, kv_itemsize == 1, num_sms)
         forced = os.environ.get("IMP_JAX_MGPU_HEADS") is not None
@@ -260,8 +256,7 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                                  num_splits=num_splits, compat=compat,
                                  heads_per_cta=heads_per_cta,
                                  fp8_qk=fp8_qk and kv_itemsize == 1,
-                                 f16_v=f16_v and kv_itemsize == 1,
-                                 fused_combine=fused_combine and num_splits > 1), D, kv_itemsize)
+                                 f16_v=f16_v and kv_itemsize == 1), D, kv_itemsize)
 
 
 def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int) -> int:
@@ -283,20 +278,19 @@ def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int)
     return 2 if eight_bit or (short and S * KVH // 2 >= num_sms) else 1
 
 
-def _env_default(name: str, default: bool = True) -> bool:
+def _env_default(name: str) -> bool:
     """Whether a path is taken where the heuristic decides (an autotuned winner in the cache
-    keeps its own choice): $name "1" yes, "0" no, unset `default`.
+    keeps its own choice): $name "1" yes, "0" no, unset yes.
       IMP_JAX_MGPU_FP8_QK (`DecodeConfig.fp8_qk`): H200, session 13, the engine's two-head
         configs: 256 x 2048 543.6 -> 490.0 us, 1024 x 2048 1839 -> 1698 us, 704 x 1536 and
         64 x 4096 level.
       IMP_JAX_MGPU_F16_V (`DecodeConfig.f16_v`): H200, session 14, 64-key pages, two heads,
         fp8_qk: 256 x 2048 487.1 -> 447.7 us, 1024 x 2048 1611.2 -> 1486.1 us; error against
-        the reference 0.31% -> 0.19%. Untimed elsewhere (small batches, one head).
-      IMP_JAX_MGPU_FUSED_COMBINE (`DecodeConfig.fused_combine`, unset: off): untimed."""
+        the reference 0.31% -> 0.19%. Untimed elsewhere (small batches, one head)."""
     value = os.environ.get(name)
     if value not in (None, "0", "1"):
-        raise ValueError(f"{name}={value!r}; allowed: 0, 1 (unset: {int(default)})")
-    return default if value is None else value == "1"
+        raise ValueError(f"{name}={value!r}; allowed: 0, 1 (unset: 1)")
+    return value != "0"
 
 
 def fit_smem(cfg: DecodeConfig, D: int, kv_itemsize: int = 2) -> DecodeConfig:
@@ -317,15 +311,6 @@ def partial_rows(G: int) -> int:
 # The kernel
 # ---------------------------------------------------------------------------------------------
 
-@plgpu.inline_mgpu()
-def _fence_async_global(ctx):
-    """Orders the calling thread's global-memory accesses between the async proxy (TMA) and the
-    generic one (the semaphore's atomics): after a TMA store has completed and before the
-    count is released, and after the count is acquired and before TMA reads the partials."""
-    del ctx
-    mgpu.utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
-
-
 def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float, dtype,
                   interpret, kv_dtype):
     G = H // KVH
@@ -341,10 +326,6 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         n_cp, rows_cp = 1, B
     c_log2 = float(scale) * LOG2E
     MP = partial_rows(G)
-    fused = splits > 1 and cfg.fused_combine
-    # fused: the last split merges the others' partials in chunks of `chunk` splits, staged in
-    # MERGE_ROWS rows (chunk * MP rows copied, MQ - MP more for the last one's 64-row view)
-    chunk = max(1, min(splits - 1, (MERGE_ROWS - (MQ - MP)) // MP))
 
     def of_head(ref, i):
         """Head i's part of a per-head buffer or barrier array (none has a head axis when
@@ -381,50 +362,17 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         plgpu.commit_smem()
         return s_row * c_log2
 
-    def merge_partials(out, lse, o_gmem, lse_gmem, o_in, lse_in, bar):
-        """fused: the last split's normalised rows `out` [MQ, D] and their log2-sum-exp `lse`
-        [MQ] merged with the n-1 other splits' (o_gmem [(n-1) * MP, D], lse_gmem [(n-1) * MP]),
-        `chunk` splits at a time through the staging o_in / lse_in. Split k's MP rows are read
-        as the 64-row view starting at row k * MP, as the WGMMA layout needs; rows >= G hold
-        other data and stay row-local, like the padded query rows."""
-        m, acc, den = lse, out, jnp.ones_like(lse)
-        for c0 in range(0, splits - 1, chunk):
-            n = min(chunk, splits - 1 - c0)
-            if c0:   # the previous chunk's reads done before the copies overwrite them
-                plgpu.commit_smem()
-            rows = pl.ds(c0 * MP, n * MP)
-            plgpu.copy_gmem_to_smem(o_gmem.at[rows], o_in.at[pl.ds(0, n * MP)], bar)
-            plgpu.copy_gmem_to_smem(lse_gmem.at[rows], lse_in.at[pl.ds(0, n * MP)], bar,
-                                    oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
-            plgpu.barrier_wait(bar)
-
-            def add(k, carry):
-                m, acc, den = carry
-                view = pl.ds(k * MP, MQ)
-                lk = plgpu.load(lse_in.at[view], layout=plgpu.Layout.WGMMA.reduce(1))
-                ok = plgpu.load(o_in.at[view], layout=plgpu.Layout.WGMMA)
-                m_new = jnp.maximum(m, lk)
-                a, w = jnp.exp2(m - m_new), jnp.exp2(lk - m_new)
-                acc = (acc * lax.broadcast_in_dim(a, acc.shape, [0])
-                       + ok * lax.broadcast_in_dim(w, acc.shape, [0]))
-                return m_new, acc, den * a + w
-            m, acc, den = lax.fori_loop(0, n, add, (m, acc, den))
-        return acc / lax.broadcast_in_dim(den, acc.shape, [0])
-
     def kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, out_refs, scoped):
-        # fused: one arrival counter per (sequence, KV head), zeroed by Pallas before each call
-        # (and brought back to 0 by the last split's wait)
-        counter = pl.get_global(plgpu.SemaphoreType.REGULAR((S * KVH,))) if fused else None
         s = lax.axis_index("seq")
         hc = lax.axis_index("kvh")                       # the CTA's group of nh KV heads
         j = lax.axis_index("split")
         wg = lax.axis_index("wg")
         # Every buffer has a leading [nh] axis (one per head of the CTA) and every barrier
         # array nh x stages (head i's stage slot at i * stages + slot).
-        q_all, qst_all, ring, (k_bars, v_bars, q_bars, done, merge_bars), (k_cons, v_cons) = scoped
+        q_all, qst_all, ring, (k_bars, v_bars, q_bars, done), (k_cons, v_cons) = scoped
         k_all, v_all, p_all, ks_all, vs_all, k16_all, v16_all = ring[:7]
         if splits > 1:
-            ost_all, lse_all, ost_in_all, lse_in_all = ring[7:]
+            ost_all, lse_all = ring[7:]
 
         def kv_head(i):
             """The KV head of the CTA's i-th consumer."""
@@ -453,8 +401,6 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 ks_smem, vs_smem, k16, v16 = map(mine, (ks_all, vs_all, k16_all, v16_all))
             if splits > 1:
                 ost, lse_smem = mine(ost_all), mine(lse_all)
-            if fused:
-                ost_in, lse_in = mine(ost_in_all), mine(lse_in_all)
             bo = i * stages                              # head i's barrier offset
             if nh > 1:  # three warpgroups share the register file: consumers take most
                 plgpu.set_max_registers(232 if not cfg.compat else 224, action="increase")
@@ -577,61 +523,29 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(qst.at[pl.ds(0, G)], o_ref.at[tok, pl.ds(h * G, G)])
                 else:
-                    o_sp, lse_ref = out_refs[-2:]
+                    o_sp, lse_ref = out_refs
                     # The ring is idle here (every stage was waited on), so its SMEM (aliased by
-                    # ost / lse_smem and the merge's staging) can be written; with several heads,
-                    # once every head's consumer is past its loop (the partials alias the other
-                    # heads' rings).
+                    # ost / lse_smem) can be written; with several heads, once every head's
+                    # consumer is past its loop (the partials alias the other heads' rings).
                     if nh > 1:
                         plgpu.barrier_arrive(done)
                         plgpu.barrier_wait(done)
-                    lse = jnp.where(has, m_i + jnp.log2(l_safe)
-                                    - (V_GAIN_LOG2 if cfg.f16_v else 0.0), NEG)
-
-                    def publish():
-                        ost[...] = out
-                        lse_smem[...] = lse
-                        plgpu.commit_smem()
-                        at = (s, h, pl.ds(j * MP, MP)) if fused else (s, h, 0, j)
-                        plgpu.copy_smem_to_gmem(ost.at[pl.ds(0, MP)], o_sp.at[at])
-                        plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, MP)], lse_ref.at[at])
-
-                    if not fused:
-                        publish()
-                    else:
-                        sem = counter.at[s * KVH + h]
-
-                        @pl.when(j < splits - 1)
-                        def _publish():
-                            publish()
-                            # the partial in GMEM (async proxy) before the release of the count
-                            plgpu.wait_smem_to_gmem(0)
-                            _fence_async_global()
-                            plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
-
-                        @pl.when(j == splits - 1)
-                        def _merge():
-                            # The other splits were dispatched before this one (lower linear
-                            # block index), so waiting on them cannot deadlock.
-                            plgpu.semaphore_wait(sem, splits - 1, memory_scope="gpu")
-                            _fence_async_global()
-                            merged = merge_partials(out, lse, o_sp.at[s, h], lse_ref.at[s, h],
-                                                    ost_in, lse_in, of_head(merge_bars, i))
-                            qst[...] = merged.astype(dtype)
-                            plgpu.commit_smem()
-                            (o_ref, *_) = out_refs
-                            plgpu.copy_smem_to_gmem(qst.at[pl.ds(0, G)],
-                                                    o_ref.at[tok, pl.ds(h * G, G)])
+                    ost[...] = out
+                    lse_smem[...] = jnp.where(
+                        has, m_i + jnp.log2(l_safe) - (V_GAIN_LOG2 if cfg.f16_v else 0.0), NEG)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(ost.at[pl.ds(0, MP)], o_sp.at[s, h, 0, j])
+                    plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, MP)], lse_ref.at[s, h, 0, j])
                 plgpu.wait_smem_to_gmem(0)
 
-            if splits == 1 or fused:
-                # Padding tokens query_start[S]..T-1: CTA (s, h, 0) zeroes tokens
+            if splits == 1:
+                # Padding tokens query_start[S]..T-1: CTA (s, h) zeroes tokens
                 # query_start[S] + s, + 2S, ... of head group h (no extra launch, no XLA op).
-                (o_ref, *_) = out_refs
+                (o_ref,) = out_refs
                 pad0 = qs_ref[S]
                 n_pad = lax.div(jnp.maximum(T - pad0 - s, 0) + (S - 1), jnp.int32(S))
 
-                @pl.when((n_pad > 0) & (j == 0))
+                @pl.when(n_pad > 0)
                 def _zero_padding():
                     qst[...] = jnp.zeros((MQ, D), dtype)
                     plgpu.commit_smem()
@@ -745,18 +659,15 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
             conv = (None, None, None, None)
         if splits > 1:
             part = (plgpu.SMEM(per((MQ, D)), jnp.float32), plgpu.SMEM(per((MQ,)), jnp.float32))
-            staged = ((plgpu.SMEM(per((MERGE_ROWS, D)), jnp.float32),
-                       plgpu.SMEM(per((MERGE_ROWS,)), jnp.float32)) if fused else ())
-            ring = plgpu.RefUnion((kb, vb, pb, *conv), part, *(staged and (staged,)))
+            ring = plgpu.RefUnion((kb, vb, pb, *conv), part)
         else:
             ring = (kb, vb, pb, *conv)
 
         def body(q_s, q_st, ring_refs, bars, cons):
             if splits > 1:
-                # A RefUnion iterates as its groups: ((k, v, p, scales..), (ost, lse)[,
-                # (ost_in, lse_in)]).
-                main, part_refs, *staged_refs = ring_refs
-                ring_refs = (*main, *part_refs, *(staged_refs[0] if fused else (None, None)))
+                # A RefUnion iterates as its groups: ((k, v, p, scales..), (ost, lse)).
+                main, part_refs = ring_refs
+                ring_refs = (*main, *part_refs)
             kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, out_refs,
                    (q_s, q_st, ring_refs, bars, cons))
 
@@ -766,19 +677,13 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
             (plgpu.Barrier(num_arrivals=copies, num_barriers=nh * stages),
              plgpu.Barrier(num_arrivals=copies, num_barriers=nh * stages),
              plgpu.Barrier() if nh == 1 else plgpu.Barrier(num_barriers=nh),
-             plgpu.Barrier(num_arrivals=nh) if nh > 1 and splits > 1 else None,
-             (plgpu.Barrier(num_arrivals=2) if nh == 1 else
-              plgpu.Barrier(num_arrivals=2, num_barriers=nh)) if fused else None),
+             plgpu.Barrier(num_arrivals=nh) if nh > 1 and splits > 1 else None),
             (plgpu.Barrier(num_barriers=nh * stages), plgpu.Barrier(num_barriers=nh * stages)),
             collective_axes="wg",
         )
 
     if splits == 1:
         out_type = jax.ShapeDtypeStruct((T, H, D), dtype)
-    elif fused:   # o, then the partials of splits 0..n-2 (the last one's never leave the CTA)
-        out_type = (jax.ShapeDtypeStruct((T, H, D), dtype),
-                    jax.ShapeDtypeStruct((S, KVH, (splits - 1) * MP, D), jnp.float32),
-                    jax.ShapeDtypeStruct((S, KVH, (splits - 1) * MP), jnp.float32))
     else:
         out_type = (jax.ShapeDtypeStruct((S, KVH, 1, splits, MP, D), jnp.float32),
                     jax.ShapeDtypeStruct((S, KVH, 1, splits, MP), jnp.float32))
@@ -803,12 +708,10 @@ def resolve_config(q_shape, k_pages_shape, page_table_shape, *, interpret=None,
     S, max_pages = page_table_shape
     cfg = config if config is not None else choose_config(S, KVH, max_pages, page_size, D,
                                                           kv_itemsize=kv_itemsize)
-    if interpret is not None and (not cfg.compat or cfg.fused_combine):
+    if interpret is not None and not cfg.compat:
         # Interpret mode runs neither pl.run_state nor a register-LHS wgmma: use the compat PV,
-        # whose P staging buffer may cost the ring a stage. Nor GMEM semaphores: the split-K
-        # combine stays a second launch.
-        cfg = fit_smem(dataclasses.replace(cfg, compat=True, fused_combine=False), D,
-                       kv_itemsize)
+        # whose P staging buffer may cost the ring a stage.
+        cfg = fit_smem(dataclasses.replace(cfg, compat=True), D, kv_itemsize)
     cfg.validate(D, page_size, kv_itemsize)
     return cfg
 
@@ -837,7 +740,7 @@ def _check(q, k_pages, v_pages, max_query_len, k_scale=None, v_scale=None):
 def decode_kernel_call(q, k_pages, v_pages, page_table, seq_lens, query_start, *, scale: float,
                        interpret=False, config: DecodeConfig | None = None, k_scale=None,
                        v_scale=None):
-    """The Mosaic GPU kernel alone: o [T, H, D] with one split or `fused_combine`, else the f32
+    """The Mosaic GPU kernel alone: o [T, H, D] when config.num_splits == 1, else the f32
     partials (o_sp [S, KVH, 1, splits, M, D], lse [S, KVH, 1, splits, M]). Lowers for Hopper on
     a CPU (the Triton combine needs a GPU to lower), so the lowering tests use it."""
     T, H, D = q.shape
@@ -852,9 +755,8 @@ def decode_kernel_call(q, k_pages, v_pages, page_table, seq_lens, query_start, *
                          kv_dtype=k_pages.dtype)
     scales = () if k_scale is None else (k_scale.astype(jnp.float32),
                                          v_scale.astype(jnp.float32))
-    out = kern(seq_lens.astype(jnp.int32), query_start.astype(jnp.int32),
-               page_table.astype(jnp.int32), q, k_pages, v_pages, *scales)
-    return out[0] if cfg.num_splits > 1 and cfg.fused_combine else out
+    return kern(seq_lens.astype(jnp.int32), query_start.astype(jnp.int32),
+                page_table.astype(jnp.int32), q, k_pages, v_pages, *scales)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "max_query_len", "interpret", "config"))

@@ -201,26 +201,6 @@ def test_deep_ring_keeps_its_stages():
     assert (gpu_cfg.block_kv, gpu_cfg.num_stages) == (64, 6)
 
 
-def test_fused_combine_choice(monkeypatch):
-    """fused_combine: off in interpret mode (no GMEM semaphores there), only with splits,
-    $IMP_JAX_MGPU_FUSED_COMBINE switches the heuristic's choice and a bad value is named."""
-    from pallas_kernels.decode_mgpu import resolve_config
-    shapes = ((8, 32, 128), (257, 16, 8, 128), (8, 128))
-    fused = choose_config(8, 8, 128, 16, 128, fused_combine=True)
-    assert fused.fused_combine and fused.num_splits > 1
-    assert not choose_config(8, 8, 128, 16, 128, num_splits=1, fused_combine=True).fused_combine
-    assert resolve_config(*shapes, config=fused).fused_combine
-    assert not resolve_config(*shapes, interpret=True, config=fused).fused_combine
-    compat = choose_config(8, 8, 128, 16, 128, fused_combine=True, compat=True)
-    assert not resolve_config(*shapes, interpret=True, config=compat).fused_combine
-    for value, want in (("1", True), ("0", False)):
-        monkeypatch.setenv("IMP_JAX_MGPU_FUSED_COMBINE", value)
-        assert choose_config(8, 8, 128, 16, 128).fused_combine is want
-    monkeypatch.setenv("IMP_JAX_MGPU_FUSED_COMBINE", "yes")
-    with pytest.raises(ValueError, match="IMP_JAX_MGPU_FUSED_COMBINE='yes'; allowed: 0, 1"):
-        choose_config(8, 8, 128, 16, 128)
-
-
 # ------------------------------------------------------------------------------------------------
 # CPU: Mosaic GPU lowering (Hopper)
 # ------------------------------------------------------------------------------------------------
@@ -273,10 +253,6 @@ LOWER_CONFIGS = [
     (8, 2048, dict(H=8, KVH=1), dict(num_splits=1)),
     (8, 2048, dict(H=64, KVH=1, D=64), dict(num_splits=2)),
     (8, 2048, dict(T=20), dict(num_splits=1)),
-    (8, 2048, dict(), dict(num_splits=4, fused_combine=True)),
-    (1, 32768, dict(), dict(fused_combine=True)),     # 16 splits: one merge chunk of 15
-    (8, 2048, dict(H=64, KVH=1, D=64), dict(num_splits=5, fused_combine=True)),  # chunks of 2
-    (8, 2048, dict(T=20), dict(num_splits=3, fused_combine=True)),
 ]
 
 
@@ -308,9 +284,7 @@ FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
              (256, 2048, dict(page=64), dict(fp8_qk=False, f16_v=False)),
              (8, 2048, {}, dict(fp8_qk=True, f16_v=True)),
              (1024, 2048, dict(page=64), dict(f16_v=True, heads_per_cta=1, block_kv=128,
-                                              num_stages=3)),
-             (8, 2048, dict(page=64), dict(fused_combine=True)),
-             (1, 4096, dict(page=64), dict(fused_combine=True))]   # 32 splits: 2 merge chunks
+                                              num_stages=3))]
 
 
 @pytest.mark.parametrize("B,ctx,shape_kw,cfg_kw", FP8_LOWER,
@@ -455,12 +429,7 @@ GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
                "2heads": dict(block_kv=64, num_stages=3, heads_per_cta=2),
                # e4m3 pages converting K (fp8_qk is the heuristic's default there)
                "2heads_convert_k": dict(block_kv=64, num_stages=3, heads_per_cta=2,
-                                        fp8_qk=False),
-               # the split-K combine inside the decode kernel (GPU only: no semaphores in
-               # interpret mode)
-               "fused": dict(fused_combine=True),
-               "2heads_fused": dict(block_kv=64, num_stages=3, heads_per_cta=2,
-                                    fused_combine=True)}
+                                        fp8_qk=False)}
 
 
 @gpu
@@ -540,39 +509,14 @@ def test_gpu_fp8_benchmark_shapes(B, ctx, page, qk):
 
 
 @gpu
-@pytest.mark.parametrize("fused", [False, True], ids=["combine", "fused"])
 @pytest.mark.parametrize("splits", [1, 2, 7, 16])
-def test_gpu_splits(splits, fused):
+def test_gpu_splits(splits):
     args = bench_like_case(4, 4096, pad_seqs=1)
-    cfg = choose_config(5, 8, 4096 // 16, 16, 128, num_splits=splits, fused_combine=fused)
+    cfg = choose_config(5, 8, 4096 // 16, 16, 128, num_splits=splits)
     out = paged_decode_mgpu(*args, scale=128 ** -0.5, config=cfg)
     err, pad_max, has_nan = check(args, out, 128 ** -0.5)
     assert not has_nan and pad_max == 0.0
     assert err < TOL, err
-
-
-@gpu
-@pytest.mark.parametrize("B,ctx,H,KVH,D,splits,fp8", [
-    (1, 8192, 32, 8, 128, 32, True),     # 2 heads per CTA, MP 4: merge chunks of 17 + 14
-    (1, 8192, 64, 8, 128, 20, False),    # G 8, MP 8: chunks of 9, 9, 1
-    (4, 2048, 64, 1, 64, 6, False),      # G 64, MP 64: chunks of 2, 2, 1
-    (2, 2048, 28, 4, 128, 3, True),      # G 7 (Qwen2.5-7B): MP 8
-], ids=["b1-fp8-32splits", "g8-20splits", "g64-d64", "g7-fp8"])
-def test_gpu_fused_combine_chunks(B, ctx, H, KVH, D, splits, fp8):
-    """fused_combine across the merge's chunking (MP rows per split, several chunks) and head
-    groups, repeated calls (the semaphores must start each call at 0), against the reference."""
-    args = bench_like_case(B, ctx, H=H, KVH=KVH, D=D, pad_seqs=2)
-    kw = {}
-    if fp8:
-        args, kw = quantized(args)
-    cfg = choose_config(B + 2, KVH, ctx // 16, 16, D, num_splits=splits, fused_combine=True,
-                        kv_itemsize=1 if fp8 else 2)
-    assert cfg.fused_combine and cfg.num_splits == splits
-    for _ in range(3):
-        out = paged_decode_mgpu(*args, scale=D ** -0.5, config=cfg, **kw)
-        err, pad_max, has_nan = check(args, out, D ** -0.5, kw)
-        assert not has_nan and pad_max == 0.0
-        assert err < TOL, err
 
 
 if __name__ == "__main__":
