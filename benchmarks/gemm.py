@@ -87,12 +87,13 @@ def rel(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def run_variant(row, label, call, x, ws, ss, ref, *, reps, budget, work, unit, calls=None):
+def run_variant(row, label, call, x, ws, ss, ref, *, reps, budget, work, unit):
     """Check, then time, one variant; store into row[label]. work: FLOPs or bytes per call.
 
-    One jit runs `calls` calls (default len(ws)), call j on (x, ws[j % R], ss[j % R]) with x
-    passed once per call (separate parameters: nothing for XLA to merge), and returns every
-    output; its first run (compile + warm-up) also gives the output checked against `ref`."""
+    One jit runs len(ws) calls, call j on (x, ws[j], ss[j]) with x passed once per call
+    (separate parameters), and returns every output; its first run (compile + warm-up) also
+    gives the output checked against `ref`. No two calls share a weight: XLA merges calls that
+    do (CSE of identical calls, DotMerger of dots on one operand; see _rotations)."""
     import jax
     if budget.left() <= 0:
         row.setdefault("skipped", []).append(label)
@@ -100,8 +101,8 @@ def run_variant(row, label, call, x, ws, ss, ref, *, reps, budget, work, unit, c
         return None
     t0 = time.time()
     try:
-        R, n = len(ws), calls or len(ws)
-        g = jax.jit(lambda xs, ws, ss: [call(xs[j], ws[j % R], ss[j % R]) for j in range(n)])
+        n = len(ws)
+        g = jax.jit(lambda xs, ws, ss: [call(xs[j], ws[j], ss[j]) for j in range(n)])
         xs = [x] * n
         outs = jax.block_until_ready(g(xs, ws, ss))
         err = rel(outs[0], ref) if ref is not None else None
@@ -304,18 +305,15 @@ def _ms(args, default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(m) for m in args.ms.split(",")) if args.ms else default
 
 
-def _calls(bytes_per_call: float, R: int, interp: bool) -> int:
-    """Calls per timed jit for the bandwidth-bound parts: enough to move ~4 GB, 64 at most (R
-    in interpret mode). A timed run carries a per-run cost besides its calls (~50-570 us on an
-    H200, session 16, docs/benchmarks.md), which 2-16 calls spread into every per-call figure
-    (the lm_head's 2 calls of ~0.2 ms, say)."""
-    return R if interp else max(R, min(64, math.ceil(4e9 / bytes_per_call)))
-
-
-def _rotations(K: int, N: int, interp: bool) -> int:
-    """Weight buffers a timed jit cycles through: >= ~0.25 GB of 8-bit weights, so the 50 MB L2
-    cannot serve them (2 in interpret mode)."""
-    return 2 if interp else max(2, min(16, math.ceil(0.25e9 / (K * N))))
+def _rotations(bytes_per_call: float, interp: bool) -> int:
+    """Calls per timed jit for the bandwidth-bound parts, each on its own weights (or
+    activations): enough to move ~4 GB per run, 2 to 64 (2 in interpret mode). A timed run
+    carries a per-run cost besides its calls (~50-570 us on an H200, session 16), which a few
+    calls spread into every per-call figure (the lm_head was timed with 2 calls of ~0.2 ms).
+    Calls must not share inputs: session 17 cycled 2 lm_head weights through 8 calls, and XLA
+    computed the identical calls once (CSE) and merged dots on a shared weight into one
+    (DotMerger), which read as 7-12 TB/s on an H200."""
+    return 2 if interp else max(2, min(64, math.ceil(4e9 / bytes_per_call)))
 
 
 def skinny_part(args, out_path):
@@ -342,7 +340,7 @@ def skinny_part(args, out_path):
                  for name, K, N in shapes]
     for name, K, N, M, phase, row in _scheduled_rows(schedule, budget, meta):
         try:
-            R = _rotations(K, N, interp)
+            R = _rotations(sk.weight_bytes(K, N, 1), interp)
             kx, kw = jax.random.split(jax.random.PRNGKey(zlib.crc32(f"{name}{M}".encode()) % 1000))
             x = jax.random.normal(kx, (M, K), jnp.bfloat16)
             wts = [jax.random.normal(jax.random.fold_in(kw, r), (K, N), jnp.bfloat16) * 0.02
@@ -353,7 +351,7 @@ def skinny_part(args, out_path):
             row["error"] = f"setup: {type(e).__name__}: {e}"
             continue
         nb8 = sk.weight_bytes(K, N, 1)
-        common = dict(reps=args.reps, budget=budget, unit="TB/s", calls=_calls(nb8, R, interp))
+        common = dict(reps=args.reps, budget=budget, unit="TB/s")
         if phase == "main":
             ref_bf = jnp.dot(x, wts[0], preferred_element_type=jnp.float32)
             run_variant(row, "xla_bf16", lambda x, w, s: jnp.dot(
@@ -441,7 +439,7 @@ def skinny_fp8_part(args, out_path):
                  for name, K, N in shapes]
     for name, K, N, M, phase, row in _scheduled_rows(schedule, budget, meta):
         try:
-            R = _rotations(K, N, interp)
+            R = _rotations(sf.weight_bytes(K, N), interp)
             kx, kw = jax.random.split(jax.random.PRNGKey(zlib.crc32(f"f{name}{M}".encode()) % 999))
             x = jax.random.normal(kx, (M, K), jnp.bfloat16)
             wts = [jax.random.normal(jax.random.fold_in(kw, r), (N, K), jnp.bfloat16) * 0.02
@@ -457,8 +455,7 @@ def skinny_fp8_part(args, out_path):
             row["error"] = f"setup: {type(e).__name__}: {e}"
             continue
         nb8 = sf.weight_bytes(K, N)
-        common = dict(reps=args.reps, budget=budget, unit="TB/s", work=nb8,
-                      calls=_calls(nb8, R, interp))
+        common = dict(reps=args.reps, budget=budget, unit="TB/s", work=nb8)
         cfg0 = sf.choose_config(M, K, N)
         if phase == "main":
             row["ours_cfg"] = str(cfg0)
@@ -537,8 +534,9 @@ def fused_quant_part(args, out_path):
             row = dict(op=op, M=M, n=n)
             meta["rows"].append(row)
             print(f"  {op}: M={M} n={n}", flush=True)
-            # >= ~0.5 GB of activations per jit: the 50 MB L2 cannot hold them
-            R = 2 if interp else max(2, min(16, (1 << 29) // (M * n * 2)))
+            nbytes = (M * n * 2 + M * n + M * 4 + n * 4 if op == "rms_norm"   # bytes per call
+                      else 2 * M * n * 2 + M * n + M * 4)
+            R = _rotations(nbytes, interp)
             key = jax.random.PRNGKey(zlib.crc32(f"{op}{M}".encode()) % 999)
             xs = [jax.random.normal(jax.random.fold_in(key, r), (M, n), jnp.bfloat16) * 2
                   for r in range(R)]
@@ -546,7 +544,6 @@ def fused_quant_part(args, out_path):
             if op == "rms_norm":
                 w = 1 + 0.1 * jax.random.normal(key, (n,), jnp.float32)
                 ref = fq.rms_norm_quant_ref(xs[0], w, eps)[0]
-                nbytes = M * n * 2 + M * n + M * 4 + n * 4
                 variants = {
                     "fused": lambda w, x, _: fq.rms_norm_quant(x, w, eps, interpret=interp)[0],
                     "xla": lambda w, x, _: fq.rms_norm_quant_ref(x, w, eps)[0],
@@ -556,7 +553,6 @@ def fused_quant_part(args, out_path):
                 ups = [jax.random.normal(jax.random.fold_in(key, 99 + r), (M, n), jnp.bfloat16)
                        for r in range(R)]
                 ref = fq.silu_mul_quant_ref(xs[0], ups[0])[0]
-                nbytes = 2 * M * n * 2 + M * n + M * 4
                 variants = {
                     "fused": lambda _, g, u: fq.silu_mul_quant(g, u, interpret=interp)[0],
                     "xla": lambda _, g, u: fq.silu_mul_quant_ref(g, u)[0],
@@ -565,8 +561,7 @@ def fused_quant_part(args, out_path):
             row["rotations"], row["bytes"] = R, nbytes
             for label, call in variants.items():
                 check = None if label.endswith("_only") else ref
-                run_variant(row, label, call, first, *ops, check, work=nbytes,
-                            calls=_calls(nbytes, R, interp), **common)
+                run_variant(row, label, call, first, *ops, check, work=nbytes, **common)
             write(out_path, meta)
             del xs, ops, ref
     write(out_path, meta)

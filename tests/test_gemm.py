@@ -370,17 +370,34 @@ def test_gemv_chain_dry_run(tmp_path):
 
 def test_gemm_benchmark_calls_per_timed_run():
     """benchmarks/gemm.py: the bandwidth-bound parts time enough calls per run to move ~4 GB
-    (at most 64, at least the rotation count; the rotation count in interpret mode), so a
-    run's own cost is spread thin (e.g. the lm_head, 525 MB of e4m3, no longer 2 calls)."""
+    (2 to 64; 2 in interpret mode), so a run's own cost is spread thin (the lm_head, 525 MB of
+    e4m3, is no longer timed with 2 calls), and every call of a run gets its own inputs: calls
+    that shared a weight were merged by XLA on an H200 (session 17: 7-12 TB/s)."""
     import importlib.util
     import os
+
+    import jax.numpy as jnp
 
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gemm.py")
     spec = importlib.util.spec_from_file_location("gemm_bench", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     lm_head = 4096 * 128256
-    assert mod._rotations(4096, 128256, False) == 2 and mod._calls(lm_head, 2, False) == 8
-    assert mod._calls(4096 * 4096, mod._rotations(4096, 4096, False), False) == 64
-    assert mod._calls(8e9, 3, False) == 3
-    assert mod._calls(lm_head, 2, True) == 2
+    assert mod._rotations(lm_head, False) == 8
+    assert mod._rotations(4096 * 4096, False) == 64
+    assert mod._rotations(8e9, False) == 2
+    assert mod._rotations(lm_head, True) == 2
+    seen = []
+
+    def call(x, w, s):
+        seen.append((x, w, s))
+        return x @ w * s
+
+    ws = [jnp.full((4, 3), float(j)) for j in range(3)]
+    ss = [jnp.full((3,), 2.0 + j) for j in range(3)]
+    row = {}
+    mod.run_variant(row, "v", call, jnp.ones((1, 4)), ws, ss, jnp.full((1, 3), 0.0), reps=1,
+                    budget=mod.Budget(600), work=1.0, unit="TB/s")
+    assert row["v"]["calls"] == 3 and len(seen) == 3
+    # each traced call got its own weight and scale parameter
+    assert len({id(w) for _, w, _ in seen}) == 3 and len({id(s) for _, _, s in seen}) == 3
