@@ -122,11 +122,37 @@ def run_variant(row, label, call, x, ws, ss, ref, *, reps, budget, work, unit):
     rate = work / t / 1e12
     rec = dict(us=t * 1e6, rate=rate, unit=unit, rel_err=err, us_min=min(ts) * 1e6, calls=n,
                compile_s=compile_s, wall_s=time.time() - t0)
+    if TRACE_DIR and not budget.left() <= 0:
+        rec.update(_device_time(g, (xs, ws, ss), n, work, unit, os.path.join(TRACE_DIR, label)))
     row[label] = rec
     e = "-" if err is None else f"{err:.2e}"
     print(f"    {label}: {t * 1e6:9.1f} us  {rate:7.2f} {unit}  err={e}  "
           f"(first run {compile_s:.1f} s)", flush=True)
     return rec
+
+
+TRACE_DIR = None  # --trace: also each variant's device time per call, from a profiled run
+
+
+def _device_time(g, args, n: int, work: float, unit: str, path: str) -> dict:
+    """One more run of g under jax.profiler: the GPU's kernel time per call (`dev_us`: what
+    the wall-clock figure holds besides the run's host dispatch, ~3 arguments per call) and
+    its span per call (kernels + the gaps between them)."""
+    import jax
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import trace_summary
+
+    with jax.profiler.trace(path):
+        jax.block_until_ready(g(*args))
+    gpus = [p for p in trace_summary.summarize(trace_summary.find_trace(path))["processes"]
+            if "GPU" in p["process"]]
+    if not gpus:
+        return {}
+    busy, span = gpus[0]["busy_ms"] * 1e3 / n, gpus[0]["span_ms"] * 1e3 / n
+    print(f"      device: {busy:.1f} us kernels / {span:.1f} us span per call, "
+          f"{work / busy / 1e6:.2f} {unit} on kernel time", flush=True)
+    return dict(dev_us=busy, dev_span_us=span, dev_rate=work / busy / 1e6)
 
 
 def _scheduled_rows(schedule, budget, meta):
@@ -706,7 +732,12 @@ def main():
     ap.add_argument("--ms", default=None, help="skinny parts: comma-separated M (default "
                     "1,4,16,64; skinny_fp8: 1,16,64,4, the first one's sweep right after it)")
     ap.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--trace", default=None, metavar="DIR",
+                    help="bandwidth-bound parts: also profile one run of each variant into DIR "
+                         "and record its device time per call (dev_us)")
     args = ap.parse_args()
+    global TRACE_DIR
+    TRACE_DIR = args.trace
     if not args.interpret:
         args.reps = max(args.reps, 10)
     out = args.out or (os.path.join(os.environ["OUT"], "gemm.json") if os.environ.get("OUT")
