@@ -138,18 +138,13 @@ def _device_time(g, args, n: int, work: float, unit: str, path: str) -> dict:
     """One more run of g under jax.profiler: the GPU's kernel time per call (`dev_us`: what
     the wall-clock figure holds besides the run's host dispatch, ~3 arguments per call) and
     its span per call (kernels + the gaps between them)."""
-    import jax
-
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import trace_summary
 
-    with jax.profiler.trace(path):
-        jax.block_until_ready(g(*args))
-    gpus = [p for p in trace_summary.summarize(trace_summary.find_trace(path))["processes"]
-            if "GPU" in p["process"]]
-    if not gpus:
+    got = trace_summary.device_time(g, args, n, path)
+    if got is None:
         return {}
-    busy, span = gpus[0]["busy_ms"] * 1e3 / n, gpus[0]["span_ms"] * 1e3 / n
+    busy, span = got
     print(f"      device: {busy:.1f} us kernels / {span:.1f} us span per call, "
           f"{work / busy / 1e6:.2f} {unit} on kernel time", flush=True)
     return dict(dev_us=busy, dev_span_us=span, dev_rate=work / busy / 1e6)

@@ -68,6 +68,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pool; on a small machine that pool starves and the kernel hangs (tests/test_flash_prefill.py).
 os.environ.setdefault("NPROC", str(max(16, os.cpu_count() or 1)))
 from pallas_kernels import decode_mgpu  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import trace_summary  # noqa: E402
 from pallas_kernels import (autotune, choose_config, paged_attention_kernel,  # noqa
                             ragged_paged_attention_ref)
 
@@ -127,6 +129,9 @@ def make_pools(key, P, page, kv):
     return values(k1), values(k2), dict(k_scale=scales(k3), v_scale=scales(k4))
 
 
+TRACE_DIR = None  # --trace
+
+
 def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=False,
                interpret=False, max_calls=16, deadline=None, mgpu_configs=(), rounds=1,
                calls=None):
@@ -161,13 +166,25 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
                floor_us=bytes_read / (CEIL_TBS * 1e12) * 1e6, pool_rotations=R, n_calls=n_calls)
     sc = scales  # {} for bf16
 
-    def looped(call):
+    def looped(call, keep_all=False):
+        """n_calls calls in one jit, summed (keep_all: every output returned, so a profiled
+        run holds the kernels under test and nothing of the loop's own)."""
         def f(q, kp, vp, pts, lens, sc):
-            acc = jnp.zeros((B, H, D), jnp.float32)
-            for i in range(n_calls):
-                acc = acc + call(q, kp, vp, pts[i], lens, sc).astype(jnp.float32)
-            return acc
+            outs = [call(q, kp, vp, pts[i], lens, sc) for i in range(n_calls)]
+            return outs if keep_all else sum(o.astype(jnp.float32) for o in outs)
         return jax.jit(f)
+
+    def traced(prefix, call, args):
+        """--trace: the kernels' device time per call from one profiled run (kernel-only, as
+        Nsight Compute's durations; the wall-clock figure also holds the run's host side)."""
+        if not TRACE_DIR or interpret:
+            return
+        got = trace_summary.device_time(looped(call, keep_all=True), args, n_calls,
+                                        os.path.join(TRACE_DIR, f"{prefix}{B}x{ctx}x{page}{kv}"))
+        if got:
+            row[f"{prefix}dev_us"], row[f"{prefix}dev_span_us"] = got
+            print(f"  B={B} ctx={ctx} page={page} kv={kv} {prefix}device: {got[0]:.1f} us of "
+                  f"kernels, {got[1]:.1f} us span per call", flush=True)
 
     compiled = {}  # (kernel, config) -> its looped jit: the sweep's compile is the tuner's too
 
@@ -310,6 +327,8 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
     if mbest is not None:
         row.update(mgpu_us=mbest["us"], mgpu_tbs=mbest["tbs"], mgpu_cfg=mbest["cfg"],
                    mgpu_err=mbest["rel_err"])
+        best_cfg = next(c for r, c in timed if r is mbest)
+        traced("mgpu_", mgpu(best_cfg), (q, k_pages, v_pages, pts, lens, sc))
     if tune and mgpu_ok and mgpu_configs and not interpret:  # decode_mgpu's own bucket
         mkey = autotune.make_key(q.shape, k_pages.shape, pts[0].shape, 1, q.dtype,
                                  kv_dtype=k_pages.dtype, kernel="mgpu")
@@ -331,11 +350,16 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
             t, _ = timeit(looped(peer_call), (q, kt, vt, pts, lens, pscales), reps)
             row["peer_us"] = t / n_calls * 1e6
             row["peer_tbs"] = bytes_read / (t / n_calls) / 1e12
+            traced("peer_", peer_call, (q, kt, vt, pts, lens, pscales))
             del kt, vt
         except Exception as e:  # noqa: BLE001
             print(f"  peer failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     if "peer_us" in row and "mgpu_us" in row:
         row["peer_over_mgpu"] = row["peer_us"] / row["mgpu_us"]
+    if "peer_dev_us" in row and "mgpu_dev_us" in row:
+        row["peer_over_mgpu_dev"] = row["peer_dev_us"] / row["mgpu_dev_us"]
+        print(f"  B={B} ctx={ctx} page={page} kv={kv} kernel-only: peer / mgpu = "
+              f"{row['peer_over_mgpu_dev']:.2f}", flush=True)
     if "ref_us" in row:
         row["ref_tbs"] = bytes_read / (row["ref_us"] * 1e-6) / 1e12
     del k_pages, v_pages
@@ -441,7 +465,12 @@ def main():
                     help="tune each case's shape bucket and save the winner to the autotune cache")
     ap.add_argument("--cache", default=None, help="autotune cache file (default: "
                     "$IMP_JAX_AUTOTUNE_CACHE or ~/.cache/imp_jax/autotune.json)")
+    ap.add_argument("--trace", default=None, metavar="DIR",
+                    help="also profile one run of the best Mosaic GPU config and of the peer "
+                         "into DIR: their device time per call (kernel-only, *_dev_us)")
     args = ap.parse_args()
+    global TRACE_DIR
+    TRACE_DIR = args.trace
     given_configs = parse_mgpu_configs(ap, args.mgpu_configs)
     if args.calls is not None and args.calls < 1:
         ap.error(f"--calls {args.calls}: must be >= 1")

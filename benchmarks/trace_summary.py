@@ -155,6 +155,20 @@ def summarize(trace_file: str, top: int = 25, gaps: int = 10) -> dict:
     return out
 
 
+def device_time(fn, args, calls: int, path: str) -> tuple[float, float] | None:
+    """Run fn(*args) once under jax.profiler into `path`: (kernel time, span) per call in us on
+    the first GPU, or None without a GPU trace. Wall-clock loops also hold the run's host side
+    (dispatching its arguments and launches), which short kernels do not hide (session 17)."""
+    import jax
+
+    with jax.profiler.trace(path):
+        jax.block_until_ready(fn(*args))
+    gpus = [p for p in summarize(find_trace(path))["processes"] if "GPU" in p["process"]]
+    if not gpus:
+        return None
+    return gpus[0]["busy_ms"] * 1e3 / calls, gpus[0]["span_ms"] * 1e3 / calls
+
+
 def render(summary: dict) -> str:
     lines = [f"trace: {summary['trace']}"]
     for p in summary["processes"]:
