@@ -29,13 +29,14 @@
     (pallas_kernels/fused_quant.py) vs XLA's fusion of the same math, M in {8192, 1024, 128}.
 
 Every variant's output is checked (relative Frobenius error vs its jnp reference) before timing.
-Timing: one jit runs N calls back to back, cycling through R weight buffers (passed as R
-separate arrays: no slicing copies, no common subexpressions; >= ~0.25 GB of 8-bit weights, so
-the 50 MB L2 cannot serve them), every output returned (no extra reduction); its first run is
-the compile, the warm-up and the correctness check; then the median of --reps (>= 10) runs,
-divided by N. N = R for the FP8 GEMM part; the bandwidth-bound parts (skinny, skinny_fp8,
-fused_quant) make N calls that move ~4 GB (at most 64, session 16), because a timed run
-carries a per-run cost that a few calls spread into every per-call figure.
+Timing: one jit runs N calls back to back, each on its own weights (or activations) and its
+own activation argument (N separate arrays: no slicing copies, nothing XLA can merge across
+calls: session 17 saw its CSE and DotMerger fold calls that shared a weight), every output
+returned (no extra reduction); its first run is the compile, the warm-up and the correctness
+check; then the median of --reps (>= 10) runs, divided by N. The bandwidth-bound parts
+(skinny, skinny_fp8, fused_quant) make enough calls to move ~4 GB (2 to 64). The wall-clock
+figure also holds the run's host side (dispatching N x 3 arguments), which short kernels do not
+hide; --trace DIR adds each variant's device time per call from one profiled run (dev_us).
 
 Each part runs in its own subprocess (a kernel fault cannot take the other part down), under a
 time budget: every problem's main variants first, config sweeps after; what the budget cuts is
@@ -333,7 +334,7 @@ def _rotations(bytes_per_call: float, interp: bool) -> int:
     calls spread into every per-call figure (the lm_head was timed with 2 calls of ~0.2 ms).
     Calls must not share inputs: session 17 cycled 2 lm_head weights through 8 calls, and XLA
     computed the identical calls once (CSE) and merged dots on a shared weight into one
-    (DotMerger), which read as 7-12 TB/s on an H200."""
+    (DotMerger), which read as 5.3-12.5 TB/s on an H200."""
     return 2 if interp else max(2, min(64, math.ceil(4e9 / bytes_per_call)))
 
 
@@ -482,15 +483,17 @@ def skinny_fp8_part(args, out_path):
             row["ours_cfg"] = str(cfg0)
             row["model_us"] = sf.estimate_us(M, K, N, cfg0)
             # ours first: if it faults, the rows written so far survive in the JSON
+            # the quantized activations go in as each call's own x: a dot whose operand every
+            # call shared could be merged across calls (XLA's DotMerger, weights <= 32 MB)
             run_variant(row, "ours", lambda x, w, s: sf.skinny_fp8_matmul(
-                xq, xs, w, s, config=cfg0, interpret=interp), x, qs, ss, ref, **common)
+                *x, w, s, config=cfg0, interpret=interp), (xq, xs), qs, ss, ref, **common)
             write(out_path, meta)
             # the engine's contract: bf16 x in, per-token quantization fused in front
             run_variant(row, "ours_e2e", lambda x, w, s: sf.skinny_fp8_matmul(
                 *quantize_activations(x, 1), w, s, config=cfg0, interpret=interp),
                 x, qs, ss, ref, **common)
-            run_variant(row, "xla_fp8", lambda x, w, s: fg.fp8_matmul_ref(xq, xs, w, s),
-                        x, qs, ss, ref, **common)  # XLA's fp8 dot, same scales: the W8A8 peer
+            run_variant(row, "xla_fp8", lambda x, w, s: fg.fp8_matmul_ref(*x, w, s),
+                        (xq, xs), qs, ss, ref, **common)  # XLA's fp8 dot: the W8A8 peer
             # Triton skinny kernel, weight-only on the same [N, K] e4m3 weights ("nk" layout)
             ref_wo = sk.skinny_gemm_ref(x, qs[0], ss[0], w_layout="nk")
             run_variant(row, "triton_fp8", lambda x, w, s: sk.skinny_gemm(
@@ -513,9 +516,8 @@ def skinny_fp8_part(args, out_path):
             best = (rec["us"], cfg0) if isinstance(rec, dict) and "us" in rec else None
             for cfg in picks:
                 r2 = run_variant(row, f"ours_cfg:{cfg}", lambda x, w, s, cfg=cfg:
-                                 sf.skinny_fp8_matmul(xq, xs, w, s, config=cfg,
-                                                      interpret=interp),
-                                 x, qs, ss, ref, **common)
+                                 sf.skinny_fp8_matmul(*x, w, s, config=cfg, interpret=interp),
+                                 (xq, xs), qs, ss, ref, **common)
                 if r2:
                     r2["model_us"] = sf.estimate_us(M, K, N, cfg)
                 if r2 and (best is None or r2["us"] < best[0]):
@@ -728,8 +730,8 @@ def main():
                     "1,4,16,64; skinny_fp8: 1,16,64,4, the first one's sweep right after it)")
     ap.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--trace", default=None, metavar="DIR",
-                    help="bandwidth-bound parts: also profile one run of each variant into DIR "
-                         "and record its device time per call (dev_us)")
+                    help="also profile one run of each variant into DIR and record its device "
+                         "time per call (dev_us, its rate dev_rate)")
     args = ap.parse_args()
     global TRACE_DIR
     TRACE_DIR = args.trace
@@ -759,6 +761,8 @@ def main():
                 cmd += ["--ms", args.ms]
             if args.split_shapes:
                 cmd.append("--split-shapes")
+            if args.trace:
+                cmd += ["--trace", os.path.join(args.trace, part)]
             t = time.time()
             try:  # budget + startup + the variant running when the budget ends (a hang: killed)
                 rc = subprocess.call(cmd, timeout=budget + (600 if args.interpret else 35))

@@ -595,10 +595,10 @@ def main():
         print("skipped (budget): " + ", ".join(f"B={s['B']} ctx={s['ctx']} {s['kv']}"
                                                for s in skipped))
     print("\n| B | ctx | page | kv | KV MB | floor us | ours us | ours TB/s | %ceil | mgpu us | "
-          "mgpu TB/s | mgpu %ceil | peer us | peer TB/s | peer/mgpu | ref us | ref TB/s | "
-          "err ours | err mgpu | err peer | best cfg | best mgpu cfg |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-          "---|")
+          "mgpu TB/s | mgpu %ceil | peer us | peer TB/s | peer/mgpu | mgpu dev us | "
+          "peer dev us | peer/mgpu dev | ref us | ref TB/s | err ours | err mgpu | err peer | "
+          "best cfg | best mgpu cfg |")
+    print("|---" * 25 + "|")
     f = lambda x, p=1: "-" if x is None else (f"{x:.{p}f}" if isinstance(x, float) else str(x))  # noqa
     for r in rows:
         print(f"| {r['B']} | {r['ctx']} | {r['page']} | {r['kv']} | "
@@ -609,6 +609,8 @@ def main():
               f"{f(None if r.get('mgpu_tbs') is None else 100 * r['mgpu_tbs'] / CEIL_TBS, 0)} | "
               f"{f(r.get('peer_us'))} | {f(r.get('peer_tbs'), 2)} | "
               f"{f(r.get('peer_over_mgpu'), 2)} | "
+              f"{f(r.get('mgpu_dev_us'))} | {f(r.get('peer_dev_us'))} | "
+              f"{f(r.get('peer_over_mgpu_dev'), 2)} | "
               f"{f(r.get('ref_us'))} | "
               f"{f(r.get('ref_tbs'), 2)} | {f(r.get('ours_err'), 4)} | "
               f"{f(r.get('mgpu_err'), 4)} | {f(r.get('peer_err'), 4)} | "

@@ -82,8 +82,8 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   to +12%. The bf16 decode step was level or slower. Their code is in git history at 5676676.
 * The split-K combine folded into this kernel, measured and removed (session 17): splits
   0..n-2 published their partials and counted a GMEM semaphore, the last split waited, merged
-  and wrote o. Correct on an H200 (18 GPU tests), but slower: bf16 8 x 2048 x 64 30.2 ->
-  32.2 us, 1 x 32768 53.5 -> 55.1, e4m3 8 x 2048 30.5 -> 34.2, 1 x 8192 32.9 -> 38.3.
+  and wrote o. Correct on an H200 (13 GPU tests of that path), but slower: bf16 8 x 2048 x 64
+  30.2 -> 32.2 us, 1 x 32768 53.5 -> 55.1, e4m3 8 x 2048 30.5 -> 34.2, 1 x 8192 32.9 -> 38.3.
   Kernel-only it was 24.1 us against 21.5 + the combine's 3.3, plus the 2.1 us kernel that
   zeroes the semaphores before each call. The last split's wait, publish and merge sit on the
   critical path, where the combine kernel spreads the merge over all CTAs. The code is in git

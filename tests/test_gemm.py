@@ -372,7 +372,7 @@ def test_gemm_benchmark_calls_per_timed_run():
     """benchmarks/gemm.py: the bandwidth-bound parts time enough calls per run to move ~4 GB
     (2 to 64; 2 in interpret mode), so a run's own cost is spread thin (the lm_head, 525 MB of
     e4m3, is no longer timed with 2 calls), and every call of a run gets its own inputs: calls
-    that shared a weight were merged by XLA on an H200 (session 17: 7-12 TB/s)."""
+    that shared a weight were merged by XLA on an H200 (session 17: 5.3-12.5 TB/s)."""
     import importlib.util
     import os
 
