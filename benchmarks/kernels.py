@@ -340,10 +340,16 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
             vt = jnp.transpose(v_pages, (2, 0, 1, 3))
             pscales = {k: jnp.transpose(v, (1, 0, 2)) for k, v in sc.items()}  # [KVH, P, page]
             ks = 16 if pages_per_seq % 16 == 0 else 1
+            # Its default compute block (8 pages, capped at a split's pages) is 512 keys for
+            # pages of 64 once a split holds 8 of them (1 x 32k, 64 x 16k), which overflows
+            # SMEM on an H200 (session 17): at most 256 keys, the largest block that ran at
+            # pages of 64 (64 x 4096); pages of 16 keep the default.
+            ppcb = min(8, max(1, 256 // page))
             # the deprecated kernel applies no softmax scale: fold it into q
             peer_call = lambda q, kp, vp, pt, ln, psc: peer_mod.paged_attention(  # noqa: E731
                 (q * scale).astype(q.dtype), kp, vp, pt, ln, psc.get("k_scale"),
-                psc.get("v_scale"), k_splits=ks)
+                psc.get("v_scale"), k_splits=ks, pages_per_compute_block=ppcb)
+            row["peer_pages_per_compute_block"] = ppcb
             pout = jax.jit(peer_call)(q, kt, vt, pts[0], lens, pscales)
             row["peer_err"] = rel(pout, ref_out) if ref_out is not None else (
                 rel(pout, first_out) if first_out is not None else None)
