@@ -73,7 +73,7 @@ def peer_call(B, ctx, page):
     q, kp, vp, pt, lens, _ = bench_like_case(B, ctx, page=page)
     kt, vt = (jnp.transpose(x, (2, 0, 1, 3)) for x in (kp, vp))
     ks = 16 if (ctx // page) % 16 == 0 else 1
-    ppcb = min(8, max(1, 256 // page))  # <= 256 keys per compute block (SMEM; kernels.py)
+    ppcb = min(8, max(1, 256 // page))  # <= 256 bf16 keys per compute block (kernels.py)
     fn = jax.jit(lambda q, k, v, pt, ln: peer.paged_attention(
         (q * 128 ** -0.5).astype(q.dtype), k, v, pt, ln, k_splits=ks,
         pages_per_compute_block=ppcb))

@@ -342,9 +342,10 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
             ks = 16 if pages_per_seq % 16 == 0 else 1
             # Its default compute block (8 pages, capped at a split's pages) is 512 keys for
             # pages of 64 once a split holds 8 of them (1 x 32k, 64 x 16k), which overflows
-            # SMEM on an H200 (session 17): at most 256 keys, the largest block that ran at
-            # pages of 64 (64 x 4096); pages of 16 keep the default.
-            ppcb = min(8, max(1, 256 // page))
+            # SMEM on an H200 with bf16 pages (session 17): at most 64 KB of K per block (256
+            # bf16 keys, the largest block that ran at pages of 64; 8-bit pages and pages of 16
+            # keep the default).
+            ppcb = min(8, max(1, 65536 // (page * D * (2 if kv == "bf16" else 1))))
             # the deprecated kernel applies no softmax scale: fold it into q
             peer_call = lambda q, kp, vp, pt, ln, psc: peer_mod.paged_attention(  # noqa: E731
                 (q * scale).astype(q.dtype), kp, vp, pt, ln, psc.get("k_scale"),
