@@ -70,13 +70,13 @@ def peer_call(B, ctx, page):
     folded into q (it applies none), as benchmarks/kernels.py runs it."""
     from jax.experimental.pallas.ops.gpu import paged_attention as peer
 
+    from kernels import peer_kwargs   # benchmarks/kernels.py (this folder is on sys.path)
+
     q, kp, vp, pt, lens, _ = bench_like_case(B, ctx, page=page)
     kt, vt = (jnp.transpose(x, (2, 0, 1, 3)) for x in (kp, vp))
-    ks = 16 if (ctx // page) % 16 == 0 else 1
-    ppcb = min(8, max(1, 256 // page))  # <= 256 bf16 keys per compute block (kernels.py)
+    pkw = peer_kwargs(ctx // page, page)
     fn = jax.jit(lambda q, k, v, pt, ln: peer.paged_attention(
-        (q * 128 ** -0.5).astype(q.dtype), k, v, pt, ln, k_splits=ks,
-        pages_per_compute_block=ppcb))
+        (q * 128 ** -0.5).astype(q.dtype), k, v, pt, ln, **pkw))
     case = (q, kt, vt, pt, lens)
     fn(*case).block_until_ready()
     return "peer", fn, case, {}

@@ -61,6 +61,8 @@ import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import trace_summary  # noqa: E402  (stdlib only at import; jax inside device_time)
 
 # H100 SXM datasheet dense FP8 peak. GPU.md's measured 913 (XLA's fp8 dot, 8192^3) is no ceiling:
 # XLA's fp8 dot itself reached 1,159 and ours 1,261 on 2026-11-28 (docs/quant_notes.md).
@@ -123,7 +125,7 @@ def run_variant(row, label, call, x, ws, ss, ref, *, reps, budget, work, unit):
     rate = work / t / 1e12
     rec = dict(us=t * 1e6, rate=rate, unit=unit, rel_err=err, us_min=min(ts) * 1e6, calls=n,
                compile_s=compile_s, wall_s=time.time() - t0)
-    if TRACE_DIR and not budget.left() <= 0:
+    if TRACE_DIR and budget.left() > 0:
         rec.update(_device_time(g, (xs, ws, ss), n, work, unit, os.path.join(TRACE_DIR, label)))
     row[label] = rec
     e = "-" if err is None else f"{err:.2e}"
@@ -139,9 +141,6 @@ def _device_time(g, args, n: int, work: float, unit: str, path: str) -> dict:
     """One more run of g under jax.profiler: the GPU's kernel time per call (`dev_us`: what
     the wall-clock figure holds besides the run's host dispatch, ~3 arguments per call) and
     its span per call (kernels + the gaps between them)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import trace_summary
-
     got = trace_summary.device_time(g, args, n, path)
     if got is None:
         return {}

@@ -18,9 +18,10 @@ pool large enough that N calls do not fit in L2), warm-up first, then the median
 time per call = median / N. N = enough calls to stream ~32 GB, at least 4 and at most 64 (30 at
 64 x 4096, 64 at 8 x 2048): per-call figures fall as N grows (session 16, H200: 64 x 4096
 295.4 -> 243.8 us from 4 to 16 calls, 8 x 2048 37.3 -> 30.1 us from 15 to 64; the peer's
-likewise), a per-run cost whose cause is not isolated (dispatch + sync, or a run's first call
-running cold). Small shapes capped at 64 calls still carry some of it. Achieved bandwidth
-counts K+V bytes read once (the floor).
+likewise): a per-run cost outside the kernels (session 17's profiles show them back to back,
+with no gaps), i.e. the run's host side. Small shapes capped at 64 calls still carry some of it;
+--trace DIR adds the kernel-only figure (device time per call from one profiled run). Achieved
+bandwidth counts K+V bytes read once (the floor).
 
   PYTHONPATH=$PWD python benchmarks/kernels.py [--reps 10] [--full | --quick] [--kv bf16,fp8]
       [--budget-s S] [--out DIR] [--autotune [--cache F]] [--smoke]
@@ -68,10 +69,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pool; on a small machine that pool starves and the kernel hangs (tests/test_flash_prefill.py).
 os.environ.setdefault("NPROC", str(max(16, os.cpu_count() or 1)))
 from pallas_kernels import decode_mgpu  # noqa: E402
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import trace_summary  # noqa: E402
 from pallas_kernels import (autotune, choose_config, paged_attention_kernel,  # noqa
                             ragged_paged_attention_ref)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import trace_summary  # noqa: E402
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -80,6 +82,18 @@ with warnings.catch_warnings():
 CEIL_TBS = 2.98
 KVH, D, H = 8, 128, 32
 KV_DTYPES = {"bf16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn, "int8": jnp.int8}
+
+
+def peer_kwargs(pages_per_seq: int, page: int, kv: str = "bf16") -> dict:
+    """The deprecated kernel's launch options, as every benchmark here runs it: 16 k-splits
+    where the pages divide, and at most 64 KB of K per compute block. Its default block (8
+    pages, capped at a split's pages) is 512 keys for pages of 64 once a split holds 8 of them
+    (1 x 32k, 64 x 16k), which overflows SMEM on an H200 with bf16 pages (session 17); 256 bf16
+    keys is the largest block that ran at pages of 64, and 8-bit pages and pages of 16 keep the
+    default."""
+    itemsize = 2 if kv == "bf16" else 1
+    return dict(k_splits=16 if pages_per_seq % 16 == 0 else 1,
+                pages_per_compute_block=min(8, max(1, 65536 // (page * D * itemsize))))
 
 
 def kv_bytes_per_token_head(kv: str) -> int:
@@ -271,7 +285,7 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
     def mgpu(cfg):
         return lambda q, kp, vp, pt, ln, sc: decode_mgpu.paged_decode_mgpu(
             q, kp, vp, pt, ln, qs, scale=scale, config=cfg, interpret=interpret, **sc)
-    mbest, mseen, timed = None, set(), []
+    mbest, mbest_cfg, mseen, timed = None, None, set(), []
     for cfg_kw in (mgpu_configs if mgpu_ok else ()):
         if timed and deadline is not None and time.time() > deadline:
             row["mgpu_configs_cut_by_budget"] = True
@@ -323,12 +337,11 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
             print(f"  B={B} ctx={ctx} page={page} kv={kv} mgpu {mcfg}: median {rec['us']:.1f} us "
                   f"of rounds {[round(u, 1) for u in rec['rounds_us']]}", flush=True)
         if mbest is None or rec["us"] < mbest["us"]:
-            mbest = rec
+            mbest, mbest_cfg = rec, mcfg
     if mbest is not None:
         row.update(mgpu_us=mbest["us"], mgpu_tbs=mbest["tbs"], mgpu_cfg=mbest["cfg"],
                    mgpu_err=mbest["rel_err"])
-        best_cfg = next(c for r, c in timed if r is mbest)
-        traced("mgpu_", mgpu(best_cfg), (q, k_pages, v_pages, pts, lens, sc))
+        traced("mgpu_", mgpu(mbest_cfg), (q, k_pages, v_pages, pts, lens, sc))
     if tune and mgpu_ok and mgpu_configs and not interpret:  # decode_mgpu's own bucket
         mkey = autotune.make_key(q.shape, k_pages.shape, pts[0].shape, 1, q.dtype,
                                  kv_dtype=k_pages.dtype, kernel="mgpu")
@@ -339,18 +352,12 @@ def bench_case(B, ctx, page, kv, *, reps, configs, run_ref, run_peer, key, tune=
             kt = jnp.transpose(k_pages, (2, 0, 1, 3))
             vt = jnp.transpose(v_pages, (2, 0, 1, 3))
             pscales = {k: jnp.transpose(v, (1, 0, 2)) for k, v in sc.items()}  # [KVH, P, page]
-            ks = 16 if pages_per_seq % 16 == 0 else 1
-            # Its default compute block (8 pages, capped at a split's pages) is 512 keys for
-            # pages of 64 once a split holds 8 of them (1 x 32k, 64 x 16k), which overflows
-            # SMEM on an H200 with bf16 pages (session 17): at most 64 KB of K per block (256
-            # bf16 keys, the largest block that ran at pages of 64; 8-bit pages and pages of 16
-            # keep the default).
-            ppcb = min(8, max(1, 65536 // (page * D * (2 if kv == "bf16" else 1))))
+            pkw = peer_kwargs(pages_per_seq, page, kv)
             # the deprecated kernel applies no softmax scale: fold it into q
             peer_call = lambda q, kp, vp, pt, ln, psc: peer_mod.paged_attention(  # noqa: E731
                 (q * scale).astype(q.dtype), kp, vp, pt, ln, psc.get("k_scale"),
-                psc.get("v_scale"), k_splits=ks, pages_per_compute_block=ppcb)
-            row["peer_pages_per_compute_block"] = ppcb
+                psc.get("v_scale"), **pkw)
+            row["peer_pages_per_compute_block"] = pkw["pages_per_compute_block"]
             pout = jax.jit(peer_call)(q, kt, vt, pts[0], lens, pscales)
             row["peer_err"] = rel(pout, ref_out) if ref_out is not None else (
                 rel(pout, first_out) if first_out is not None else None)
