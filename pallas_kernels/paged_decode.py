@@ -42,6 +42,7 @@ from jax.experimental.pallas import triton as pltriton
 NEG = -1e30
 LOG2E = math.log2(math.e)
 NUM_SMS_H100 = 132
+UNROLL_SPLITS = 64  # the combine's loops over splits unroll up to here (_combine_kernel)
 
 
 def _is_pow2(x: int) -> bool:
@@ -277,20 +278,33 @@ def _attn_kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, soft
 
 def _combine_kernel(qs_ref, o_ref_sp, lse_ref, o_ref, *, num_splits, G, H, block_q, M, D, T, S):
     """Merge the split-K partials of one (sequence, KV head, query block) by their log2-sum-exp
-    and write the rows straight into the flat [T*H, D] output."""
+    and write the rows straight into the flat [T*H, D] output.
+
+    The loops over splits are unrolled up to UNROLL_SPLITS, so every partial's load is issued
+    before the first is used: a rolled loop waits one memory round trip per split and load
+    (Nsight Compute, H200: 9.1 us for 16 splits at 1 x 32768 where the decode kernel took
+    37.2 us, session 18)."""
     s_id = pl.program_id(0)
     h = pl.program_id(1)
     qb = pl.program_id(2)
-    mx = lax.fori_loop(0, num_splits, lambda k, m: jnp.maximum(m, lse_ref[k]),
-                       jnp.full((M,), NEG, jnp.float32))
+    if num_splits <= UNROLL_SPLITS:
+        lses = [lse_ref[k] for k in range(num_splits)]
+        mx = functools.reduce(jnp.maximum, lses)
+        ws = [jnp.exp2(x - mx) for x in lses]   # 1 for the split holding the max: w >= 1
+        acc = functools.reduce(jnp.add, (o_ref_sp[k] * ws[k][:, None]
+                                         for k in range(num_splits)))
+        w = functools.reduce(jnp.add, ws)
+    else:
+        mx = lax.fori_loop(0, num_splits, lambda k, m: jnp.maximum(m, lse_ref[k]),
+                           jnp.full((M,), NEG, jnp.float32))
 
-    def body(k, carry):
-        acc, w = carry
-        wk = jnp.exp2(lse_ref[k] - mx)   # 1 for the split holding the max: w >= 1
-        return acc + o_ref_sp[k] * wk[:, None], w + wk
+        def body(k, carry):
+            acc, w = carry
+            wk = jnp.exp2(lse_ref[k] - mx)
+            return acc + o_ref_sp[k] * wk[:, None], w + wk
 
-    acc, w = lax.fori_loop(0, num_splits, body,
-                           (jnp.zeros((M, D), jnp.float32), jnp.zeros((M,), jnp.float32)))
+        acc, w = lax.fori_loop(0, num_splits, body,
+                               (jnp.zeros((M, D), jnp.float32), jnp.zeros((M,), jnp.float32)))
     q0 = qs_ref[s_id]
     qlen = qs_ref[s_id + 1] - q0
     tok_off, head = _rows(M, G, h)

@@ -145,6 +145,22 @@ def test_decode_splits_softcap_window(num_splits, bk, soft_cap, window, prefetch
     check_padding_zero(out, case[5])
 
 
+@pytest.mark.parametrize("unroll", [64, 2])
+def test_decode_combine_unrolled_and_rolled(monkeypatch, unroll):
+    """The split-K combine merges 5 splits with its loops unrolled (the default) and rolled
+    (UNROLL_SPLITS below the split count, the path of > 64 splits); both match the reference."""
+    from pallas_kernels import paged_decode
+    monkeypatch.setattr(paged_decode, "UNROLL_SPLITS", unroll)
+    jax.clear_caches()   # the jitted wrapper's cache does not key on the module constant
+    lens = [40, 63, 64, 65, 2]
+    case = make_case(12, seq_lens=lens, qlens=[1] * len(lens), KVH=2, G=4, D=64, page=8,
+                     max_pages=10)
+    cfg = choose_config(len(lens) + 1, 2, 4, 1, 10, 8, num_splits=5, block_k_tokens=16)
+    out, ref = _run(case, 1, config=cfg)
+    assert rel(out, ref) < TOL[jnp.float32]
+    check_padding_zero(out, case[5])
+
+
 def test_decode_head_dim_256():
     case = make_case(3, seq_lens=[17, 32], qlens=[1, 1], KVH=1, G=2, D=256, page=16)
     out, ref = _run(case, 1)
