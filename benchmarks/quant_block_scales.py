@@ -15,6 +15,16 @@ and per (token, group of 128 / 64 / 32 channels), simulated: each activation is 
 its dequantized value before the dot with the e4m3 weight (exact for a dot that applied the
 group scales per K-slice). Session 16: does finer activation scaling close W8A8's gap to
 weight-only?
+
+    PYTHONPATH=$PWD python benchmarks/quant_block_scales.py --act-split
+
+W8A8 fp8 (default policy) with each token's activations in two e4m3 terms, x ~ s1 q1 + s2 q2
+(q2 quantizes the residual x - s1 q1 with its own per-token scale), simulated as above, for
+every W8A8 dot or for one group of them (by their input: the normed hidden state feeding
+q/k/v and gate/up, the attention output feeding o, the SiLU-and-mul feeding down). On a GPU
+the two terms are two e4m3 rows per token in one dot: free where the dot is bound by the weight
+bytes (decode, M <= 64), twice the FLOPs where it is bound by compute (prompts). Session 18:
+which inputs' rounding costs W8A8 its perplexity?
 """
 
 from __future__ import annotations
@@ -83,6 +93,39 @@ def grouped_activations(group: int | None):
         jax.clear_caches()
 
 
+@contextlib.contextmanager
+def split_activations(which: str, hidden: int):
+    """W8A8's per-token activations in two e4m3 terms (hi, then the residual) while inside,
+    for the dots whose input `which` names ("all", "hidden": K = hidden size over one axis,
+    "attn": o's two contracted axes, "mlp": down's K = intermediate size); others as shipped."""
+    import imp_jax.quant as Q
+
+    shipped = Q._fp8_activations
+
+    def two_terms(x, dims):
+        v = Q.materialize(x)
+        K = math.prod(v.shape[v.ndim - dims:])
+        kind = "attn" if dims == 2 else ("hidden" if K == hidden else "mlp")
+        if which != "all" and kind != which:
+            return shipped(x, dims)
+        lead = v.shape[:v.ndim - dims]
+        x32 = v.astype(jnp.float32)
+        q1, s1 = Q.quantize_activations(x32, dims)
+        s1 = s1.reshape(lead + (1,) * dims)
+        r = x32 - q1.astype(jnp.float32) * s1
+        q2, s2 = Q.quantize_activations(r, dims)
+        deq = q1.astype(jnp.float32) * s1 + q2.astype(jnp.float32) * s2.reshape(s1.shape)
+        return deq, jnp.ones(lead, jnp.float32)
+
+    Q._fp8_activations = two_terms
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        Q._fp8_activations = shipped
+        jax.clear_caches()
+
+
 def table_row(name: str, r: dict, ref: float) -> str:
     """One markdown row of a Scorer result r against the bf16 perplexity ref."""
     return (f"| {name} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref - 1):+.2f}% | {r['kl']:.4f} | "
@@ -106,6 +149,17 @@ def main() -> int:
                 r = score(fp8)
             name = "token" if group is None else f"token x {group} channels"
             print(table_row(name, r, ref), flush=True)
+        return 0
+    if "--act-split" in sys.argv[1:]:
+        fp8 = quantize_params(bf16, cfg, "fp8")
+        print(f"| W8A8 fp8, activations in two e4m3 terms for | ppl | vs bf16 ({ref:.3f}) | "
+              "KL vs bf16 | top-1 vs bf16 | SE % |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        print(table_row("none (one term, as shipped)", score(fp8), ref), flush=True)
+        for which in ("all", "hidden", "attn", "mlp"):
+            with split_activations(which, cfg.hidden_size):
+                r = score(fp8)
+            print(table_row(which, r, ref), flush=True)
         return 0
     rows = [(f"{mode} (default policy)", quantize_params(bf16, cfg, mode))
             for mode in ("fp8", "fp8-weight-only", "int8")]
