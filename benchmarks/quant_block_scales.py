@@ -66,64 +66,66 @@ def block_fp8(params, cfg, group: int, policy=DEFAULT_POLICY):
 
 
 @contextlib.contextmanager
+def activations_as(make):
+    """W8A8's activation quantizer replaced by make(shipped) while inside (make None: as
+    shipped): (x, dims) -> (values the dot takes, per-token scales). Traces are cleared on
+    entry and exit so the patched function is what the programs use."""
+    import imp_jax.quant as Q
+
+    shipped = Q._fp8_activations
+    Q._fp8_activations = shipped if make is None else make(shipped)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        Q._fp8_activations = shipped
+        jax.clear_caches()
+
+
 def grouped_activations(group: int | None):
-    """W8A8's activation quantization per (token, `group` contracted channels) while inside
-    (None: per token, as shipped); groups that do not divide a dot's K fall back to 64, then
-    to K. Each group goes through the shipped per-token quantizer, dequantized. Traces are
-    cleared on entry and exit so the patched function is what the programs use."""
+    """Activation scales per (token, `group` contracted channels) (None: per token, as
+    shipped); groups that do not divide a dot's K fall back to 64, then to K. Each group goes
+    through the shipped per-token quantizer, dequantized."""
     import imp_jax.quant as Q
 
-    shipped = Q._fp8_activations
+    def make(_shipped):
+        def per_group(x, dims):   # dims: the contracted trailing axes (2 for o: heads x head_dim)
+            x = Q.materialize(x)
+            lead = x.shape[:x.ndim - dims]
+            K = math.prod(x.shape[x.ndim - dims:])
+            g = group if K % group == 0 else (64 if K % 64 == 0 else K)
+            xq, s = Q.quantize_activations(x.reshape(lead + (K // g, g)), 1)   # s: [..., K // g]
+            deq = xq.astype(jnp.float32) * s[..., None]
+            return deq.reshape(x.shape), jnp.ones(lead, jnp.float32)
+        return per_group
 
-    def per_group(x, dims):   # dims: the contracted trailing axes (2 for o: heads x head_dim)
-        x = Q.materialize(x)
-        lead = x.shape[:x.ndim - dims]
-        K = math.prod(x.shape[x.ndim - dims:])
-        g = group if K % group == 0 else (64 if K % 64 == 0 else K)
-        xq, s = Q.quantize_activations(x.reshape(lead + (K // g, g)), 1)   # s: [..., K // g]
-        deq = xq.astype(jnp.float32) * s[..., None]
-        return deq.reshape(x.shape), jnp.ones(lead, jnp.float32)
-
-    Q._fp8_activations = shipped if group is None else per_group
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        Q._fp8_activations = shipped
-        jax.clear_caches()
+    return activations_as(None if group is None else make)
 
 
-@contextlib.contextmanager
 def split_activations(which: str, hidden: int):
-    """W8A8's per-token activations in two e4m3 terms (hi, then the residual) while inside,
-    for the dots whose input `which` names ("all", "hidden": K = hidden size over one axis,
-    "attn": o's two contracted axes, "mlp": down's K = intermediate size); others as shipped."""
+    """Per-token activations in two e4m3 terms (hi, then the residual), dequantized, for the
+    dots whose input `which` names ("all"; "hidden": K = hidden size over one axis, q/k/v and
+    gate/up; "attn": o's two contracted axes; "mlp": down's K); others as shipped."""
     import imp_jax.quant as Q
 
-    shipped = Q._fp8_activations
+    def make(shipped):
+        def two_terms(x, dims):
+            v = Q.materialize(x)
+            K = math.prod(v.shape[v.ndim - dims:])
+            kind = "attn" if dims == 2 else ("hidden" if K == hidden else "mlp")
+            if which != "all" and kind != which:
+                return shipped(x, dims)
+            lead = v.shape[:v.ndim - dims]
+            x32 = v.astype(jnp.float32)
+            q1, s1 = Q.quantize_activations(x32, dims)
+            s1 = s1.reshape(lead + (1,) * dims)
+            r = x32 - q1.astype(jnp.float32) * s1
+            q2, s2 = Q.quantize_activations(r, dims)
+            deq = q1.astype(jnp.float32) * s1 + q2.astype(jnp.float32) * s2.reshape(s1.shape)
+            return deq, jnp.ones(lead, jnp.float32)
+        return two_terms
 
-    def two_terms(x, dims):
-        v = Q.materialize(x)
-        K = math.prod(v.shape[v.ndim - dims:])
-        kind = "attn" if dims == 2 else ("hidden" if K == hidden else "mlp")
-        if which != "all" and kind != which:
-            return shipped(x, dims)
-        lead = v.shape[:v.ndim - dims]
-        x32 = v.astype(jnp.float32)
-        q1, s1 = Q.quantize_activations(x32, dims)
-        s1 = s1.reshape(lead + (1,) * dims)
-        r = x32 - q1.astype(jnp.float32) * s1
-        q2, s2 = Q.quantize_activations(r, dims)
-        deq = q1.astype(jnp.float32) * s1 + q2.astype(jnp.float32) * s2.reshape(s1.shape)
-        return deq, jnp.ones(lead, jnp.float32)
-
-    Q._fp8_activations = two_terms
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        Q._fp8_activations = shipped
-        jax.clear_caches()
+    return activations_as(make)
 
 
 def table_row(name: str, r: dict, ref: float) -> str:
