@@ -402,21 +402,48 @@ def test_llm_quant_policy_errors():
         imp_jax.LLM(src, quantization="fp8", quant_policy="all", max_model_len=32)
 
 
+def _block_scales_script():
+    """benchmarks/quant_block_scales.py as a module."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quant_block_scales.py")
+    spec = importlib.util.spec_from_file_location("quant_block_scales", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_two_term_activation_simulation():
+    """benchmarks/quant_block_scales.py --act-split: inside `split_activations`, the dots it
+    names take two-term values (far closer to x than one e4m3 term), the others the shipped
+    e4m3 codes; on exit the shipped quantizer is back."""
+    from imp_jax import quant
+
+    mod = _block_scales_script()
+    shipped = quant._fp8_activations
+    x = jax.random.normal(jax.random.key(3), (8, 64), jnp.float32).astype(jnp.bfloat16)
+    xq, s = shipped(x, 1)
+    err = lambda a: float(jnp.linalg.norm(a - x.astype(jnp.float32)))  # noqa: E731
+    one = err(xq.astype(jnp.float32) * s[:, None])
+    with mod.split_activations("all", 64):
+        two, ones = quant._fp8_activations(x, 1)
+        assert err(two) < one / 8 and bool(jnp.all(ones == 1))
+    with mod.split_activations("mlp", 64):   # K = 64 is the hidden size here: shipped
+        kept, _ = quant._fp8_activations(x, 1)
+        assert kept.dtype == quant.FP8
+    assert quant._fp8_activations is shipped
+
+
 def test_block_scale_simulation_with_one_group_is_per_channel_fp8(monkeypatch):
     """benchmarks/quant_block_scales.py: with one group spanning the contracted dims, its
     simulated weights equal dequantizing the real per-channel fp8 QuantArrays; smaller groups
     fit the weights at least as well (each group's scale is <= the channel's)."""
-    import importlib.util
-
     from imp_jax import quant
     from imp_jax.loaders import load_model
     from imp_jax.spec import get_path, map_specs, param_specs
 
     monkeypatch.setattr(quant, "DEFAULT_POLICY", QuantPolicy(keep_first=0, keep_last=0))
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quant_block_scales.py")
-    spec = importlib.util.spec_from_file_location("quant_block_scales", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _block_scales_script()
     m = load_model("random:tiny", "bfloat16")
     policy = quant.DEFAULT_POLICY
     whole = mod.block_fp8(m.params, m.cfg, 10**9, policy)
