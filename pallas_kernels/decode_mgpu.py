@@ -88,6 +88,15 @@ head): it is memory bound by ~100x, so everything is arranged around keeping TMA
   zeroes the semaphores before each call. The last split's wait, publish and merge sit on the
   critical path, where the combine kernel spreads the merge over all CTAs. The code is in git
   history at f78bcd3.
+* `cluster_combine` (session 18; built and lowered, not yet run on a GPU): the split-K merge
+  without the combine kernel, and without GMEM partials or semaphores. A sequence's splits
+  (2..8) launch as one thread-block cluster; each split leaves its normalised partial and
+  log2-sum-exp in its own SMEM (the staging buffers that alias the idle ring); after a cluster
+  barrier split 0 loads the others' through distributed SMEM (`plgpu.cluster_ref`), merges
+  them as the combine does and writes o; a second barrier keeps the others' SMEM alive until
+  then. One head per CTA only (a cluster ref into a per-head buffer does not lower), and GPU
+  only (GPU interpret mode rejects cluster refs), so its tests are Hopper lowering on a CPU
+  and GPU-marked numerics.
 * `heads_per_cta=2`: a CTA serves two KV heads of one sequence with two consumer warpgroups
   and one producer (three warpgroups, registers split 232 / 232 / 40 as in flash_prefill.py).
   Each head has its own ring, barriers and buffers (a leading [2] axis); the sequence's
@@ -126,6 +135,7 @@ FP8 = jnp.float8_e4m3fn        # the 8-bit page dtype this kernel reads (with sc
 CONVERT_ROWS = 64              # 8-bit tile rows converted per register pass (register pressure)
 V_GAIN_LOG2 = 8.0              # f16_v: P (and l) x 2**8, so P x V's scale stays out of f16's
                                # subnormals (undone by the final 1 / l)
+MAX_CLUSTER = 8                # CTAs of a portable thread-block cluster (cluster_combine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,10 +158,26 @@ class DecodeConfig:
     # subnormals; undone with 1 / l). Range: P x scale x 256 must stay below f16's 65504, i.e.
     # a token's V amax below 448 x 65504 / 256 (~1.1e5).
     f16_v: bool = False
+    # Split-K without the combine kernel: a sequence's splits run as one thread-block cluster
+    # (the "split" grid axis becomes a cluster axis), each leaves its normalised partial in its
+    # own SMEM, and split 0 reads the others' through distributed SMEM (plgpu.cluster_ref)
+    # behind a cluster barrier, merges and writes o. 2..MAX_CLUSTER splits; GPU only (Pallas's
+    # GPU interpret mode has no cluster refs). Untimed (session 18): built to take the
+    # combine's launch and its ~2.5-3.8 us off 8 x 2048's critical path.
+    cluster_combine: bool = False
 
     def validate(self, D: int, page_size: int, kv_itemsize: int = 2):
         if self.num_splits < 1:
             raise ValueError("num_splits must be >= 1")
+        if self.cluster_combine and not 2 <= self.num_splits <= MAX_CLUSTER:
+            raise ValueError(f"cluster_combine=True needs 2..{MAX_CLUSTER} splits (one cluster "
+                             f"of CTAs per sequence), got num_splits={self.num_splits}")
+        if self.cluster_combine and self.heads_per_cta != 1:
+            raise ValueError("cluster_combine=True needs heads_per_cta=1 (a cluster ref into a "
+                             "per-head buffer does not lower with jax 0.11.2's Mosaic GPU)")
+        if self.cluster_combine and self.compat:
+            raise ValueError("cluster_combine=True runs on the GPU only: Pallas's GPU interpret "
+                             "mode (which needs compat=True) has no cluster refs")
         if self.heads_per_cta not in (1, 2):
             raise ValueError(f"heads_per_cta must be 1 or 2, got {self.heads_per_cta}")
         if self.fp8_qk and kv_itemsize != 1:
@@ -216,7 +242,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
                   num_splits: int | None = None, compat: bool = False,
                   num_sms: int = NUM_SMS_H100, kv_itemsize: int = 2,
                   heads_per_cta: int | None = None,
-                  fp8_qk: bool | None = None, f16_v: bool | None = None) -> DecodeConfig:
+                  fp8_qk: bool | None = None, f16_v: bool | None = None,
+                  cluster_combine: bool = False) -> DecodeConfig:
     """Heuristic launch config; every knob can be overridden (the benchmark sweeps them).
 
     Splits: (S * KVH * splits) CTAs of ~1 per SM (up to ~227 KB of SMEM each). When S * KVH
@@ -233,6 +260,8 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         fp8_qk = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_FP8_QK")
     if f16_v is None:
         f16_v = kv_itemsize == 1 and _env_default("IMP_JAX_MGPU_F16_V")
+    if heads_per_cta is None and cluster_combine:
+        heads_per_cta = 1   # the cluster merge reads one head's partial per CTA (validate)
     if heads_per_cta is None:
         heads_per_cta = _heads_per_cta(S, KVH, short, kv_itemsize == 1, num_sms)
         forced = os.environ.get("IMP_JAX_MGPU_HEADS") is not None
@@ -252,11 +281,15 @@ def choose_config(S: int, KVH: int, max_pages: int, page_size: int, D: int = 128
         num_splits = 1 if base >= num_sms else num_sms // base
         num_splits = min(num_splits, max(1, max_blocks // 2))
     num_splits = max(1, min(int(num_splits), max_blocks))
+    if cluster_combine:   # one cluster per sequence: at most MAX_CLUSTER splits
+        num_splits = min(num_splits, MAX_CLUSTER)
     return fit_smem(DecodeConfig(block_kv=block_kv, num_stages=num_stages,
                                  num_splits=num_splits, compat=compat,
                                  heads_per_cta=heads_per_cta,
                                  fp8_qk=fp8_qk and kv_itemsize == 1,
-                                 f16_v=f16_v and kv_itemsize == 1), D, kv_itemsize)
+                                 f16_v=f16_v and kv_itemsize == 1,
+                                 cluster_combine=cluster_combine and num_splits > 1),
+                    D, kv_itemsize)
 
 
 def _heads_per_cta(S: int, KVH: int, short: bool, eight_bit: bool, num_sms: int) -> int:
@@ -317,6 +350,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
     kv_dtype = jnp.dtype(kv_dtype)
     quant = kv_dtype == jnp.dtype(FP8)        # 8-bit pages + per-key scales
     B, stages, splits = cfg.block_kv, cfg.num_stages, cfg.num_splits
+    cl = cfg.cluster_combine                  # splits merged in-cluster: o written directly
     nh = cfg.heads_per_cta                    # consumer warpgroups, one KV head each
     if KVH % nh:
         raise ValueError(f"heads_per_cta={nh} does not divide the {KVH} KV heads")
@@ -369,7 +403,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         wg = lax.axis_index("wg")
         # Every buffer has a leading [nh] axis (one per head of the CTA) and every barrier
         # array nh x stages (head i's stage slot at i * stages + slot).
-        q_all, qst_all, ring, (k_bars, v_bars, q_bars, done), (k_cons, v_cons) = scoped
+        q_all, qst_all, ring, (k_bars, v_bars, q_bars, done, xbars), (k_cons, v_cons) = scoped
         k_all, v_all, p_all, ks_all, vs_all, k16_all, v16_all = ring[:7]
         if splits > 1:
             ost_all, lse_all = ring[7:]
@@ -388,6 +422,36 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
         # Only the sequence's last block can hold keys >= seq_len.
         tail = (b0 + nsteps == nblk) & (lax.rem(seq_len, jnp.int32(B)) != 0) & (nsteps > 0)
         n_full = nsteps - tail.astype(jnp.int32)
+
+        def merge_in_cluster(o_ref, i, qst, h):
+            """cluster_combine: every split of this (sequence, head group) has left its
+            normalised partial (ost) and log2-sum-exp (lse_smem) in its own SMEM. After a
+            cluster barrier, split 0 reads them all through distributed SMEM, merges them as
+            the combine kernel does and writes the G rows of o; a second barrier keeps the
+            other CTAs (and their SMEM) alive until it has read them. Head i's buffers are
+            indexed statically (heads_per_cta is 1 here: validate)."""
+            row = plgpu.Layout.WGMMA.reduce(1)
+            ost, lse_smem = of_head(ost_all, i), of_head(lse_all, i)
+            plgpu.barrier_arrive(xbars.at[0])
+            plgpu.barrier_wait(xbars.at[0])
+
+            @pl.when(j == 0)
+            def _leader():
+                def peer(ref, k):
+                    return ref if k == 0 else plgpu.cluster_ref(ref, {"split": k})
+                lses = [plgpu.load(peer(lse_smem, k), layout=row) for k in range(splits)]
+                mx = functools.reduce(jnp.maximum, lses)
+                ws = [jnp.exp2(x - mx) for x in lses]   # 1 for the split holding the max
+                acc = functools.reduce(jnp.add, (
+                    plgpu.load(peer(ost, k), layout=plgpu.Layout.WGMMA)
+                    * lax.broadcast_in_dim(ws[k], (MQ, D), [0]) for k in range(splits)))
+                w = functools.reduce(jnp.add, ws)
+                qst[...] = (acc / lax.broadcast_in_dim(w, (MQ, D), [0])).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(qst.at[pl.ds(0, G)], o_ref.at[tok, pl.ds(h * G, G)])
+
+            plgpu.barrier_arrive(xbars.at[1])
+            plgpu.barrier_wait(xbars.at[1])
 
         def _compute_wg(i):
             """Consumer warpgroup i: KV head hc * nh + i (static views of its buffers)."""
@@ -523,7 +587,6 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(qst.at[pl.ds(0, G)], o_ref.at[tok, pl.ds(h * G, G)])
                 else:
-                    o_sp, lse_ref = out_refs
                     # The ring is idle here (every stage was waited on), so its SMEM (aliased by
                     # ost / lse_smem) can be written; with several heads, once every head's
                     # consumer is past its loop (the partials alias the other heads' rings).
@@ -534,16 +597,24 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                     lse_smem[...] = jnp.where(
                         has, m_i + jnp.log2(l_safe) - (V_GAIN_LOG2 if cfg.f16_v else 0.0), NEG)
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(ost.at[pl.ds(0, MP)], o_sp.at[s, h, 0, j])
-                    plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, MP)], lse_ref.at[s, h, 0, j])
+                    if cl:
+                        merge_in_cluster(out_refs[0], i, qst, h)
+                    else:
+                        o_sp, lse_ref = out_refs
+                        plgpu.copy_smem_to_gmem(ost.at[pl.ds(0, MP)], o_sp.at[s, h, 0, j])
+                        plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, MP)],
+                                                lse_ref.at[s, h, 0, j])
                 plgpu.wait_smem_to_gmem(0)
 
-            if splits == 1:
+            if splits == 1 or cl:
                 # Padding tokens query_start[S]..T-1: CTA (s, h) zeroes tokens
-                # query_start[S] + s, + 2S, ... of head group h (no extra launch, no XLA op).
+                # query_start[S] + s, + 2S, ... of head group h (no extra launch, no XLA op);
+                # with cluster_combine, split 0 does.
                 (o_ref,) = out_refs
                 pad0 = qs_ref[S]
                 n_pad = lax.div(jnp.maximum(T - pad0 - s, 0) + (S - 1), jnp.int32(S))
+                if cl:
+                    n_pad = jnp.where(j == 0, n_pad, 0)
 
                 @pl.when(n_pad > 0)
                 def _zero_padding():
@@ -677,21 +748,28 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
             (plgpu.Barrier(num_arrivals=copies, num_barriers=nh * stages),
              plgpu.Barrier(num_arrivals=copies, num_barriers=nh * stages),
              plgpu.Barrier() if nh == 1 else plgpu.Barrier(num_barriers=nh),
-             plgpu.Barrier(num_arrivals=nh) if nh > 1 and splits > 1 else None),
+             plgpu.Barrier(num_arrivals=nh) if nh > 1 and splits > 1 else None,
+             # cluster_combine: [partials written, partials read], every consumer of every
+             # split arriving (each arrival signals all CTAs of the cluster)
+             plgpu.ClusterBarrier(collective_axes=("split",), num_arrivals=nh, num_barriers=2)
+             if cl else None),
             (plgpu.Barrier(num_barriers=nh * stages), plgpu.Barrier(num_barriers=nh * stages)),
             collective_axes="wg",
         )
 
-    if splits == 1:
+    if splits == 1 or cl:
         out_type = jax.ShapeDtypeStruct((T, H, D), dtype)
     else:
         out_type = (jax.ShapeDtypeStruct((S, KVH, 1, splits, MP, D), jnp.float32),
                     jax.ShapeDtypeStruct((S, KVH, 1, splits, MP), jnp.float32))
+    # cluster_combine: a sequence's splits are one cluster ("split" is then a cluster axis)
+    grid = dict(grid=(S, KVH // nh), grid_names=("seq", "kvh"), cluster=(splits,),
+                cluster_names=("split",)) if cl else dict(
+        grid=(S, KVH // nh, splits), grid_names=("seq", "kvh", "split"))
     return plgpu.kernel(
         entry,
         out_type=out_type,
-        grid=(S, KVH // nh, splits),
-        grid_names=("seq", "kvh", "split"),
+        **grid,
         num_threads=nh + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -740,7 +818,7 @@ def _check(q, k_pages, v_pages, max_query_len, k_scale=None, v_scale=None):
 def decode_kernel_call(q, k_pages, v_pages, page_table, seq_lens, query_start, *, scale: float,
                        interpret=False, config: DecodeConfig | None = None, k_scale=None,
                        v_scale=None):
-    """The Mosaic GPU kernel alone: o [T, H, D] when config.num_splits == 1, else the f32
+    """The Mosaic GPU kernel alone: o [T, H, D] with one split or cluster_combine, else the f32
     partials (o_sp [S, KVH, 1, splits, M, D], lse [S, KVH, 1, splits, M]). Lowers for Hopper on
     a CPU (the Triton combine needs a GPU to lower), so the lowering tests use it."""
     T, H, D = q.shape

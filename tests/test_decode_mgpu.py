@@ -35,7 +35,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tests import mgpu_interpret  # noqa: E402
-from pallas_kernels.decode_mgpu import (DecodeConfig, choose_config,  # noqa: E402
+from pallas_kernels.decode_mgpu import (MAX_CLUSTER, DecodeConfig, choose_config,  # noqa: E402
                                         decode_kernel_call, paged_decode_mgpu, smem_bytes,
                                         supported)
 from pallas_kernels.reference import ragged_paged_attention_ref  # noqa: E402
@@ -253,6 +253,11 @@ LOWER_CONFIGS = [
     (8, 2048, dict(H=8, KVH=1), dict(num_splits=1)),
     (8, 2048, dict(H=64, KVH=1, D=64), dict(num_splits=2)),
     (8, 2048, dict(T=20), dict(num_splits=1)),
+    # the splits merged in a thread-block cluster (no combine kernel)
+    (8, 2048, dict(page=64), dict(cluster_combine=True)),
+    (1, 8192, dict(page=64), dict(cluster_combine=True)),
+    (8, 2048, dict(T=20), dict(num_splits=3, cluster_combine=True)),
+    (8, 2048, dict(), dict(block_kv=64, num_stages=2, num_splits=4, cluster_combine=True)),
 ]
 
 
@@ -284,7 +289,9 @@ FP8_LOWER = [(8, 2048, {}, {}), (256, 2048, {}, {}), (1024, 256, {}, {}),
              (256, 2048, dict(page=64), dict(fp8_qk=False, f16_v=False)),
              (8, 2048, {}, dict(fp8_qk=True, f16_v=True)),
              (1024, 2048, dict(page=64), dict(f16_v=True, heads_per_cta=1, block_kv=128,
-                                              num_stages=3))]
+                                              num_stages=3)),
+             (8, 2048, dict(page=64), dict(cluster_combine=True)),
+             (1, 8192, dict(page=64), dict(cluster_combine=True))]
 
 
 @pytest.mark.parametrize("B,ctx,shape_kw,cfg_kw", FP8_LOWER,
@@ -295,6 +302,31 @@ def test_fp8_pages_lower(B, ctx, shape_kw, cfg_kw):
     page, D, KVH = shape_kw.get("page", 16), shape_kw.get("D", 128), shape_kw.get("KVH", 8)
     cfg = choose_config(B, KVH, ctx // page, page, D, kv_itemsize=1, **cfg_kw)
     assert "mosaic_gpu" in lower(B, ctx, cfg=cfg, fp8=True, **shape_kw)
+
+
+def test_cluster_combine_lowers_to_one_kernel_with_a_cluster():
+    """With cluster_combine the kernel returns o itself (no f32 partials for a combine) and
+    its launch carries a cluster of num_splits CTAs."""
+    cfg = choose_config(8, 8, 2048 // 64, 64, 128, cluster_combine=True)
+    assert cfg.cluster_combine and cfg.num_splits == 2
+    text = lower(8, 2048, page=64, cfg=cfg)
+    assert "cluster" in text
+    out = jax.eval_shape(lambda *a: decode_kernel_call(*a, scale=1.0, config=cfg),
+                         *mgpu_interpret.paged_shapes(8, 32, 8, 128, 8, 32, 64))
+    assert not isinstance(out, tuple) and out.shape == (8, 32, 128)
+
+
+def test_cluster_combine_config_limits():
+    """Cluster sizes past the portable 8 are capped by choose_config and refused when given;
+    one split has nothing to merge; interpret mode (compat) is refused with a reason."""
+    assert choose_config(1, 8, 32768 // 64, 64, cluster_combine=True).num_splits == MAX_CLUSTER
+    assert not choose_config(256, 8, 2048 // 64, 64, cluster_combine=True).cluster_combine
+    with pytest.raises(ValueError, match="2..8 splits"):
+        DecodeConfig(num_splits=16, cluster_combine=True).validate(128, 64)
+    with pytest.raises(ValueError, match="heads_per_cta=1"):
+        DecodeConfig(num_splits=2, heads_per_cta=2, cluster_combine=True).validate(128, 64)
+    with pytest.raises(ValueError, match="interpret mode"):
+        DecodeConfig(num_splits=2, compat=True, cluster_combine=True).validate(128, 64)
 
 
 def test_fp8_scales_must_have_the_cache_layout():
@@ -429,7 +461,9 @@ GPU_CONFIGS = {"default": None, "b128x3": dict(block_kv=128, num_stages=3),
                "2heads": dict(block_kv=64, num_stages=3, heads_per_cta=2),
                # e4m3 pages converting K (fp8_qk is the heuristic's default there)
                "2heads_convert_k": dict(block_kv=64, num_stages=3, heads_per_cta=2,
-                                        fp8_qk=False)}
+                                        fp8_qk=False),
+               # splits merged through distributed SMEM in a cluster (GPU only, session 18)
+               "cluster": dict(cluster_combine=True)}
 
 
 @gpu
