@@ -124,6 +124,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.mosaic import gpu as mgpu
 
 from pallas_kernels.flash_prefill import (LOG2E, SMEM_BYTES_H100, check_ring, interpret_params,
                                           softmax_state)
@@ -344,6 +345,16 @@ def partial_rows(G: int) -> int:
 # The kernel
 # ---------------------------------------------------------------------------------------------
 
+@plgpu.inline_mgpu()
+def _fence_cluster(ctx):
+    """Orders the calling thread's memory accesses at cluster scope (cluster_combine): its SMEM
+    writes before the arrive that tells the other CTAs to read them, and the reads of the
+    other CTAs' SMEM after the wait (the cluster barrier's arrive is not a cluster-scope
+    release by itself)."""
+    del ctx
+    mgpu.utils.inline_ptx("fence.acq_rel.cluster;", has_side_effects=True)
+
+
 def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float, dtype,
                   interpret, kv_dtype):
     G = H // KVH
@@ -432,8 +443,10 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
             indexed statically (heads_per_cta is 1 here: validate)."""
             row = plgpu.Layout.WGMMA.reduce(1)
             ost, lse_smem = of_head(ost_all, i), of_head(lse_all, i)
+            _fence_cluster()
             plgpu.barrier_arrive(xbars.at[0])
             plgpu.barrier_wait(xbars.at[0])
+            _fence_cluster()
 
             @pl.when(j == 0)
             def _leader():
@@ -450,6 +463,7 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(qst.at[pl.ds(0, G)], o_ref.at[tok, pl.ds(h * G, G)])
 
+            _fence_cluster()   # the leader's reads, before the others may leave
             plgpu.barrier_arrive(xbars.at[1])
             plgpu.barrier_wait(xbars.at[1])
 

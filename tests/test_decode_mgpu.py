@@ -306,11 +306,14 @@ def test_fp8_pages_lower(B, ctx, shape_kw, cfg_kw):
 
 def test_cluster_combine_lowers_to_one_kernel_with_a_cluster():
     """With cluster_combine the kernel returns o itself (no f32 partials for a combine) and
-    its launch carries a cluster of num_splits CTAs."""
+    orders the partials' SMEM writes and the leader's reads at cluster scope."""
     cfg = choose_config(8, 8, 2048 // 64, 64, 128, cluster_combine=True)
     assert cfg.cluster_combine and cfg.num_splits == 2
     text = lower(8, 2048, page=64, cfg=cfg)
-    assert "cluster" in text
+    # the cluster-scope fences around the barrier: only this path emits them
+    assert text.count("fence.acq_rel.cluster") >= 1
+    assert "fence.acq_rel.cluster" not in lower(8, 2048, page=64,
+                                                 cfg=choose_config(8, 8, 32, 64, 128))
     out = jax.eval_shape(lambda *a: decode_kernel_call(*a, scale=1.0, config=cfg),
                          *mgpu_interpret.paged_shapes(8, 32, 8, 128, 8, 32, 64))
     assert not isinstance(out, tuple) and out.shape == (8, 32, 128)
