@@ -440,7 +440,10 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
             cluster barrier, split 0 reads them all through distributed SMEM, merges them as
             the combine kernel does and writes the G rows of o; a second barrier keeps the
             other CTAs (and their SMEM) alive until it has read them. Head i's buffers are
-            indexed statically (heads_per_cta is 1 here: validate)."""
+            indexed statically (heads_per_cta is 1 here: validate). It reads all 64 rows of
+            each partial (32 KB at D = 128) where G are real: a [MP, D] strided read of them
+            sent Mosaic's layout inference into an unbounded search (session 18), so check
+            this traffic first if the GPU timing disappoints."""
             row = plgpu.Layout.WGMMA.reduce(1)
             ost, lse_smem = of_head(ost_all, i), of_head(lse_all, i)
             _fence_cluster()
@@ -856,7 +859,7 @@ def paged_decode_mgpu(q, k_pages, v_pages, page_table, seq_lens, query_start, *,
                       max_query_len: int = 1, interpret=False,
                       config: DecodeConfig | None = None, k_scale=None, v_scale=None):
     """Paged decode attention (Mosaic GPU kernel [+ the split-K combine]); see the module
-    docstring. One launch with one split, two with several.
+    docstring. One launch with one split or `cluster_combine`, two with several splits.
 
     interpret: False (compile for the GPU), True or a `plgpu.InterpretGPUParams` (GPU interpret
     mode on any backend; forces the `compat` PV path). k_scale / v_scale: f32 [P, KVH, page]
