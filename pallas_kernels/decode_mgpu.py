@@ -129,7 +129,7 @@ from jax.experimental.mosaic import gpu as mgpu
 from pallas_kernels.flash_prefill import (LOG2E, SMEM_BYTES_H100, check_ring, interpret_params,
                                           softmax_state)
 # NEG: log-sum-exp of a split that saw no key (the combine's convention)
-from pallas_kernels.paged_decode import NEG, NUM_SMS_H100, combine_splits
+from pallas_kernels.paged_decode import NEG, NUM_SMS_H100, combine_splits, merge_partials
 
 MQ = 64                        # query rows of one wgmma (the G real rows are padded to it)
 FP8 = jnp.float8_e4m3fn        # the 8-bit page dtype this kernel reads (with scales)
@@ -455,14 +455,12 @@ def _build_kernel(*, T, S, H, D, KVH, page_size, cfg: DecodeConfig, scale: float
             def _leader():
                 def peer(ref, k):
                     return ref if k == 0 else plgpu.cluster_ref(ref, {"split": k})
-                lses = [plgpu.load(peer(lse_smem, k), layout=row) for k in range(splits)]
-                mx = functools.reduce(jnp.maximum, lses)
-                ws = [jnp.exp2(x - mx) for x in lses]   # 1 for the split holding the max
-                acc = functools.reduce(jnp.add, (
-                    plgpu.load(peer(ost, k), layout=plgpu.Layout.WGMMA)
-                    * lax.broadcast_in_dim(ws[k], (MQ, D), [0]) for k in range(splits)))
-                w = functools.reduce(jnp.add, ws)
-                qst[...] = (acc / lax.broadcast_in_dim(w, (MQ, D), [0])).astype(dtype)
+                out = merge_partials(
+                    [plgpu.load(peer(lse_smem, k), layout=row) for k in range(splits)],
+                    (plgpu.load(peer(ost, k), layout=plgpu.Layout.WGMMA)
+                     for k in range(splits)),
+                    lambda w: lax.broadcast_in_dim(w, (MQ, D), [0]))
+                qst[...] = out.astype(dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(qst.at[pl.ds(0, G)], o_ref.at[tok, pl.ds(h * G, G)])
 

@@ -276,6 +276,18 @@ def _attn_kernel(sl_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, soft
         lse_ref[...] = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), NEG)
 
 
+def merge_partials(lses, outs, bcast):
+    """The split-K merge, shared by the combine kernel and decode_mgpu's cluster merge: the
+    splits' normalised rows `outs` weighted by exp2 of their log2-sum-exp `lses` against the
+    largest, summed and renormalised. bcast spreads a per-row weight over a partial's columns
+    (each kernel's own broadcast); `outs` may be a generator, read once in order, so a kernel
+    issues the lse loads first and each partial's load where it is used."""
+    mx = functools.reduce(jnp.maximum, lses)
+    ws = [jnp.exp2(x - mx) for x in lses]   # 1 for the split holding the max: the sum is >= 1
+    acc = functools.reduce(jnp.add, (o * bcast(w) for o, w in zip(outs, ws)))
+    return acc / bcast(functools.reduce(jnp.add, ws))
+
+
 def _combine_kernel(qs_ref, o_ref_sp, lse_ref, o_ref, *, num_splits, G, H, block_q, M, D, T, S):
     """Merge the split-K partials of one (sequence, KV head, query block) by their log2-sum-exp
     and write the rows straight into the flat [T*H, D] output.
@@ -288,12 +300,8 @@ def _combine_kernel(qs_ref, o_ref_sp, lse_ref, o_ref, *, num_splits, G, H, block
     h = pl.program_id(1)
     qb = pl.program_id(2)
     if num_splits <= UNROLL_SPLITS:
-        lses = [lse_ref[k] for k in range(num_splits)]
-        mx = functools.reduce(jnp.maximum, lses)
-        ws = [jnp.exp2(x - mx) for x in lses]   # 1 for the split holding the max: w >= 1
-        acc = functools.reduce(jnp.add, (o_ref_sp[k] * ws[k][:, None]
-                                         for k in range(num_splits)))
-        w = functools.reduce(jnp.add, ws)
+        out = merge_partials([lse_ref[k] for k in range(num_splits)],
+                             (o_ref_sp[k] for k in range(num_splits)), lambda w: w[:, None])
     else:
         mx = lax.fori_loop(0, num_splits, lambda k, m: jnp.maximum(m, lse_ref[k]),
                            jnp.full((M,), NEG, jnp.float32))
@@ -305,12 +313,13 @@ def _combine_kernel(qs_ref, o_ref_sp, lse_ref, o_ref, *, num_splits, G, H, block
 
         acc, w = lax.fori_loop(0, num_splits, body,
                                (jnp.zeros((M, D), jnp.float32), jnp.zeros((M,), jnp.float32)))
+        out = acc / w[:, None]
     q0 = qs_ref[s_id]
     qlen = qs_ref[s_id + 1] - q0
     tok_off, head = _rows(M, G, h)
     tok_j = qb * block_q + tok_off
     row_ok = (tok_off < block_q) & (tok_j < qlen)
-    _store_rows(o_ref, acc / w[:, None], q0 + tok_j, head, row_ok, H)
+    _store_rows(o_ref, out, q0 + tok_j, head, row_ok, H)
     _zero_padding_tokens(o_ref, qs_ref, s=s_id, h=h, enabled=qb == 0, M=M, G=G, H=H, S=S, T=T,
                          D=D)
 
