@@ -174,8 +174,9 @@ class DecodeConfig:
             raise ValueError(f"cluster_combine=True needs 2..{MAX_CLUSTER} splits (one cluster "
                              f"of CTAs per sequence), got num_splits={self.num_splits}")
         if self.cluster_combine and self.heads_per_cta != 1:
-            raise ValueError("cluster_combine=True needs heads_per_cta=1 (a cluster ref into a "
-                             "per-head buffer does not lower with jax 0.11.2's Mosaic GPU)")
+            raise ValueError(f"cluster_combine=True needs heads_per_cta=1, got "
+                             f"{self.heads_per_cta} (a cluster ref into a per-head buffer does "
+                             "not lower with jax 0.11.2's Mosaic GPU)")
         if self.cluster_combine and self.compat:
             raise ValueError("cluster_combine=True runs on the GPU only: Pallas's GPU interpret "
                              "mode (which needs compat=True) has no cluster refs")
